@@ -1,0 +1,55 @@
+"""Joint example selection as pure tensor math: no models, no I/O.
+
+Public API::
+
+    Embeddings(image, text, scale, bias)          # one model's [B, D] embeddings of a super-batch
+    conditional_scores(learner, reference, selected, scoring=, loss=)  -> [B]
+    batch_score(learner, reference, indices, scoring=, loss=)           -> scalar
+    joint_select(learner, reference, size=, n_chunks=, scoring=, loss=, gain=, generator=, groups=) -> [size]
+    independent_select(learner, reference, size=, scoring=, loss=, context=, method=, gain=, generator=)
+    gibbs_select(...)                               # brute-force diagnostic (Figure 2)
+    dense_* / pair_score_matrix                     # O(B²) oracle for small B
+
+Scorings: "learnability" (learner minus reference), "easy_reference", "hard_learner".
+Losses: "sigmoid" (SigLIP pair losses), "softmax" (CLIP, Algorithm 3).
+"""
+
+from jestclip.selection.contrastive import LOSSES, Loss
+from jestclip.selection.dense import (
+    dense_batch_score,
+    dense_conditional_scores,
+    dense_joint_select,
+    pair_score_matrix,
+)
+from jestclip.selection.diagnostics import GibbsTrace, gibbs_select
+from jestclip.selection.embeddings import Embeddings, usable_rows
+from jestclip.selection.independent import independent_scores, independent_select
+from jestclip.selection.joint import DEFAULT_GAIN, batch_score, conditional_scores, joint_select
+from jestclip.selection.sampling import CandidateGroups, chunk_sizes, group_chunk_counts
+from jestclip.selection.scoring import SCORINGS, ConditionalScores, NonFiniteCandidatesWarning, Scoring
+
+__all__ = [
+    "DEFAULT_GAIN",
+    "LOSSES",
+    "SCORINGS",
+    "CandidateGroups",
+    "ConditionalScores",
+    "Embeddings",
+    "GibbsTrace",
+    "Loss",
+    "NonFiniteCandidatesWarning",
+    "Scoring",
+    "batch_score",
+    "chunk_sizes",
+    "conditional_scores",
+    "dense_batch_score",
+    "dense_conditional_scores",
+    "dense_joint_select",
+    "gibbs_select",
+    "group_chunk_counts",
+    "independent_scores",
+    "independent_select",
+    "joint_select",
+    "pair_score_matrix",
+    "usable_rows",
+]

@@ -1,0 +1,79 @@
+"""The paper's baseline: independent prioritisation, each example scored on its own."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from jestclip.selection.embeddings import Embeddings
+from jestclip.selection.joint import DEFAULT_GAIN, check_gain, check_generator
+from jestclip.selection.sampling import gumbel_noise
+from jestclip.selection.scoring import ConditionalScores, resolve_inputs, warn_unusable
+
+__all__ = ["CONTEXTS", "METHODS", "independent_scores", "independent_select"]
+
+CONTEXTS: tuple[str, ...] = ("unconditional", "superbatch")
+METHODS: tuple[str, ...] = ("sample", "topk")
+
+
+def independent_scores(
+    learner: Embeddings | None,
+    reference: Embeddings | None,
+    *,
+    scoring: str = "learnability",
+    loss: str = "sigmoid",
+    context: str = "unconditional",
+) -> Tensor:
+    """``[B]`` per-example scores; ``-inf`` for candidates with non-finite embeddings.
+
+    context="unconditional": ``c_k(∅)`` (the example's positive-pair term alone).
+    context="superbatch": the example's loss with the whole (usable) super-batch as negatives, eq. (2)
+    for sigmoid (``l_kk + sum_{j != k} l_kj``), eq. (1) for softmax, combined by the scoring's signs.
+    """
+    inputs = resolve_inputs(learner, reference, scoring, loss, caller="independent_scores")
+    if context not in CONTEXTS:
+        raise ValueError(f"independent_scores: context must be one of {CONTEXTS}, got {context!r}")
+    state = ConditionalScores(inputs, loss)
+    if context == "unconditional":
+        scores = state.conditional()
+    else:
+        state.absorb_indices(torch.nonzero(inputs.usable).flatten())
+        scores = state.in_context()
+    return scores.masked_fill(~inputs.usable, float("-inf"))
+
+
+def independent_select(
+    learner: Embeddings | None,
+    reference: Embeddings | None,
+    *,
+    size: int,
+    scoring: str = "learnability",
+    loss: str = "sigmoid",
+    context: str = "unconditional",
+    method: str = "sample",
+    gain: float = DEFAULT_GAIN,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Select ``size`` distinct candidates by per-example score; ``[size]``, highest (perturbed) first.
+
+    method="sample" draws without replacement with probability proportional to ``exp(gain * score)``
+    (Gumbel-top-k); method="topk" takes the ``size`` best scores.
+    """
+    caller = "independent_select"
+    if method not in METHODS:
+        raise ValueError(f"{caller}: method must be one of {METHODS}, got {method!r}")
+    inputs = resolve_inputs(learner, reference, scoring, loss, caller=caller)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= inputs.n:
+        raise ValueError(f"{caller}: size must be an int in [1, B={inputs.n}], got {size!r}")
+    gain = check_gain(gain, caller)
+    check_generator(generator, inputs.device, caller)
+    warn_unusable(inputs, caller)
+    n_usable = int(inputs.usable.sum())
+    if n_usable < size:
+        raise ValueError(f"{caller}: size={size} but only {n_usable} of {inputs.n} candidates are usable")
+    scores = independent_scores(learner, reference, scoring=scoring, loss=loss, context=context)
+    if method == "sample":
+        noise = gumbel_noise(inputs.n, generator=generator, device=scores.device, dtype=scores.dtype)
+        # mask after scaling: gain = 0 would turn -inf into nan
+        scores = torch.where(inputs.usable, scores * gain + noise, float("-inf"))
+    return torch.topk(scores, size).indices

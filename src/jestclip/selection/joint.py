@@ -1,0 +1,163 @@
+"""Joint example selection (JEST): chunked conditional sampling of a sub-batch from a super-batch.
+
+Memory is O(B·D) plus one bounded ``[rows, B]`` logit tile; see ``contrastive.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from jestclip.selection.embeddings import Embeddings
+from jestclip.selection.sampling import CandidateGroups, chunk_sizes, draw_chunks
+from jestclip.selection.scoring import ConditionalScores, ScoringInputs, resolve_inputs, warn_unusable
+
+__all__ = ["DEFAULT_GAIN", "batch_score", "check_gain", "check_indices", "conditional_scores", "joint_select"]
+
+# Algorithm 2's `softmax_score_gain`: the inverse temperature of every sampling step.
+DEFAULT_GAIN = 100.0
+
+
+def check_gain(gain: float, caller: str) -> float:
+    gain = float(gain)
+    if not math.isfinite(gain) or gain < 0:
+        raise ValueError(f"{caller}: gain must be finite and >= 0, got {gain}")
+    return gain
+
+
+def check_indices(indices: Tensor, n: int, device: torch.device, name: str, caller: str) -> Tensor:
+    """Validate a 1-D tensor of distinct candidate indices in ``[0, n)``."""
+    if not isinstance(indices, Tensor) or indices.ndim != 1 or indices.is_floating_point():
+        raise ValueError(f"{caller}: {name} must be a 1-D integer tensor of candidate indices")
+    if indices.device != device:
+        raise ValueError(f"{caller}: {name} is on {indices.device} but the embeddings are on {device}")
+    indices = indices.long()
+    if indices.numel():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"{caller}: {name} must lie in [0, {n}), got values in [{lo}, {hi}]")
+        if torch.unique(indices).numel() != indices.numel():
+            raise ValueError(f"{caller}: {name} contains duplicate indices")
+    return indices
+
+
+def conditional_scores(
+    learner: Embeddings | None,
+    reference: Embeddings | None,
+    selected: Tensor,
+    *,
+    scoring: str = "learnability",
+    loss: str = "sigmoid",
+) -> Tensor:
+    """``[B]`` conditional scores ``c_k(S)`` of every candidate given the chosen set ``selected`` (``[|S|]``).
+
+    Sigmoid: ``c_k(S) = s_kk + sum_{i in S} (s_ik + s_ki)``. Softmax (Algorithm 3):
+    ``c_k(S) = [-L_kk + (LSE_{j in S} L_kj + LSE_{j in S} L_jk) / 2]`` for the learner minus the same for
+    the reference (learnability; ``easy_reference`` keeps minus the reference bracket, ``hard_learner``
+    the learner bracket); the log-sum-exp terms vanish while S is empty. Entries of selected candidates and
+    of candidates with non-finite embeddings are ``-inf``.
+    """
+    inputs = resolve_inputs(learner, reference, scoring, loss, caller="conditional_scores")
+    selected = check_indices(selected, inputs.n, inputs.device, "selected", "conditional_scores")
+    state = ConditionalScores(inputs, loss)
+    state.absorb_indices(selected)
+    scores = state.conditional()
+    scores[selected] = float("-inf")
+    return scores.masked_fill(~inputs.usable, float("-inf"))
+
+
+def batch_score(
+    learner: Embeddings | None,
+    reference: Embeddings | None,
+    indices: Tensor,
+    *,
+    scoring: str = "learnability",
+    loss: str = "sigmoid",
+) -> Tensor:
+    """Joint score of the sub-batch S = ``indices`` (0-dim tensor).
+
+    Sigmoid: ``s(S) = (1/|S|) sum_{i,j in S} s_ij``. Softmax: the eq. (1) batch loss of S under the
+    scoring's signs (learner minus reference for learnability).
+    """
+    inputs = resolve_inputs(learner, reference, scoring, loss, caller="batch_score")
+    indices = check_indices(indices, inputs.n, inputs.device, "indices", "batch_score")
+    if indices.numel() == 0:
+        raise ValueError("batch_score: indices must name at least one candidate")
+    sub = ScoringInputs(
+        models=tuple((sign, emb.take(indices)) for sign, emb in inputs.models),
+        n=indices.numel(),
+        device=inputs.device,
+        usable=inputs.usable[indices],
+    )
+    state = ConditionalScores(sub, loss)
+    state.absorb_indices(torch.arange(indices.numel(), device=inputs.device))
+    return state.in_context().mean()
+
+
+def joint_select(
+    learner: Embeddings | None,
+    reference: Embeddings | None,
+    *,
+    size: int,
+    n_chunks: int = 16,
+    scoring: str = "learnability",
+    loss: str = "sigmoid",
+    gain: float = DEFAULT_GAIN,
+    generator: torch.Generator | None = None,
+    groups: CandidateGroups | tuple[Tensor, list[int]] | None = None,
+) -> Tensor:
+    """Jointly select ``size`` distinct candidates out of B; ``[size]`` long tensor in selection order.
+
+    Chunk 1 is drawn without replacement with probability proportional to ``exp(gain * c_k(∅))``; chunk t
+    from the remaining candidates with ``exp(gain * c_k(S_{t-1}))``. Chunk sizes sum to ``size`` and differ
+    by at most one. With ``groups``, each chunk takes from each group its share of the group's quota while
+    conditioning on the whole selected set. Deterministic for a given ``generator`` (on the embeddings'
+    device). Candidates with non-finite embeddings are never selected (a ``NonFiniteCandidatesWarning``
+    gives their count).
+    """
+    caller = "joint_select"
+    inputs = resolve_inputs(learner, reference, scoring, loss, caller=caller)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= inputs.n:
+        raise ValueError(f"{caller}: size must be an int in [1, B={inputs.n}], got {size!r}")
+    if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or not 1 <= n_chunks <= size:
+        raise ValueError(f"{caller}: n_chunks must be an int in [1, size={size}], got {n_chunks!r}")
+    gain = check_gain(gain, caller)
+    check_generator(generator, inputs.device, caller)
+    if groups is not None and not isinstance(groups, CandidateGroups):
+        groups = CandidateGroups(*groups)
+    warn_unusable(inputs, caller)
+    n_usable = int(inputs.usable.sum())
+    if n_usable < size:
+        raise ValueError(f"{caller}: size={size} but only {n_usable} of {inputs.n} candidates are usable")
+    if groups is not None:
+        groups.validate(inputs.n, size, inputs.usable)
+
+    state = ConditionalScores(inputs, loss)
+
+    def next_logits(chunk: Tensor | None) -> Tensor:
+        if chunk is not None:
+            state.absorb_indices(chunk)
+        return state.conditional() * gain
+
+    return draw_chunks(
+        next_logits,
+        n=inputs.n,
+        sizes=chunk_sizes(size, n_chunks),
+        available=inputs.usable,
+        generator=generator,
+        groups=groups,
+    )
+
+
+def check_generator(generator: torch.Generator | None, device: torch.device, caller: str) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"{caller}: generator must be a torch.Generator, got {type(generator).__name__}")
+    if torch.device(generator.device).type != device.type:
+        raise ValueError(f"{caller}: generator is on {generator.device} but the embeddings are on {device}")
+
+
+__all__ += ["check_generator"]

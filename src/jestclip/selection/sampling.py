@@ -1,0 +1,164 @@
+"""Sampling without replacement in log space, exact chunk sizes and per-group quotas.
+
+Drawing ``n`` items without replacement with probability proportional to ``exp(logit_k)`` (successive
+sampling, i.e. Plackett-Luce) is the top-``n`` of ``logit_k + Gumbel noise``: no exponentials, so no
+overflow, and never a duplicate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CandidateGroups",
+    "chunk_sizes",
+    "draw_chunks",
+    "group_chunk_counts",
+    "gumbel_noise",
+    "top_k_per_group",
+]
+
+
+def chunk_sizes(size: int, n_chunks: int) -> list[int]:
+    """Split ``size`` into ``n_chunks`` integers that sum to ``size`` and differ by at most one.
+
+    The larger chunks come first: ``chunk_sizes(10, 4) == [3, 3, 2, 2]``.
+    """
+    if n_chunks < 1 or n_chunks > size:
+        raise ValueError(f"n_chunks must be in [1, size={size}], got {n_chunks}")
+    base, extra = divmod(size, n_chunks)
+    return [base + 1] * extra + [base] * (n_chunks - extra)
+
+
+@dataclass(frozen=True)
+class CandidateGroups:
+    """A group id per candidate and how many candidates to select from each group.
+
+    ids: ``[B]`` integer tensor with values in ``[0, G)``; quotas: G non-negative ints summing to the
+    selection size. A data-parallel trainer passes one group per rank (the candidates it holds).
+    """
+
+    ids: Tensor
+    quotas: tuple[int, ...]
+
+    def __init__(self, ids: Tensor, quotas: Sequence[int] | Tensor) -> None:
+        if not isinstance(ids, Tensor) or ids.ndim != 1 or ids.is_floating_point() or ids.is_complex():
+            raise ValueError("groups.ids must be a 1-D integer tensor with one group id per candidate")
+        quotas = tuple(int(q) for q in (quotas.tolist() if isinstance(quotas, Tensor) else quotas))
+        if not quotas:
+            raise ValueError("groups.quotas must name at least one group")
+        if min(quotas) < 0:
+            raise ValueError(f"groups.quotas must be non-negative, got {list(quotas)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(quotas)):
+            raise ValueError(
+                f"groups.ids must lie in [0, {len(quotas)}) (one quota per group), "
+                f"got values in [{int(ids.min())}, {int(ids.max())}]"
+            )
+        object.__setattr__(self, "ids", ids.long())
+        object.__setattr__(self, "quotas", quotas)
+
+    def validate(self, n: int, size: int, usable: Tensor) -> None:
+        """Check against B = ``n`` candidates, the selection ``size`` and the ``[B]`` usable mask."""
+        if self.ids.shape[0] != n:
+            raise ValueError(f"groups.ids has {self.ids.shape[0]} entries but there are {n} candidates")
+        if sum(self.quotas) != size:
+            raise ValueError(f"groups.quotas sum to {sum(self.quotas)} but size is {size}")
+        if self.ids.device != usable.device:
+            raise ValueError(f"groups.ids is on {self.ids.device} but the embeddings are on {usable.device}")
+        available = torch.bincount(self.ids[usable], minlength=len(self.quotas)).tolist()
+        short = [(g, q, a) for g, (q, a) in enumerate(zip(self.quotas, available, strict=True)) if q > a]
+        if short:
+            g, q, a = short[0]
+            raise ValueError(
+                f"group {g} has quota {q} but only {a} usable candidates ({len(short)} group(s) short)"
+            )
+
+
+def group_chunk_counts(quotas: Sequence[int], sizes: Sequence[int]) -> list[list[int]]:
+    """How many of each group to draw in each chunk: ``[n_chunks][G]``.
+
+    Rows sum to ``sizes``, columns to ``quotas``, and each group's draws are spread over the chunks in
+    proportion to its quota (each group's j-th seat is placed at ``(j + 1/2) / quota`` of the way through
+    the selection; ties go to the lower group id). Equal quotas give round-robin chunks.
+    """
+    total = sum(quotas)
+    if total != sum(sizes):
+        raise ValueError(f"quotas sum to {total} but chunk sizes sum to {sum(sizes)}")
+    positions = torch.cat(
+        [(torch.arange(q, dtype=torch.float64) + 0.5) / q for q in quotas if q > 0]
+        or [torch.zeros(0, dtype=torch.float64)]
+    )
+    owners = torch.cat(
+        [torch.full((q,), g, dtype=torch.long) for g, q in enumerate(quotas) if q > 0]
+        or [torch.zeros(0, dtype=torch.long)]
+    )
+    seat_groups = owners[torch.sort(positions, stable=True).indices]
+    counts, start = [], 0
+    for size in sizes:
+        block = seat_groups[start : start + size]
+        counts.append(torch.bincount(block, minlength=len(quotas)).tolist())
+        start += size
+    return counts
+
+
+def gumbel_noise(
+    n: int, *, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``[n]`` i.i.d. standard Gumbel samples, ``-log(-log(U))`` with U uniform in (0, 1)."""
+    u = torch.rand(n, generator=generator, device=device, dtype=dtype)
+    tiny = torch.finfo(dtype).tiny
+    return -torch.log(-torch.log(u.clamp_(min=tiny, max=1.0 - torch.finfo(dtype).eps)))
+
+
+def top_k_per_group(perturbed: Tensor, counts: Sequence[int] | None, ids: Tensor | None, k: int) -> Tensor:
+    """Indices of the ``k`` largest ``perturbed`` values (``[B]``), ``counts[g]`` of them from group g.
+
+    Returned in descending order of ``perturbed`` (the order successive sampling would draw them in).
+    """
+    if ids is None or counts is None:
+        return torch.topk(perturbed, k).indices
+    # Sort descending, then stably by group: each group's candidates become a run in descending order.
+    by_value = torch.argsort(perturbed, descending=True, stable=True)
+    order = by_value[torch.argsort(ids[by_value], stable=True)]
+    group_sizes = torch.bincount(ids, minlength=len(counts))
+    starts = torch.cumsum(group_sizes, 0) - group_sizes
+    sorted_ids = ids[order]
+    rank_in_group = torch.arange(order.numel(), device=order.device) - starts[sorted_ids]
+    quota = torch.as_tensor(counts, device=order.device)[sorted_ids]
+    chosen = order[rank_in_group < quota]
+    return chosen[torch.argsort(perturbed[chosen], descending=True, stable=True)]
+
+
+def draw_chunks(
+    next_logits: Callable[[Tensor | None], Tensor],
+    *,
+    n: int,
+    sizes: Sequence[int],
+    available: Tensor,
+    generator: torch.Generator | None,
+    groups: CandidateGroups | None = None,
+) -> Tensor:
+    """Successive chunked sampling without replacement; ``[sum(sizes)]`` indices in selection order.
+
+    ``next_logits(chunk)`` is told the chunk just drawn (None before the first) and returns the ``[n]``
+    sampling logits for the next chunk; candidates that are drawn or not ``available`` (``[n]`` bool) are
+    never drawn. Each chunk uses one ``[n]`` Gumbel draw from ``generator``, so any implementation of
+    ``next_logits`` that returns the same logits draws the same indices.
+    """
+    available = available.clone()
+    per_group = group_chunk_counts(groups.quotas, sizes) if groups is not None else [None] * len(sizes)
+    ids = groups.ids if groups is not None else None
+    picks: list[Tensor] = []
+    chunk: Tensor | None = None
+    for size, counts in zip(sizes, per_group, strict=True):
+        logits = next_logits(chunk)
+        logits = logits.masked_fill(~available, float("-inf"))
+        noise = gumbel_noise(n, generator=generator, device=logits.device, dtype=logits.dtype)
+        chunk = top_k_per_group(logits + noise, counts, ids, size)
+        available[chunk] = False
+        picks.append(chunk)
+    return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.long, device=available.device)
