@@ -7,9 +7,11 @@ overflow, and never a duplicate.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -81,28 +83,32 @@ class CandidateGroups:
 def group_chunk_counts(quotas: Sequence[int], sizes: Sequence[int]) -> list[list[int]]:
     """How many of each group to draw in each chunk: ``[n_chunks][G]``.
 
-    Rows sum to ``sizes``, columns to ``quotas``, and each group's draws are spread over the chunks in
-    proportion to its quota (each group's j-th seat is placed at ``(j + 1/2) / quota`` of the way through
-    the selection; ties go to the lower group id). Equal quotas give round-robin chunks.
+    Rows sum to ``sizes``, columns to ``quotas``. Seats are dealt one at a time to the group furthest below
+    its proportional share ``quota_g * seats_dealt / total`` (ties to the lower id), so after every chunk
+    each group has drawn about its share (within one or two seats); equal quotas give round-robin chunks.
     """
-    total = sum(quotas)
-    if total != sum(sizes):
-        raise ValueError(f"quotas sum to {total} but chunk sizes sum to {sum(sizes)}")
-    positions = torch.cat(
-        [(torch.arange(q, dtype=torch.float64) + 0.5) / q for q in quotas if q > 0]
-        or [torch.zeros(0, dtype=torch.float64)]
-    )
-    owners = torch.cat(
-        [torch.full((q,), g, dtype=torch.long) for g, q in enumerate(quotas) if q > 0]
-        or [torch.zeros(0, dtype=torch.long)]
-    )
-    seat_groups = owners[torch.sort(positions, stable=True).indices]
-    counts, start = [], 0
+    quotas, sizes = tuple(int(q) for q in quotas), tuple(int(s) for s in sizes)
+    if sum(quotas) != sum(sizes):
+        raise ValueError(f"quotas sum to {sum(quotas)} but chunk sizes sum to {sum(sizes)}")
+    return [list(row) for row in _deal_seats(quotas, sizes)]
+
+
+@functools.lru_cache(maxsize=64)
+def _deal_seats(quotas: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    target = np.asarray(quotas, dtype=np.float64) / max(1, sum(quotas))
+    dealt = np.zeros(len(quotas), dtype=np.int64)
+    full = np.asarray(quotas) == 0
+    rows, seat = [], 0
     for size in sizes:
-        block = seat_groups[start : start + size]
-        counts.append(torch.bincount(block, minlength=len(quotas)).tolist())
-        start += size
-    return counts
+        before = dealt.copy()
+        for _ in range(size):
+            seat += 1
+            deficit = np.where(full, -np.inf, target * seat - dealt)
+            g = int(np.argmax(deficit))
+            dealt[g] += 1
+            full[g] = dealt[g] >= quotas[g]
+        rows.append(tuple((dealt - before).tolist()))
+    return tuple(rows)
 
 
 def gumbel_noise(
