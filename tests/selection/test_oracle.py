@@ -137,7 +137,7 @@ def test_tiny_tiles_change_nothing(monkeypatch):
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_no_b_by_b_tensor_is_built(monkeypatch, loss):
-    """Every matrix product is a [rows, B] tile with rows <= chunk size, never [B, B]."""
+    """Every matrix product is a [B, rows] tile with rows <= chunk size, never [B, B]."""
     learner, reference = learner_and_reference(200)
     shapes = []
     real_mm = torch.mm
@@ -150,5 +150,5 @@ def test_no_b_by_b_tensor_is_built(monkeypatch, loss):
     monkeypatch.setattr(torch, "mm", recording_mm)
     joint_select(learner, reference, size=40, n_chunks=4, loss=loss, generator=gen(0))
     assert shapes, "the engine no longer uses torch.mm; update this test"
-    assert max(rows for rows, _ in shapes) <= 10
-    assert all(cols == 200 for _, cols in shapes)
+    assert max(rows for _, rows in shapes) <= 10
+    assert all(n == 200 for n, _ in shapes)

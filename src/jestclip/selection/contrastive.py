@@ -2,8 +2,8 @@
 
 For a candidate set C (``[B, D]`` embeddings) and a growing chosen set S, each class keeps ``[B]`` running
 sums (sigmoid) or log-sum-exps (softmax) over S. Absorbing a chunk of ``c`` chosen pairs costs two
-``[c, B]`` tiles (chosen texts vs all candidate images, chosen images vs all candidate texts), processed
-in row blocks of at most ``MAX_TILE_ELEMENTS``: no ``[B, B]`` tensor is ever built.
+``[B, c]`` tiles (all candidate images vs chosen texts, chosen images vs all candidate texts), processed
+in blocks of at most ``MAX_TILE_ELEMENTS``: no ``[B, B]`` tensor is ever built.
 
 Notation: ``L_ij = scale * x_i . y_j (+ bias for sigmoid)``, ``x`` image and ``y`` text embeddings.
 """
@@ -32,7 +32,7 @@ __all__ = [
 Loss = Literal["sigmoid", "softmax"]
 LOSSES: tuple[str, ...] = ("sigmoid", "softmax")
 
-# Upper bound on the elements of one [rows, B] logit tile (256 MiB in fp32).
+# Upper bound on the elements of one [B, rows] logit tile (256 MiB in fp32).
 MAX_TILE_ELEMENTS = 1 << 26
 
 
@@ -55,9 +55,10 @@ class RunningTerms:
         ) * candidates.scale
 
     def _tiles(self, chunk_image: Tensor, chunk_text: Tensor) -> Iterator[tuple[str, Tensor]]:
-        """Yield ("row", T) with T[i, k] = scale * x_k . y_i and ("col", T) with T[i, k] = scale * x_i . y_k.
+        """Yield ("row", T) with T[k, i] = scale * x_k . y_i and ("col", T) with T[k, i] = scale * x_i . y_k.
 
-        i ranges over a block of the chunk, k over all candidates; tiles are ``[rows, B]`` in ``self.dtype``.
+        k ranges over all candidates, i over a block of the chunk; tiles are ``[B, rows]`` in ``self.dtype``
+        (candidate-major: a skinny ``[B, D] x [D, rows]`` product is the faster orientation on CPU BLAS).
         """
         cand = self.candidates
         if chunk_image.shape != chunk_text.shape or chunk_image.shape[1:] != (cand.dim,):
@@ -67,7 +68,7 @@ class RunningTerms:
             )
         for name, chunk, other in (("row", chunk_text, cand.image), ("col", chunk_image, cand.text)):
             for block in _row_blocks(chunk.shape[0], cand.n):
-                tile = torch.mm(chunk[block].to(other.dtype), other.T)
+                tile = torch.mm(other, chunk[block].to(other.dtype).T)
                 tile = tile.to(self.dtype) if tile.dtype != self.dtype else tile
                 yield name, tile.mul_(cand.scale)
 
@@ -102,7 +103,7 @@ class SigmoidTerms(RunningTerms):
         bias = self.candidates.bias
         for name, tile in self._tiles(chunk_image, chunk_text):
             target = self.row if name == "row" else self.col
-            target += F.softplus(tile.add_(bias)).sum(dim=0)
+            target += F.softplus(tile.add_(bias)).sum(dim=1)
         self.n_absorbed += chunk_image.shape[0]
 
     def conditional(self) -> Tensor:
@@ -128,9 +129,9 @@ class SoftmaxTerms(RunningTerms):
     def absorb(self, chunk_image: Tensor, chunk_text: Tensor) -> None:
         for name, tile in self._tiles(chunk_image, chunk_text):
             if name == "row":
-                self.row_lse = torch.logaddexp(self.row_lse, torch.logsumexp(tile, dim=0))
+                self.row_lse = torch.logaddexp(self.row_lse, torch.logsumexp(tile, dim=1))
             else:
-                self.col_lse = torch.logaddexp(self.col_lse, torch.logsumexp(tile, dim=0))
+                self.col_lse = torch.logaddexp(self.col_lse, torch.logsumexp(tile, dim=1))
         self.n_absorbed += chunk_image.shape[0]
 
     def conditional(self) -> Tensor:

@@ -1,6 +1,6 @@
 """Joint example selection (JEST): chunked conditional sampling of a sub-batch from a super-batch.
 
-Memory is O(B·D) plus one bounded ``[rows, B]`` logit tile; see ``contrastive.py``.
+Memory is O(B·D) plus one bounded ``[B, rows]`` logit tile; see ``contrastive.py``.
 """
 
 from __future__ import annotations

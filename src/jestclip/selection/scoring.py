@@ -122,7 +122,7 @@ class ConditionalScores:
 
     The candidates may be a shard of a larger super-batch: ``absorb`` takes the chosen pairs' embeddings
     wherever they came from (e.g. all-gathered across ranks), so each rank can keep the sums of the
-    candidates it holds. Memory is O(B) plus one ``[rows, B]`` tile.
+    candidates it holds. Memory is O(B) plus one ``[B, rows]`` tile.
     """
 
     def __init__(self, inputs: ScoringInputs, loss: str) -> None:
