@@ -32,7 +32,9 @@ N_CHUNKS = 16
 GAIN = 100.0
 
 
-def literal_algorithm1(learner: Embeddings, reference: Embeddings, generator: torch.Generator) -> torch.Tensor:
+def literal_algorithm1(
+    learner: Embeddings, reference: Embeddings, generator: torch.Generator
+) -> torch.Tensor:
     """Algorithms 1 and 2 of the paper, line by line in PyTorch (sigmoid loss, learnability).
 
     One change so that it runs at all: ``exp(logits)`` overflows to inf (the paper's gain of 100 times
@@ -130,7 +132,9 @@ def machine_description(device: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--sizes", default="1024,2048,4096,8192,16384", help="comma-separated B values")
@@ -138,7 +142,9 @@ def main() -> None:
     parser.add_argument("--loss", default="sigmoid", choices=["sigmoid", "softmax"])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--impls", default="jestclip,literal")
-    parser.add_argument("--skip-literal-above", type=int, default=10**9, help="B beyond which the literal OOMs")
+    parser.add_argument(
+        "--skip-literal-above", type=int, default=10**9, help="B beyond which the literal OOMs"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "B"), help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args()
@@ -155,7 +161,16 @@ def main() -> None:
                 results.append({"impl": impl, "n": n, "error": "skipped (out of memory)"})
                 continue
             cmd = [sys.executable, __file__, "--worker", impl, str(n), "--device", args.device]
-            cmd += ["--dim", str(args.dim), "--dtype", args.dtype, "--loss", args.loss, "--reps", str(args.reps)]
+            cmd += [
+                "--dim",
+                str(args.dim),
+                "--dtype",
+                args.dtype,
+                "--loss",
+                args.loss,
+                "--reps",
+                str(args.reps),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
@@ -164,8 +179,10 @@ def main() -> None:
                 results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
 
-    print(f"\n{machine_description(args.device)}; D={args.dim}, {args.dtype}, loss={args.loss}, size=B/5, "
-          f"{N_CHUNKS} chunks, median of {args.reps} after a warm-up\n")
+    print(
+        f"\n{machine_description(args.device)}; D={args.dim}, {args.dtype}, loss={args.loss}, size=B/5, "
+        f"{N_CHUNKS} chunks, median of {args.reps} after a warm-up\n"
+    )
     print("| B | implementation | selected (distinct) | time | peak memory |")
     print("|---:|---|---|---:|---:|")
     for r in results:

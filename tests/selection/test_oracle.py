@@ -20,7 +20,6 @@ from jestclip.selection import (
     joint_select,
     pair_score_matrix,
 )
-from jestclip.selection.scoring import resolve_inputs
 
 from .helpers import gen, learner_and_reference
 
@@ -44,7 +43,7 @@ def test_conditional_scores_match_dense(loss, scoring, n_selected):
 def test_running_state_after_several_chunks_matches_dense(loss, scoring):
     learner, reference = learner_and_reference(60)
     order = torch.randperm(60, generator=gen(1))
-    state = ConditionalScores(resolve_inputs(learner, reference, scoring, loss, caller="test"), loss)
+    state = ConditionalScores.from_embeddings(learner, reference, scoring=scoring, loss=loss)
     for end in (7, 15, 16, 30, 41):  # uneven chunks, one of size 1
         start = state.n_absorbed
         state.absorb_indices(order[start:end])

@@ -28,6 +28,7 @@ def models():
         (dict(size=0), "size must be an int in \\[1, B=20\\], got 0"),
         (dict(size=21), "size must be an int in \\[1, B=20\\], got 21"),
         (dict(size=2.5), "size must be an int"),
+        (dict(size=True), "size must be an int"),
         (dict(size=8, n_chunks=0), "n_chunks must be an int in \\[1, size=8\\], got 0"),
         (dict(size=8, n_chunks=9), "n_chunks must be an int in \\[1, size=8\\], got 9"),
         (dict(size=8, n_chunks=2, gain=float("nan")), "gain must be finite"),
@@ -131,6 +132,13 @@ def test_candidate_groups_from_tensor_quotas():
     assert groups.quotas == (1, 1)
     with pytest.raises(ValueError, match="1-D integer tensor"):
         CandidateGroups(torch.tensor([0.0, 1.0]), [1, 1])
+
+
+def test_numpy_integers_are_accepted(models):
+    import numpy as np
+
+    idx = joint_select(*models, size=np.int64(6), n_chunks=np.int32(2), generator=gen(0))
+    assert idx.numel() == 6
 
 
 def test_valid_call_after_errors_still_works(models):

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from jestclip.selection.checks import check_gain, check_generator, check_indices
 from jestclip.selection.embeddings import Embeddings
-from jestclip.selection.joint import DEFAULT_GAIN, batch_score, check_gain, check_generator, check_indices
+from jestclip.selection.joint import DEFAULT_GAIN, batch_score
 from jestclip.selection.scoring import resolve_inputs
 
 __all__ = ["GibbsTrace", "gibbs_select"]

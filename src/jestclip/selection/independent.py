@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from jestclip.selection.checks import check_count, check_gain, check_generator
 from jestclip.selection.embeddings import Embeddings
-from jestclip.selection.joint import DEFAULT_GAIN, check_gain, check_generator
+from jestclip.selection.joint import DEFAULT_GAIN
 from jestclip.selection.sampling import gumbel_noise
 from jestclip.selection.scoring import ConditionalScores, resolve_inputs, warn_unusable
 
@@ -63,8 +64,7 @@ def independent_select(
     if method not in METHODS:
         raise ValueError(f"{caller}: method must be one of {METHODS}, got {method!r}")
     inputs = resolve_inputs(learner, reference, scoring, loss, caller=caller)
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= inputs.n:
-        raise ValueError(f"{caller}: size must be an int in [1, B={inputs.n}], got {size!r}")
+    size = check_count(size, "size", 1, inputs.n, "B", caller)
     gain = check_gain(gain, caller)
     check_generator(generator, inputs.device, caller)
     warn_unusable(inputs, caller)

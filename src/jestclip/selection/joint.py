@@ -5,42 +5,18 @@ Memory is O(B·D) plus one bounded ``[B, rows]`` logit tile; see ``contrastive.p
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from jestclip.selection.checks import check_count, check_gain, check_generator, check_indices
 from jestclip.selection.embeddings import Embeddings
 from jestclip.selection.sampling import CandidateGroups, chunk_sizes, draw_chunks
 from jestclip.selection.scoring import ConditionalScores, ScoringInputs, resolve_inputs, warn_unusable
 
-__all__ = ["DEFAULT_GAIN", "batch_score", "check_gain", "check_indices", "conditional_scores", "joint_select"]
+__all__ = ["DEFAULT_GAIN", "batch_score", "conditional_scores", "joint_select"]
 
 # Algorithm 2's `softmax_score_gain`: the inverse temperature of every sampling step.
 DEFAULT_GAIN = 100.0
-
-
-def check_gain(gain: float, caller: str) -> float:
-    gain = float(gain)
-    if not math.isfinite(gain) or gain < 0:
-        raise ValueError(f"{caller}: gain must be finite and >= 0, got {gain}")
-    return gain
-
-
-def check_indices(indices: Tensor, n: int, device: torch.device, name: str, caller: str) -> Tensor:
-    """Validate a 1-D tensor of distinct candidate indices in ``[0, n)``."""
-    if not isinstance(indices, Tensor) or indices.ndim != 1 or indices.is_floating_point():
-        raise ValueError(f"{caller}: {name} must be a 1-D integer tensor of candidate indices")
-    if indices.device != device:
-        raise ValueError(f"{caller}: {name} is on {indices.device} but the embeddings are on {device}")
-    indices = indices.long()
-    if indices.numel():
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= n:
-            raise ValueError(f"{caller}: {name} must lie in [0, {n}), got values in [{lo}, {hi}]")
-        if torch.unique(indices).numel() != indices.numel():
-            raise ValueError(f"{caller}: {name} contains duplicate indices")
-    return indices
 
 
 def conditional_scores(
@@ -119,10 +95,8 @@ def joint_select(
     """
     caller = "joint_select"
     inputs = resolve_inputs(learner, reference, scoring, loss, caller=caller)
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= inputs.n:
-        raise ValueError(f"{caller}: size must be an int in [1, B={inputs.n}], got {size!r}")
-    if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or not 1 <= n_chunks <= size:
-        raise ValueError(f"{caller}: n_chunks must be an int in [1, size={size}], got {n_chunks!r}")
+    size = check_count(size, "size", 1, inputs.n, "B", caller)
+    n_chunks = check_count(n_chunks, "n_chunks", 1, size, "size", caller)
     gain = check_gain(gain, caller)
     check_generator(generator, inputs.device, caller)
     if groups is not None and not isinstance(groups, CandidateGroups):
@@ -149,15 +123,3 @@ def joint_select(
         generator=generator,
         groups=groups,
     )
-
-
-def check_generator(generator: torch.Generator | None, device: torch.device, caller: str) -> None:
-    if generator is None:
-        return
-    if not isinstance(generator, torch.Generator):
-        raise ValueError(f"{caller}: generator must be a torch.Generator, got {type(generator).__name__}")
-    if torch.device(generator.device).type != device.type:
-        raise ValueError(f"{caller}: generator is on {generator.device} but the embeddings are on {device}")
-
-
-__all__ += ["check_generator"]

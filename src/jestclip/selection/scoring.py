@@ -131,6 +131,13 @@ class ConditionalScores:
             (sign, running_terms(emb, loss)) for sign, emb in inputs.models
         ]
 
+    @classmethod
+    def from_embeddings(
+        cls, learner: Embeddings | None, reference: Embeddings | None, *, scoring: str, loss: str
+    ) -> ConditionalScores:
+        """Validate the inputs like ``joint_select`` does and start with S empty."""
+        return cls(resolve_inputs(learner, reference, scoring, loss, caller="ConditionalScores"), loss)
+
     @property
     def n_absorbed(self) -> int:
         return self.terms[0][1].n_absorbed
