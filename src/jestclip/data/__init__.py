@@ -1,0 +1,16 @@
+"""Data: webdataset shards with sample keys kept end to end, super-batches, the offline benchmark."""
+
+from jestclip.data.loader import Sample, SuperBatch, SuperBatchStream, decode_sample, expand_urls
+from jestclip.data.shards import Pair, png_bytes, shard_name, write_shard
+
+__all__ = [
+    "Pair",
+    "Sample",
+    "SuperBatch",
+    "SuperBatchStream",
+    "decode_sample",
+    "expand_urls",
+    "png_bytes",
+    "shard_name",
+    "write_shard",
+]
