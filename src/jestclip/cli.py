@@ -1,17 +1,19 @@
-"""The ``jestclip`` command line: one subcommand per job.
+"""The ``jestclip`` command line: one subcommand per job, each in ``jestclip.commands``.
 
-Each subcommand lives in its own module and registers itself here; those not built yet say so and exit 2.
+Subcommands not built yet say so and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
+# subcommands with a module in jestclip.commands
+_BUILT = {"data": "jestclip.commands.data"}
 # name -> (one-line help, issue that builds it)
-_SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("build the offline image-text benchmark and inspect webdataset shards", "issue 3 (Data)"),
+_PLANNED: dict[str, tuple[str, str]] = {
     "cache-reference": ("embed shards with a frozen reference model and store the embeddings", "issue 4"),
     "train": ("train a reference or learner model (iid / jest / independent / flexi-jest)", "issue 4"),
     "eval": ("zero-shot, retrieval and few-shot evaluation of a checkpoint", "issue 5"),
@@ -29,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"jestclip {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_text, _) in _SUBCOMMANDS.items():
+    for module in _BUILT.values():
+        importlib.import_module(module).add_parser(sub)
+    for name, (help_text, _) in _PLANNED.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
@@ -37,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _, issue = _SUBCOMMANDS[args.command]
+    if args.command in _BUILT:
+        return importlib.import_module(_BUILT[args.command]).run(args)
+    _, issue = _PLANNED[args.command]
     print(f"jestclip {args.command}: not implemented yet (built by {issue})", file=sys.stderr)
     return 2
 

@@ -1,0 +1,126 @@
+"""``jestclip data``: install the benchmark's sources, build it, inspect shards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "data",
+        help="build the offline image-text benchmark and inspect webdataset shards",
+        description="Build the offline curation benchmark from Debian/npm packages, or inspect shards.",
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    sources = actions.add_parser(
+        "sources", help="check (or --install) the packages the benchmark is built from"
+    )
+    sources.add_argument(
+        "--install", action="store_true", help="apt-get and npm install what is missing (root)"
+    )
+    sources.add_argument(
+        "--npm-root", type=Path, help="where the npm packages live (default ~/.cache/jestclip/npm)"
+    )
+
+    build = actions.add_parser("build", help="render and write pool / curated / eval shards to OUT")
+    build.add_argument("out", type=Path)
+    build.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument(
+        "--sources", default="openclipart,icons,emoji,tuxpaint", help="comma-separated sources"
+    )
+    build.add_argument("--limit", type=int, help="at most this many drawings per source (quick builds)")
+    build.add_argument("--workers", type=int, help="rendering processes (default: CPU count, at most 8)")
+    build.add_argument("--shard-size", type=int, default=1000)
+    build.add_argument("--npm-root", type=Path)
+
+    inspect = actions.add_parser(
+        "inspect", help="counts and random examples of shards (a part or a whole build)"
+    )
+    inspect.add_argument("path", type=Path, help="a directory of shards, a shard, or a benchmark root")
+    inspect.add_argument("--examples", type=int, default=10)
+    inspect.add_argument("--seed", type=int, default=0)
+    inspect.add_argument("--markdown", action="store_true", help="print examples as a markdown table")
+
+
+def _paths(npm_root: Path | None):
+    from jestclip.data.sources import SourcePaths
+
+    return SourcePaths(npm_root=npm_root) if npm_root else SourcePaths()
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"sources": _sources, "build": _build, "inspect": _inspect}[args.action](args)
+
+
+def _sources(args: argparse.Namespace) -> int:
+    from jestclip.data.sources import install_sources, missing_sources
+
+    paths = _paths(args.npm_root)
+    sources = list(paths.required())
+    missing = missing_sources(paths, sources)
+    if missing and args.install:
+        install_sources(paths.npm_root)
+        missing = missing_sources(paths, sources)
+    for source in sources:
+        state = "missing " + ", ".join(map(str, missing[source][:3])) if source in missing else "ok"
+        print(f"{source:12s} {state}")
+    if missing:
+        print(
+            "\nrun: jestclip data sources --install   (as root; installs Debian and npm packages)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from jestclip.data.benchmark import BuildConfig, build
+
+    cfg = BuildConfig(size=args.size, seed=args.seed, limit=args.limit, shard_size=args.shard_size)
+    cfg = replace(cfg, sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()))
+    if args.workers:
+        cfg = replace(cfg, workers=args.workers)
+    summary = build(args.out, cfg, _paths(args.npm_root))
+    print(f"\nbuilt {args.out}:")
+    for part, manifest in summary["parts"].items():
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(manifest["skipped"].items())) or "none"
+        print(f"  {part:18s} {manifest['count']:7,d} pairs   skipped: {skipped}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from jestclip.data.loader import SuperBatchStream, expand_urls
+
+    path = args.path
+    if (path / "build.json").exists():
+        summary = json.loads((path / "build.json").read_text(encoding="utf-8"))
+        for part, manifest in summary.get("parts", {}).items():
+            print(f"{part:18s} {manifest['count']:7,d} pairs  {manifest['by_source']}")
+        return 0
+    from collections import Counter
+
+    urls = expand_urls(path)
+    skipped: Counter[str] = Counter()
+    stream = SuperBatchStream(urls, batch_size=1, shuffle_shards=False)
+    samples = [(s.key, s.url, s.text, s.meta) for s in stream.samples(skipped)]
+    print(f"{len(urls)} shards, {len(samples):,} pairs, skipped: {dict(skipped) or 'none'}")
+    chosen = random.Random(args.seed).sample(samples, min(args.examples, len(samples)))
+    if args.markdown:
+        print("\n| key | source | style | text |\n|---|---|---|---|")
+    for key, _, text, meta in chosen:
+        text = text.replace("|", "\\|").replace("\n", " ")
+        if args.markdown:
+            print(f"| `{key}` | {meta.get('source', '')} | {meta.get('style', '')} | {text} |")
+        else:
+            print(f"{key}  [{meta.get('source', '')}/{meta.get('style', '')}]  {text}")
+    return 0
