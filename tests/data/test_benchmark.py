@@ -44,7 +44,9 @@ def new_plan() -> Plan:
 
 def test_openclipart_curated_filter(english):
     drawings = [
-        clipart("a", "Red apple", ["fruit", "unsorted"]),  # specific English title + good keyword: curated
+        clipart(
+            "a", "Red apple", ["fruit", "unsorted", "red apple"]
+        ),  # English title + good keyword: curated
         clipart("b", "Mela rossa", ["fruit"]),  # Italian title: not curated
         clipart("c", "Tigre01", ["animal"]),  # file-name-like title: not curated
         clipart("d", "Red apple", []),  # no non-generic keyword
@@ -56,7 +58,7 @@ def test_openclipart_curated_filter(english):
     curated = {e.drawing.uid.split("/")[1]: e.text for e in out.parts["curated"]}
     assert curated == {"a": "Red apple, fruit", "e": "a blue bird, fruit"}
     pool = {e.drawing.uid.split("/")[1]: e.text for e in out.parts["pool"]}
-    assert pool["b"] == "Mela rossa fruit" and pool["a"] == "Red apple fruit unsorted"  # raw, uncleaned
+    assert pool["b"] == "Mela rossa fruit" and pool["a"] == "Red apple fruit unsorted red apple"  # raw
     stats = out.stats["openclipart"]
     assert stats["curated_filter_pass"]["curated"] == 2
     assert stats["generic_keywords"] == {"food": 10, "unsorted": 1}  # food is on > 50% of drawings
@@ -81,15 +83,19 @@ def icon(theme: str, name: str, aliases=(), heldout=False):
     return Drawing("icons", f"icons/{theme}/{name}", ("svg", "x.svg"), theme, name, "GPL", fields)
 
 
-def test_icons_semantic_names_and_parts():
+def test_icons_semantic_names_and_parts(english):
     themes = ["Papirus", "Numix", "Moka", "Faba", "Paper"]
     drawings = [icon(t, "edit-cut", aliases=["gtk-cut"]) for t in themes]
     drawings += [icon(t, "gtk-cut") for t in ("Obsidian",)]
     drawings += [icon("Papirus", "nm-vpn-connecting06"), icon("Tango", "edit-cut", heldout=True)]
     drawings += [icon("Tango", "application-x-foo", heldout=True)]
     out = new_plan()
-    _plan_icons(drawings, drawings, BuildConfig(semantic_themes=5, curated_icon_themes=("Papirus",)), out)
+    drawings += [icon(t, "amarok-clock") for t in themes]  # semantic, but not English words
+    _plan_icons(
+        drawings, drawings, BuildConfig(semantic_themes=5, curated_icon_themes=("Papirus",)), english, out
+    )
     assert out.suites["icons"]["classes"] == {"name": ["edit cut"]}
+    assert out.stats["icons"]["curated_filter_pass"] == {"seen": 3, "semantic_name": 2, "curated": 1}
     assert [(e.text, e.meta["labels"]) for e in out.parts["eval/icons"]] == [("edit cut icon", {"name": 0})]
     assert [e.text for e in out.parts["curated"]] == ["edit cut icon"]
     pool = sorted(e.text for e in out.parts["pool"])

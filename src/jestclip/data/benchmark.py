@@ -160,7 +160,9 @@ def _plan_openclipart(
         plain = specific and not _FILENAME_LIKE.search(title)
         title_ok = plain and english.is_english(title)
         desc_ok = bool(desc) and len(desc) <= 300 and english.is_english(desc)
-        good_keywords = [k for k in keywords if k.casefold() not in generic and english.is_english(k)]
+        good_keywords = [
+            k.replace("_", " ") for k in keywords if k.casefold() not in generic and english.is_english(k)
+        ]
         checks["seen"] += 1
         checks["specific_title"] += specific
         checks["not_filename_like"] += plain
@@ -170,7 +172,8 @@ def _plan_openclipart(
         if (title_ok or desc_ok) and good_keywords:
             checks["curated"] += 1
             main = title if title_ok else desc
-            text = f"{main}, {', '.join(dict.fromkeys(k.casefold() for k in good_keywords[:6]))}"
+            extra = [k for k in dict.fromkeys(k.casefold() for k in good_keywords) if k != main.casefold()]
+            text = ", ".join([main, *extra[:6]])
             out.parts["curated"].append(Entry(_key("curated", d.uid), d, text, _meta(d)))
     out.suites["openclipart"] = {
         "classes": {"folder": classes},
@@ -212,7 +215,9 @@ def _words(name: str) -> str:
     return " ".join(re.split(r"[-_.\s]+", name)).strip()
 
 
-def _plan_icons(catalog: list[Drawing], drawings: list[Drawing], cfg: BuildConfig, out: Plan) -> None:
+def _plan_icons(
+    catalog: list[Drawing], drawings: list[Drawing], cfg: BuildConfig, english: EnglishWords, out: Plan
+) -> None:
     themes_of: dict[str, set[str]] = defaultdict(set)
     for d in catalog:
         for name in (d.fields["name"], *d.fields["aliases"]):
@@ -238,7 +243,8 @@ def _plan_icons(catalog: list[Drawing], drawings: list[Drawing], cfg: BuildConfi
             out.parts["pool"].append(Entry(_key("pool", d.uid, alias), d, alias, _meta(d, name=alias)))
         if d.style in cfg.curated_icon_themes:
             checks["seen"] += 1
-            if name is not None:
+            checks["semantic_name"] += name is not None
+            if name is not None and english.is_english(_words(name), threshold=1.0):
                 checks["curated"] += 1
                 out.parts["curated"].append(
                     Entry(_key("curated", d.uid), d, f"{_words(name)} icon", _meta(d))
@@ -356,7 +362,7 @@ def plan(cfg: BuildConfig, paths: SourcePaths) -> Plan:
     english = EnglishWords(paths.words)
     planners = {
         "openclipart": lambda cat, ds: _plan_openclipart(cat, ds, cfg, english, out),
-        "icons": lambda cat, ds: _plan_icons(cat, ds, cfg, out),
+        "icons": lambda cat, ds: _plan_icons(cat, ds, cfg, english, out),
         "emoji": lambda cat, ds: _plan_emoji(cat, ds, cfg, out),
         "tuxpaint": lambda cat, ds: _plan_tuxpaint(cat, ds, cfg, out),
     }

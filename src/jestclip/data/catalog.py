@@ -170,7 +170,7 @@ def icon_drawings(paths: SourcePaths, themes: list[str] | None = None) -> Iterat
                 continue
             for name in files:
                 stem, ext = os.path.splitext(name)
-                if ext not in (".svg", ".png") or stem.endswith("-symbolic"):
+                if ext not in (".svg", ".png") or "symbolic" in stem:
                     continue
                 path = Path(dirpath) / name
                 if not path.exists():  # dangling link
