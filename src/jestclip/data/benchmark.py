@@ -178,7 +178,7 @@ def _plan_openclipart(
     out.suites["openclipart"] = {
         "classes": {"folder": classes},
         "templates": ["a drawing of {}.", "clip art of {}.", "an illustration of {}."],
-        "tasks": ["zeroshot:folder", "retrieval", "fewshot:folder"],
+        "tasks": ["zeroshot:folder", "fewshot:folder"],
     }
     specific_titles = [
         t for d in catalog if (t := d.fields["title"]) and titles[t.casefold()] < cfg.boilerplate_title
