@@ -1,0 +1,20 @@
+"""Models: open_clip models (plus tiny shipped configs for CPU work), approximate learners for Flexi-JEST."""
+
+from jestclip.models.approx import APPROXIMATIONS, Approximation, encode_image, patch_size
+from jestclip.models.factory import CONFIG_DIR, create_model, logit_params, shipped_configs
+from jestclip.models.flops import ForwardFlops, StepFlops, forward_flops, step_flops
+
+__all__ = [
+    "APPROXIMATIONS",
+    "CONFIG_DIR",
+    "Approximation",
+    "ForwardFlops",
+    "StepFlops",
+    "create_model",
+    "encode_image",
+    "forward_flops",
+    "logit_params",
+    "patch_size",
+    "shipped_configs",
+    "step_flops",
+]

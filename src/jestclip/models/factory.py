@@ -1,0 +1,88 @@
+"""Creating open_clip models (never downloading anything unless a pretrained tag is asked for).
+
+``jest-micro`` (tests), ``jest-tiny`` (demo) and ``jest-small`` are shipped configs for CPU work; any
+open_clip model name works too. The contrastive loss decides the logit initialisation (appendix A.1 /
+SigLIP): sigmoid starts at scale 10 and bias -10, softmax at scale 1/0.07 with no bias.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+__all__ = ["CONFIG_DIR", "LOGIT_INIT", "create_model", "logit_params", "shipped_configs"]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+LOGIT_INIT: dict[str, dict[str, float | None]] = {
+    "sigmoid": {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0},
+    "softmax": {"init_logit_scale": math.log(1 / 0.07), "init_logit_bias": None},
+}
+_registered = False
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def _register() -> None:
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def create_model(
+    name: str,
+    *,
+    loss: str = "sigmoid",
+    checkpoint: str | Path | None = None,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """An open_clip CLIP model by config name, randomly initialised for ``loss``.
+
+    checkpoint: a local file of weights (an open_clip checkpoint or a bare state dict) loaded with
+    ``weights_only=True``. pretrained: an open_clip pretrained tag; this downloads, so it is only for users
+    with internet access and is never used by tests.
+    """
+    if loss not in LOGIT_INIT:
+        raise ValueError(f"loss must be one of {sorted(LOGIT_INIT)}, got {loss!r}")
+    _register()
+    if name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown model config {name!r}; shipped: {shipped_configs()}, or any open_clip model"
+        )
+    init = LOGIT_INIT[loss]
+    kwargs = {"init_logit_scale": init["init_logit_scale"]}
+    if init["init_logit_bias"] is not None:
+        kwargs["init_logit_bias"] = init["init_logit_bias"]
+    model = open_clip.create_model(name, pretrained=pretrained, device=device, **kwargs)
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exn:  # shape mismatches
+            lines = [ln.strip() for ln in str(exn).splitlines() if "size mismatch" in ln]
+            raise ValueError(
+                f"checkpoint {checkpoint} does not fit model {name!r}: {'; '.join(lines[:3])}"
+            ) from None
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {checkpoint} does not fit model {name!r}: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+    return model
+
+
+def logit_params(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logit multiplier ``exp(logit_scale)`` and bias (zero when the model has none), 0-dim tensors."""
+    scale = model.logit_scale.exp()
+    bias = model.logit_bias if getattr(model, "logit_bias", None) is not None else torch.zeros_like(scale)
+    return scale.reshape(()), bias.reshape(())
