@@ -4,13 +4,14 @@ Per example, training costs 3 forward passes (forward + backward ~ 2 forwards). 
 approximate learner forward F_A, reference forward F_ref and super-batch B, sub-batch b:
 
 - iid:          train 3F·b
-- jest:         score F·B (learner on the super-batch); train 2F·b (the chosen b's scoring forward is
-                reused)
+- jest:         score F·B (learner on the super-batch); train 2F·b when the chosen b's scoring forward is
+                reused (the paper's accounting), 3F·b when it is recomputed with gradients (jestclip's step)
 - independent:  as jest
 - flexi-jest:   score F_A·B (approximate, not reusable); train 3·(λ·F_A + (1-λ)·F)·b, λ = approximate fraction
 - reference:    F_ref·B per step, or 0 when its embeddings are cached
 
-so that relative to IID, jest costs (2 + B/b)/3 (7/3 at f = 0.8) and flexi-jest with F_A = F/4 costs 1.04.
+so that relative to IID, jest costs (2 + B/b)/3 (7/3 at f = 0.8; 8/3 without reuse) and flexi-jest with
+F_A = F/4 costs 1.04.
 """
 
 from __future__ import annotations
@@ -95,8 +96,13 @@ def step_flops(
     reference: ForwardFlops | None = None,
     reference_cached: bool = True,
     approx_fraction: float = 0.5,
+    reuse_scoring_forward: bool = False,
 ) -> StepFlops:
-    """Per-step FLOPs of ``method`` ("iid", "jest", "independent", "flexi-jest"); see the module docstring."""
+    """Per-step FLOPs of ``method`` ("iid", "jest", "independent", "flexi-jest"); see the module docstring.
+
+    reuse_scoring_forward: count jest's training forward as shared with scoring (appendix A.4). jestclip's
+    ``run_step`` scores without gradients and recomputes the forward of the chosen b, so it is False there.
+    """
     f = learner.total
     if method == "iid":
         return StepFlops(train=3.0 * f * batch, score=0.0, reference=0.0)
@@ -110,7 +116,8 @@ def step_flops(
             raise ValueError("reference FLOPs are needed when the reference is not cached")
         ref = float(reference.total) * super_batch
     if method in ("jest", "independent"):
-        return StepFlops(train=2.0 * f * batch, score=float(f) * super_batch, reference=ref)
+        passes = 2.0 if reuse_scoring_forward else 3.0
+        return StepFlops(train=passes * f * batch, score=float(f) * super_batch, reference=ref)
     if approx_learner is None:
         raise ValueError("flexi-jest needs the approximate learner's FLOPs")
     fa = approx_learner.total
