@@ -6,7 +6,7 @@ import pytest
 from jestclip.cli import main
 
 SUBCOMMANDS = ["data", "train", "cache-reference", "eval", "report", "demo"]
-UNBUILT = ["train", "cache-reference", "eval", "report", "demo"]
+UNBUILT = ["train", "eval", "report", "demo"]
 
 
 def test_help_lists_every_subcommand():
@@ -37,3 +37,27 @@ def test_data_sources_reports_what_is_missing(tmp_path, capsys):
     assert code == 1
     assert "emoji" in captured.out and "missing" in captured.out
     assert "jestclip data sources --install" in captured.err
+
+
+def test_cache_reference_command(tmp_path, capsys):
+    import torch
+
+    from jestclip.data.refcache import ReferenceCache
+    from jestclip.models import create_model, model_fingerprint
+
+    from .data.test_loader import make_shards
+
+    urls = make_shards(tmp_path, 1, 3)
+    model = create_model("jest-micro")
+    torch.save(model.state_dict(), tmp_path / "ref.pt")
+    assert (
+        main(["cache-reference", *urls, "--model", "jest-micro", "--checkpoint", str(tmp_path / "ref.pt")])
+        == 0
+    )
+    assert '"samples": 3' in capsys.readouterr().out
+    assert ReferenceCache(urls, fingerprint=model_fingerprint(model)).lookup(["s0_001"]).image.shape == (
+        1,
+        64,
+    )
+    with pytest.raises(SystemExit, match="--checkpoint"):
+        main(["cache-reference", *urls, "--model", "jest-micro"])

@@ -11,10 +11,9 @@ import sys
 from collections.abc import Sequence
 
 # subcommands with a module in jestclip.commands
-_BUILT = {"data": "jestclip.commands.data"}
+_BUILT = {"data": "jestclip.commands.data", "cache-reference": "jestclip.commands.cache_reference"}
 # name -> (one-line help, issue that builds it)
 _PLANNED: dict[str, tuple[str, str]] = {
-    "cache-reference": ("embed shards with a frozen reference model and store the embeddings", "issue 4"),
     "train": ("train a reference or learner model (iid / jest / independent / flexi-jest)", "issue 4"),
     "eval": ("zero-shot, retrieval and few-shot evaluation of a checkpoint", "issue 5"),
     "report": ("plots and speed-up-to-target tables comparing runs", "issue 5"),

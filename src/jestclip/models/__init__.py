@@ -1,7 +1,15 @@
 """Models: open_clip models (plus tiny shipped configs for CPU work), approximate learners for Flexi-JEST."""
 
 from jestclip.models.approx import APPROXIMATIONS, Approximation, encode_image, patch_size
-from jestclip.models.factory import CONFIG_DIR, create_model, logit_params, shipped_configs
+from jestclip.models.factory import (
+    CONFIG_DIR,
+    create_model,
+    image_transform,
+    logit_params,
+    model_fingerprint,
+    shipped_configs,
+    tokenizer,
+)
 from jestclip.models.flops import ForwardFlops, StepFlops, forward_flops, step_flops
 
 __all__ = [
@@ -13,8 +21,11 @@ __all__ = [
     "create_model",
     "encode_image",
     "forward_flops",
+    "image_transform",
     "logit_params",
+    "model_fingerprint",
     "patch_size",
     "shipped_configs",
     "step_flops",
+    "tokenizer",
 ]

@@ -7,14 +7,25 @@ SigLIP): sigmoid starts at scale 10 and bias -10, softmax at scale 1/0.07 with n
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
 import torch
 from torch import nn
 
-__all__ = ["CONFIG_DIR", "LOGIT_INIT", "create_model", "logit_params", "shipped_configs"]
+__all__ = [
+    "CONFIG_DIR",
+    "LOGIT_INIT",
+    "create_model",
+    "image_transform",
+    "logit_params",
+    "model_fingerprint",
+    "shipped_configs",
+    "tokenizer",
+]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 LOGIT_INIT: dict[str, dict[str, float | None]] = {
@@ -86,3 +97,26 @@ def logit_params(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     scale = model.logit_scale.exp()
     bias = model.logit_bias if getattr(model, "logit_bias", None) is not None else torch.zeros_like(scale)
     return scale.reshape(()), bias.reshape(())
+
+
+def tokenizer(name: str) -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's tokenizer for model ``name``: list of B captions -> ``[B, context_length]`` token ids."""
+    _register()
+    return open_clip.get_tokenizer(name)
+
+
+def image_transform(name: str, *, train: bool = False) -> Callable:
+    """open_clip's preprocessing for model ``name``: resize, crop, normalise (and augment if ``train``)."""
+    _register()
+    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    return open_clip.image_transform(size, is_train=train)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A digest of every parameter and buffer (names, shapes, values): equal iff the weights are equal."""
+    digest = hashlib.sha1()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,58 @@
+"""``jestclip cache-reference``: embed shards with a frozen reference model, one sidecar per shard."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "cache-reference",
+        help="embed shards with a frozen reference model and store the embeddings next to them",
+        description="Embed every sample of the shards with a frozen reference model; write SHARD.NAME.npz "
+        "sidecars (float16, keyed by sample key) that training joins by key. Resumable.",
+    )
+    parser.add_argument("shards", nargs="+", help="shard paths, brace patterns or directories")
+    parser.add_argument("--model", required=True, help="model config name, e.g. jest-tiny or ViT-B-16")
+    parser.add_argument("--checkpoint", type=Path, help="weights file of the reference model")
+    parser.add_argument("--pretrained", help="an open_clip pretrained tag instead (downloads)")
+    parser.add_argument("--loss", default="sigmoid", choices=["sigmoid", "softmax"])
+    parser.add_argument("--name", default="reference", help="cache name, part of the sidecar file name")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run(args: argparse.Namespace) -> int:
+    from jestclip.data.refcache import cache_reference
+    from jestclip.models import create_model, image_transform, model_fingerprint, tokenizer
+
+    if args.checkpoint is None and args.pretrained is None:
+        raise SystemExit(
+            "cache-reference: give the reference model's weights with --checkpoint (or --pretrained)"
+        )
+    model = create_model(
+        args.model, loss=args.loss, checkpoint=args.checkpoint, pretrained=args.pretrained, device=args.device
+    )
+    summary = cache_reference(
+        model,
+        args.shards,
+        model_name=args.model,
+        fingerprint=model_fingerprint(model),
+        tokenize=tokenizer(args.model),
+        transform=image_transform(args.model),
+        name=args.name,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(json.dumps(summary, indent=1))
+    return 0
