@@ -6,7 +6,7 @@ import pytest
 from jestclip.cli import main
 
 SUBCOMMANDS = ["data", "train", "cache-reference", "eval", "report", "demo"]
-UNBUILT = ["train", "eval", "report", "demo"]
+UNBUILT = ["eval", "report", "demo"]
 
 
 def test_help_lists_every_subcommand():
@@ -61,3 +61,11 @@ def test_cache_reference_command(tmp_path, capsys):
     )
     with pytest.raises(SystemExit, match="--checkpoint"):
         main(["cache-reference", *urls, "--model", "jest-micro"])
+
+
+def test_train_command_prints_resolved_config(capsys):
+    assert main(["train", "configs/jest.py", "--quick", "steps=3", "method.gain=5.0", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert '"steps": 3' in printed and '"gain": 5.0' in printed
+    with pytest.raises(ValueError, match="unknown config key"):
+        main(["train", "configs/jest.py", "nope=1"])

@@ -11,10 +11,13 @@ import sys
 from collections.abc import Sequence
 
 # subcommands with a module in jestclip.commands
-_BUILT = {"data": "jestclip.commands.data", "cache-reference": "jestclip.commands.cache_reference"}
+_BUILT = {
+    "data": "jestclip.commands.data",
+    "cache-reference": "jestclip.commands.cache_reference",
+    "train": "jestclip.commands.train",
+}
 # name -> (one-line help, issue that builds it)
 _PLANNED: dict[str, tuple[str, str]] = {
-    "train": ("train a reference or learner model (iid / jest / independent / flexi-jest)", "issue 4"),
     "eval": ("zero-shot, retrieval and few-shot evaluation of a checkpoint", "issue 5"),
     "report": ("plots and speed-up-to-target tables comparing runs", "issue 5"),
     "demo": ("build data, train reference, IID and JEST learners, evaluate and report", "issue 5"),

@@ -1,0 +1,117 @@
+"""Tiny end-to-end runs: every method trains, counts and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from jestclip.data.refcache import cache_reference
+from jestclip.models import create_model, image_transform, model_fingerprint, tokenizer
+from jestclip.train.config import TrainConfig, apply_overrides, load_recipe
+from jestclip.train.loop import train
+from jestclip.train.steps import MethodConfig
+
+from ..data.test_loader import make_shards
+
+RECIPES = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.py"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("shards")
+    urls = make_shards(root, 2, 12)
+    torch.manual_seed(1)
+    reference = create_model("jest-micro")
+    cache_reference(
+        reference,
+        urls,
+        model_name="jest-micro",
+        fingerprint=model_fingerprint(reference),
+        tokenize=tokenizer("jest-micro"),
+        transform=image_transform("jest-micro"),
+    )
+    return urls
+
+
+def config(run_dir: Path, shards: list[str], method: str, **kw) -> TrainConfig:
+    return TrainConfig(
+        run_dir=str(run_dir),
+        model="jest-micro",
+        data=str(Path(shards[0]).parent),
+        method=MethodConfig(method, batch_size=4, n_chunks=2, gain=1.0),
+        filter_ratio=0.5,
+        steps=kw.pop("steps", 3),
+        log_every=1,
+        checkpoint_every=kw.pop("checkpoint_every", 100),
+        num_workers=0,
+        device="cpu",
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("method", ["iid", "jest", "independent", "flexi-jest"])
+def test_every_method_trains_and_counts(tmp_path, shards, method):
+    cfg = config(tmp_path / method, shards, method)
+    last = train(cfg, progress=False)
+    run = Path(cfg.run_dir)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert last["examples_learned"] == 12
+    assert last["examples_scored"] == (0 if method == "iid" else 24)  # B = 8 per step
+    per_step = lines[0]["flops_total"]
+    assert per_step > 0 and last["flops_total"] == pytest.approx(3 * per_step)
+    assert last["flops_reference"] == 0.0  # cached
+    if method != "iid":
+        assert lines[0]["flops_score"] > 0 and lines[0]["selected_score"] is not None
+    assert json.loads((run / "config.json").read_text())["method"]["method"] == method
+    assert (run / "model.pt").exists() and list((run / "tb").iterdir())
+
+
+def test_interrupted_run_resumes_bitwise(tmp_path, shards):
+    whole = config(tmp_path / "whole", shards, "jest", steps=5)
+    train(whole, progress=False)
+    parts = config(tmp_path / "parts", shards, "jest", steps=5, stop_after=2)
+    train(parts, progress=False)
+    assert not (Path(parts.run_dir) / "model.pt").exists()  # stopped early: checkpoint only
+    train(config(tmp_path / "parts", shards, "jest", steps=5), progress=False)
+    a = torch.load(Path(whole.run_dir) / "model.pt", weights_only=True)
+    b = torch.load(Path(parts.run_dir) / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def metrics(run_dir):
+        lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in x.items() if k != "wall_s"} for x in lines]
+
+    assert metrics(whole.run_dir) == metrics(parts.run_dir)
+
+
+def test_resume_refuses_a_different_config(tmp_path, shards):
+    train(config(tmp_path / "run", shards, "iid", stop_after=1), progress=False)
+    with pytest.raises(ValueError, match=r"different config \(\['seed'\]\)"):
+        train(config(tmp_path / "run", shards, "iid", seed=5), progress=False)
+
+
+def test_missing_reference_cache_fails_before_training(tmp_path, shards):
+    cfg = config(tmp_path / "run", shards, "jest", reference_cache="other")
+    with pytest.raises(ValueError, match="no cached 'other' embeddings for shard "):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_overrides_and_recipes():
+    cfg = apply_overrides(
+        TrainConfig(), ["steps=7", "method.batch_size=32", "optim.lr=3e-4", "data=some/dir"]
+    )
+    assert (cfg.steps, cfg.method.batch_size, cfg.optim.lr, cfg.data) == (7, 32, 3e-4, "some/dir")
+    assert cfg.super_batch == 160
+    with pytest.raises(ValueError, match=r"unknown config key 'method\.batch'"):
+        apply_overrides(TrainConfig(), ["method.batch=3"])
+    with pytest.raises(ValueError, match="not key=value"):
+        apply_overrides(TrainConfig(), ["steps"])
+    assert len(RECIPES) >= 6
+    for recipe in RECIPES:
+        for quick in (True, False):
+            assert isinstance(load_recipe(recipe, quick=quick), TrainConfig)
