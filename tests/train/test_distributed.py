@@ -63,3 +63,84 @@ def test_two_ranks_select_the_same_indices_as_one_process(tmp_path, loss, scorin
         groups=groups,
     )
     assert torch.equal(selection, single)
+
+
+def _grad_worker(rank: int, store: str, out: str) -> None:
+    from jestclip.models import create_model
+    from jestclip.train import MethodConfig, run_step
+    from jestclip.train.distributed import average_gradients
+
+    from .test_steps import synthetic_batch
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = create_model("jest-micro")
+        full = synthetic_batch(8)
+        half = slice(rank * 4, (rank + 1) * 4)
+        shard = type(full)(full.images[half], full.tokens[half], None)
+        run_step(model, shard, MethodConfig("iid", batch_size=8), world_size=WORLD).loss.backward()
+        average_gradients(model.parameters())
+        torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_gradients_equal_single_process_gradients(tmp_path):
+    """Two ranks with half a batch each, features gathered, gradients averaged: one process, whole batch."""
+    from jestclip.models import create_model
+    from jestclip.train import MethodConfig, run_step
+
+    from .test_steps import synthetic_batch
+
+    out = str(tmp_path / "grads")
+    mp.spawn(_grad_worker, args=(str(tmp_path / "store"), out), nprocs=WORLD, join=True)
+    grads = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
+    torch.manual_seed(0)
+    model = create_model("jest-micro")
+    run_step(model, synthetic_batch(8), MethodConfig("iid", batch_size=8)).loss.backward()
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        torch.testing.assert_close(grads[0][name], param.grad, rtol=1e-4, atol=1e-6)
+        assert torch.equal(grads[0][name], grads[1][name])
+
+
+def _train_worker(rank: int, store: str, cfg) -> None:
+    from jestclip.train.loop import train
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        train(cfg, progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["jest", "flexi-jest"])
+def test_two_process_training_run(tmp_path, method):
+    import json
+    from pathlib import Path
+
+    from jestclip.data.refcache import cache_reference
+    from jestclip.models import create_model, image_transform, model_fingerprint, tokenizer
+
+    from ..data.test_loader import make_shards
+    from .test_loop import config
+
+    urls = make_shards(tmp_path / "shards", 4, 8)
+    reference = create_model("jest-micro")
+    cache_reference(
+        reference,
+        urls,
+        model_name="jest-micro",
+        fingerprint=model_fingerprint(reference),
+        tokenize=tokenizer("jest-micro"),
+        transform=image_transform("jest-micro"),
+    )
+    cfg = config(tmp_path / "run", urls, method, steps=3, checkpoint_every=2)
+    mp.spawn(_train_worker, args=(str(tmp_path / "store"), cfg), nprocs=WORLD, join=True)
+    lines = [json.loads(x) for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]  # written once, by rank 0
+    assert lines[-1]["examples_learned"] == 12 and lines[-1]["examples_scored"] == 24
+    assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)
+    assert (Path(cfg.run_dir) / "model.pt").exists()

@@ -23,7 +23,12 @@ from jestclip.selection import ConditionalScores, Embeddings, chunk_sizes, group
 from jestclip.selection.checks import check_gain
 from jestclip.selection.sampling import gumbel_noise
 
-__all__ = ["distributed_joint_select"]
+__all__ = [
+    "all_gather_with_grad",
+    "average_gradients",
+    "distributed_independent_select",
+    "distributed_joint_select",
+]
 
 
 def _all_gather(tensor: Tensor, group=None) -> list[Tensor]:
@@ -102,3 +107,61 @@ def distributed_joint_select(
                 parts.append(torch.cat(_all_gather(local_rows, group))[real][order])
         state.absorb([(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)])
     return torch.cat(local_picks), torch.cat(global_picks)
+
+
+def distributed_independent_select(
+    learner: Embeddings | None,
+    reference: Embeddings | None,
+    *,
+    size: int,
+    scoring: str = "learnability",
+    loss: str = "sigmoid",
+    method: str = "sample",
+    gain: float = 100.0,
+    generator: torch.Generator,
+    group=None,
+) -> Tensor:
+    """Independent prioritisation on a sharded super-batch: each rank takes its ``size / W`` best candidates
+    by unconditional score (perturbed by its slice of the shared Gumbel draw when ``method="sample"``).
+
+    Returns this rank's picks as indices into its own candidates. Only the unconditional context is
+    supported: a per-example loss against the whole super-batch would need every rank's embeddings.
+    """
+    from jestclip.selection import independent_scores
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if size % world:
+        raise ValueError(f"size={size} must be divisible by the world size {world}")
+    scores = independent_scores(learner, reference, scoring=scoring, loss=loss, context="unconditional")
+    n_local = scores.shape[0]
+    if method == "sample":
+        noise = gumbel_noise(
+            world * n_local, generator=generator, device=generator.device, dtype=scores.dtype
+        )
+        usable = torch.isfinite(scores)
+        scores = torch.where(usable, scores * check_gain(gain, "distributed_independent_select"), scores)
+        scores = scores + noise[rank * n_local : (rank + 1) * n_local].to(scores.device)
+    elif method != "topk":
+        raise ValueError(f"method must be 'sample' or 'topk', got {method!r}")
+    return torch.topk(scores, size // world).indices
+
+
+def all_gather_with_grad(tensor: Tensor, group=None) -> Tensor:
+    """Concatenate every rank's ``[n, ...]`` tensor in rank order; gradients flow back to each owner."""
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous(), group=group))
+
+
+def average_gradients(parameters, group=None) -> None:
+    """Average the gradients of ``parameters`` over the ranks with one all-reduce of a flat buffer."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

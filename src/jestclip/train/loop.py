@@ -22,6 +22,7 @@ from typing import Any
 
 import open_clip
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -29,6 +30,7 @@ from jestclip.data.loader import SuperBatchStream, expand_urls
 from jestclip.data.refcache import ReferenceCache
 from jestclip.models import create_model, forward_flops, image_transform, step_flops, tokenizer
 from jestclip.train.config import TrainConfig, to_dict
+from jestclip.train.distributed import average_gradients
 from jestclip.train.optim import make_optimizer, make_scheduler
 from jestclip.train.steps import SuperBatchTensors, run_step
 
@@ -73,17 +75,42 @@ def _check_resumable(run: Path, cfg: TrainConfig) -> None:
         raise ValueError(f"{run} holds a run with a different config ({changed}); use another run_dir")
 
 
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): from an initialised process group, or torchrun's environment, or (0, 1)."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) the run ``cfg`` describes; return the last metrics line."""
+    """Train (or resume) the run ``cfg`` describes; return the last metrics line.
+
+    Under ``torchrun`` (or an initialised process group) every rank reads its own shards, holds B / W of each
+    super-batch and learns on b / W of it; gradients are averaged; rank 0 writes metrics and checkpoints.
+    """
     run = Path(cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
+    device = _device(cfg.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    rank, world = _init_distributed(device)
+    if cfg.super_batch % world or cfg.method.batch_size % world:
+        raise ValueError(
+            f"batch_size {cfg.method.batch_size} and super-batch {cfg.super_batch} must be divisible by the "
+            f"world size {world}"
+        )
     checkpoint_path = run / "checkpoint.pt"
     resuming = checkpoint_path.exists()
-    if resuming:
-        _check_resumable(run, cfg)
-    (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=1), encoding="utf-8")
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        if resuming:
+            _check_resumable(run, cfg)
+        (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=1), encoding="utf-8")
+    if world > 1:
+        dist.barrier()
 
-    device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, loss=cfg.method.loss, checkpoint=cfg.init_checkpoint, device=device)
     optimizer = make_optimizer(model, cfg.optim)
@@ -127,7 +154,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     )
 
     stream = SuperBatchStream(
-        urls, batch_size=cfg.super_batch, transform=image_transform(cfg.model), resampled=True, seed=cfg.seed
+        urls,
+        batch_size=cfg.super_batch // world,
+        transform=image_transform(cfg.model),
+        resampled=True,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world,
     )
     batches = iter(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers))
     for _ in range(counters.step):  # data position: replay the stream to where the checkpoint was taken
@@ -136,16 +169,21 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
 
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
-    metrics_file = open(run / "metrics.jsonl", "a", encoding="utf-8")
+    metrics_file = open(run / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run / "tb"))
+    writer = SummaryWriter(str(run / "tb")) if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     last: dict[str, Any] = {}
-    bar = tqdm(total=cfg.steps, initial=counters.step, desc=run.name, unit="step", disable=not progress)
+    bar = tqdm(
+        total=cfg.steps, initial=counters.step, desc=run.name, unit="step", disable=not progress or rank > 0
+    )
     started = time.perf_counter()
 
     def save_checkpoint() -> None:
+        if rank > 0:
+            dist.barrier()  # wait until rank 0 has written it
+            return
         _atomic_save(
             {
                 "model": model.state_dict(),
@@ -158,6 +196,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             },
             checkpoint_path,
         )
+        if world > 1:
+            dist.barrier()
 
     try:
         while counters.step < cfg.steps:
@@ -169,9 +209,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             )
             model.train()
             with autocast:
-                out = run_step(model, super_batch, cfg.method, generator)
+                out = run_step(model, super_batch, cfg.method, generator, world_size=world)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            if world > 1:
+                average_gradients(model.parameters())
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             lr = optimizer.param_groups[0]["lr"]
@@ -183,7 +225,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             counters.flops_train += per_step.train
             counters.flops_score += per_step.score
             counters.flops_reference += per_step.reference
-            counters.skipped = dict(Counter(counters.skipped) + Counter(batch.skipped))
+            counters.skipped = dict(Counter(counters.skipped) + Counter(batch.skipped))  # this rank's
             bar.update(1)
 
             if counters.step % cfg.log_every == 0 or counters.step == cfg.steps:
@@ -202,13 +244,18 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                     "samples_skipped": sum(counters.skipped.values()),
                     "wall_s": time.perf_counter() - started,
                 }
-                metrics_file.write(json.dumps(last) + "\n")
-                metrics_file.flush()
-                for key, value in last.items():
-                    if key != "step" and isinstance(value, int | float):
-                        writer.add_scalar(key, value, counters.step)
+                if rank == 0:
+                    metrics_file.write(json.dumps(last) + "\n")
+                    metrics_file.flush()
+                    for key, value in last.items():
+                        if key != "step" and isinstance(value, int | float):
+                            writer.add_scalar(key, value, counters.step)
                 bar.set_postfix(loss=f"{last['loss']:.3f}")
 
+            if world > 1:  # a SIGTERM seen by any rank stops all of them at the same step
+                flag = torch.tensor([int(stop["requested"])], device=device)
+                dist.all_reduce(flag)
+                stop["requested"] = bool(flag.item())
             planned_stop = cfg.stop_after is not None and counters.step >= cfg.stop_after
             if counters.step % cfg.checkpoint_every == 0 or stop["requested"] or planned_stop:
                 save_checkpoint()
@@ -216,10 +263,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 break
         if counters.step >= cfg.steps:
             save_checkpoint()
-            _atomic_save(model.state_dict(), run / "model.pt")
+            if rank == 0:
+                _atomic_save(model.state_dict(), run / "model.pt")
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        metrics_file.close()
-        writer.close()
+        if metrics_file is not None:
+            metrics_file.close()
+            writer.close()
         bar.close()
     return last

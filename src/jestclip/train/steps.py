@@ -101,11 +101,29 @@ def _score_embeddings(model: nn.Module, batch: SuperBatchTensors, approx: Approx
 
 
 def _select(
-    model: nn.Module, batch: SuperBatchTensors, cfg: MethodConfig, generator
-) -> tuple[Tensor, int, float]:
+    model: nn.Module, batch: SuperBatchTensors, cfg: MethodConfig, generator, world_size: int
+) -> tuple[Tensor, int, float | None]:
     approx = cfg.approx if cfg.method == "flexi-jest" else None
     needs_learner = cfg.scoring != "easy_reference"
     learner = _score_embeddings(model, batch, approx) if needs_learner else None
+    scored = len(batch) * world_size if needs_learner else 0
+    if world_size > 1:
+        from jestclip.train.distributed import distributed_independent_select, distributed_joint_select
+
+        common = dict(
+            size=cfg.batch_size, scoring=cfg.scoring, loss=cfg.loss, gain=cfg.gain, generator=generator
+        )
+        if cfg.method == "independent":
+            if cfg.independent_context != "unconditional":
+                raise ValueError(
+                    "distributed independent selection supports only independent_context='unconditional'"
+                )
+            selected = distributed_independent_select(
+                learner, batch.reference, method=cfg.independent_method, **common
+            )
+        else:
+            selected, _ = distributed_joint_select(learner, batch.reference, n_chunks=cfg.n_chunks, **common)
+        return selected, scored, None  # the sub-batch score would need every rank's embeddings
     if cfg.method == "independent":
         selected = independent_select(
             learner,
@@ -130,23 +148,36 @@ def _select(
             generator=generator,
         )
     score = float(batch_score(learner, batch.reference, selected, scoring=cfg.scoring, loss=cfg.loss))
-    return selected, len(batch) if needs_learner else 0, score
+    return selected, scored, score
 
 
 def run_step(
-    model: nn.Module, batch: SuperBatchTensors, cfg: MethodConfig, generator: torch.Generator | None = None
+    model: nn.Module,
+    batch: SuperBatchTensors,
+    cfg: MethodConfig,
+    generator: torch.Generator | None = None,
+    *,
+    world_size: int = 1,
 ) -> StepOutput:
-    """Select (unless IID) and compute the loss to learn on; see the module docstring."""
+    """Select (unless IID) and compute the loss to learn on; see the module docstring.
+
+    With ``world_size > 1`` (torch.distributed initialised), ``batch`` is this rank's shard of the super-batch
+    ``cfg.batch_size`` the global b; each rank learns on its b / W picks and the loss is computed over the
+    whole selection (features all-gathered with gradients). Counts in the output are global.
+    """
+    local_batch = cfg.batch_size // world_size
+    if cfg.batch_size % world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {world_size}")
     if cfg.method == "iid":
-        if len(batch) != cfg.batch_size:
+        if len(batch) != local_batch:
             raise ValueError(
                 f"iid learns on the whole batch: got {len(batch)} examples, batch_size {cfg.batch_size}"
             )
         selected, scored, score = torch.arange(len(batch), device=batch.images.device), 0, None
     else:
-        if len(batch) < cfg.batch_size:
+        if len(batch) < local_batch:
             raise ValueError(f"super-batch of {len(batch)} is smaller than batch_size {cfg.batch_size}")
-        selected, scored, score = _select(model, batch, cfg, generator)
+        selected, scored, score = _select(model, batch, cfg, generator, world_size)
     images, tokens = batch.images[selected], batch.tokens[selected]
     scale, bias = logit_params(model)
     if cfg.method == "flexi-jest":
@@ -163,7 +194,11 @@ def run_step(
         text = torch.cat([p[1] for p in parts])
     else:
         image, text = _embed(model, images, tokens, None)
+    if world_size > 1:
+        from jestclip.train.distributed import all_gather_with_grad
+
+        image, text = all_gather_with_grad(image), all_gather_with_grad(text)
     loss = contrastive_loss(image, text, scale, bias, cfg.loss)
     return StepOutput(
-        loss=loss, selected=selected, scored=scored, learned=len(selected), selected_score=score
+        loss=loss, selected=selected, scored=scored, learned=len(selected) * world_size, selected_score=score
     )
