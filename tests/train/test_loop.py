@@ -10,7 +10,7 @@ import torch
 
 from jestclip.data.refcache import cache_reference
 from jestclip.models import create_model, image_transform, model_fingerprint, tokenizer
-from jestclip.train.config import TrainConfig, apply_overrides, load_recipe
+from jestclip.train.config import TrainConfig, apply_overrides, load_recipe, to_dict
 from jestclip.train.loop import train
 from jestclip.train.steps import MethodConfig
 
@@ -115,3 +115,37 @@ def test_overrides_and_recipes():
     for recipe in RECIPES:
         for quick in (True, False):
             assert isinstance(load_recipe(recipe, quick=quick), TrainConfig)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, shards):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = config(tmp_path / "run", shards, "iid", steps=400)
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(
+        "from jestclip.train.config import from_dict\n"
+        f"def get_config(quick=False):\n    return from_dict({to_dict(cfg)!r})\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jestclip.cli", "train", str(recipe)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    state = torch.load(Path(cfg.run_dir) / "checkpoint.pt", weights_only=True)
+    stopped_at = state["counters"]["step"]
+    assert 2 <= stopped_at < 400
+    assert not (Path(cfg.run_dir) / "model.pt").exists()
+    resumed = train(
+        config(tmp_path / "run", shards, "iid", steps=400, stop_after=stopped_at + 2), progress=False
+    )
+    assert resumed["step"] == stopped_at + 2

@@ -38,7 +38,10 @@ def run(args: argparse.Namespace) -> int:
     if print_config:
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
+    import torch.distributed as dist
+
     last = train(cfg)
-    print(json.dumps(last))
-    print(f"run directory: {cfg.run_dir}")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps(last))
+        print(f"run directory: {cfg.run_dir}")
     return 0
