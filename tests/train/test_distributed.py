@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,9 +17,17 @@ from ..selection.helpers import learner_and_reference
 N_PER_RANK, SIZE, WORLD = 40, 16, 2
 
 
-def _worker(rank: int, store: str, out: str, loss: str, scoring: str) -> None:
+@contextmanager
+def process_group(rank: int, store: str):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, store: str, out: str, loss: str, scoring: str) -> None:
+    with process_group(rank, store):
         learner, reference = learner_and_reference(N_PER_RANK * WORLD)
         rows = torch.arange(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
         local, global_ = distributed_joint_select(
@@ -31,8 +41,6 @@ def _worker(rank: int, store: str, out: str, loss: str, scoring: str) -> None:
             generator=torch.Generator().manual_seed(11),
         )
         torch.save({"local": local, "global": global_}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(("loss", "scoring"), [("sigmoid", "learnability"), ("softmax", "hard_learner")])
@@ -72,8 +80,7 @@ def _grad_worker(rank: int, store: str, out: str) -> None:
 
     from .test_steps import synthetic_batch
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, store):
         torch.manual_seed(0)
         model = create_model("jest-micro")
         full = synthetic_batch(8)
@@ -82,8 +89,6 @@ def _grad_worker(rank: int, store: str, out: str) -> None:
         run_step(model, shard, MethodConfig("iid", batch_size=8), world_size=WORLD).loss.backward()
         average_gradients(model.parameters())
         torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_data_parallel_gradients_equal_single_process_gradients(tmp_path):
@@ -109,11 +114,8 @@ def test_data_parallel_gradients_equal_single_process_gradients(tmp_path):
 def _train_worker(rank: int, store: str, cfg) -> None:
     from jestclip.train.loop import train
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, store):
         train(cfg, progress=False)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("method", ["jest", "flexi-jest"])

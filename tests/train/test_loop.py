@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jestclip.data.refcache import cache_reference
-from jestclip.models import create_model, image_transform, model_fingerprint, tokenizer
+from jestclip.models import create_model, forward_flops, image_transform, model_fingerprint, tokenizer
 from jestclip.train.config import TrainConfig, apply_overrides, load_recipe, to_dict
 from jestclip.train.loop import train
 from jestclip.train.steps import MethodConfig
@@ -19,10 +19,9 @@ from ..data.test_loader import make_shards
 RECIPES = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.py"))
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("shards")
-    urls = make_shards(root, 2, 12)
+def cached_shards(root: Path, n_shards: int, per_shard: int) -> list[str]:
+    """Generated shards with a micro reference model's embeddings cached next to them."""
+    urls = make_shards(root, n_shards, per_shard)
     torch.manual_seed(1)
     reference = create_model("jest-micro")
     cache_reference(
@@ -34,6 +33,11 @@ def shards(tmp_path_factory) -> list[str]:
         transform=image_transform("jest-micro"),
     )
     return urls
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    return cached_shards(tmp_path_factory.mktemp("shards"), 2, 12)
 
 
 def config(run_dir: Path, shards: list[str], method: str, **kw) -> TrainConfig:
@@ -63,6 +67,17 @@ def test_every_method_trains_and_counts(tmp_path, shards, method):
     assert last["examples_scored"] == (0 if method == "iid" else 24)  # B = 8 per step
     per_step = lines[0]["flops_total"]
     assert per_step > 0 and last["flops_total"] == pytest.approx(3 * per_step)
+    model = create_model("jest-micro")
+    f = forward_flops(model, image_size=32, context_length=16)
+    fa = forward_flops(model, image_size=32, context_length=16, approx="flexi")
+    b, big_b = 4, 8
+    expected = {  # appendix A.4, with the chosen examples' forward recomputed (jestclip's steps)
+        "iid": 3 * f.total * b,
+        "jest": 3 * f.total * b + f.total * big_b,
+        "independent": 3 * f.total * b + f.total * big_b,
+        "flexi-jest": 3 * (0.5 * fa.total + 0.5 * f.total) * b + fa.total * big_b,
+    }[method]
+    assert per_step == pytest.approx(expected)
     assert last["flops_reference"] == 0.0  # cached
     if method != "iid":
         assert lines[0]["flops_score"] > 0 and lines[0]["selected_score"] is not None

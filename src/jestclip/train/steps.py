@@ -23,7 +23,19 @@ from jestclip.models.approx import Approximation, encode_image
 from jestclip.models.factory import logit_params
 from jestclip.selection import Embeddings, batch_score, independent_select, joint_select
 
-__all__ = ["METHODS", "MethodConfig", "StepOutput", "SuperBatchTensors", "contrastive_loss", "run_step"]
+__all__ = [
+    "METHODS",
+    "STEPS",
+    "MethodConfig",
+    "StepOutput",
+    "SuperBatchTensors",
+    "contrastive_loss",
+    "flexi_jest_step",
+    "iid_step",
+    "independent_step",
+    "jest_step",
+    "run_step",
+]
 
 METHODS: tuple[str, ...] = ("iid", "jest", "independent", "flexi-jest")
 
@@ -100,55 +112,131 @@ def _score_embeddings(model: nn.Module, batch: SuperBatchTensors, approx: Approx
     return Embeddings(image.float(), text.float(), scale.detach(), bias.detach())
 
 
-def _select(
-    model: nn.Module, batch: SuperBatchTensors, cfg: MethodConfig, generator, world_size: int
-) -> tuple[Tensor, int, float | None]:
-    approx = cfg.approx if cfg.method == "flexi-jest" else None
-    needs_learner = cfg.scoring != "easy_reference"
-    learner = _score_embeddings(model, batch, approx) if needs_learner else None
-    scored = len(batch) * world_size if needs_learner else 0
-    if world_size > 1:
-        from jestclip.train.distributed import distributed_independent_select, distributed_joint_select
+def _scoring_learner(
+    model: nn.Module, batch: SuperBatchTensors, cfg: MethodConfig, approx
+) -> Embeddings | None:
+    """The learner's embeddings of the super-batch for scoring (None when the scoring ignores the learner)."""
+    return _score_embeddings(model, batch, approx) if cfg.scoring != "easy_reference" else None
 
-        common = dict(
-            size=cfg.batch_size, scoring=cfg.scoring, loss=cfg.loss, gain=cfg.gain, generator=generator
+
+def _scored(batch: SuperBatchTensors, learner: Embeddings | None, world_size: int) -> int:
+    return len(batch) * world_size if learner is not None else 0
+
+
+def _score_of(learner, batch, selected, cfg: MethodConfig, world_size: int) -> float | None:
+    if world_size > 1:
+        return None  # the sub-batch score would need every rank's embeddings
+    return float(batch_score(learner, batch.reference, selected, scoring=cfg.scoring, loss=cfg.loss))
+
+
+def _joint_selection(learner, batch, cfg: MethodConfig, generator, world_size: int) -> Tensor:
+    common = dict(size=cfg.batch_size, scoring=cfg.scoring, loss=cfg.loss, gain=cfg.gain, generator=generator)
+    if world_size > 1:
+        from jestclip.train.distributed import distributed_joint_select
+
+        return distributed_joint_select(learner, batch.reference, n_chunks=cfg.n_chunks, **common)[0]
+    return joint_select(learner, batch.reference, n_chunks=min(cfg.n_chunks, cfg.batch_size), **common)
+
+
+def _check_sizes(batch: SuperBatchTensors, cfg: MethodConfig, world_size: int, *, exact: bool) -> None:
+    if cfg.batch_size % world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {world_size}")
+    local = cfg.batch_size // world_size
+    if exact and len(batch) != local:
+        raise ValueError(
+            f"iid learns on the whole batch: got {len(batch)} examples, batch_size {cfg.batch_size}"
         )
-        if cfg.method == "independent":
-            if cfg.independent_context != "unconditional":
-                raise ValueError(
-                    "distributed independent selection supports only independent_context='unconditional'"
-                )
-            selected = distributed_independent_select(
-                learner, batch.reference, method=cfg.independent_method, **common
-            )
-        else:
-            selected, _ = distributed_joint_select(learner, batch.reference, n_chunks=cfg.n_chunks, **common)
-        return selected, scored, None  # the sub-batch score would need every rank's embeddings
-    if cfg.method == "independent":
-        selected = independent_select(
-            learner,
-            batch.reference,
-            size=cfg.batch_size,
-            scoring=cfg.scoring,
-            loss=cfg.loss,
-            context=cfg.independent_context,
-            method=cfg.independent_method,
-            gain=cfg.gain,
-            generator=generator,
+    if len(batch) < local:
+        raise ValueError(f"super-batch of {len(batch)} is smaller than batch_size {cfg.batch_size}")
+
+
+def _learn(
+    model: nn.Module,
+    batch: SuperBatchTensors,
+    selected: Tensor,
+    cfg: MethodConfig,
+    world_size: int,
+    approx_part: Tensor | None = None,
+) -> Tensor:
+    """Loss over the selection (all ranks' when distributed); ``approx_part`` positions use ``cfg.approx``."""
+    images, tokens = batch.images[selected], batch.tokens[selected]
+    if approx_part is None:
+        image, text = _embed(model, images, tokens, None)
+    else:
+        exact = torch.ones(len(selected), dtype=torch.bool, device=selected.device)
+        exact[approx_part] = False
+        parts = [
+            _embed(model, images[mask], tokens[mask], approx)
+            for mask, approx in ((exact, None), (~exact, cfg.approx))
+            if bool(mask.any())
+        ]
+        image, text = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if world_size > 1:
+        from jestclip.train.distributed import all_gather_with_grad
+
+        image, text = all_gather_with_grad(image), all_gather_with_grad(text)
+    scale, bias = logit_params(model)
+    return contrastive_loss(image, text, scale, bias, cfg.loss)
+
+
+def iid_step(model, batch: SuperBatchTensors, cfg: MethodConfig, generator=None, *, world_size: int = 1):
+    """Learn on the whole batch (this rank's b / W of it)."""
+    _check_sizes(batch, cfg, world_size, exact=True)
+    selected = torch.arange(len(batch), device=batch.images.device)
+    loss = _learn(model, batch, selected, cfg, world_size)
+    return StepOutput(loss, selected, scored=0, learned=len(selected) * world_size)
+
+
+def jest_step(model, batch: SuperBatchTensors, cfg: MethodConfig, generator=None, *, world_size: int = 1):
+    """Score with the learner (no grad), select jointly, learn on the selection at full resolution."""
+    _check_sizes(batch, cfg, world_size, exact=False)
+    learner = _scoring_learner(model, batch, cfg, None)
+    selected = _joint_selection(learner, batch, cfg, generator, world_size)
+    loss = _learn(model, batch, selected, cfg, world_size)
+    score = _score_of(learner, batch, selected, cfg, world_size)
+    return StepOutput(loss, selected, _scored(batch, learner, world_size), len(selected) * world_size, score)
+
+
+def independent_step(
+    model, batch: SuperBatchTensors, cfg: MethodConfig, generator=None, *, world_size: int = 1
+):
+    """As jest_step, with the independent-prioritisation baseline as the selector."""
+    _check_sizes(batch, cfg, world_size, exact=False)
+    learner = _scoring_learner(model, batch, cfg, None)
+    common = dict(size=cfg.batch_size, scoring=cfg.scoring, loss=cfg.loss, gain=cfg.gain, generator=generator)
+    if world_size > 1:
+        from jestclip.train.distributed import distributed_independent_select
+
+        if cfg.independent_context != "unconditional":
+            raise ValueError("distributed independent selection needs independent_context='unconditional'")
+        selected = distributed_independent_select(
+            learner, batch.reference, method=cfg.independent_method, **common
         )
     else:
-        selected = joint_select(
-            learner,
-            batch.reference,
-            size=cfg.batch_size,
-            n_chunks=min(cfg.n_chunks, cfg.batch_size),
-            scoring=cfg.scoring,
-            loss=cfg.loss,
-            gain=cfg.gain,
-            generator=generator,
+        selected = independent_select(
+            learner, batch.reference, context=cfg.independent_context, method=cfg.independent_method, **common
         )
-    score = float(batch_score(learner, batch.reference, selected, scoring=cfg.scoring, loss=cfg.loss))
-    return selected, scored, score
+    loss = _learn(model, batch, selected, cfg, world_size)
+    score = _score_of(learner, batch, selected, cfg, world_size)
+    return StepOutput(loss, selected, _scored(batch, learner, world_size), len(selected) * world_size, score)
+
+
+def flexi_jest_step(
+    model, batch: SuperBatchTensors, cfg: MethodConfig, generator=None, *, world_size: int = 1
+):
+    """Score with the approximate learner, select jointly, learn on the selection split between full and
+    approximate resolution (a random ``approx_fraction`` of it approximate: selection order is not random)."""
+    _check_sizes(batch, cfg, world_size, exact=False)
+    learner = _scoring_learner(model, batch, cfg, cfg.approx)
+    selected = _joint_selection(learner, batch, cfg, generator, world_size)
+    order = torch.randperm(len(selected), generator=generator, device=selected.device)
+    approx_part = order[: round(cfg.approx_fraction * len(selected))]
+    loss = _learn(model, batch, selected, cfg, world_size, approx_part)
+    score = _score_of(learner, batch, selected, cfg, world_size)
+    return StepOutput(loss, selected, _scored(batch, learner, world_size), len(selected) * world_size, score)
+
+
+STEPS = {"iid": iid_step, "jest": jest_step, "independent": independent_step, "flexi-jest": flexi_jest_step}
 
 
 def run_step(
@@ -159,46 +247,10 @@ def run_step(
     *,
     world_size: int = 1,
 ) -> StepOutput:
-    """Select (unless IID) and compute the loss to learn on; see the module docstring.
+    """The step function of ``cfg.method`` (``STEPS``); see the module docstring.
 
     With ``world_size > 1`` (torch.distributed initialised), ``batch`` is this rank's shard of the super-batch
-    ``cfg.batch_size`` the global b; each rank learns on its b / W picks and the loss is computed over the
-    whole selection (features all-gathered with gradients). Counts in the output are global.
+    and ``cfg.batch_size`` the global b; each rank learns on its b / W picks and the loss covers the whole
+    selection (features all-gathered with gradients). Counts in the output are global.
     """
-    local_batch = cfg.batch_size // world_size
-    if cfg.batch_size % world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {world_size}")
-    if cfg.method == "iid":
-        if len(batch) != local_batch:
-            raise ValueError(
-                f"iid learns on the whole batch: got {len(batch)} examples, batch_size {cfg.batch_size}"
-            )
-        selected, scored, score = torch.arange(len(batch), device=batch.images.device), 0, None
-    else:
-        if len(batch) < local_batch:
-            raise ValueError(f"super-batch of {len(batch)} is smaller than batch_size {cfg.batch_size}")
-        selected, scored, score = _select(model, batch, cfg, generator, world_size)
-    images, tokens = batch.images[selected], batch.tokens[selected]
-    scale, bias = logit_params(model)
-    if cfg.method == "flexi-jest":
-        # a random split: selection order is not random (early chunks are the unconditional picks)
-        order = torch.randperm(len(selected), generator=generator, device=selected.device)
-        n_approx = round(cfg.approx_fraction * len(selected))
-        approx_part, full_part = order[:n_approx], order[n_approx:]
-        parts = []
-        if len(full_part):
-            parts.append(_embed(model, images[full_part], tokens[full_part], None))
-        if len(approx_part):
-            parts.append(_embed(model, images[approx_part], tokens[approx_part], cfg.approx))
-        image = torch.cat([p[0] for p in parts])
-        text = torch.cat([p[1] for p in parts])
-    else:
-        image, text = _embed(model, images, tokens, None)
-    if world_size > 1:
-        from jestclip.train.distributed import all_gather_with_grad
-
-        image, text = all_gather_with_grad(image), all_gather_with_grad(text)
-    loss = contrastive_loss(image, text, scale, bias, cfg.loss)
-    return StepOutput(
-        loss=loss, selected=selected, scored=scored, learned=len(selected) * world_size, selected_score=score
-    )
+    return STEPS[cfg.method](model, batch, cfg, generator, world_size=world_size)
