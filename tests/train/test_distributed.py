@@ -123,22 +123,9 @@ def test_two_process_training_run(tmp_path, method):
     import json
     from pathlib import Path
 
-    from jestclip.data.refcache import cache_reference
-    from jestclip.models import create_model, image_transform, model_fingerprint, tokenizer
+    from .test_loop import cached_shards, config
 
-    from ..data.test_loader import make_shards
-    from .test_loop import config
-
-    urls = make_shards(tmp_path / "shards", 4, 8)
-    reference = create_model("jest-micro")
-    cache_reference(
-        reference,
-        urls,
-        model_name="jest-micro",
-        fingerprint=model_fingerprint(reference),
-        tokenize=tokenizer("jest-micro"),
-        transform=image_transform("jest-micro"),
-    )
+    urls = cached_shards(tmp_path / "shards", 4, 8)
     cfg = config(tmp_path / "run", urls, method, steps=3, checkpoint_every=2)
     mp.spawn(_train_worker, args=(str(tmp_path / "store"), cfg), nprocs=WORLD, join=True)
     lines = [json.loads(x) for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
