@@ -124,9 +124,9 @@ class ReferenceCache:
         fingerprint, dim: what the caller expects (e.g. the reference model it was told to use).
         """
         self.name = name
-        self.rows: dict[str, tuple[int, int]] = {}  # key -> (sidecar index, row)
-        self.image: list[np.ndarray] = []
-        self.text: list[np.ndarray] = []
+        self.rows: dict[str, int] = {}  # key -> row of self.image / self.text
+        images: list[np.ndarray] = []
+        texts: list[np.ndarray] = []
         metas: list[tuple[str, CacheMeta]] = []
         for url in expand_urls(shards):
             path = sidecar_path(url, name)
@@ -140,11 +140,10 @@ class ReferenceCache:
                     raise ValueError(
                         f"shard {url} changed since its {name!r} embeddings were cached ({path})"
                     )
-                index = len(self.image)
-                self.image.append(data["image"])
-                self.text.append(data["text"])
-                for row, key in enumerate(data["keys"].tolist()):
-                    self.rows[key] = (index, row)
+                offset = len(self.rows)
+                self.rows.update((key, offset + row) for row, key in enumerate(data["keys"].tolist()))
+                images.append(data["image"])
+                texts.append(data["text"])
             metas.append((url, meta))
         if not metas:
             raise ValueError("no shards given")
@@ -165,21 +164,18 @@ class ReferenceCache:
         if dim is not None and first.dim != dim:
             raise ValueError(f"cached {name!r} embeddings have dim {first.dim}, expected {dim}")
         self.meta = first
+        self.image = np.concatenate(images)  # [n, D] float16, all shards
+        self.text = np.concatenate(texts)
 
     def lookup(self, keys: Sequence[str], *, device: str | torch.device = "cpu") -> Embeddings:
         """Cached embeddings of ``keys`` in order, float32 on ``device``; a ValueError names a missing key."""
-        image = np.empty((len(keys), self.meta.dim), dtype=np.float16)
-        text = np.empty_like(image)
-        for i, key in enumerate(keys):
-            found = self.rows.get(key)
-            if found is None:
-                raise ValueError(f"sample key {key!r} has no cached {self.name!r} embedding")
-            index, row = found
-            image[i] = self.image[index][row]
-            text[i] = self.text[index][row]
+        rows = np.fromiter((self.rows.get(key, -1) for key in keys), dtype=np.int64, count=len(keys))
+        if (rows < 0).any():
+            missing = keys[int(np.flatnonzero(rows < 0)[0])]
+            raise ValueError(f"sample key {missing!r} has no cached {self.name!r} embedding")
         return Embeddings(
-            torch.from_numpy(image).to(device=device, dtype=torch.float32),
-            torch.from_numpy(text).to(device=device, dtype=torch.float32),
+            torch.from_numpy(self.image[rows]).to(device).float(),  # fp16 across the bus, fp32 on the device
+            torch.from_numpy(self.text[rows]).to(device).float(),
             self.meta.scale,
             self.meta.bias,
         )
