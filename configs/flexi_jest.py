@@ -1,26 +1,21 @@
-"""Flexi-JEST: score with FlexiViT patch x2, learn half the selection at each resolution, f = 0.8.
+"""Flexi-JEST: configs/jest.py scoring with FlexiViT patch x2 and learning half the selection
+at each resolution.
 
-The benchmark recipe with the tiny model (`jest-tiny`, 64 px); quick=True is a 20-step check of a setup.
 Run: jestclip train configs/flexi_jest.py [--quick] [key=value ...]
 """
 
 from __future__ import annotations
 
-from jestclip.train.config import TrainConfig
-from jestclip.train.optim import OptimConfig
-from jestclip.train.steps import MethodConfig
+import dataclasses
+from pathlib import Path
+
+from jestclip.train.config import TrainConfig, load_recipe
 
 
 def get_config(quick: bool = False) -> TrainConfig:
-    batch = 64 if quick else 256
-    return TrainConfig(
+    base = load_recipe(Path(__file__).with_name("jest.py"), quick=quick)
+    return dataclasses.replace(
+        base,
         run_dir="runs/flexi-jest",
-        data="data/bench/pool",
-        filter_ratio=0.8,
-        method=MethodConfig("flexi-jest", batch_size=batch, n_chunks=16, approx="flexi"),
-        model="jest-tiny",
-        optim=OptimConfig(lr=1e-3, warmup_fraction=0.01),
-        steps=20 if quick else 2000,
-        log_every=5 if quick else 20,
-        checkpoint_every=10 if quick else 200,
+        method=dataclasses.replace(base.method, method="flexi-jest", approx="flexi", approx_fraction=0.5),
     )

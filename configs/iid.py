@@ -1,4 +1,4 @@
-"""IID baseline: uniform batches of b from the pool.
+"""IID baseline: uniform batches of b from the pool (reference.py derives from it).
 
 The benchmark recipe with the tiny model (`jest-tiny`, 64 px); quick=True is a 20-step check of a setup.
 Run: jestclip train configs/iid.py [--quick] [key=value ...]

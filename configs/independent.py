@@ -1,26 +1,18 @@
-"""Independent prioritisation baseline: per-example learnability, f = 0.8.
+"""Independent prioritisation baseline: configs/jest.py with per-example learnability.
 
-The benchmark recipe with the tiny model (`jest-tiny`, 64 px); quick=True is a 20-step check of a setup.
 Run: jestclip train configs/independent.py [--quick] [key=value ...]
 """
 
 from __future__ import annotations
 
-from jestclip.train.config import TrainConfig
-from jestclip.train.optim import OptimConfig
-from jestclip.train.steps import MethodConfig
+import dataclasses
+from pathlib import Path
+
+from jestclip.train.config import TrainConfig, load_recipe
 
 
 def get_config(quick: bool = False) -> TrainConfig:
-    batch = 64 if quick else 256
-    return TrainConfig(
-        run_dir="runs/independent",
-        data="data/bench/pool",
-        filter_ratio=0.8,
-        method=MethodConfig("independent", batch_size=batch),
-        model="jest-tiny",
-        optim=OptimConfig(lr=1e-3, warmup_fraction=0.01),
-        steps=20 if quick else 2000,
-        log_every=5 if quick else 20,
-        checkpoint_every=10 if quick else 200,
+    base = load_recipe(Path(__file__).with_name("jest.py"), quick=quick)
+    return dataclasses.replace(
+        base, run_dir="runs/independent", method=dataclasses.replace(base.method, method="independent")
     )

@@ -1,4 +1,5 @@
-"""JEST: joint learnability selection of b from B = b / (1 - f), f = 0.8 (jest_f05.py, jest_f09.py: 0.5, 0.9).
+"""JEST: joint learnability selection of b from B = b / (1 - f), f = 0.8
+(jest_f05.py, jest_f09.py, independent.py and flexi_jest.py derive from it).
 
 The benchmark recipe with the tiny model (`jest-tiny`, 64 px); quick=True is a 20-step check of a setup.
 Run: jestclip train configs/jest.py [--quick] [key=value ...]

@@ -1,26 +1,16 @@
-"""JEST: joint learnability selection of b from B = b / (1 - f), f = 0.9.
+"""JEST at f = 0.9 (B = 10b): configs/jest.py with a larger super-batch.
 
-The benchmark recipe with the tiny model (`jest-tiny`, 64 px); quick=True is a 20-step check of a setup.
 Run: jestclip train configs/jest_f09.py [--quick] [key=value ...]
 """
 
 from __future__ import annotations
 
-from jestclip.train.config import TrainConfig
-from jestclip.train.optim import OptimConfig
-from jestclip.train.steps import MethodConfig
+import dataclasses
+from pathlib import Path
+
+from jestclip.train.config import TrainConfig, load_recipe
 
 
 def get_config(quick: bool = False) -> TrainConfig:
-    batch = 64 if quick else 256
-    return TrainConfig(
-        run_dir="runs/jest-f09",
-        data="data/bench/pool",
-        filter_ratio=0.9,
-        method=MethodConfig("jest", batch_size=batch, n_chunks=16),
-        model="jest-tiny",
-        optim=OptimConfig(lr=1e-3, warmup_fraction=0.01),
-        steps=20 if quick else 2000,
-        log_every=5 if quick else 20,
-        checkpoint_every=10 if quick else 200,
-    )
+    base = load_recipe(Path(__file__).with_name("jest.py"), quick=quick)
+    return dataclasses.replace(base, run_dir="runs/jest-f09", filter_ratio=0.9)
