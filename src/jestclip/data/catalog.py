@@ -11,7 +11,6 @@ import os
 import re
 import unicodedata
 import xml.etree.ElementTree as ET
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,7 +369,3 @@ def tuxpaint_drawings(paths: SourcePaths) -> Iterator[Drawing]:
             licence=licence,
             fields={"captions": captions, "category": rel.parts[0]},
         )
-
-
-def count_by(drawings: list[Drawing], attr: str) -> Counter[str]:
-    return Counter(getattr(d, attr) for d in drawings)
