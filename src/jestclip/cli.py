@@ -15,10 +15,10 @@ _BUILT = {
     "data": "jestclip.commands.data",
     "cache-reference": "jestclip.commands.cache_reference",
     "train": "jestclip.commands.train",
+    "eval": "jestclip.commands.eval",
 }
 # name -> (one-line help, issue that builds it)
 _PLANNED: dict[str, tuple[str, str]] = {
-    "eval": ("zero-shot, retrieval and few-shot evaluation of a checkpoint", "issue 5"),
     "report": ("plots and speed-up-to-target tables comparing runs", "issue 5"),
     "demo": ("build data, train reference, IID and JEST learners, evaluate and report", "issue 5"),
 }

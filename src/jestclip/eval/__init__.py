@@ -1,0 +1,35 @@
+"""Evaluation: zero-shot top-1, image-text retrieval R@k and few-shot linear probes on eval suites.
+
+``metrics`` is pure tensor math on features; ``suites`` describes what to measure on which shards;
+``evaluate`` encodes a suite with a model and runs its tasks.
+"""
+
+from jestclip.eval.evaluate import (
+    SuiteFeatures,
+    encode_suite,
+    evaluate,
+    evaluate_suite,
+    flat_metrics,
+    format_table,
+    is_averaged,
+)
+from jestclip.eval.metrics import fewshot_linear_probe, fewshot_split, retrieval_recall, zeroshot_top1
+from jestclip.eval.suites import DEFAULT_TEMPLATES, EvalSuite, custom_suite, find_suites
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "EvalSuite",
+    "SuiteFeatures",
+    "custom_suite",
+    "encode_suite",
+    "evaluate",
+    "evaluate_suite",
+    "fewshot_linear_probe",
+    "fewshot_split",
+    "find_suites",
+    "flat_metrics",
+    "format_table",
+    "is_averaged",
+    "retrieval_recall",
+    "zeroshot_top1",
+]

@@ -1,0 +1,222 @@
+"""Evaluate a CLIP model on eval suites: encode each suite once (batched), then every task on the features.
+
+The headline number is ``average``: the mean of every suite's zero-shot and few-shot top-1 accuracies and
+its image→text and text→image R@1 (R@5 is reported but not averaged) — the "average downstream accuracy"
+the paper plots.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from open_clip.zero_shot_classifier import build_zero_shot_classifier
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from jestclip.data.loader import SuperBatchStream
+from jestclip.eval.metrics import fewshot_linear_probe, fewshot_split, retrieval_recall, zeroshot_top1
+from jestclip.eval.suites import EvalSuite
+
+__all__ = [
+    "SuiteFeatures",
+    "encode_suite",
+    "evaluate",
+    "evaluate_suite",
+    "flat_metrics",
+    "format_table",
+    "is_averaged",
+]
+
+DEFAULT_SHOTS = 10
+
+
+def is_averaged(metric: str) -> bool:
+    """Whether a metric name enters the suite average."""
+    return metric.startswith(("zeroshot:", "fewshot:")) or metric in (
+        "retrieval:i2t_r@1",
+        "retrieval:t2i_r@1",
+    )
+
+
+@dataclass
+class SuiteFeatures:
+    """Normalised features of N eval samples: image, text ``[N, D]``; labels ``{field: [N]}`` (-1 where a
+    sample has none); concepts ``[N]`` ids for retrieval matching; keys: N sample keys.
+    """
+
+    image: Tensor
+    text: Tensor
+    labels: dict[str, Tensor]
+    concepts: Tensor
+    keys: list[str]
+
+
+def _label(meta: dict[str, Any], field: str) -> Any:
+    labels = meta.get("labels")
+    if isinstance(labels, dict) and field in labels:
+        return labels[field]
+    return meta.get(field, -1)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def encode_suite(
+    model: nn.Module,
+    suite: EvalSuite,
+    *,
+    tokenize: Callable[[list[str]], Tensor],
+    transform: Callable,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    limit: int | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> SuiteFeatures:
+    """Image and caption features of the suite's first ``limit`` samples (all when None), in shard order."""
+    device = torch.device(device)
+    stream = SuperBatchStream(
+        suite.urls, batch_size=batch_size, transform=transform, shuffle_shards=False, rank=0, world_size=1
+    )
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+    images, texts, keys, concept_names = [], [], [], []
+    labels: dict[str, list[int]] = {f: [] for f in suite.label_fields}
+    bar = tqdm(total=limit, desc=f"eval {suite.name}", unit="img", disable=not progress, leave=False)
+    for batch in loader:
+        take = len(batch) if limit is None else min(len(batch), limit - len(keys))
+        with _autocast(device):
+            images.append(model.encode_image(batch.images[:take].to(device), normalize=True).float())
+            texts.append(model.encode_text(tokenize(batch.texts[:take]).to(device), normalize=True).float())
+        for key, url, text, meta in zip(
+            batch.keys[:take], batch.urls[:take], batch.texts[:take], batch.meta[:take], strict=True
+        ):
+            keys.append(key)
+            concept_names.append(str(meta.get("concept", text)))
+            for field, values in labels.items():
+                value = _label(meta, field)
+                n_classes = len(suite.classes.get(field, ())) or None
+                if not isinstance(value, int) or value < -1 or (n_classes and value >= n_classes):
+                    raise ValueError(
+                        f"suite {suite.name!r}: sample {key!r} in {url} has label "
+                        f"{field}={value!r}; expected an integer class id in [0, {n_classes or 'C'})"
+                    )
+                values.append(value)
+        bar.update(take)
+        if limit is not None and len(keys) >= limit:
+            break
+    bar.close()
+    if not keys:
+        raise ValueError(f"suite {suite.name!r}: no decodable samples in {len(suite.urls)} shard(s)")
+    concept_ids = {name: i for i, name in enumerate(dict.fromkeys(concept_names))}
+    return SuiteFeatures(
+        image=torch.cat(images),
+        text=torch.cat(texts),
+        labels={f: torch.tensor(v, device=device) for f, v in labels.items()},
+        concepts=torch.tensor([concept_ids[c] for c in concept_names], device=device),
+        keys=keys,
+    )
+
+
+@torch.no_grad()
+def evaluate_suite(
+    model: nn.Module,
+    suite: EvalSuite,
+    *,
+    tokenize: Callable[[list[str]], Tensor],
+    transform: Callable,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    limit: int | None = None,
+    shots: int = DEFAULT_SHOTS,
+    seed: int = 0,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> dict[str, float]:
+    """``{task metric: value, "average": ..., "samples": N}`` for one suite (model put back in its mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        feats = encode_suite(
+            model,
+            suite,
+            tokenize=tokenize,
+            transform=transform,
+            batch_size=batch_size,
+            device=device,
+            limit=limit,
+            num_workers=num_workers,
+            progress=progress,
+        )
+        out: dict[str, float] = {}
+        for task in suite.tasks:
+            kind, _, field = task.partition(":")
+            if kind == "retrieval":
+                recall = retrieval_recall(feats.image, feats.text, feats.concepts)
+                out.update({f"retrieval:{k}": v for k, v in recall.items()})
+                continue
+            labelled = feats.labels[field] >= 0
+            if not bool(labelled.any()):
+                raise ValueError(f"suite {suite.name!r}: no sample has a {field!r} label for task {task!r}")
+            image, label = feats.image[labelled], feats.labels[field][labelled]
+            if kind == "zeroshot":
+                with _autocast(torch.device(device)):
+                    weights = build_zero_shot_classifier(
+                        model, tokenize, suite.classes[field], suite.templates, device=device
+                    )
+                out[task] = zeroshot_top1(image, weights.float(), label)
+            else:
+                try:
+                    train, test = fewshot_split(label, shots=shots, seed=seed)
+                except ValueError as exn:  # too few examples per class in this suite (or under `limit`)
+                    warnings.warn(f"suite {suite.name!r}: task {task!r} skipped: {exn}", stacklevel=2)
+                    continue
+                out[task] = fewshot_linear_probe(image[train], label[train], image[test], label[test])
+    finally:
+        model.train(was_training)
+    averaged = [v for k, v in out.items() if is_averaged(k)]
+    out["average"] = sum(averaged) / len(averaged)
+    out["samples"] = len(feats.keys)
+    return out
+
+
+def evaluate(model: nn.Module, suites: list[EvalSuite], **kwargs: Any) -> dict[str, Any]:
+    """``{"suites": {name: metrics}, "average": mean of every suite's averaged metrics}``; kwargs as
+    ``evaluate_suite``.
+    """
+    if not suites:
+        raise ValueError("no eval suites given")
+    results = {suite.name: evaluate_suite(model, suite, **kwargs) for suite in suites}
+    averaged = [v for metrics in results.values() for k, v in metrics.items() if is_averaged(k)]
+    return {"suites": results, "average": sum(averaged) / len(averaged)}
+
+
+def flat_metrics(results: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
+    """``evaluate``'s result as flat ``{"eval/SUITE/METRIC": v, "eval/average": v}`` for metric logs."""
+    flat = {f"{prefix}average": results["average"]}
+    for suite, metrics in results["suites"].items():
+        flat.update({f"{prefix}{suite}/{k}": v for k, v in metrics.items() if k != "samples"})
+    return flat
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text table: one row per (suite, metric), accuracies in percent."""
+    rows = [("suite", "metric", "value")]
+    for suite, metrics in results["suites"].items():
+        for key, value in metrics.items():
+            rows.append((suite, key, str(value) if key == "samples" else f"{100 * value:.2f}"))
+    rows.append(("all", "average", f"{100 * results['average']:.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

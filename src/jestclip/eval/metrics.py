@@ -1,0 +1,135 @@
+"""Evaluation metrics on precomputed, L2-normalised features: zero-shot top-1, retrieval recall@k, few-shot
+linear probe. Pure tensor math (no models, no I/O); similarity matrices are built a block of rows at a time,
+so memory is ``[block, N]``, never ``[N, N]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["fewshot_linear_probe", "fewshot_split", "retrieval_recall", "zeroshot_top1"]
+
+DEFAULT_BLOCK = 1024
+
+
+def zeroshot_top1(image_features: Tensor, class_weights: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy of nearest class embedding.
+
+    image_features: ``[N, D]``; class_weights: ``[D, C]`` (open_clip's zero-shot classifier layout);
+    labels: ``[N]`` class ids in ``[0, C)``.
+    """
+    if image_features.shape[1] != class_weights.shape[0]:
+        raise ValueError(f"feature dim {image_features.shape[1]} != classifier dim {class_weights.shape[0]}")
+    if labels.numel() != image_features.shape[0]:
+        raise ValueError(f"{labels.numel()} labels for {image_features.shape[0]} images")
+    if labels.numel() == 0:
+        raise ValueError("no images to classify")
+    if int(labels.min()) < 0 or int(labels.max()) >= class_weights.shape[1]:
+        raise ValueError(
+            f"labels must be in [0, {class_weights.shape[1]}), got {labels.min()}..{labels.max()}"
+        )
+    correct = 0
+    for start in range(0, image_features.shape[0], DEFAULT_BLOCK):
+        logits = image_features[start : start + DEFAULT_BLOCK] @ class_weights
+        correct += int(
+            (logits.argmax(dim=1) == labels[start : start + DEFAULT_BLOCK].to(logits.device)).sum()
+        )
+    return correct / labels.numel()
+
+
+def _recall(queries: Tensor, gallery: Tensor, q_ids: Tensor, g_ids: Tensor, ks: tuple[int, ...], block: int):
+    k_max = min(max(ks), gallery.shape[0])
+    hits = torch.zeros(len(ks), dtype=torch.long)
+    for start in range(0, queries.shape[0], block):
+        sims = queries[start : start + block] @ gallery.T  # [block, N]
+        top = sims.topk(k_max, dim=1).indices  # [block, k_max]
+        match = g_ids[top] == q_ids[start : start + block, None]  # [block, k_max]
+        for i, k in enumerate(ks):
+            hits[i] += int(match[:, :k].any(dim=1).sum())
+    return {k: int(h) / queries.shape[0] for k, h in zip(ks, hits, strict=True)}
+
+
+def retrieval_recall(
+    image_features: Tensor,
+    text_features: Tensor,
+    concepts: Tensor,
+    *,
+    ks: tuple[int, ...] = (1, 5),
+    block: int = DEFAULT_BLOCK,
+) -> dict[str, float]:
+    """Image→text and text→image recall@k over N paired samples.
+
+    image_features, text_features: ``[N, D]`` (row i of each is pair i); concepts: ``[N]`` integer concept
+    ids — a retrieved item counts as correct when it shares the query's concept (the same emoji drawn in four
+    styles has four equally right captions). Returns ``{"i2t_r@1": ..., "t2i_r@1": ..., ...}``.
+    """
+    n = image_features.shape[0]
+    if text_features.shape[0] != n or concepts.numel() != n:
+        raise ValueError(
+            f"retrieval needs paired rows: {n} images, {text_features.shape[0]} texts, {concepts.numel()} ids"
+        )
+    if n == 0:
+        raise ValueError("no pairs to retrieve")
+    concepts = concepts.to(image_features.device)
+    i2t = _recall(image_features, text_features, concepts, concepts, ks, block)
+    t2i = _recall(text_features, image_features, concepts, concepts, ks, block)
+    out = {f"i2t_r@{k}": v for k, v in i2t.items()}
+    out.update({f"t2i_r@{k}": v for k, v in t2i.items()})
+    return out
+
+
+def fewshot_split(labels: Tensor, *, shots: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Indices ``(train [C' * shots], test [rest])``: ``shots`` random examples of every class that has more
+    than ``shots`` examples; the remaining examples of those classes are the test set. Classes with
+    ``shots`` or fewer examples are left out (they could not be both learnt and tested).
+    """
+    if shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    generator = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    train, test = [], []
+    for cls in torch.unique(labels):
+        members = torch.nonzero(labels == cls).flatten()
+        if members.numel() <= shots:
+            continue
+        members = members[torch.randperm(members.numel(), generator=generator)]
+        train.append(members[:shots])
+        test.append(members[shots:])
+    if not train:
+        raise ValueError(f"no class has more than {shots} examples; few-shot evaluation is impossible")
+    return torch.cat(train), torch.cat(test)
+
+
+def fewshot_linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    l2: float = 1e-3,
+) -> float:
+    """Test top-1 accuracy of a ridge-regression linear probe on frozen features (big_vision's few-shot
+    evaluator): least squares from ``[n, D]`` features (plus a bias) to centred one-hot targets, closed form.
+
+    Labels are any integer ids; test labels must all occur in training.
+    """
+    if train_features.shape[0] != train_labels.numel() or test_features.shape[0] != test_labels.numel():
+        raise ValueError("features and labels differ in length")
+    classes, train_y = torch.unique(train_labels.cpu(), return_inverse=True)
+    lookup = {int(c): i for i, c in enumerate(classes)}
+    unseen = sorted({int(t) for t in test_labels.cpu()} - lookup.keys())
+    if unseen:
+        raise ValueError(f"test labels {unseen[:5]} do not occur in the training examples")
+    test_y = torch.tensor([lookup[int(t)] for t in test_labels.cpu()])
+    x = torch.cat(
+        [train_features.double().cpu(), torch.ones(train_features.shape[0], 1, dtype=torch.float64)], 1
+    )
+    targets = torch.nn.functional.one_hot(train_y, len(classes)).double() * 2.0 - 1.0
+    gram = x.T @ x + l2 * x.shape[0] * torch.eye(x.shape[1], dtype=torch.float64)
+    weights = torch.linalg.solve(gram, x.T @ targets)  # [D + 1, C]
+    xt = torch.cat(
+        [test_features.double().cpu(), torch.ones(test_features.shape[0], 1, dtype=torch.float64)], 1
+    )
+    predictions = (xt @ weights).argmax(dim=1)
+    return float((predictions == test_y).double().mean())

@@ -1,0 +1,138 @@
+"""Evaluating a model on generated suites: every task runs, bad labels are named, limits hold."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from jestclip.data.shards import Pair, write_shard
+from jestclip.eval import EvalSuite, custom_suite, evaluate, find_suites, flat_metrics, format_table
+from jestclip.models import create_model, image_transform, tokenizer
+
+from ..data.test_loader import image
+
+COLOURS = ["red", "green", "blue", "yellow"]
+
+
+def make_suite(root: Path, name: str = "toy", per_class: int = 12, bad_label: bool = False) -> Path:
+    suite = root / name
+    suite.mkdir(parents=True)
+    pairs = []
+    for i in range(per_class * len(COLOURS)):
+        c = i % len(COLOURS)
+        label = 99 if bad_label and i == 5 else c
+        meta = {"labels": {"colour": label}, "concept": COLOURS[c]}
+        pairs.append(Pair(f"{name}_{i:03d}", image(i, size=16), f"a {COLOURS[c]} square", meta))
+    write_shard(suite / "00000.tar", pairs)
+    manifest = {
+        "classes": {"colour": COLOURS},
+        "templates": ["a {} square.", "{}"],
+        "tasks": ["zeroshot:colour", "retrieval", "fewshot:colour"],
+    }
+    (suite / "manifest.json").write_text(json.dumps(manifest))
+    return suite
+
+
+@pytest.fixture(scope="module")
+def micro():
+    torch.manual_seed(0)
+    return create_model("jest-micro")
+
+
+def run(model, suites, **kw):
+    return evaluate(
+        model, suites, tokenize=tokenizer("jest-micro"), transform=image_transform("jest-micro"), **kw
+    )
+
+
+def test_every_task_of_every_suite_is_measured(tmp_path, micro):
+    make_suite(tmp_path / "eval", "a")
+    make_suite(tmp_path / "eval", "b", per_class=11)
+    suites = find_suites(tmp_path)  # a benchmark root holding eval/
+    assert [s.name for s in suites] == ["a", "b"]
+    micro.train()
+    results = run(micro, suites, batch_size=7)
+    assert micro.training  # mode restored
+    a = results["suites"]["a"]
+    assert set(a) == {
+        "zeroshot:colour",
+        "fewshot:colour",
+        "retrieval:i2t_r@1",
+        "retrieval:i2t_r@5",
+        "retrieval:t2i_r@1",
+        "retrieval:t2i_r@5",
+        "average",
+        "samples",
+    }
+    assert a["samples"] == 48 and results["suites"]["b"]["samples"] == 44
+    # 4 distinct captions, 12 copies each: an image's top 5 texts are copies of one caption, right 1 time in 4
+    assert a["retrieval:i2t_r@5"] == a["retrieval:i2t_r@1"]
+    averaged = [a["zeroshot:colour"], a["fewshot:colour"], a["retrieval:i2t_r@1"], a["retrieval:t2i_r@1"]]
+    assert a["average"] == pytest.approx(sum(averaged) / 4)
+    both = averaged + [results["suites"]["b"][k] for k in ("zeroshot:colour", "fewshot:colour")]
+    both += [results["suites"]["b"][k] for k in ("retrieval:i2t_r@1", "retrieval:t2i_r@1")]
+    assert results["average"] == pytest.approx(sum(both) / 8)
+    flat = flat_metrics(results)
+    assert flat["eval/a/zeroshot:colour"] == a["zeroshot:colour"] and "eval/a/samples" not in flat
+    table = format_table(results)
+    assert "zeroshot:colour" in table and table.splitlines()[-1].split()[:2] == ["all", "average"]
+
+
+def test_limit_and_infeasible_fewshot(tmp_path, micro):
+    suite = EvalSuite.from_dir(make_suite(tmp_path, "toy"))
+    with pytest.warns(UserWarning, match="'fewshot:colour' skipped: no class has more than 10"):
+        results = run(micro, [suite], limit=20)
+    assert results["suites"]["toy"]["samples"] == 20
+    assert "fewshot:colour" not in results["suites"]["toy"]
+
+
+def test_bad_label_names_the_sample(tmp_path, micro):
+    suite = EvalSuite.from_dir(make_suite(tmp_path, "toy", bad_label=True))
+    with pytest.raises(ValueError, match=r"sample 'toy_005' in .*00000.tar has label colour=99"):
+        run(micro, [suite])
+
+
+def test_suite_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"has no manifest\.json"):
+        EvalSuite.from_dir(tmp_path)
+    with pytest.raises(ValueError, match="no eval suites"):
+        find_suites(tmp_path)
+    make_suite(tmp_path, "toy")
+    with pytest.raises(ValueError, match=r"unknown suite\(s\) \['x'\]"):
+        find_suites(tmp_path, ["x"])
+    with pytest.raises(ValueError, match="task 'zeroshot' is not"):
+        EvalSuite("s", ["x.tar"], tasks=["zeroshot"])
+    with pytest.raises(ValueError, match="needs class names for 'k'"):
+        EvalSuite("s", ["x.tar"], tasks=["zeroshot:k"])
+    with pytest.raises(ValueError, match="have no '\\{\\}'"):
+        EvalSuite("s", ["x.tar"], tasks=["retrieval"], templates=["a photo"])
+
+
+def test_custom_suite_from_any_shards(tmp_path, micro):
+    shards = make_suite(tmp_path, "toy")
+    plain = custom_suite(str(shards))
+    assert plain.tasks == ["retrieval"]
+    (tmp_path / "classes.txt").write_text("\n".join(COLOURS) + "\n")
+    labelled = custom_suite(str(shards), classes_file=tmp_path / "classes.txt", label_field="colour")
+    assert labelled.tasks == ["zeroshot:colour", "fewshot:colour", "retrieval"]
+    results = run(micro, [labelled])
+    assert 0.0 <= results["suites"]["custom"]["zeroshot:colour"] <= 1.0
+
+
+def test_eval_command_writes_json_and_prints_a_table(tmp_path, micro, capsys):
+    from jestclip.cli import main
+
+    make_suite(tmp_path / "bench" / "eval", "toy")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save(micro.state_dict(), run_dir / "model.pt")
+    (run_dir / "config.json").write_text(json.dumps({"model": "jest-micro"}))
+    assert main(["eval", str(run_dir), "--data", str(tmp_path / "bench"), "--device", "cpu"]) == 0
+    results = json.loads((run_dir / "eval.json").read_text())
+    assert results["config"]["model"] == "jest-micro" and "toy" in results["suites"]
+    assert "zeroshot:colour" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="say which model it holds with --model"):
+        main(["eval", str(run_dir / "model.pt"), "--data", str(tmp_path / "bench")])
+    with pytest.raises(SystemExit, match=r"has no config\.json"):
+        main(["eval", str(tmp_path / "bench"), "--data", str(tmp_path / "bench")])
