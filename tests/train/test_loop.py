@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -101,6 +102,28 @@ def test_interrupted_run_resumes_bitwise(tmp_path, shards):
         return [{k: v for k, v in x.items() if k != "wall_s"} for x in lines]
 
     assert metrics(whole.run_dir) == metrics(parts.run_dir)
+
+
+def test_periodic_eval_is_logged_and_leaves_training_unchanged(tmp_path, shards):
+    from ..eval.test_evaluate import make_suite
+
+    make_suite(tmp_path / "bench" / "eval", "toy", per_class=3)
+    plain = config(tmp_path / "plain", shards, "jest", steps=5)
+    train(plain, progress=False)
+    evald = config(
+        tmp_path / "evald", shards, "jest", steps=5, stop_after=2, eval_data=str(tmp_path / "bench")
+    )
+    evald = dataclasses.replace(evald, eval_every=2)
+    train(evald, progress=False)
+    train(dataclasses.replace(evald, stop_after=None), progress=False)  # resumed after the step-2 eval
+    lines = [json.loads(x) for x in (Path(evald.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "eval/average" in x]
+    assert [x["step"] for x in evals] == [0, 2, 4, 5]
+    assert {"eval/toy/zeroshot:colour", "eval/toy/retrieval:t2i_r@5", "examples_learned"} <= set(evals[1])
+    assert evals[0]["examples_learned"] == 0 and evals[-1]["examples_learned"] == 20
+    a = torch.load(Path(plain.run_dir) / "model.pt", weights_only=True)
+    b = torch.load(Path(evald.run_dir) / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # evaluating changed nothing of the run
 
 
 def test_resume_refuses_a_different_config(tmp_path, shards):

@@ -33,6 +33,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     stop_after: int | None = None  # checkpoint and stop at this step (a planned interruption)
+    eval_data: str | None = None  # eval suites (benchmark root, its eval/ or one suite); None: no evaluation
+    eval_every: int = 0  # evaluate at step 0, every this many steps and at the end (0: only at the end)
+    eval_limit: int | None = None  # samples per suite (None: all)
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available
     num_workers: int = 2

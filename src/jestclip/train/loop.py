@@ -2,10 +2,11 @@
 
 A run directory holds ``config.json`` (the resolved config), ``metrics.jsonl`` (one line per logged step),
 ``tb/`` (TensorBoard events), ``checkpoint.pt`` (full state, written atomically every ``checkpoint_every``
-steps, on SIGTERM and at ``stop_after``) and, when training finishes, ``model.pt`` (weights only). Starting a
-run whose directory has a checkpoint resumes it exactly: model, optimiser, schedule, RNG states, counters and
-data position (the stream is replayed to the step reached; on CPU the result is bitwise that of an
-uninterrupted run).
+steps, on SIGTERM and at ``stop_after``) and, when training finishes, ``model.pt`` (weights only). With
+``eval_data``, evaluation lines (``eval/...`` metrics with the counters) are logged at step 0, every
+``eval_every`` steps and at the end. Starting a run whose directory has a checkpoint resumes it exactly:
+model, optimiser, schedule, RNG states, counters and data position (the stream is replayed to the step
+reached; on CPU the result is bitwise that of an uninterrupted run).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from jestclip.data.loader import SuperBatchStream, expand_urls
 from jestclip.data.refcache import ReferenceCache
+from jestclip.eval import evaluate, find_suites, flat_metrics
 from jestclip.models import create_model, forward_flops, image_transform, step_flops, tokenizer
 from jestclip.train.config import TrainConfig, to_dict
 from jestclip.train.distributed import average_gradients
@@ -53,6 +55,19 @@ class Counters:
     @property
     def flops_total(self) -> float:
         return self.flops_train + self.flops_score + self.flops_reference
+
+
+def _counter_fields(counters: Counters) -> dict[str, Any]:
+    """The counters every metrics line carries: where the run is, in steps, examples and FLOPs."""
+    return {
+        "step": counters.step,
+        "examples_learned": counters.examples_learned,
+        "examples_scored": counters.examples_scored,
+        "flops_train": counters.flops_train,
+        "flops_score": counters.flops_score,
+        "flops_reference": counters.flops_reference,
+        "flops_total": counters.flops_total,
+    }
 
 
 def _device(name: str) -> torch.device:
@@ -166,6 +181,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     for _ in range(counters.step):  # data position: replay the stream to where the checkpoint was taken
         next(batches)
     tokenize = tokenizer(cfg.model)
+    suites = find_suites(cfg.eval_data) if cfg.eval_data is not None else []  # errors before training
 
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
@@ -179,6 +195,30 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         total=cfg.steps, initial=counters.step, desc=run.name, unit="step", disable=not progress or rank > 0
     )
     started = time.perf_counter()
+
+    def log(line: dict[str, Any]) -> None:
+        metrics_file.write(json.dumps(line) + "\n")
+        metrics_file.flush()
+        for key, value in line.items():
+            if key != "step" and isinstance(value, int | float):
+                writer.add_scalar(key, value, counters.step)
+
+    def run_eval() -> None:
+        """Evaluate on rank 0 (the others wait) and log an eval line with the counters."""
+        if rank == 0:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                results = evaluate(
+                    model,
+                    suites,
+                    tokenize=tokenize,
+                    transform=image_transform(cfg.model),
+                    device=device,
+                    limit=cfg.eval_limit,
+                )  # in a forked RNG: evaluating must not change the training run
+            log({**_counter_fields(counters), **flat_metrics(results)})
+            bar.set_postfix(eval=f"{results['average']:.3f}")
+        if world > 1:
+            dist.barrier()
 
     def save_checkpoint() -> None:
         if rank > 0:
@@ -200,6 +240,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             dist.barrier()
 
     try:
+        if suites and cfg.eval_every and counters.step == 0:
+            run_eval()  # the untrained model: where every curve starts
         while counters.step < cfg.steps:
             batch = next(batches)
             super_batch = SuperBatchTensors(
@@ -230,27 +272,21 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
 
             if counters.step % cfg.log_every == 0 or counters.step == cfg.steps:
                 last = {
-                    "step": counters.step,
+                    **_counter_fields(counters),
                     "loss": out.loss.item(),
                     "lr": lr,
                     "grad_norm": float(grad_norm),
                     "selected_score": out.selected_score,
-                    "examples_learned": counters.examples_learned,
-                    "examples_scored": counters.examples_scored,
-                    "flops_train": counters.flops_train,
-                    "flops_score": counters.flops_score,
-                    "flops_reference": counters.flops_reference,
-                    "flops_total": counters.flops_total,
                     "samples_skipped": sum(counters.skipped.values()),
                     "wall_s": time.perf_counter() - started,
                 }
                 if rank == 0:
-                    metrics_file.write(json.dumps(last) + "\n")
-                    metrics_file.flush()
-                    for key, value in last.items():
-                        if key != "step" and isinstance(value, int | float):
-                            writer.add_scalar(key, value, counters.step)
+                    log(last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}")
+            if suites and (
+                (cfg.eval_every and counters.step % cfg.eval_every == 0) or counters.step == cfg.steps
+            ):
+                run_eval()
 
             if world > 1:  # a SIGTERM seen by any rank stops all of them at the same step
                 flag = torch.tensor([int(stop["requested"])], device=device)
