@@ -35,6 +35,7 @@ __all__ = [
     "independent_step",
     "jest_step",
     "run_step",
+    "score_embeddings",
 ]
 
 METHODS: tuple[str, ...] = ("iid", "jest", "independent", "flexi-jest")
@@ -101,7 +102,8 @@ def _embed(
 
 
 @torch.no_grad()
-def _score_embeddings(model: nn.Module, batch: SuperBatchTensors, approx: Approximation | None) -> Embeddings:
+def score_embeddings(model: nn.Module, batch: SuperBatchTensors, approx: Approximation | None) -> Embeddings:
+    """The model's ``[B, D]`` embeddings of the super-batch in eval mode, without gradients (for scoring)."""
     was_training = model.training
     model.eval()
     try:
@@ -116,7 +118,7 @@ def _scoring_learner(
     model: nn.Module, batch: SuperBatchTensors, cfg: MethodConfig, approx
 ) -> Embeddings | None:
     """The learner's embeddings of the super-batch for scoring (None when the scoring ignores the learner)."""
-    return _score_embeddings(model, batch, approx) if cfg.scoring != "easy_reference" else None
+    return score_embeddings(model, batch, approx) if cfg.scoring != "easy_reference" else None
 
 
 def _scored(batch: SuperBatchTensors, learner: Embeddings | None, world_size: int) -> int:

@@ -1,0 +1,193 @@
+"""``jestclip demo``: the whole method end to end on the built-in benchmark, with tiny models.
+
+Stages (each reuses its output when it is already there, so a re-run only redoes what is missing):
+1. benchmark data: install missing Debian/npm sources, build ``data/bench`` (``jestclip data build``);
+2. reference: train on ``curated`` (IID);
+3. cache the reference's embeddings of ``pool``;
+4. IID learner on ``pool``;  5. JEST learner on ``pool`` (both evaluated every ``eval_every`` steps);
+6. report: curves, speed-up to target, selection diagnostics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DemoConfig", "add_parser", "run", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything the demo does; ``reduced()`` is the seconds-long variant CI runs."""
+
+    data: str = "data/bench"  # built here when absent
+    out: str = "runs/demo"  # runs and report
+    build_limit: int | None = None  # drawings per source (None: the full benchmark)
+    model: str = "jest-micro"
+    batch_size: int = 64
+    filter_ratio: float = 0.8
+    reference_steps: int = 300
+    steps: int = 300  # of each learner
+    lr: float = 2e-3
+    eval_every: int = 50
+    eval_limit: int | None = 500  # samples per eval suite
+    diagnostics_batch: int = 64
+    gibbs_steps: int = 2000
+    device: str = "auto"
+    num_workers: int = 2
+
+    @classmethod
+    def reduced(cls) -> DemoConfig:
+        return cls(
+            data="data/bench-reduced",
+            out="runs/demo-reduced",
+            build_limit=40,
+            batch_size=8,
+            reference_steps=6,
+            steps=6,
+            eval_every=3,
+            eval_limit=40,
+            diagnostics_batch=4,
+            gibbs_steps=50,
+            num_workers=0,
+        )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "demo",
+        help="build data, train reference, IID and JEST learners, evaluate and report",
+        description="Run the whole method on the built-in benchmark with tiny models (about 15 minutes "
+        "on a 2-core CPU; a GPU is used when present): build data/bench if absent, train a reference on "
+        "curated, cache its embeddings, train IID and JEST learners on pool with periodic evaluation, and "
+        "write a report. Re-running reuses what is already built.",
+    )
+    parser.add_argument("--reduced", action="store_true", help="a tiny end-to-end check (about 2 minutes)")
+    parser.add_argument("--data", help="benchmark directory (default: data/bench, built if absent)")
+    parser.add_argument("--out", help="directory for the runs and the report (default: runs/demo)")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = DemoConfig.reduced() if args.reduced else DemoConfig()
+    changes = {k: v for k, v in (("data", args.data), ("out", args.out), ("device", args.device)) if v}
+    report = run_demo(dataclasses.replace(cfg, **changes))
+    print(f"\nreport: {report}")
+    return 0
+
+
+def _stage(number: int, text: str) -> None:
+    print(f"\n[{number}/6] {text}", flush=True)
+
+
+def _build_data(cfg: DemoConfig) -> None:
+    from jestclip.data.benchmark import BuildConfig, build
+    from jestclip.data.sources import SourcePaths, install_sources, missing_sources
+
+    record = Path(cfg.data) / "build.json"
+    if record.exists() and json.loads(record.read_text(encoding="utf-8")).get("complete"):
+        print(f"reusing {cfg.data} (build.json says complete)")
+        return
+    paths = SourcePaths()
+    if missing_sources(paths, list(paths.required())):
+        print("installing the Debian and npm packages the benchmark is drawn from (jestclip data sources)")
+        install_sources(paths.npm_root)
+    build(Path(cfg.data), BuildConfig(limit=cfg.build_limit), paths)
+
+
+def _train(cfg: DemoConfig, name: str, data: str, method: str, steps: int, evaluate: bool) -> Path:
+    from jestclip.train.config import TrainConfig
+    from jestclip.train.loop import train
+    from jestclip.train.optim import OptimConfig
+    from jestclip.train.steps import MethodConfig
+
+    run_dir = Path(cfg.out) / name
+    if (run_dir / "model.pt").exists():
+        print(f"reusing {run_dir} (finished)")
+        return run_dir
+    train(
+        TrainConfig(
+            run_dir=str(run_dir),
+            model=cfg.model,
+            data=data,
+            reference_cache="demo-reference" if method != "iid" else None,
+            filter_ratio=cfg.filter_ratio,
+            method=MethodConfig(method, batch_size=cfg.batch_size, n_chunks=min(16, cfg.batch_size)),
+            optim=OptimConfig(lr=cfg.lr, warmup_fraction=0.05),
+            steps=steps,
+            log_every=max(1, steps // 30),
+            checkpoint_every=max(1, steps // 3),
+            eval_data=cfg.data if evaluate else None,
+            eval_every=cfg.eval_every if evaluate else 0,
+            eval_limit=cfg.eval_limit,
+            device=cfg.device,
+            num_workers=cfg.num_workers,
+        )
+    )
+    return run_dir
+
+
+def _cache(cfg: DemoConfig, reference_run: Path) -> None:
+    import torch
+
+    from jestclip.data.refcache import cache_reference
+    from jestclip.models import create_model, image_transform, model_fingerprint, tokenizer
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = create_model(cfg.model, checkpoint=reference_run / "model.pt", device=device)
+    summary = cache_reference(
+        model,
+        str(Path(cfg.data) / "pool"),
+        model_name=cfg.model,
+        fingerprint=model_fingerprint(model),
+        tokenize=tokenizer(cfg.model),
+        transform=image_transform(cfg.model),
+        name="demo-reference",
+        device=device,
+    )
+    print(f"cached: {summary['written']} shards written, {summary['kept']} reused")
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run (or finish) every stage; return the report's path."""
+    from jestclip.report import load_run, run_embeddings, selection_diagnostics, write_report
+
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1), encoding="utf-8")
+    _stage(1, f"benchmark data in {cfg.data}")
+    _build_data(cfg)
+    _stage(2, "reference model on curated")
+    reference = _train(cfg, "reference", str(Path(cfg.data) / "curated"), "iid", cfg.reference_steps, False)
+    _stage(3, "caching the reference's embeddings of pool")
+    _cache(cfg, reference)
+    pool = str(Path(cfg.data) / "pool")
+    _stage(4, "IID learner on pool")
+    iid = _train(cfg, "iid", pool, "iid", cfg.steps, True)
+    _stage(5, f"JEST learner on pool (filter ratio {cfg.filter_ratio})")
+    jest = _train(cfg, "jest", pool, "jest", cfg.steps, True)
+    _stage(6, "report")
+    size = round(cfg.diagnostics_batch / (1 - 0.9))
+    learner, ref, run_config = run_embeddings(jest, size=size)
+    diagnostics = selection_diagnostics(
+        learner,
+        ref,
+        batch_size=cfg.diagnostics_batch,
+        gain=run_config["method"]["gain"],
+        filter_ratios=(0.0, 0.5, 0.8, 0.9),
+        gibbs_steps=cfg.gibbs_steps,
+    )
+    report = write_report(
+        [load_run(iid), load_run(jest)],
+        out / "report",
+        diagnostics=diagnostics,
+        diagnostics_run=str(jest),
+        settings={"demo": dataclasses.asdict(cfg)},
+    )
+    print(f"demo finished in {time.perf_counter() - started:.0f} s")
+    return report

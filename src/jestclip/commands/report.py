@@ -1,0 +1,70 @@
+"""``jestclip report RUN... --out DIR``: curves, speed-up to target and selection diagnostics for runs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "report",
+        help="plots and speed-up-to-target tables comparing runs",
+        description="Write a markdown report comparing training runs (trained with eval_data set): average "
+        "accuracy against examples and FLOPs, speed-up to the baseline's final accuracy, final per-metric "
+        "table, and selection diagnostics on one super-batch of a JEST run.",
+    )
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories")
+    parser.add_argument("--out", type=Path, required=True, help="directory for report.md and its figures")
+    parser.add_argument(
+        "--baseline", help="run whose final accuracy is the target (default: the first IID run)"
+    )
+    parser.add_argument(
+        "--diagnostics-run", type=Path, help="run for selection diagnostics (default: the first non-IID run)"
+    )
+    parser.add_argument("--no-diagnostics", action="store_true", help="skip the selection diagnostics")
+    parser.add_argument(
+        "--diagnostics-batch", type=int, default=64, help="sub-batch size b of the diagnostics"
+    )
+    parser.add_argument("--gibbs-steps", type=int, default=2000)
+    parser.add_argument("--device", default="cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    from jestclip.report import load_run, run_embeddings, selection_diagnostics, write_report
+
+    runs = [load_run(path) for path in args.runs]
+    diagnostics, diagnostics_run = None, None
+    if not args.no_diagnostics:
+        diagnostics_run = args.diagnostics_run or next((r.path for r in runs if r.method != "iid"), None)
+        if diagnostics_run is None:
+            print("report: no non-IID run to take selection diagnostics from; skipping them")
+        else:
+            max_ratio = 0.9
+            size = round(args.diagnostics_batch / (1 - max_ratio))
+            learner, reference, config = run_embeddings(diagnostics_run, size=size, device=args.device)
+            method = config["method"]
+            diagnostics = selection_diagnostics(
+                learner if method["scoring"] != "easy_reference" else None,
+                reference if method["scoring"] != "hard_learner" else None,
+                batch_size=args.diagnostics_batch,
+                scoring=method["scoring"],
+                loss=method["loss"],
+                gain=method["gain"],
+                filter_ratios=(0.0, 0.5, 0.8, max_ratio),
+                gibbs_steps=args.gibbs_steps,
+            )
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    settings["runs"] = [str(p) for p in args.runs]
+    path = write_report(
+        runs,
+        args.out,
+        baseline=args.baseline,
+        diagnostics=diagnostics,
+        diagnostics_run=str(diagnostics_run) if diagnostics_run else None,
+        settings=settings,
+    )
+    print(f"report: {path}")
+    return 0

@@ -1,0 +1,82 @@
+"""Figures of a report, written as PNG through matplotlib's object API (no pyplot state, no display)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from jestclip.report.diagnostics import SelectionDiagnostics
+from jestclip.report.runs import AVERAGE, RunLog
+
+__all__ = ["plot_accuracy", "plot_diagnostics"]
+
+X_AXES = (
+    ("examples_learned", "examples learned on"),
+    ("flops_total", "total FLOPs (train + scoring + reference)"),
+)
+
+
+def plot_accuracy(
+    runs: Sequence[RunLog], path: Path, *, target: float | None = None, metric: str = AVERAGE
+) -> Path:
+    """Figure-1 style: ``metric`` against examples learned on and against total FLOPs, one line per run."""
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, (x, label) in zip(axes, X_AXES, strict=True):
+        for run in runs:
+            xs, ys = run.curve(x, metric)
+            ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3, label=f"{run.name} ({run.method})")
+        if target is not None:
+            ax.axhline(
+                100 * target, color="grey", linestyle="--", linewidth=1, label="target (baseline final)"
+            )
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"{metric} (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_diagnostics(diag: SelectionDiagnostics, path: Path) -> Path:
+    """Figure-2 style: score vs chunks, vs Gibbs steps, vs filter ratio, and the pair-score heat map."""
+    fig = Figure(figsize=(11, 8.5), layout="constrained")
+    axes = fig.subplots(2, 2)
+    ax = axes[0, 0]
+    counts = sorted(diag.chunks)
+    ax.plot(counts, [diag.chunks[c] for c in counts], marker="o", label="joint (chunked sampler)")
+    ax.axhline(diag.uniform, color="grey", linestyle="--", label="uniform (IID)")
+    ax.axhline(diag.independent, color="tab:orange", linestyle=":", label="independent")
+    ax.axhline(
+        diag.gibbs[-1], color="tab:green", linestyle="-.", label=f"Gibbs, {diag.gibbs_steps[-1]} steps"
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("number of chunks")
+    ax.set_ylabel(f"sub-batch {diag.scoring}")
+    ax.set_title(f"b = {diag.batch_size} of B = {diag.super_batch}")
+    ax.legend(fontsize=8)
+    ax = axes[0, 1]
+    ax.plot(diag.gibbs_steps, diag.gibbs, label="Gibbs (brute force)")
+    best = max(diag.chunks)
+    ax.axhline(diag.chunks[best], color="tab:blue", linestyle="--", label=f"joint, {best} chunks")
+    ax.axhline(diag.uniform, color="grey", linestyle="--", label="uniform (IID)")
+    ax.set_xlabel("Gibbs iterations")
+    ax.set_ylabel(f"sub-batch {diag.scoring}")
+    ax.legend(fontsize=8)
+    ax = axes[1, 0]
+    ratios = sorted(diag.filter_ratio)
+    ax.plot(ratios, [diag.filter_ratio[f] for f in ratios], marker="o")
+    ax.set_xlabel("filter ratio f (choose b of b / (1 - f))")
+    ax.set_ylabel(f"sub-batch {diag.scoring}")
+    ax = axes[1, 1]
+    image = ax.imshow(diag.matrix, cmap="RdBu_r")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_xlabel("text j")
+    ax.set_ylabel("image i")
+    ax.set_title(f"pairwise {diag.scoring}, first {len(diag.matrix)} candidates")
+    for ax in axes.flat[:3]:
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120)
+    return path
