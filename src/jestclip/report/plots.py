@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from matplotlib.colors import CenteredNorm
 from matplotlib.figure import Figure
 
 from jestclip.report.diagnostics import SelectionDiagnostics
@@ -71,7 +72,7 @@ def plot_diagnostics(diag: SelectionDiagnostics, path: Path) -> Path:
     ax.set_xlabel("filter ratio f (choose b of b / (1 - f))")
     ax.set_ylabel(f"sub-batch {diag.scoring}")
     ax = axes[1, 1]
-    image = ax.imshow(diag.matrix, cmap="RdBu_r")
+    image = ax.imshow(diag.matrix, cmap="RdBu_r", norm=CenteredNorm())  # white = 0
     fig.colorbar(image, ax=ax, shrink=0.8)
     ax.set_xlabel("text j")
     ax.set_ylabel("image i")

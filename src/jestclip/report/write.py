@@ -86,9 +86,10 @@ def write_report(
         "",
         "## Speed-up to target",
         "",
-        f"Target: the final average accuracy of the baseline `{base.name}` ({_pct(target)}%). Cost = "
-        "examples learned on (or total FLOPs) at which a run first reached it, interpolated linearly between "
-        "evaluations; speed-up = baseline cost / run cost.",
+        f"Target: the final average accuracy of the baseline `{base.name}` ({_pct(target)}%), reached after "
+        "its whole run. Cost = examples learned on (or total FLOPs) at which a run first reached the target, "
+        "interpolated linearly between evaluations; speed-up = baseline cost / run cost. Each curve is "
+        "one run (one seed): at small scale, evaluation noise of a point or so moves these numbers a lot.",
         "",
         "| run | method | final (%) | examples to target | speed-up | FLOPs to target | speed-up |",
         "|---|---|---|---|---|---|---|",

@@ -1,0 +1,77 @@
+"""Speed-up interpolation on synthetic curves; run logs; a report written from two small real runs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jestclip.report import RunLog, first_crossing, load_run, speedup_table
+
+
+def test_first_crossing_interpolates_between_evaluations():
+    xs, ys = [0, 100, 200, 300], [0.1, 0.3, 0.5, 0.4]
+    assert first_crossing(xs, ys, 0.4) == pytest.approx(150.0)
+    assert first_crossing(xs, ys, 0.5) == 200.0
+    assert first_crossing(xs, ys, 0.05) == 0.0  # reached before training
+    assert first_crossing(xs, ys, 0.51) is None
+    assert first_crossing(xs, [0.1, 0.5, 0.2, 0.6], 0.45) == pytest.approx(87.5)  # the first crossing counts
+    with pytest.raises(ValueError, match="must not decrease"):
+        first_crossing([0, 2, 1], [0, 1, 2], 0.5)
+    with pytest.raises(ValueError, match="3 x values for 2 y values"):
+        first_crossing([0, 1, 2], [0, 1], 0.5)
+
+
+def synthetic_run(name: str, method: str, accuracy: list[float], per_step: float, step: int = 10) -> RunLog:
+    evals = [
+        {
+            "step": i * step,
+            "examples_learned": i * step * 10,
+            "flops_total": i * step * per_step,
+            "eval/average": a,
+        }
+        for i, a in enumerate(accuracy)
+    ]
+    return RunLog(name, Path(name), {"method": {"method": method}}, [], evals)
+
+
+def test_speedup_to_target_on_synthetic_curves():
+    iid = synthetic_run("iid", "iid", [0.0, 0.2, 0.4, 0.5, 0.6], per_step=1.0)
+    # JEST climbs twice as fast per example but each step costs 3x the FLOPs
+    jest = synthetic_run("jest", "jest", [0.0, 0.4, 0.6, 0.7, 0.75], per_step=3.0)
+    flat = synthetic_run("flat", "jest", [0.0, 0.1, 0.2, 0.3, 0.3], per_step=1.0)
+    target, rows = speedup_table([iid, jest, flat], iid)
+    assert target == 0.6
+    by = {r.run: r for r in rows}
+    assert by["iid"].examples == pytest.approx(400) and by["iid"].examples_speedup == pytest.approx(1.0)
+    assert by["jest"].examples == pytest.approx(200) and by["jest"].examples_speedup == pytest.approx(2.0)
+    assert by["jest"].flops == pytest.approx(60) and by["jest"].flops_speedup == pytest.approx(40 / 60)
+    assert by["flat"].examples is None and by["flat"].examples_speedup is None
+    # a noisy baseline that touched its final value early still costs its whole run
+    bumpy = synthetic_run("bumpy", "iid", [0.0, 0.5, 0.3, 0.4], per_step=1.0)
+    target, rows = speedup_table([bumpy, jest], bumpy)
+    assert target == 0.4 and rows[0].examples == 300 and rows[0].examples_speedup == 1.0
+    assert rows[1].examples == pytest.approx(100) and rows[1].examples_speedup == pytest.approx(3.0)
+
+
+def test_load_run_keeps_the_last_line_of_a_step_and_names_bad_lines(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"method": {"method": "jest"}}))
+    lines = [
+        {"step": 0, "examples_learned": 0, "eval/average": 0.1},
+        {"step": 1, "loss": 3.0},
+        {"step": 2, "loss": 2.0},
+        {"step": 2, "examples_learned": 8, "eval/average": 0.2},
+        {"step": 2, "loss": 1.5},  # resumed: step 2 logged again
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    run = load_run(tmp_path)
+    assert [r["step"] for r in run.train] == [1, 2] and run.train[-1]["loss"] == 1.5
+    assert run.curve("examples_learned") == ([0.0, 8.0], [0.1, 0.2])
+    assert run.method == "jest"
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON line"):
+        load_run(tmp_path)
+    with pytest.raises(ValueError, match=r"config\.json is missing"):
+        load_run(tmp_path / "nothing")
+    empty = RunLog("e", tmp_path, {}, [], [])
+    with pytest.raises(ValueError, match="has no evaluation lines"):
+        empty.final_eval  # noqa: B018

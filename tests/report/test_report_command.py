@@ -1,0 +1,72 @@
+"""A report written by ``jestclip report`` from two small real runs (IID and JEST) with periodic eval."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from jestclip.cli import main
+from jestclip.train.loop import train
+
+from ..eval.test_evaluate import make_suite
+from ..train.test_loop import cached_shards, config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("report")
+    shards = cached_shards(root / "shards", 2, 12)
+    make_suite(root / "bench" / "eval", "toy", per_class=3)
+    out = []
+    for method in ("iid", "jest"):
+        cfg = config(root / method, shards, method, steps=4, eval_data=str(root / "bench"))
+        train(dataclasses.replace(cfg, eval_every=2), progress=False)
+        out.append(Path(cfg.run_dir))
+    return out[0], out[1]
+
+
+def test_report_writes_markdown_figures_and_numbers(runs, tmp_path, capsys):
+    iid, jest = runs
+    out = tmp_path / "report"
+    args = [
+        "report",
+        str(iid),
+        str(jest),
+        "--out",
+        str(out),
+        "--diagnostics-batch",
+        "2",
+        "--gibbs-steps",
+        "20",
+    ]
+    assert main(args) == 0
+    assert f"report: {out / 'report.md'}" in capsys.readouterr().out
+    for name in ("report.md", "accuracy.png", "diagnostics.png", "report.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (out / "report.md").read_text()
+    for heading in (
+        "## Average accuracy",
+        "## Speed-up to target",
+        "## Final metrics",
+        "## Selection diagnostics",
+    ):
+        assert heading in text
+    assert "| toy/zeroshot:colour |" in text
+    data = json.loads((out / "report.json").read_text())
+    assert data["baseline"] == "iid" and [r["run"] for r in data["speedup"]] == ["iid", "jest"]
+    diag = data["diagnostics"]
+    assert diag["super_batch"] == 20 and set(diag["filter_ratio"]) == {"0.0", "0.5", "0.8", "0.9"}
+    assert len(diag["gibbs"]) == 21 and len(diag["matrix"]) == 20
+    assert data["settings"]["runs"] == [str(iid), str(jest)]
+
+
+def test_report_errors(runs, tmp_path):
+    iid, jest = runs
+    with pytest.raises(ValueError, match="no IID run among"):
+        main(["report", str(jest), "--out", str(tmp_path), "--no-diagnostics"])
+    with pytest.raises(ValueError, match="baseline 'x' is not among"):
+        main(["report", str(iid), "--out", str(tmp_path), "--baseline", "x", "--no-diagnostics"])
+    with pytest.raises(ValueError, match="is not a training run"):
+        main(["report", str(tmp_path), "--out", str(tmp_path)])
