@@ -1,7 +1,8 @@
 """``jestclip demo``: the whole method end to end on the built-in benchmark, with tiny models.
 
 Stages (each reuses its output when it is already there, so a re-run only redoes what is missing):
-1. benchmark data: install missing Debian/npm sources, build ``data/bench`` (``jestclip data build``);
+1. benchmark data: install missing Debian/npm sources, build ``data/bench-demo`` (``jestclip data build
+   --limit 10000``: at most 10,000 drawings per source);
 2. reference: train on ``curated`` (IID);
 3. cache the reference's embeddings of ``pool``;
 4. IID learner on ``pool``;  5. JEST learner on ``pool`` (both evaluated every ``eval_every`` steps);
@@ -24,17 +25,17 @@ __all__ = ["DemoConfig", "add_parser", "run", "run_demo"]
 class DemoConfig:
     """Everything the demo does; ``reduced()`` is the seconds-long variant CI runs."""
 
-    data: str = "data/bench"  # built here when absent
+    data: str = "data/bench-demo"  # built here when absent
     out: str = "runs/demo"  # runs and report
-    build_limit: int | None = None  # drawings per source (None: the full benchmark)
+    build_limit: int | None = 10_000  # drawings per source (a seeded subset; None: the full benchmark)
     model: str = "jest-micro"
     batch_size: int = 64
     filter_ratio: float = 0.8
     reference_steps: int = 300
     steps: int = 300  # of each learner
     lr: float = 2e-3
-    eval_every: int = 50
-    eval_limit: int | None = 500  # samples per eval suite
+    eval_every: int = 100
+    eval_limit: int | None = None  # samples per eval suite (None: all)
     diagnostics_batch: int = 64
     gibbs_steps: int = 2000
     device: str = "auto"
@@ -62,12 +63,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="build data, train reference, IID and JEST learners, evaluate and report",
         description="Run the whole method on the built-in benchmark with tiny models (about 15 minutes "
-        "on a 2-core CPU; a GPU is used when present): build data/bench if absent, train a reference on "
-        "curated, cache its embeddings, train IID and JEST learners on pool with periodic evaluation, and "
-        "write a report. Re-running reuses what is already built.",
+        "on a 2-core CPU; a GPU is used when present): build a benchmark subset in data/bench-demo if "
+        "absent, train a reference on curated, cache its embeddings, train IID and JEST learners on pool "
+        "with periodic evaluation, and write a report. Re-running reuses what is already built.",
     )
     parser.add_argument("--reduced", action="store_true", help="a tiny end-to-end check (about 2 minutes)")
-    parser.add_argument("--data", help="benchmark directory (default: data/bench, built if absent)")
+    parser.add_argument("--data", help="benchmark directory (default: data/bench-demo, built if absent)")
     parser.add_argument("--out", help="directory for the runs and the report (default: runs/demo)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
 
@@ -80,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage(number: int, text: str) -> None:
-    print(f"\n[{number}/6] {text}", flush=True)
+def _stage(number: int, text: str, started: float) -> None:
+    print(f"\n[{number}/6] {text}  (at {time.perf_counter() - started:.0f} s)", flush=True)
 
 
 def _build_data(cfg: DemoConfig) -> None:
@@ -160,18 +161,18 @@ def run_demo(cfg: DemoConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1), encoding="utf-8")
-    _stage(1, f"benchmark data in {cfg.data}")
+    _stage(1, f"benchmark data in {cfg.data}", started)
     _build_data(cfg)
-    _stage(2, "reference model on curated")
+    _stage(2, "reference model on curated", started)
     reference = _train(cfg, "reference", str(Path(cfg.data) / "curated"), "iid", cfg.reference_steps, False)
-    _stage(3, "caching the reference's embeddings of pool")
+    _stage(3, "caching the reference's embeddings of pool", started)
     _cache(cfg, reference)
     pool = str(Path(cfg.data) / "pool")
-    _stage(4, "IID learner on pool")
+    _stage(4, "IID learner on pool", started)
     iid = _train(cfg, "iid", pool, "iid", cfg.steps, True)
-    _stage(5, f"JEST learner on pool (filter ratio {cfg.filter_ratio})")
+    _stage(5, f"JEST learner on pool (filter ratio {cfg.filter_ratio})", started)
     jest = _train(cfg, "jest", pool, "jest", cfg.steps, True)
-    _stage(6, "report")
+    _stage(6, "report", started)
     size = round(cfg.diagnostics_batch / (1 - 0.9))
     learner, ref, run_config = run_embeddings(jest, size=size)
     diagnostics = selection_diagnostics(

@@ -1,0 +1,36 @@
+"""``jestclip demo --reduced`` end to end on the real (capped) benchmark, then a re-run that reuses it."""
+
+import json
+
+import pytest
+
+from jestclip.cli import main
+from jestclip.data.sources import SourcePaths, missing_sources
+
+
+@pytest.mark.skipif(
+    bool(missing_sources(SourcePaths(), list(SourcePaths().required()))),
+    reason="benchmark sources not installed (jestclip data sources --install)",
+)
+def test_reduced_demo_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
+    args = ["demo", "--reduced", "--data", str(tmp_path / "bench"), "--out", str(tmp_path / "runs")]
+    assert main([*args, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {tmp_path / 'runs' / 'report' / 'report.md'}" in out
+    for stage in range(1, 7):
+        assert f"[{stage}/6]" in out
+    runs = tmp_path / "runs"
+    for name in ("reference", "iid", "jest"):
+        assert (runs / name / "model.pt").exists(), name
+    evals = [json.loads(x) for x in (runs / "jest" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in evals if "eval/average" in x] == [0, 3, 6]
+    assert list((tmp_path / "bench" / "pool").glob("*.demo-reference.npz"))
+    report = (runs / "report" / "report.md").read_text()
+    assert "## Speed-up to target" in report and "## Selection diagnostics" in report
+    assert json.loads((runs / "demo.json").read_text())["build_limit"] == 40
+
+    stamps = {n: (runs / n / "model.pt").stat().st_mtime_ns for n in ("reference", "iid", "jest")}
+    assert main([*args, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "reusing" in out and "(build.json says complete)" in out
+    assert stamps == {n: (runs / n / "model.pt").stat().st_mtime_ns for n in stamps}
