@@ -1,7 +1,4 @@
-"""The ``jestclip`` command line: one subcommand per job, each in ``jestclip.commands``.
-
-Subcommands not built yet say so and exit 2.
-"""
+"""The ``jestclip`` command line: one subcommand per job, each in ``jestclip.commands``."""
 
 from __future__ import annotations
 
@@ -10,8 +7,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# subcommands with a module in jestclip.commands
-_BUILT = {
+# subcommand -> its module in jestclip.commands (add_parser(sub) and run(args) -> exit status)
+_COMMANDS = {
     "data": "jestclip.commands.data",
     "cache-reference": "jestclip.commands.cache_reference",
     "train": "jestclip.commands.train",
@@ -19,8 +16,6 @@ _BUILT = {
     "report": "jestclip.commands.report",
     "demo": "jestclip.commands.demo",
 }
-# name -> (one-line help, issue that builds it)
-_PLANNED: dict[str, tuple[str, str]] = {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,21 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"jestclip {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in _BUILT.values():
+    for module in _COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
-    for name, (help_text, _) in _PLANNED.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text)
-        sp.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in _BUILT:
-        return importlib.import_module(_BUILT[args.command]).run(args)
-    _, issue = _PLANNED[args.command]
-    print(f"jestclip {args.command}: not implemented yet (built by {issue})", file=sys.stderr)
-    return 2
+    return importlib.import_module(_COMMANDS[args.command]).run(args)
 
 
 if __name__ == "__main__":
