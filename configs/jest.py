@@ -24,4 +24,7 @@ def get_config(quick: bool = False) -> TrainConfig:
         steps=20 if quick else 2000,
         log_every=5 if quick else 20,
         checkpoint_every=10 if quick else 200,
+        eval_data="data/bench",
+        eval_every=10 if quick else 200,
+        eval_limit=200 if quick else None,
     )
