@@ -17,8 +17,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["DemoConfig", "add_parser", "run", "run_demo"]
+if TYPE_CHECKING:
+    from jestclip.train.config import TrainConfig
+
+__all__ = ["DemoConfig", "add_parser", "run", "run_config", "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class DemoConfig:
     eval_limit: int | None = None  # samples per eval suite (None: all)
     diagnostics_batch: int = 64
     gibbs_steps: int = 2000
+    seed: int = 0
     device: str = "auto"
     num_workers: int = 2
 
@@ -100,36 +105,45 @@ def _build_data(cfg: DemoConfig) -> None:
     build(Path(cfg.data), BuildConfig(limit=cfg.build_limit), paths)
 
 
-def _train(cfg: DemoConfig, name: str, data: str, method: str, steps: int, evaluate: bool) -> Path:
+def run_config(cfg: DemoConfig, name: str, method: str) -> TrainConfig:
+    """The demo's training config for run ``name``: "reference" (IID on curated) or an IID / JEST learner on
+    pool, evaluated every ``eval_every`` steps.
+    """
     from jestclip.train.config import TrainConfig
-    from jestclip.train.loop import train
     from jestclip.train.optim import OptimConfig
     from jestclip.train.steps import MethodConfig
 
-    run_dir = Path(cfg.out) / name
-    if (run_dir / "model.pt").exists():
-        print(f"reusing {run_dir} (finished)")
-        return run_dir
-    train(
-        TrainConfig(
-            run_dir=str(run_dir),
-            model=cfg.model,
-            data=data,
-            reference_cache="demo-reference" if method != "iid" else None,
-            filter_ratio=cfg.filter_ratio,
-            method=MethodConfig(method, batch_size=cfg.batch_size, n_chunks=min(16, cfg.batch_size)),
-            optim=OptimConfig(lr=cfg.lr, warmup_fraction=0.05),
-            steps=steps,
-            log_every=max(1, steps // 30),
-            checkpoint_every=max(1, steps // 3),
-            eval_data=cfg.data if evaluate else None,
-            eval_every=cfg.eval_every if evaluate else 0,
-            eval_limit=cfg.eval_limit,
-            device=cfg.device,
-            num_workers=cfg.num_workers,
-        )
+    reference = name == "reference"
+    steps = cfg.reference_steps if reference else cfg.steps
+    return TrainConfig(
+        run_dir=str(Path(cfg.out) / name),
+        model=cfg.model,
+        data=str(Path(cfg.data) / ("curated" if reference else "pool")),
+        reference_cache="demo-reference" if method != "iid" else None,
+        filter_ratio=cfg.filter_ratio,
+        method=MethodConfig(method, batch_size=cfg.batch_size, n_chunks=min(16, cfg.batch_size)),
+        optim=OptimConfig(lr=cfg.lr, warmup_fraction=0.05),
+        steps=steps,
+        log_every=max(1, steps // 30),
+        checkpoint_every=max(1, steps // 3),
+        eval_data=None if reference else cfg.data,
+        eval_every=0 if reference else cfg.eval_every,
+        eval_limit=cfg.eval_limit,
+        seed=cfg.seed,
+        device=cfg.device,
+        num_workers=cfg.num_workers,
     )
-    return run_dir
+
+
+def _train(cfg: DemoConfig, name: str, method: str) -> Path:
+    from jestclip.train.loop import train
+
+    run = run_config(cfg, name, method)
+    if (Path(run.run_dir) / "model.pt").exists():
+        print(f"reusing {run.run_dir} (finished)")
+    else:
+        train(run)
+    return Path(run.run_dir)
 
 
 def _cache(cfg: DemoConfig, reference_run: Path) -> None:
@@ -164,22 +178,21 @@ def run_demo(cfg: DemoConfig) -> Path:
     _stage(1, f"benchmark data in {cfg.data}", started)
     _build_data(cfg)
     _stage(2, "reference model on curated", started)
-    reference = _train(cfg, "reference", str(Path(cfg.data) / "curated"), "iid", cfg.reference_steps, False)
+    reference = _train(cfg, "reference", "iid")
     _stage(3, "caching the reference's embeddings of pool", started)
     _cache(cfg, reference)
-    pool = str(Path(cfg.data) / "pool")
     _stage(4, "IID learner on pool", started)
-    iid = _train(cfg, "iid", pool, "iid", cfg.steps, True)
+    iid = _train(cfg, "iid", "iid")
     _stage(5, f"JEST learner on pool (filter ratio {cfg.filter_ratio})", started)
-    jest = _train(cfg, "jest", pool, "jest", cfg.steps, True)
+    jest = _train(cfg, "jest", "jest")
     _stage(6, "report", started)
     size = round(cfg.diagnostics_batch / (1 - 0.9))
-    learner, ref, run_config = run_embeddings(jest, size=size)
+    learner, ref, jest_config = run_embeddings(jest, size=size)
     diagnostics = selection_diagnostics(
         learner,
         ref,
         batch_size=cfg.diagnostics_batch,
-        gain=run_config["method"]["gain"],
+        gain=jest_config["method"]["gain"],
         filter_ratios=(0.0, 0.5, 0.8, 0.9),
         gibbs_steps=cfg.gibbs_steps,
     )
