@@ -89,6 +89,7 @@ def encode_suite(
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
     images, texts, keys, concept_names = [], [], [], []
     labels: dict[str, list[int]] = {f: [] for f in suite.label_fields}
+    class_counts = {f: len(suite.classes.get(f, ())) or None for f in labels}  # None: ids are not checked
     bar = tqdm(total=limit, desc=f"eval {suite.name}", unit="img", disable=not progress, leave=False)
     for batch in loader:
         take = len(batch) if limit is None else min(len(batch), limit - len(keys))
@@ -102,7 +103,7 @@ def encode_suite(
             concept_names.append(str(meta.get("concept", text)))
             for field, values in labels.items():
                 value = _label(meta, field)
-                n_classes = len(suite.classes.get(field, ())) or None
+                n_classes = class_counts[field]
                 if not isinstance(value, int) or value < -1 or (n_classes and value >= n_classes):
                     raise ValueError(
                         f"suite {suite.name!r}: sample {key!r} in {url} has label "

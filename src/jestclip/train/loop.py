@@ -168,10 +168,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         approx_learner=approx_flops,
     )
 
+    transform = image_transform(cfg.model)
     stream = SuperBatchStream(
         urls,
         batch_size=cfg.super_batch // world,
-        transform=image_transform(cfg.model),
+        transform=transform,
         resampled=True,
         seed=cfg.seed,
         rank=rank,
@@ -211,7 +212,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                     model,
                     suites,
                     tokenize=tokenize,
-                    transform=image_transform(cfg.model),
+                    transform=transform,
                     device=device,
                     limit=cfg.eval_limit,
                 )  # in a forked RNG: evaluating must not change the training run
