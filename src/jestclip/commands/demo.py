@@ -169,7 +169,7 @@ def _cache(cfg: DemoConfig, reference_run: Path) -> None:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run (or finish) every stage; return the report's path."""
-    from jestclip.report import load_run, run_embeddings, selection_diagnostics, write_report
+    from jestclip.report import load_run, run_diagnostics, write_report
 
     started = time.perf_counter()
     out = Path(cfg.out)
@@ -186,16 +186,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     _stage(5, f"JEST learner on pool (filter ratio {cfg.filter_ratio})", started)
     jest = _train(cfg, "jest", "jest")
     _stage(6, "report", started)
-    size = round(cfg.diagnostics_batch / (1 - 0.9))
-    learner, ref, jest_config = run_embeddings(jest, size=size)
-    diagnostics = selection_diagnostics(
-        learner,
-        ref,
-        batch_size=cfg.diagnostics_batch,
-        gain=jest_config["method"]["gain"],
-        filter_ratios=(0.0, 0.5, 0.8, 0.9),
-        gibbs_steps=cfg.gibbs_steps,
-    )
+    diagnostics = run_diagnostics(jest, batch_size=cfg.diagnostics_batch, gibbs_steps=cfg.gibbs_steps)
     report = write_report(
         [load_run(iid), load_run(jest)],
         out / "report",

@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jestclip.report import load_run, run_embeddings, selection_diagnostics, write_report
+    from jestclip.report import load_run, run_diagnostics, write_report
 
     runs = [load_run(path) for path in args.runs]
     diagnostics, diagnostics_run = None, None
@@ -42,19 +42,11 @@ def run(args: argparse.Namespace) -> int:
         if diagnostics_run is None:
             print("report: no non-IID run to take selection diagnostics from; skipping them")
         else:
-            max_ratio = 0.9
-            size = round(args.diagnostics_batch / (1 - max_ratio))
-            learner, reference, config = run_embeddings(diagnostics_run, size=size, device=args.device)
-            method = config["method"]
-            diagnostics = selection_diagnostics(
-                learner if method["scoring"] != "easy_reference" else None,
-                reference if method["scoring"] != "hard_learner" else None,
+            diagnostics = run_diagnostics(
+                diagnostics_run,
                 batch_size=args.diagnostics_batch,
-                scoring=method["scoring"],
-                loss=method["loss"],
-                gain=method["gain"],
-                filter_ratios=(0.0, 0.5, 0.8, max_ratio),
                 gibbs_steps=args.gibbs_steps,
+                device=args.device,
             )
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     settings["runs"] = [str(p) for p in args.runs]

@@ -2,7 +2,12 @@
 diagnostics (the paper's figures 1 and 2 and its per-task tables).
 """
 
-from jestclip.report.diagnostics import SelectionDiagnostics, run_embeddings, selection_diagnostics
+from jestclip.report.diagnostics import (
+    SelectionDiagnostics,
+    run_diagnostics,
+    run_embeddings,
+    selection_diagnostics,
+)
 from jestclip.report.plots import plot_accuracy, plot_diagnostics
 from jestclip.report.runs import AVERAGE, RunLog, load_run
 from jestclip.report.speedup import SpeedupRow, first_crossing, speedup_table
@@ -18,6 +23,7 @@ __all__ = [
     "load_run",
     "plot_accuracy",
     "plot_diagnostics",
+    "run_diagnostics",
     "run_embeddings",
     "selection_diagnostics",
     "speedup_table",

@@ -25,7 +25,7 @@ from jestclip.selection import (
     pair_score_matrix,
 )
 
-__all__ = ["SelectionDiagnostics", "run_embeddings", "selection_diagnostics"]
+__all__ = ["SelectionDiagnostics", "run_diagnostics", "run_embeddings", "selection_diagnostics"]
 
 
 @dataclass
@@ -199,3 +199,29 @@ def run_embeddings(
     if config.get("reference_cache"):
         reference = ReferenceCache(urls, name=config["reference_cache"]).lookup(batch.keys, device=device)
     return learner, reference, config
+
+
+def run_diagnostics(
+    run_dir: str | Path,
+    *,
+    batch_size: int = 64,
+    gibbs_steps: int = 2000,
+    max_filter_ratio: float = 0.9,
+    device: str | torch.device = "cpu",
+) -> SelectionDiagnostics:
+    """``selection_diagnostics`` on the first ``batch_size / (1 - max_filter_ratio)`` samples of a run's data,
+    with the run's scoring, loss and gain.
+    """
+    size = round(batch_size / (1.0 - max_filter_ratio))
+    learner, reference, config = run_embeddings(run_dir, size=size, device=device)
+    method = config["method"]
+    return selection_diagnostics(
+        learner if method["scoring"] != "easy_reference" else None,
+        reference if method["scoring"] != "hard_learner" else None,
+        batch_size=batch_size,
+        scoring=method["scoring"],
+        loss=method["loss"],
+        gain=method["gain"],
+        filter_ratios=(0.0, 0.5, 0.8, max_filter_ratio),
+        gibbs_steps=gibbs_steps,
+    )
