@@ -136,10 +136,10 @@ def run_config(cfg: DemoConfig, name: str, method: str) -> TrainConfig:
 
 
 def _train(cfg: DemoConfig, name: str, method: str) -> Path:
-    from jestclip.train.loop import train
+    from jestclip.train.loop import MODEL_FILE, train
 
     run = run_config(cfg, name, method)
-    if (Path(run.run_dir) / "model.pt").exists():
+    if (Path(run.run_dir) / MODEL_FILE).exists():
         print(f"reusing {run.run_dir} (finished)")
     else:
         train(run)
@@ -151,9 +151,10 @@ def _cache(cfg: DemoConfig, reference_run: Path) -> None:
 
     from jestclip.data.refcache import cache_reference
     from jestclip.models import create_model, image_transform, model_fingerprint, tokenizer
+    from jestclip.train.loop import MODEL_FILE
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_model(cfg.model, checkpoint=reference_run / "model.pt", device=device)
+    model = create_model(cfg.model, checkpoint=reference_run / MODEL_FILE, device=device)
     summary = cache_reference(
         model,
         str(Path(cfg.data) / "pool"),

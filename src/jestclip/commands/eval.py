@@ -48,9 +48,12 @@ def resolve_checkpoint(path: Path, model: str | None) -> tuple[Path, str]:
         config = path / "config.json"
         if not config.exists():
             raise SystemExit(f"eval: {path} is a directory but not a run (it has no config.json)")
-        weights = next((path / n for n in ("model.pt", "checkpoint.pt") if (path / n).exists()), None)
-        if weights is None:
-            raise SystemExit(f"eval: run {path} has no model.pt or checkpoint.pt yet")
+        from jestclip.train.loop import run_weights
+
+        try:
+            weights = run_weights(path)
+        except ValueError as exn:
+            raise SystemExit(f"eval: {exn}") from None
         return weights, model or json.loads(config.read_text(encoding="utf-8"))["model"]
     if not path.exists():
         raise SystemExit(f"eval: checkpoint {path} does not exist")

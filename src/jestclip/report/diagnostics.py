@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,6 @@ class SelectionDiagnostics:
     gibbs: list[float]
     filter_ratio: dict[float, float]
     matrix: list[list[float]]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
 
 
 def selection_diagnostics(
@@ -167,14 +164,14 @@ def run_embeddings(
     from jestclip.data.loader import SuperBatchStream, expand_urls
     from jestclip.data.refcache import ReferenceCache
     from jestclip.models import create_model, image_transform, tokenizer
+    from jestclip.train.loop import run_weights
     from jestclip.train.steps import SuperBatchTensors, score_embeddings
 
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    weights = next((run_dir / n for n in ("model.pt", "checkpoint.pt") if (run_dir / n).exists()), None)
-    if weights is None:
-        raise ValueError(f"run {run_dir} has no model.pt or checkpoint.pt")
-    model = create_model(config["model"], loss=config["method"]["loss"], checkpoint=weights, device=device)
+    model = create_model(
+        config["model"], loss=config["method"]["loss"], checkpoint=run_weights(run_dir), device=device
+    )
     urls = expand_urls(config["data"])
     stream = SuperBatchStream(
         urls,

@@ -36,7 +36,10 @@ from jestclip.train.distributed import average_gradients
 from jestclip.train.optim import make_optimizer, make_scheduler
 from jestclip.train.steps import SuperBatchTensors, run_step
 
-__all__ = ["Counters", "train"]
+__all__ = ["CHECKPOINT_FILE", "MODEL_FILE", "Counters", "run_weights", "train"]
+
+CHECKPOINT_FILE = "checkpoint.pt"  # full training state
+MODEL_FILE = "model.pt"  # final weights only
 
 # config keys that may differ between the run that wrote a checkpoint and the one resuming it
 _RESUMABLE_CHANGES = {"stop_after", "num_workers", "device", "log_every", "checkpoint_every"}
@@ -68,6 +71,17 @@ def _counter_fields(counters: Counters) -> dict[str, Any]:
         "flops_reference": counters.flops_reference,
         "flops_total": counters.flops_total,
     }
+
+
+def run_weights(run_dir: str | Path) -> Path:
+    """The weights of a run: its final ``model.pt``, else its latest ``checkpoint.pt`` (both load with
+    ``create_model(checkpoint=...)``); a ValueError when it has neither yet.
+    """
+    run_dir = Path(run_dir)
+    for name in (MODEL_FILE, CHECKPOINT_FILE):
+        if (run_dir / name).exists():
+            return run_dir / name
+    raise ValueError(f"run {run_dir} has no {MODEL_FILE} or {CHECKPOINT_FILE} yet")
 
 
 def _device(name: str) -> torch.device:
@@ -116,7 +130,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             f"batch_size {cfg.method.batch_size} and super-batch {cfg.super_batch} must be divisible by the "
             f"world size {world}"
         )
-    checkpoint_path = run / "checkpoint.pt"
+    checkpoint_path = run / CHECKPOINT_FILE
     resuming = checkpoint_path.exists()
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
@@ -301,7 +315,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         if counters.step >= cfg.steps:
             save_checkpoint()
             if rank == 0:
-                _atomic_save(model.state_dict(), run / "model.pt")
+                _atomic_save(model.state_dict(), run / MODEL_FILE)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         if metrics_file is not None:
