@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from jestclip.selection import (
+    CandidateGroups,
+    LocalExchange,
     batch_score,
     chunk_sizes,
     conditional_scores,
     group_chunk_counts,
+    independent_select,
     joint_select,
 )
 
@@ -219,3 +224,99 @@ def test_low_precision_inputs_accumulate_in_float32(loss):
     torch.testing.assert_close(low[rest], high[rest], rtol=0.05, atol=0.5)
     idx = joint_select(learner, reference, size=30, loss=loss, generator=gen(0))
     assert idx.unique().numel() == 30
+
+
+def test_groups_and_an_exchange_are_exclusive():
+    learner, reference = learner_and_reference(20, dtype=torch.float32)
+    groups = (torch.arange(20) % 2, [2, 2])
+    explicit = joint_select(
+        learner, reference, size=4, n_chunks=2, exchange=LocalExchange(groups), generator=gen(3)
+    )
+    assert torch.equal(
+        explicit, joint_select(learner, reference, size=4, n_chunks=2, groups=groups, generator=gen(3))
+    )
+    with pytest.raises(ValueError, match="pass groups or exchange, not both"):
+        joint_select(learner, reference, size=4, groups=groups, exchange=LocalExchange(), generator=gen(0))
+
+
+def _thread_exchanges(world: int):
+    """``world`` DistributedExchanges for threads of one process: all-gather through a shared board."""
+    from jestclip.train.distributed import DistributedExchange
+
+    slots: list[torch.Tensor | None] = [None] * world
+    barrier = threading.Barrier(world, timeout=60)
+
+    class ThreadExchange(DistributedExchange):
+        def __init__(self, rank: int) -> None:
+            self.group, self.world, self.rank = None, world, rank
+
+        def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+            slots[self.rank] = tensor.clone()
+            barrier.wait()
+            out = torch.cat(slots)
+            barrier.wait()
+            return out
+
+    return [ThreadExchange(rank) for rank in range(world)]
+
+
+def _on_threads(world: int, run) -> list:
+    exchanges = _thread_exchanges(world)
+    with ThreadPoolExecutor(world) as pool:
+        return list(pool.map(lambda rank: run(rank, exchanges[rank]), range(world)))
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_a_sharded_exchange_draws_what_one_process_draws_with_groups(loss):
+    world, n, size = 3, 20, 12
+    learner, reference = learner_and_reference(world * n, dtype=torch.float32)
+    kwargs = dict(size=size, n_chunks=4, loss=loss, gain=5.0)
+
+    def joint(rank, exchange):
+        rows = torch.arange(rank * n, (rank + 1) * n)
+        return joint_select(
+            learner.take(rows), reference.take(rows), exchange=exchange, generator=gen(5), **kwargs
+        )
+
+    groups = CandidateGroups(torch.arange(world * n) // n, [size // world] * world)
+    single = joint_select(learner, reference, groups=groups, generator=gen(5), **kwargs)
+    assert all(torch.equal(chosen, single) for chosen in _on_threads(world, joint))
+
+    def independent(rank, exchange):
+        rows = torch.arange(rank * n, (rank + 1) * n)
+        shard = (learner.take(rows), reference.take(rows))
+        return independent_select(*shard, size=size, loss=loss, gain=5.0, exchange=exchange, generator=gen(5))
+
+    grouped = LocalExchange(groups)
+    single = independent_select(
+        learner, reference, size=size, loss=loss, gain=5.0, exchange=grouped, generator=gen(5)
+    )
+    for rank, local in enumerate(_on_threads(world, independent)):
+        assert torch.equal(local + rank * n, single[single // n == rank])
+
+
+def test_a_sharded_exchange_returns_rows_in_chunk_order():
+    world, n = 3, 5
+    chunk = torch.tensor([7, 0, 14, 3, 8, 1, 9])  # uneven: 3, 2 and 2 picks per rank, interleaved
+
+    def run(rank, exchange):
+        own = torch.arange(rank * n, (rank + 1) * n)
+        return exchange.rows(chunk, [own, own[:, None].double().expand(n, 2)])
+
+    for ids, wide in _on_threads(world, run):
+        assert torch.equal(ids, chunk) and torch.equal(wide, chunk[:, None].double().expand(-1, 2))
+
+
+def test_a_sharded_exchange_rejects_unequal_shards():
+    learner, reference = learner_and_reference(41, dtype=torch.float32)
+
+    def run(rank, exchange):
+        rows = torch.arange(0, 20) if rank == 0 else torch.arange(20, 41)
+        with pytest.raises(
+            ValueError, match="every rank must hold the same number of candidates, got \\[20, 21\\]"
+        ):
+            joint_select(
+                learner.take(rows), reference.take(rows), size=4, exchange=exchange, generator=gen(0)
+            )
+
+    _on_threads(2, run)

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from jestclip.selection import CandidateGroups, joint_select
-from jestclip.train.distributed import distributed_joint_select
+from jestclip.selection import CandidateGroups, LocalExchange, independent_select, joint_select
+from jestclip.train.distributed import distributed_independent_select, distributed_joint_select
 
 from ..selection.helpers import learner_and_reference
 
@@ -30,17 +30,15 @@ def _worker(rank: int, store: str, out: str, loss: str, scoring: str) -> None:
     with process_group(rank, store):
         learner, reference = learner_and_reference(N_PER_RANK * WORLD)
         rows = torch.arange(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        shard = (learner.take(rows), reference.take(rows) if scoring != "hard_learner" else None)
+        kwargs = dict(size=SIZE, scoring=scoring, loss=loss, gain=5.0)
         local, global_ = distributed_joint_select(
-            learner.take(rows),
-            reference.take(rows) if scoring != "hard_learner" else None,
-            size=SIZE,
-            n_chunks=4,
-            scoring=scoring,
-            loss=loss,
-            gain=5.0,
-            generator=torch.Generator().manual_seed(11),
+            *shard, n_chunks=4, generator=torch.Generator().manual_seed(11), **kwargs
         )
-        torch.save({"local": local, "global": global_}, f"{out}.{rank}")
+        independent = distributed_independent_select(
+            *shard, generator=torch.Generator().manual_seed(11), **kwargs
+        )
+        torch.save({"local": local, "global": global_, "independent": independent}, f"{out}.{rank}")
 
 
 @pytest.mark.parametrize(("loss", "scoring"), [("sigmoid", "learnability"), ("softmax", "hard_learner")])
@@ -71,6 +69,19 @@ def test_two_ranks_select_the_same_indices_as_one_process(tmp_path, loss, scorin
         groups=groups,
     )
     assert torch.equal(selection, single)
+    # independent selection: each rank's top quota of its slice of the same perturbed scores
+    grouped = independent_select(
+        learner,
+        reference if scoring != "hard_learner" else None,
+        size=SIZE,
+        scoring=scoring,
+        loss=loss,
+        gain=5.0,
+        generator=torch.Generator().manual_seed(11),
+        exchange=LocalExchange(groups),
+    )
+    for rank, result in enumerate(results):
+        assert torch.equal(result["independent"] + rank * N_PER_RANK, grouped[grouped // N_PER_RANK == rank])
 
 
 def _grad_worker(rank: int, store: str, out: str) -> None:

@@ -7,6 +7,7 @@ Public API::
     batch_score(learner, reference, indices, scoring=, loss=)           -> scalar
     joint_select(learner, reference, size=, n_chunks=, scoring=, loss=, gain=, generator=, groups=) -> [size]
     independent_select(learner, reference, size=, scoring=, loss=, context=, method=, gain=, generator=)
+    Exchange / LocalExchange(groups)               # where candidates live: joint_select(..., exchange=)
     gibbs_select(...)                               # brute-force diagnostic (Figure 2)
     dense_* / pair_score_matrix                     # O(B²) oracle for small B
 
@@ -25,7 +26,13 @@ from jestclip.selection.diagnostics import GibbsTrace, gibbs_select
 from jestclip.selection.embeddings import Embeddings, usable_rows
 from jestclip.selection.independent import independent_scores, independent_select
 from jestclip.selection.joint import DEFAULT_GAIN, batch_score, conditional_scores, joint_select
-from jestclip.selection.sampling import CandidateGroups, chunk_sizes, group_chunk_counts
+from jestclip.selection.sampling import (
+    CandidateGroups,
+    Exchange,
+    LocalExchange,
+    chunk_sizes,
+    group_chunk_counts,
+)
 from jestclip.selection.scoring import SCORINGS, ConditionalScores, NonFiniteCandidatesWarning, Scoring
 
 __all__ = [
@@ -35,7 +42,9 @@ __all__ = [
     "CandidateGroups",
     "ConditionalScores",
     "Embeddings",
+    "Exchange",
     "GibbsTrace",
+    "LocalExchange",
     "Loss",
     "NonFiniteCandidatesWarning",
     "Scoring",

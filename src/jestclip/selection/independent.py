@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jestclip.selection.checks import check_count, check_gain, check_generator
+from jestclip.selection.checks import check_gain
 from jestclip.selection.embeddings import Embeddings
 from jestclip.selection.joint import DEFAULT_GAIN
-from jestclip.selection.sampling import gumbel_noise
+from jestclip.selection.sampling import Exchange, LocalExchange
 from jestclip.selection.scoring import ConditionalScores, resolve_inputs, warn_unusable
 
 __all__ = ["CONTEXTS", "METHODS", "independent_scores", "independent_select"]
@@ -54,26 +54,26 @@ def independent_select(
     method: str = "sample",
     gain: float = DEFAULT_GAIN,
     generator: torch.Generator | None = None,
+    exchange: Exchange | None = None,
 ) -> Tensor:
     """Select ``size`` distinct candidates by per-example score; ``[size]``, highest (perturbed) first.
 
     method="sample" draws without replacement with probability proportional to ``exp(gain * score)``
-    (Gumbel-top-k); method="topk" takes the ``size`` best scores.
+    (Gumbel-top-k); method="topk" takes the ``size`` best scores. ``exchange`` (default ``LocalExchange()``):
+    the embeddings are this holder's share, the result its picks as local indices, and ``size`` counts all
+    holders' picks; ``context="superbatch"`` would then see only this holder's candidates.
     """
     caller = "independent_select"
     if method not in METHODS:
         raise ValueError(f"{caller}: method must be one of {METHODS}, got {method!r}")
     inputs = resolve_inputs(learner, reference, scoring, loss, caller=caller)
-    size = check_count(size, "size", 1, inputs.n, "B", caller)
-    gain = check_gain(gain, caller)
-    check_generator(generator, inputs.device, caller)
+    exchange = LocalExchange() if exchange is None else exchange
     warn_unusable(inputs, caller)
-    n_usable = int(inputs.usable.sum())
-    if n_usable < size:
-        raise ValueError(f"{caller}: size={size} but only {n_usable} of {inputs.n} candidates are usable")
+    size = exchange.check(size, inputs.usable, generator, caller)
+    gain = check_gain(gain, caller)
     scores = independent_scores(learner, reference, scoring=scoring, loss=loss, context=context)
     if method == "sample":
-        noise = gumbel_noise(inputs.n, generator=generator, device=scores.device, dtype=scores.dtype)
+        noise = exchange.noise(inputs.n, generator=generator, device=scores.device, dtype=scores.dtype)
         # mask after scaling: gain = 0 would turn -inf into nan
         scores = torch.where(inputs.usable, scores * gain + noise, float("-inf"))
-    return torch.topk(scores, size).indices
+    return exchange.pick(scores, [size], 0)

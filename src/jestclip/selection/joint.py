@@ -8,10 +8,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jestclip.selection.checks import check_count, check_gain, check_generator, check_indices
+from jestclip.selection.checks import check_count, check_gain, check_indices
 from jestclip.selection.embeddings import Embeddings
-from jestclip.selection.sampling import CandidateGroups, chunk_sizes, draw_chunks
-from jestclip.selection.scoring import ConditionalScores, ScoringInputs, resolve_inputs, warn_unusable
+from jestclip.selection.sampling import CandidateGroups, Exchange, as_exchange, chunk_sizes, draw_chunks
+from jestclip.selection.scoring import (
+    GATHER_BLOCK,
+    ConditionalScores,
+    ScoringInputs,
+    resolve_inputs,
+    warn_unusable,
+)
 
 __all__ = ["DEFAULT_GAIN", "batch_score", "conditional_scores", "joint_select"]
 
@@ -72,6 +78,14 @@ def batch_score(
     return state.in_context().mean()
 
 
+def _absorb(state: ConditionalScores, exchange: Exchange, chunk: Tensor) -> None:
+    """Add the chunk's pairs (global indices ``[c]``) to ``state``, their rows fetched a block at a time."""
+    tensors = [x for _, emb in state.inputs.models for x in (emb.image, emb.text)]
+    for start in range(0, chunk.numel(), GATHER_BLOCK):
+        rows = exchange.rows(chunk[start : start + GATHER_BLOCK], tensors)
+        state.absorb(list(zip(rows[0::2], rows[1::2], strict=True)))
+
+
 def joint_select(
     learner: Embeddings | None,
     reference: Embeddings | None,
@@ -83,6 +97,7 @@ def joint_select(
     gain: float = DEFAULT_GAIN,
     generator: torch.Generator | None = None,
     groups: CandidateGroups | tuple[Tensor, list[int]] | None = None,
+    exchange: Exchange | None = None,
 ) -> Tensor:
     """Jointly select ``size`` distinct candidates out of B; ``[size]`` long tensor in selection order.
 
@@ -91,28 +106,21 @@ def joint_select(
     by at most one. With ``groups``, each chunk takes from each group its share of the group's quota while
     conditioning on the whole selected set. Deterministic for a given ``generator`` (on the embeddings'
     device). Candidates with non-finite embeddings are never selected (a ``NonFiniteCandidatesWarning``
-    gives their count).
+    gives their count). ``exchange`` (instead of ``groups``): the embeddings are this holder's ``[n, D]``
+    share of the candidates, and the result is global indices (see ``Exchange``).
     """
     caller = "joint_select"
     inputs = resolve_inputs(learner, reference, scoring, loss, caller=caller)
-    size = check_count(size, "size", 1, inputs.n, "B", caller)
+    exchange = as_exchange(groups, exchange, caller)
+    warn_unusable(inputs, caller)
+    size = exchange.check(size, inputs.usable, generator, caller)
     n_chunks = check_count(n_chunks, "n_chunks", 1, size, "size", caller)
     gain = check_gain(gain, caller)
-    check_generator(generator, inputs.device, caller)
-    if groups is not None and not isinstance(groups, CandidateGroups):
-        groups = CandidateGroups(*groups)
-    warn_unusable(inputs, caller)
-    n_usable = int(inputs.usable.sum())
-    if n_usable < size:
-        raise ValueError(f"{caller}: size={size} but only {n_usable} of {inputs.n} candidates are usable")
-    if groups is not None:
-        groups.validate(inputs.n, size, inputs.usable)
-
     state = ConditionalScores(inputs, loss)
 
     def next_logits(chunk: Tensor | None) -> Tensor:
         if chunk is not None:
-            state.absorb_indices(chunk)
+            _absorb(state, exchange, chunk)
         return state.conditional() * gain
 
     return draw_chunks(
@@ -121,5 +129,5 @@ def joint_select(
         sizes=chunk_sizes(size, n_chunks),
         available=inputs.usable,
         generator=generator,
-        groups=groups,
+        exchange=exchange,
     )

@@ -3,6 +3,10 @@
 Drawing ``n`` items without replacement with probability proportional to ``exp(logit_k)`` (successive
 sampling, i.e. Plackett-Luce) is the top-``n`` of ``logit_k + Gumbel noise``: no exponentials, so no
 overflow, and never a duplicate.
+
+``draw_chunks`` is the one chunked sampler. Where the candidates live is an ``Exchange``: ``LocalExchange``
+holds all of them in this process; a data-parallel trainer passes one that holds this rank's shard and
+all-gathers each chunk's picks (``jestclip.train.distributed.DistributedExchange``).
 """
 
 from __future__ import annotations
@@ -10,13 +14,19 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from jestclip.selection.checks import check_count, check_generator
+
 __all__ = [
     "CandidateGroups",
+    "Exchange",
+    "LocalExchange",
+    "as_exchange",
     "chunk_sizes",
     "draw_chunks",
     "group_chunk_counts",
@@ -139,6 +149,87 @@ def top_k_per_group(perturbed: Tensor, counts: Sequence[int] | None, ids: Tensor
     return chosen[torch.argsort(perturbed[chosen], descending=True, stable=True)]
 
 
+class Exchange(Protocol):
+    """How the holder of ``n`` of all N candidates takes part in a draw (see ``draw_chunks``).
+
+    Local indices point into the holder's ``n`` candidates, global ones into all N. Every holder calls every
+    method in the same order with the same ``sizes`` and ``t``, so an implementation may communicate.
+    """
+
+    def check(self, size: object, usable: Tensor, generator: torch.Generator | None, caller: str) -> int:
+        """``size`` as an int, after checking it can be drawn from all holders' candidates.
+
+        usable: this holder's ``[n]`` bool mask. Raises a ValueError naming ``caller`` otherwise.
+        """
+        ...
+
+    def noise(
+        self, n: int, *, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        """``[n]``: this holder's slice of one ``[N]`` standard Gumbel draw from ``generator``."""
+        ...
+
+    def pick(self, perturbed: Tensor, sizes: Sequence[int], t: int) -> Tensor:
+        """Local indices this holder draws in chunk ``t`` of ``sizes``, by descending ``perturbed``."""
+        ...
+
+    def share(self, picks: Tensor, perturbed: Tensor, sizes: Sequence[int], t: int) -> Tensor:
+        """``[sizes[t]]``: all holders' ``picks`` of chunk t, global, by descending perturbed score."""
+        ...
+
+    def rows(self, chunk: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """For each per-candidate ``[n, ...]`` tensor, its ``[c, ...]`` rows at the global ``chunk``."""
+        ...
+
+
+class LocalExchange:
+    """All N = n candidates in this process: nothing is communicated. ``groups`` sets per-group quotas."""
+
+    def __init__(self, groups: CandidateGroups | tuple[Tensor, Sequence[int]] | None = None) -> None:
+        if groups is not None and not isinstance(groups, CandidateGroups):
+            groups = CandidateGroups(*groups)
+        self.groups = groups
+
+    def check(self, size: object, usable: Tensor, generator: torch.Generator | None, caller: str) -> int:
+        n = usable.numel()
+        size = check_count(size, "size", 1, n, "B", caller)
+        check_generator(generator, usable.device, caller)
+        n_usable = int(usable.sum())
+        if n_usable < size:
+            raise ValueError(f"{caller}: size={size} but only {n_usable} of {n} candidates are usable")
+        if self.groups is not None:
+            self.groups.validate(n, size, usable)
+        return size
+
+    def noise(
+        self, n: int, *, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        return gumbel_noise(n, generator=generator, device=device, dtype=dtype)
+
+    def pick(self, perturbed: Tensor, sizes: Sequence[int], t: int) -> Tensor:
+        if self.groups is None:
+            return top_k_per_group(perturbed, None, None, sizes[t])
+        counts = group_chunk_counts(self.groups.quotas, sizes)[t]
+        return top_k_per_group(perturbed, counts, self.groups.ids, sizes[t])
+
+    def share(self, picks: Tensor, perturbed: Tensor, sizes: Sequence[int], t: int) -> Tensor:
+        return picks
+
+    def rows(self, chunk: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
+        return [x[chunk] for x in tensors]
+
+
+def as_exchange(
+    groups: CandidateGroups | tuple[Tensor, Sequence[int]] | None, exchange: Exchange | None, caller: str
+) -> Exchange:
+    """``exchange``, or ``LocalExchange(groups)`` when it is None (groups belong to the exchange)."""
+    if exchange is None:
+        return LocalExchange(groups)
+    if groups is not None:
+        raise ValueError(f"{caller}: pass groups or exchange, not both (give the exchange the groups)")
+    return exchange
+
+
 def draw_chunks(
     next_logits: Callable[[Tensor | None], Tensor],
     *,
@@ -147,24 +238,25 @@ def draw_chunks(
     available: Tensor,
     generator: torch.Generator | None,
     groups: CandidateGroups | None = None,
+    exchange: Exchange | None = None,
 ) -> Tensor:
-    """Successive chunked sampling without replacement; ``[sum(sizes)]`` indices in selection order.
+    """Successive chunked sampling without replacement; ``[sum(sizes)]`` global indices in selection order.
 
     ``next_logits(chunk)`` is told the chunk just drawn (None before the first) and returns the ``[n]``
-    sampling logits for the next chunk; candidates that are drawn or not ``available`` (``[n]`` bool) are
-    never drawn. Each chunk uses one ``[n]`` Gumbel draw from ``generator``, so any implementation of
-    ``next_logits`` that returns the same logits draws the same indices.
+    sampling logits of this holder's candidates for the next chunk; candidates that are drawn or not
+    ``available`` (``[n]`` bool) are never drawn. Each chunk uses one Gumbel draw from ``generator``, so any
+    implementation of ``next_logits`` that returns the same logits draws the same indices. ``exchange``
+    (default ``LocalExchange(groups)``) says which candidates this holder draws and how the chunk is shared.
     """
+    exchange = as_exchange(groups, exchange, "draw_chunks")
     available = available.clone()
-    per_group = group_chunk_counts(groups.quotas, sizes) if groups is not None else [None] * len(sizes)
-    ids = groups.ids if groups is not None else None
     picks: list[Tensor] = []
     chunk: Tensor | None = None
-    for size, counts in zip(sizes, per_group, strict=True):
-        logits = next_logits(chunk)
-        logits = logits.masked_fill(~available, float("-inf"))
-        noise = gumbel_noise(n, generator=generator, device=logits.device, dtype=logits.dtype)
-        chunk = top_k_per_group(logits + noise, counts, ids, size)
-        available[chunk] = False
+    for t in range(len(sizes)):
+        logits = next_logits(chunk).masked_fill(~available, float("-inf"))
+        perturbed = logits + exchange.noise(n, generator=generator, device=logits.device, dtype=logits.dtype)
+        mine = exchange.pick(perturbed, sizes, t)
+        available[mine] = False
+        chunk = exchange.share(mine, perturbed, sizes, t)
         picks.append(chunk)
     return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.long, device=available.device)

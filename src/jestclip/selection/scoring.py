@@ -32,6 +32,7 @@ __all__ = [
     "Scoring",
     "ScoringInputs",
     "resolve_inputs",
+    "scoring_uses",
     "warn_unusable",
 ]
 
@@ -44,8 +45,16 @@ _SIGNS: dict[str, tuple[float, float]] = {
 }
 
 
+def scoring_uses(scoring: str) -> tuple[bool, bool]:
+    """``(learner, reference)``: whether ``scoring`` needs the learner's and the reference's embeddings."""
+    if scoring not in _SIGNS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    learner_sign, reference_sign = _SIGNS[scoring]
+    return learner_sign != 0.0, reference_sign != 0.0
+
+
 # Rows gathered at a time by `absorb_indices` (bounds the copy of chosen embeddings).
-_GATHER_BLOCK = 8192
+GATHER_BLOCK = 8192
 
 
 class NonFiniteCandidatesWarning(RuntimeWarning):
@@ -154,8 +163,8 @@ class ConditionalScores:
 
     def absorb_indices(self, indices: Tensor) -> None:
         """Add the candidates ``indices`` (``[c]``) of this set to S (gathered a block at a time)."""
-        for start in range(0, indices.numel(), _GATHER_BLOCK):
-            block = indices[start : start + _GATHER_BLOCK]
+        for start in range(0, indices.numel(), GATHER_BLOCK):
+            block = indices[start : start + GATHER_BLOCK]
             self.absorb([(emb.image[block], emb.text[block]) for _, emb in self.inputs.models])
 
     def _combine(self, parts: list[Tensor]) -> Tensor:

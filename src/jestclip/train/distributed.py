@@ -1,12 +1,13 @@
-"""Joint selection over a super-batch sharded across data-parallel ranks.
+"""Selection over a super-batch sharded across data-parallel ranks, and data-parallel gradients.
 
-Every rank holds ``B / W`` candidates (rank r holds global indices ``[r·B/W, (r+1)·B/W)``) and keeps the
-running conditional sums of only those. Each chunk:
+Rank r of W holds ``n`` candidates, global indices ``[r·n, (r+1)·n)``, and keeps the running conditional
+sums of only those. ``DistributedExchange`` plugs this into the one chunked sampler
+(``jestclip.selection.sampling.draw_chunks``). Each chunk:
 
-1. every rank draws the same ``[B]`` Gumbel noise from the shared-seed generator and takes its slice;
+1. every rank draws the same ``[W·n]`` Gumbel noise from the identically seeded generator and takes its slice;
 2. each rank picks its quota for this chunk (``group_chunk_counts``) from its own candidates;
-3. the picks' indices, perturbed scores and embeddings are all-gathered, ordered as the single-process
-   sampler orders them, and absorbed by every rank.
+3. the picks' global indices and perturbed scores are all-gathered and ordered as the single-process sampler
+   orders them; before the next chunk, their embeddings are all-gathered and absorbed by every rank.
 
 So every rank ends with the same global selection — identical to ``joint_select`` with one group per rank
 on the concatenated super-batch — and learns on exactly its ``b / W`` examples; no image moves between ranks,
@@ -15,15 +16,18 @@ only ``b`` embeddings per model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from jestclip.selection import ConditionalScores, Embeddings, chunk_sizes, group_chunk_counts
-from jestclip.selection.checks import check_gain
+from jestclip.selection import DEFAULT_GAIN, Embeddings, group_chunk_counts, independent_select, joint_select
+from jestclip.selection.checks import check_count
 from jestclip.selection.sampling import gumbel_noise
 
 __all__ = [
+    "DistributedExchange",
     "all_gather_with_grad",
     "average_gradients",
     "distributed_independent_select",
@@ -31,10 +35,71 @@ __all__ = [
 ]
 
 
-def _all_gather(tensor: Tensor, group=None) -> list[Tensor]:
-    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, tensor.contiguous(), group=group)
-    return out
+class DistributedExchange:
+    """The ``Exchange`` of one rank of ``group``, holding ``n`` of the ``N = W·n`` candidates (see module)."""
+
+    def __init__(self, group=None) -> None:
+        self.group = group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+
+    def _gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``[m, ...]`` tensor concatenated in rank order: ``[W·m, ...]``."""
+        out = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(out, tensor.contiguous(), group=self.group)
+        return torch.cat(out)
+
+    def _counts(self, sizes: Sequence[int], t: int) -> list[int]:
+        return group_chunk_counts([sum(sizes) // self.world] * self.world, sizes)[t]
+
+    def check(self, size: object, usable: Tensor, generator: torch.Generator | None, caller: str) -> int:
+        held = self._gather(torch.tensor([usable.numel(), int(usable.sum())], device=usable.device))
+        n, n_usable = held[0::2].tolist(), held[1::2].tolist()
+        if len(set(n)) != 1:
+            raise ValueError(f"{caller}: every rank must hold the same number of candidates, got {n}")
+        size = check_count(size, "size", 1, self.world * n[0], "B", caller)
+        if size % self.world:
+            raise ValueError(f"{caller}: size={size} must be divisible by the world size {self.world}")
+        short = [r for r, u in enumerate(n_usable) if u < size // self.world]
+        if short:
+            raise ValueError(
+                f"{caller}: rank(s) {short} hold fewer than {size // self.world} usable candidates"
+            )
+        return size
+
+    def noise(
+        self, n: int, *, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        if not isinstance(generator, torch.Generator):
+            raise ValueError("distributed sampling needs a torch.Generator seeded identically on every rank")
+        draw = gumbel_noise(self.world * n, generator=generator, device=generator.device, dtype=dtype)
+        return draw[self.rank * n : (self.rank + 1) * n].to(device)
+
+    def pick(self, perturbed: Tensor, sizes: Sequence[int], t: int) -> Tensor:
+        return torch.topk(perturbed, self._counts(sizes, t)[self.rank]).indices
+
+    def share(self, picks: Tensor, perturbed: Tensor, sizes: Sequence[int], t: int) -> Tensor:
+        pad = max(self._counts(sizes, t)) - picks.numel()  # all-gather needs equal shapes
+        index = self._gather(torch.cat([picks + self.rank * perturbed.numel(), picks.new_full((pad,), -1)]))
+        value = self._gather(torch.cat([perturbed[picks], perturbed.new_zeros(pad)]))
+        real = index >= 0
+        return index[real][torch.argsort(value[real], descending=True, stable=True)]
+
+    def rows(self, chunk: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
+        n = tensors[0].shape[0]
+        owner = chunk // n
+        per_rank = torch.bincount(owner, minlength=self.world)
+        width = int(per_rank.max())
+        mine = chunk[owner == self.rank] - self.rank * n
+        real = (torch.arange(width, device=chunk.device) < per_rank[:, None]).flatten()
+        back = torch.argsort(torch.argsort(owner, stable=True))  # gathered (rank-major) order -> chunk order
+        return [
+            self._gather(torch.cat([x[mine], x.new_zeros(width - mine.numel(), *x.shape[1:])]))[real][back]
+            for x in tensors
+        ]
+
+    def local(self, indices: Tensor, n: int) -> Tensor:
+        """This rank's entries of the global ``indices`` as indices into its ``n`` candidates, in order."""
+        return indices[indices // n == self.rank] - self.rank * n
 
 
 def distributed_joint_select(
@@ -45,68 +110,32 @@ def distributed_joint_select(
     n_chunks: int = 16,
     scoring: str = "learnability",
     loss: str = "sigmoid",
-    gain: float = 100.0,
+    gain: float = DEFAULT_GAIN,
     generator: torch.Generator,
     group=None,
 ) -> tuple[Tensor, Tensor]:
     """Select ``size`` of the ``W·B_local`` candidates sharded over the ranks of ``group``.
 
     learner, reference: this rank's ``[B_local, D]`` embeddings (the same ``B_local`` on every rank).
-    generator: seeded identically on every rank (a CPU generator is simplest).
-    Returns ``(local, global_)``: indices of this rank's ``size / W`` picks into its own candidates, and the
-    whole selection as global indices in selection order (the same on every rank).
+    generator: seeded identically on every rank (a CPU generator is simplest). ``n_chunks`` is capped at
+    ``size``. Returns ``(local, global_)``: this rank's ``[size / W]`` picks as indices into its own
+    candidates, and the whole ``[size]`` selection as global indices in selection order (the same on every
+    rank).
     """
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if size % world:
-        raise ValueError(f"size={size} must be divisible by the world size {world}")
-    gain = check_gain(gain, "distributed_joint_select")
-    state = ConditionalScores.from_embeddings(learner, reference, scoring=scoring, loss=loss)
-    inputs = state.inputs
-    n_local, device = inputs.n, inputs.device
-    sizes = torch.tensor([n_local], device=device)
-    if len({int(s) for s in _all_gather(sizes, group)}) != 1:
-        raise ValueError("every rank must hold the same number of candidates")
-    quota = size // world
-    short = torch.tensor([int(int(inputs.usable.sum()) < quota)], device=device)
-    dist.all_reduce(short, group=group)
-    if int(short):
-        raise ValueError(f"{int(short)} rank(s) hold fewer than {quota} usable candidates")
-
-    available = inputs.usable.clone()
-    offset = rank * n_local
-    chunks = chunk_sizes(size, min(n_chunks, size))
-    counts = group_chunk_counts([quota] * world, chunks)
-    local_picks: list[Tensor] = []
-    global_picks: list[Tensor] = []
-    for t, chunk_counts in enumerate(counts):
-        logits = (state.conditional() * gain).masked_fill(~available, float("-inf"))
-        noise = gumbel_noise(
-            world * n_local, generator=generator, device=generator.device, dtype=logits.dtype
-        )
-        perturbed = logits + noise[offset : offset + n_local].to(device)
-        mine = torch.topk(perturbed, chunk_counts[rank]).indices
-        available[mine] = False
-        local_picks.append(mine)
-
-        # exchange (global index, perturbed score, embeddings) padded to the largest per-rank count
-        width = max(chunk_counts)
-        pad = width - mine.numel()
-        index = torch.cat([mine + offset, torch.full((pad,), -1, device=device, dtype=torch.long)])
-        value = torch.cat([perturbed[mine], torch.zeros(pad, device=device, dtype=perturbed.dtype)])
-        all_index, all_value = torch.cat(_all_gather(index, group)), torch.cat(_all_gather(value, group))
-        real = all_index >= 0
-        order = torch.argsort(all_value[real], descending=True, stable=True)
-        chosen = all_index[real][order]
-        global_picks.append(chosen)
-        if t + 1 == len(counts):
-            break
-        parts = []
-        for _, emb in inputs.models:
-            for rows in (emb.image, emb.text):
-                local_rows = torch.cat([rows[mine], rows.new_zeros(pad, rows.shape[1])])
-                parts.append(torch.cat(_all_gather(local_rows, group))[real][order])
-        state.absorb([(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)])
-    return torch.cat(local_picks), torch.cat(global_picks)
+    exchange = DistributedExchange(group)
+    chosen = joint_select(
+        learner,
+        reference,
+        size=size,
+        n_chunks=min(n_chunks, size),
+        scoring=scoring,
+        loss=loss,
+        gain=gain,
+        generator=generator,
+        exchange=exchange,
+    )
+    n_local = (learner if learner is not None else reference).n
+    return exchange.local(chosen, n_local), chosen
 
 
 def distributed_independent_select(
@@ -117,33 +146,29 @@ def distributed_independent_select(
     scoring: str = "learnability",
     loss: str = "sigmoid",
     method: str = "sample",
-    gain: float = 100.0,
+    gain: float = DEFAULT_GAIN,
     generator: torch.Generator,
     group=None,
 ) -> Tensor:
     """Independent prioritisation on a sharded super-batch: each rank takes its ``size / W`` best candidates
     by unconditional score (perturbed by its slice of the shared Gumbel draw when ``method="sample"``).
 
-    Returns this rank's picks as indices into its own candidates. Only the unconditional context is
-    supported: a per-example loss against the whole super-batch would need every rank's embeddings.
+    Returns this rank's ``[size / W]`` picks as indices into its own ``[B_local]`` candidates. Only the
+    unconditional context is supported: a per-example loss against the whole super-batch would need every
+    rank's embeddings.
     """
-    from jestclip.selection import independent_scores
-
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if size % world:
-        raise ValueError(f"size={size} must be divisible by the world size {world}")
-    scores = independent_scores(learner, reference, scoring=scoring, loss=loss, context="unconditional")
-    n_local = scores.shape[0]
-    if method == "sample":
-        noise = gumbel_noise(
-            world * n_local, generator=generator, device=generator.device, dtype=scores.dtype
-        )
-        usable = torch.isfinite(scores)
-        scores = torch.where(usable, scores * check_gain(gain, "distributed_independent_select"), scores)
-        scores = scores + noise[rank * n_local : (rank + 1) * n_local].to(scores.device)
-    elif method != "topk":
-        raise ValueError(f"method must be 'sample' or 'topk', got {method!r}")
-    return torch.topk(scores, size // world).indices
+    return independent_select(
+        learner,
+        reference,
+        size=size,
+        scoring=scoring,
+        loss=loss,
+        context="unconditional",
+        method=method,
+        gain=gain,
+        generator=generator,
+        exchange=DistributedExchange(group),
+    )
 
 
 def all_gather_with_grad(tensor: Tensor, group=None) -> Tensor:
