@@ -6,6 +6,7 @@ import pytest
 from jestclip.cli import main
 
 SUBCOMMANDS = ["data", "train", "cache-reference", "eval", "report", "demo"]
+HEAVY = ("torch", "open_clip", "numpy", "PIL", "webdataset", "resvg_py")
 
 
 def test_help_lists_every_subcommand():
@@ -14,6 +15,25 @@ def test_help_lists_every_subcommand():
     ).stdout
     for name in SUBCOMMANDS:
         assert name in out
+
+
+def test_help_imports_no_heavy_modules():
+    # building the parser and printing every help page loads neither torch nor open_clip nor numpy
+    code = f"""
+import sys
+from jestclip.cli import build_parser, main
+build_parser()
+for argv in [["--help"]] + [[name, "--help"] for name in {SUBCOMMANDS!r}]:
+    try:
+        main(argv)
+    except SystemExit as exit_info:
+        assert exit_info.code == 0, (argv, exit_info.code)
+heavy = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
+assert not heavy, f"imported {{heavy}}"
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "cache-reference" in result.stdout
 
 
 def test_data_needs_an_action(capsys):

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from jestclip.benchmark import SourcePaths, missing_sources
 from jestclip.cli import main
-from jestclip.data.sources import SourcePaths, missing_sources
 
 
 @pytest.mark.skipif(

@@ -7,7 +7,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# subcommand -> its module in jestclip.commands (add_parser(sub) and run(args) -> exit status)
+# subcommand -> its module in jestclip.commands (add_parser(sub) and run(args) -> exit status). Command
+# modules import only the standard library at top level and resolve defaults such as the device in run(),
+# so building the parser and printing help never loads torch, open_clip or numpy (tests/test_cli.py).
 _COMMANDS = {
     "data": "jestclip.commands.data",
     "cache-reference": "jestclip.commands.cache_reference",

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from jestclip.data import SuperBatchStream
-from jestclip.data.benchmark import (
+from jestclip.benchmark.builder import (
     BuildConfig,
     EnglishWords,
     Entry,
@@ -20,8 +19,9 @@ from jestclip.data.benchmark import (
     _plan_tuxpaint,
     write_plan,
 )
-from jestclip.data.catalog import Drawing
-from jestclip.data.render import render_svg
+from jestclip.benchmark.catalog import Drawing
+from jestclip.benchmark.render import render_svg
+from jestclip.data import SuperBatchStream
 
 WORDS = "red apple fruit food a drawing of the blue bird animal cut edit icon sun moon water ski"
 

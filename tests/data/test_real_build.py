@@ -15,10 +15,9 @@ from collections import Counter
 
 import pytest
 
+from jestclip.benchmark import SOURCES, BuildConfig, SourcePaths, build, missing_sources
 from jestclip.cli import main
 from jestclip.data import SuperBatchStream
-from jestclip.data.benchmark import SOURCES, BuildConfig, build
-from jestclip.data.sources import SourcePaths, missing_sources
 
 MISSING = missing_sources(SourcePaths(), list(SOURCES))
 if MISSING and not os.environ.get("CI"):

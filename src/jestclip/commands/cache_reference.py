@@ -23,36 +23,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--loss", default="sigmoid", choices=["sigmoid", "softmax"])
     parser.add_argument("--name", default="reference", help="cache name, part of the sidecar file name")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from jestclip.data.refcache import cache_reference
-    from jestclip.models import create_model, image_transform, model_fingerprint, tokenizer
+    from jestclip.models import (
+        create_model,
+        image_transform,
+        model_fingerprint,
+        reference_embedder,
+        reference_logits,
+        tokenizer,
+    )
 
     if args.checkpoint is None and args.pretrained is None:
         raise SystemExit(
             "cache-reference: give the reference model's weights with --checkpoint (or --pretrained)"
         )
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = create_model(
-        args.model, loss=args.loss, checkpoint=args.checkpoint, pretrained=args.pretrained, device=args.device
+        args.model, loss=args.loss, checkpoint=args.checkpoint, pretrained=args.pretrained, device=device
     )
+    scale, bias = reference_logits(model)
     summary = cache_reference(
-        model,
+        reference_embedder(model, tokenizer(args.model), device),
         args.shards,
         model_name=args.model,
         fingerprint=model_fingerprint(model),
-        tokenize=tokenizer(args.model),
+        scale=scale,
+        bias=bias,
         transform=image_transform(args.model),
         name=args.name,
         batch_size=args.batch_size,
-        device=args.device,
     )
     print(json.dumps(summary, indent=1))
     return 0

@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _paths(npm_root: Path | None):
-    from jestclip.data.sources import SourcePaths
+    from jestclip.benchmark.sources import SourcePaths
 
     return SourcePaths(npm_root=npm_root) if npm_root else SourcePaths()
 
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sources(args: argparse.Namespace) -> int:
-    from jestclip.data.sources import install_sources, missing_sources
+    from jestclip.benchmark.sources import install_sources, missing_sources
 
     paths = _paths(args.npm_root)
     sources = list(paths.required())
@@ -84,7 +84,7 @@ def _sources(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from jestclip.data.benchmark import BuildConfig, build
+    from jestclip.benchmark import BuildConfig, build
 
     cfg = BuildConfig(size=args.size, seed=args.seed, limit=args.limit, shard_size=args.shard_size)
     cfg = replace(cfg, sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()))

@@ -1,4 +1,8 @@
-"""Data: webdataset shards with sample keys kept end to end, super-batches, the offline benchmark."""
+"""Data: webdataset shards with sample keys kept end to end, super-batches, the reference-embedding cache.
+
+``loader`` streams keyed samples and super-batches, ``shards`` writes shards, ``refcache`` stores a frozen
+reference model's embeddings next to each shard. The benchmark that produces shards is ``jestclip.benchmark``.
+"""
 
 from jestclip.data.loader import Sample, SuperBatch, SuperBatchStream, decode_sample, expand_urls
 from jestclip.data.shards import Pair, png_bytes, shard_name, write_shard

@@ -17,23 +17,28 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
 from jestclip.data.loader import SuperBatchStream, expand_urls
 from jestclip.selection import Embeddings
 
-__all__ = ["CacheMeta", "ReferenceCache", "cache_reference", "sidecar_path"]
+__all__ = ["CacheMeta", "Embedder", "ReferenceCache", "cache_reference", "sidecar_path"]
+
+# images [n, 3, H, W], n captions -> L2-normalised (image [n, D], text [n, D]), any device and float dtype
+Embedder = Callable[[Tensor, list[str]], tuple[Tensor, Tensor]]
 
 
 def sidecar_path(shard: str | Path, name: str) -> Path:
+    """Where cache ``name`` of ``shard`` lives: ``dir/00000.tar`` -> ``dir/00000.NAME.npz``."""
     shard = Path(shard)
     return shard.with_name(f"{shard.stem}.{name}.npz")
 
 
 @dataclass(frozen=True)
 class CacheMeta:
+    """What a sidecar records about the reference model and the shard it was cached from."""
+
     fingerprint: str
     model: str
     scale: float
@@ -47,28 +52,27 @@ def _read_meta(path: Path) -> CacheMeta:
         return CacheMeta(**json.loads(str(data["meta"])))
 
 
-@torch.no_grad()
 def cache_reference(
-    model: nn.Module,
+    embed: Embedder,
     shards: str | Path | Sequence[str | Path],
     *,
     model_name: str,
     fingerprint: str,
-    tokenize: Callable[[list[str]], Tensor],
+    scale: float,
+    bias: float,
     transform: Callable,
     name: str = "reference",
     batch_size: int = 256,
-    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Embed every decodable sample of every shard with the frozen ``model``; write one sidecar per shard.
+    """Embed every decodable sample of every shard with ``embed``; write one sidecar per shard.
 
+    embed: ``embed(images [n, 3, H, W], n captions) -> (image [n, D], text [n, D])``, L2-normalised, on any
+    device and in any float dtype (``jestclip.models.reference_embedder`` makes one from an open_clip model).
+    model_name, fingerprint, scale, bias: what the sidecars record about the reference model (``scale`` is
+    the logit multiplier ``exp(logit_scale)``). transform: image preprocessing of the model.
     Resumable: a shard whose sidecar holds this ``fingerprint`` and matches the shard's size is skipped.
     Returns counts: shards written and skipped, samples embedded, decode skips by reason.
     """
-    from jestclip.models.factory import logit_params
-
-    model = model.to(device).eval()
-    scale, bias = (float(t) for t in logit_params(model))
     urls = expand_urls(shards)
     summary: dict[str, Any] = {"written": 0, "kept": 0, "samples": 0, "skipped": Counter()}
     for url in tqdm(urls, desc=f"cache {name}", unit="shard"):
@@ -84,14 +88,15 @@ def cache_reference(
         texts: list[np.ndarray] = []
         stream = SuperBatchStream([url], batch_size=batch_size, shuffle_shards=False, transform=transform)
         for batch in stream:
-            image = F.normalize(model.encode_image(batch.images.to(device)), dim=-1)
-            text = F.normalize(model.encode_text(tokenize(batch.texts).to(device)), dim=-1)
+            with torch.no_grad():
+                image, text = embed(batch.images, batch.texts)
+            _check_embeddings(image, text, len(batch.keys))
             keys += batch.keys
-            images.append(image.half().cpu().numpy())
-            texts.append(text.half().cpu().numpy())
+            images.append(image.to("cpu", torch.float16).numpy())
+            texts.append(text.to("cpu", torch.float16).numpy())
             summary["skipped"].update(batch.skipped)
         dim = int(images[0].shape[1]) if images else 0
-        meta = CacheMeta(fingerprint, model_name, scale, bias, dim, size)
+        meta = CacheMeta(fingerprint, model_name, float(scale), float(bias), dim, size)
         tmp = target.with_name(target.name + ".tmp")
         with open(tmp, "wb") as f:
             np.savez(
@@ -106,6 +111,19 @@ def cache_reference(
         summary["samples"] += len(keys)
     summary["skipped"] = dict(summary["skipped"])
     return summary
+
+
+def _check_embeddings(image: Tensor, text: Tensor, n: int) -> None:
+    """ValueError unless ``image`` and ``text`` are ``[n, D]`` and L2-normalised row by row."""
+    if image.ndim != 2 or image.shape[0] != n or text.shape != image.shape:
+        raise ValueError(
+            f"embed returned image {tuple(image.shape)} and text {tuple(text.shape)} for {n} samples; "
+            "expected two [n, D] tensors"
+        )
+    for kind, emb in (("image", image), ("text", text)):
+        norms = emb.float().norm(dim=-1)
+        if not torch.allclose(norms, torch.ones_like(norms), atol=1e-2):
+            raise ValueError(f"embed returned {kind} embeddings that are not L2-normalised")
 
 
 class ReferenceCache:

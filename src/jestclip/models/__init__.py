@@ -1,6 +1,7 @@
 """Models: open_clip models (plus tiny shipped configs for CPU work), approximate learners for Flexi-JEST."""
 
 from jestclip.models.approx import APPROXIMATIONS, Approximation, encode_image, patch_size
+from jestclip.models.embed import reference_embedder, reference_logits
 from jestclip.models.factory import (
     CONFIG_DIR,
     create_model,
@@ -25,6 +26,8 @@ __all__ = [
     "logit_params",
     "model_fingerprint",
     "patch_size",
+    "reference_embedder",
+    "reference_logits",
     "shipped_configs",
     "step_flops",
     "tokenizer",

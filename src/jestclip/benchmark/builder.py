@@ -29,16 +29,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from jestclip.data.catalog import (
+from jestclip.benchmark.catalog import (
     Drawing,
     emoji_drawings,
     icon_drawings,
     openclipart_drawings,
     tuxpaint_drawings,
 )
-from jestclip.data.render import RenderError, ink_fraction
+from jestclip.benchmark.render import RenderError, ink_fraction
+from jestclip.benchmark.sources import SourcePaths, missing_sources
 from jestclip.data.shards import Pair, png_bytes, shard_name, write_shard
-from jestclip.data.sources import SourcePaths, missing_sources
 
 __all__ = ["SOURCES", "BuildConfig", "Entry", "Plan", "build", "plan", "write_plan"]
 

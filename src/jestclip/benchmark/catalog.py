@@ -1,7 +1,7 @@
 """Enumerating the drawings each source ships, with their raw text as shipped.
 
 A ``Drawing`` is a render recipe plus raw fields; turning fields into captions (raw for the pool, cleaned for
-the curated set) is ``benchmark.py``'s job. Enumeration is deterministic (sorted paths).
+the curated set) is ``builder.py``'s job. Enumeration is deterministic (sorted paths).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 from PIL import Image
 
-from jestclip.data.render import render_bitmap, render_glyph, render_svg
-from jestclip.data.sources import HELDOUT_THEMES, TRAIN_THEMES, SourcePaths, debian_licence
+from jestclip.benchmark.render import render_bitmap, render_glyph, render_svg
+from jestclip.benchmark.sources import HELDOUT_THEMES, TRAIN_THEMES, SourcePaths, debian_licence
 
 __all__ = [
     "Drawing",
