@@ -46,16 +46,17 @@ def main() -> None:
         print(
             f"| {name} | {params / 1e6:.1f} M | {full.image / 1e9:.4f} | {full.text / 1e9:.4f} | {ratios} |"
         )
-        iid = step_flops("iid", batch=args.batch, super_batch=args.batch, learner=full).total
+        iid = step_flops(batch=args.batch, super_batch=args.batch, learner=full).total
         jest = step_flops(
-            "jest", batch=args.batch, super_batch=super_batch, learner=full, reuse_scoring_forward=True
+            batch=args.batch, super_batch=super_batch, learner=full, scorer=full, reuse_scoring_forward=True
         ).total
         flexi = step_flops(
-            "flexi-jest",
             batch=args.batch,
             super_batch=super_batch,
             learner=full,
+            scorer=approx["flexi"],
             approx_learner=approx["flexi"],
+            approx_fraction=0.5,
         ).total
         steps.append((name, iid, jest, flexi))
     setting = f"b = {args.batch}, B = {super_batch} (f = {args.filter_ratio}), cached reference"

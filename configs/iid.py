@@ -6,9 +6,8 @@ Run: jestclip train configs/iid.py [--quick] [key=value ...]
 
 from __future__ import annotations
 
-from jestclip.train.config import TrainConfig
+from jestclip.train.config import MethodConfig, TrainConfig
 from jestclip.train.optim import OptimConfig
-from jestclip.train.steps import MethodConfig
 
 
 def get_config(quick: bool = False) -> TrainConfig:

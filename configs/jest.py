@@ -7,9 +7,8 @@ Run: jestclip train configs/jest.py [--quick] [key=value ...]
 
 from __future__ import annotations
 
-from jestclip.train.config import TrainConfig
+from jestclip.train.config import MethodConfig, TrainConfig
 from jestclip.train.optim import OptimConfig
-from jestclip.train.steps import MethodConfig
 
 
 def get_config(quick: bool = False) -> TrainConfig:

@@ -6,9 +6,8 @@ Adam beta2 = 0.95, clipping at 1.0. Point `data` at your shards and cache the re
 
 from __future__ import annotations
 
-from jestclip.train.config import TrainConfig
+from jestclip.train.config import MethodConfig, TrainConfig
 from jestclip.train.optim import OptimConfig
-from jestclip.train.steps import MethodConfig
 
 
 def get_config(quick: bool = False) -> TrainConfig:

@@ -134,5 +134,5 @@ def test_eval_command_writes_json_and_prints_a_table(tmp_path, micro, capsys):
     assert "zeroshot:colour" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="say which model it holds with --model"):
         main(["eval", str(run_dir / "model.pt"), "--data", str(tmp_path / "bench")])
-    with pytest.raises(SystemExit, match=r"has no config\.json"):
+    with pytest.raises(SystemExit, match=r"is not a training run: config\.json is missing"):
         main(["eval", str(tmp_path / "bench"), "--data", str(tmp_path / "bench")])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,17 +118,18 @@ def test_step_flops_match_appendix_a4():
     f = ForwardFlops(image=300, text=100)
     a = ForwardFlops(image=75, text=25)  # approximation factor A = 0.25
     b, B = 1000, 5000  # filter ratio 0.8
-    iid = step_flops("iid", batch=b, super_batch=b, learner=f).total
-    jest = step_flops("jest", batch=b, super_batch=B, learner=f, reuse_scoring_forward=True)
+    iid = step_flops(batch=b, super_batch=b, learner=f).total
+    jest = step_flops(batch=b, super_batch=B, learner=f, scorer=f, reuse_scoring_forward=True)
     assert jest.total / iid == pytest.approx(7 / 3)  # the paper's accounting
-    recomputed = step_flops("jest", batch=b, super_batch=B, learner=f)
+    recomputed = step_flops(batch=b, super_batch=B, learner=f, scorer=f)
     assert recomputed.total / iid == pytest.approx(8 / 3)  # jestclip's step recomputes the chosen forward
-    flexi = step_flops("flexi-jest", batch=b, super_batch=B, learner=f, approx_learner=a)
+    flexi = step_flops(batch=b, super_batch=B, learner=f, scorer=a, approx_learner=a, approx_fraction=0.5)
     assert flexi.total / iid == pytest.approx(0.625 + 0.25 * 5 / 3)  # the paper's 1.04
-    uncached = step_flops("jest", batch=b, super_batch=B, learner=f, reference=f, reference_cached=False)
+    uncached = step_flops(batch=b, super_batch=B, learner=f, scorer=f, reference=f)
     assert uncached.reference == f.total * B
     with pytest.raises(ValueError, match="approximate learner"):
-        step_flops("flexi-jest", batch=b, super_batch=B, learner=f)
-    with pytest.raises(ValueError, match="unknown method"):
-        step_flops("random", batch=b, super_batch=B, learner=f)
-    assert math.isclose(step_flops("independent", batch=b, super_batch=B, learner=f).total, recomputed.total)
+        step_flops(batch=b, super_batch=B, learner=f, approx_fraction=0.5)
+    with pytest.raises(ValueError, match="only an exact learner scoring pass"):
+        step_flops(batch=b, super_batch=B, learner=f, scorer=a, reuse_scoring_forward=True)
+    with pytest.raises(ValueError, match="super_batch"):
+        step_flops(batch=b, super_batch=b - 1, learner=f)

@@ -10,10 +10,17 @@ import pytest
 import torch
 
 from jestclip.data.refcache import cache_reference
-from jestclip.models import create_model, forward_flops, image_transform, model_fingerprint, tokenizer
-from jestclip.train.config import TrainConfig, apply_overrides, load_recipe, to_dict
+from jestclip.models import (
+    create_model,
+    forward_flops,
+    image_transform,
+    model_fingerprint,
+    reference_embedder,
+    reference_logits,
+    tokenizer,
+)
+from jestclip.train.config import MethodConfig, TrainConfig, apply_overrides, load_recipe, to_dict
 from jestclip.train.loop import train
-from jestclip.train.steps import MethodConfig
 
 from ..data.test_loader import make_shards
 
@@ -25,12 +32,14 @@ def cached_shards(root: Path, n_shards: int, per_shard: int) -> list[str]:
     urls = make_shards(root, n_shards, per_shard)
     torch.manual_seed(1)
     reference = create_model("jest-micro")
+    scale, bias = reference_logits(reference)
     cache_reference(
-        reference,
+        reference_embedder(reference, tokenizer("jest-micro")),
         urls,
         model_name="jest-micro",
         fingerprint=model_fingerprint(reference),
-        tokenize=tokenizer("jest-micro"),
+        scale=scale,
+        bias=bias,
         transform=image_transform("jest-micro"),
     )
     return urls

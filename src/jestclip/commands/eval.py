@@ -45,16 +45,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def resolve_checkpoint(path: Path, model: str | None) -> tuple[Path, str]:
     """(weights file, model name) of a run directory or a weights file."""
     if path.is_dir():
-        config = path / "config.json"
-        if not config.exists():
-            raise SystemExit(f"eval: {path} is a directory but not a run (it has no config.json)")
-        from jestclip.train.loop import run_weights
+        from jestclip.train.rundir import RunDir
 
+        run = RunDir(path)
         try:
-            weights = run_weights(path)
+            config = run.read_config()  # first: a directory that is no run says so
+            return run.weights(), model or config["model"]
         except ValueError as exn:
             raise SystemExit(f"eval: {exn}") from None
-        return weights, model or json.loads(config.read_text(encoding="utf-8"))["model"]
     if not path.exists():
         raise SystemExit(f"eval: checkpoint {path} does not exist")
     if model is None:

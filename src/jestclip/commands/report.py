@@ -22,7 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--baseline", help="run whose final accuracy is the target (default: the first IID run)"
     )
     parser.add_argument(
-        "--diagnostics-run", type=Path, help="run for selection diagnostics (default: the first non-IID run)"
+        "--diagnostics-run",
+        type=Path,
+        help="run for selection diagnostics (default: the first run that selects)",
     )
     parser.add_argument("--no-diagnostics", action="store_true", help="skip the selection diagnostics")
     parser.add_argument(
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     runs = [load_run(path) for path in args.runs]
     diagnostics, diagnostics_run = None, None
     if not args.no_diagnostics:
-        diagnostics_run = args.diagnostics_run or next((r.path for r in runs if r.method != "iid"), None)
+        diagnostics_run = args.diagnostics_run or next((r.path for r in runs if r.description.selects), None)
         if diagnostics_run is None:
             print("report: no non-IID run to take selection diagnostics from; skipping them")
         else:

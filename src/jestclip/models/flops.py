@@ -1,13 +1,15 @@
 """FLOP accounting: forward FLOPs measured with ``torch.utils.flop_counter``; step costs per appendix A.4.
 
 Per example, training costs 3 forward passes (forward + backward ~ 2 forwards). With learner forward F,
-approximate learner forward F_A, reference forward F_ref and super-batch B, sub-batch b:
+approximate learner forward F_A, reference forward F_ref and super-batch B, sub-batch b, the methods
+(described in ``jestclip.train.methods``) cost:
 
 - iid:          train 3F·b
 - jest:         score F·B (learner on the super-batch); train 2F·b when the chosen b's scoring forward is
                 reused (the paper's accounting), 3F·b when it is recomputed with gradients (jestclip's step)
 - independent:  as jest
 - flexi-jest:   score F_A·B (approximate, not reusable); train 3·(λ·F_A + (1-λ)·F)·b, λ = approximate fraction
+- scoring ``easy_reference``: no learner scoring pass (score 0)
 - reference:    F_ref·B per step, or 0 when its embeddings are cached
 
 so that relative to IID, jest costs (2 + B/b)/3 (7/3 at f = 0.8; 8/3 without reuse) and flexi-jest with
@@ -87,39 +89,36 @@ class StepFlops:
 
 
 def step_flops(
-    method: str,
     *,
     batch: int,
     super_batch: int,
     learner: ForwardFlops,
+    scorer: ForwardFlops | None = None,
     approx_learner: ForwardFlops | None = None,
+    approx_fraction: float = 0.0,
     reference: ForwardFlops | None = None,
-    reference_cached: bool = True,
-    approx_fraction: float = 0.5,
     reuse_scoring_forward: bool = False,
 ) -> StepFlops:
-    """Per-step FLOPs of ``method`` ("iid", "jest", "independent", "flexi-jest"); see the module docstring.
+    """Per-step FLOPs from what a step runs (appendix A.4); ``train.methods`` says what each method runs.
 
-    reuse_scoring_forward: count jest's training forward as shared with scoring (appendix A.4). jestclip's
-    ``run_step`` scores without gradients and recomputes the forward of the chosen b, so it is False there.
+    learner: the learner's forward F. scorer: the forward that scores the ``super_batch`` candidates (F, an
+    approximation F_A, or None when the learner does not score). approx_learner / approx_fraction: learn on
+    that fraction λ of the ``batch`` with F_A (train = 3·((1-λ)·F + λ·F_A)·b). reference: the reference
+    forward run on every candidate (None when its embeddings are cached). reuse_scoring_forward: count the
+    training forward of the chosen b as shared with an exact scoring pass (the paper's accounting; jestclip's
+    steps score without gradients and recompute it).
     """
-    f = learner.total
-    if method == "iid":
-        return StepFlops(train=3.0 * f * batch, score=0.0, reference=0.0)
-    if method not in ("jest", "independent", "flexi-jest"):
-        raise ValueError(f"unknown method {method!r}")
     if super_batch < batch:
         raise ValueError(f"super_batch ({super_batch}) must be >= batch ({batch})")
-    ref = 0.0
-    if not reference_cached:
-        if reference is None:
-            raise ValueError("reference FLOPs are needed when the reference is not cached")
-        ref = float(reference.total) * super_batch
-    if method in ("jest", "independent"):
-        passes = 2.0 if reuse_scoring_forward else 3.0
-        return StepFlops(train=passes * f * batch, score=float(f) * super_batch, reference=ref)
-    if approx_learner is None:
-        raise ValueError("flexi-jest needs the approximate learner's FLOPs")
-    fa = approx_learner.total
-    train = 3.0 * (approx_fraction * fa + (1 - approx_fraction) * f) * batch
-    return StepFlops(train=train, score=float(fa) * super_batch, reference=ref)
+    if not 0.0 <= approx_fraction <= 1.0:
+        raise ValueError(f"approx_fraction must be in [0, 1], got {approx_fraction}")
+    if approx_fraction and approx_learner is None:
+        raise ValueError("learning on an approximation needs the approximate learner's FLOPs")
+    if reuse_scoring_forward and scorer != learner:
+        raise ValueError("only an exact learner scoring pass can be reused for training")
+    approx = approx_learner.total if approx_learner is not None else 0
+    per_example = (1.0 - approx_fraction) * learner.total + approx_fraction * approx
+    train = 3.0 * per_example * batch - (learner.total * batch if reuse_scoring_forward else 0.0)
+    score = float(scorer.total) * super_batch if scorer is not None else 0.0
+    ref = float(reference.total) * super_batch if reference is not None else 0.0
+    return StepFlops(train=train, score=score, reference=ref)

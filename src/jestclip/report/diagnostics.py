@@ -7,11 +7,9 @@ the filter ratio; plus the pairwise learnability matrix the sampler works on.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -24,6 +22,9 @@ from jestclip.selection import (
     joint_select,
     pair_score_matrix,
 )
+from jestclip.selection.scoring import scoring_uses
+from jestclip.train.config import TrainConfig, from_dict
+from jestclip.train.rundir import RunDir
 
 __all__ = ["SelectionDiagnostics", "run_diagnostics", "run_embeddings", "selection_diagnostics"]
 
@@ -156,46 +157,28 @@ def _head(emb: Embeddings | None, k: int) -> Embeddings | None:
 
 def run_embeddings(
     run_dir: str | Path, *, size: int, device: str | torch.device = "cpu"
-) -> tuple[Embeddings, Embeddings | None, dict[str, Any]]:
-    """(learner, reference, config) embeddings of the first ``size`` samples of a run's training data: the
-    learner is the run's final weights (``model.pt``, else its checkpoint), the reference its cached
-    embeddings.
+) -> tuple[Embeddings, Embeddings | None, TrainConfig]:
+    """(learner, reference, config) embeddings of the first ``size`` samples of a run's training data, the
+    run rebuilt through the training setup: the learner is the run's weights (``RunDir.weights``), the
+    reference its cached embeddings (None when its method needs none).
     """
-    from jestclip.data.loader import SuperBatchStream, expand_urls
-    from jestclip.data.refcache import ReferenceCache
-    from jestclip.models import create_model, image_transform, tokenizer
-    from jestclip.train.loop import run_weights
-    from jestclip.train.steps import SuperBatchTensors, score_embeddings
+    from jestclip.data.loader import expand_urls
+    from jestclip.models import image_transform, tokenizer
+    from jestclip.train.setup import Placement, build_model, open_reference, open_stream, to_device
+    from jestclip.train.steps import score_embeddings
 
-    run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    model = create_model(
-        config["model"], loss=config["method"]["loss"], checkpoint=run_weights(run_dir), device=device
-    )
-    urls = expand_urls(config["data"])
-    stream = SuperBatchStream(
-        urls,
-        batch_size=size,
-        transform=image_transform(config["model"]),
-        seed=config["seed"],
-        rank=0,
-        world_size=1,
-    )
+    run = RunDir(run_dir)
+    cfg = from_dict(run.read_config())
+    where = Placement(torch.device(device))
+    model = build_model(cfg, where.device, checkpoint=run.weights())
+    urls = expand_urls(cfg.data)
+    stream = open_stream(cfg, urls, image_transform(cfg.model), where, batch_size=size, resampled=False)
     batch = next(iter(stream))
     if len(batch) < size:
-        raise ValueError(
-            f"run {run_dir}: its data {config['data']} holds only {len(batch)} samples, not {size}"
-        )
-    tensors = SuperBatchTensors(
-        images=batch.images.to(device),
-        tokens=tokenizer(config["model"])(batch.texts).to(device),
-        reference=None,
-    )
-    learner = score_embeddings(model, tensors, None)
-    reference = None
-    if config.get("reference_cache"):
-        reference = ReferenceCache(urls, name=config["reference_cache"]).lookup(batch.keys, device=device)
-    return learner, reference, config
+        raise ValueError(f"run {run.path}: its data {cfg.data} holds only {len(batch)} samples, not {size}")
+    reference = open_reference(cfg, urls)
+    tensors = to_device(batch, tokenizer(cfg.model), reference, where.device)
+    return score_embeddings(model, tensors, None), tensors.reference, cfg
 
 
 def run_diagnostics(
@@ -207,18 +190,19 @@ def run_diagnostics(
     device: str | torch.device = "cpu",
 ) -> SelectionDiagnostics:
     """``selection_diagnostics`` on the first ``batch_size / (1 - max_filter_ratio)`` samples of a run's data,
-    with the run's scoring, loss and gain.
+    with the run's scoring, loss and gain (the learner's embeddings only where its scoring uses them).
     """
     size = round(batch_size / (1.0 - max_filter_ratio))
-    learner, reference, config = run_embeddings(run_dir, size=size, device=device)
-    method = config["method"]
+    learner, reference, cfg = run_embeddings(run_dir, size=size, device=device)
+    method = cfg.method
+    uses_learner, _ = scoring_uses(method.scoring)
     return selection_diagnostics(
-        learner if method["scoring"] != "easy_reference" else None,
-        reference if method["scoring"] != "hard_learner" else None,
+        learner if uses_learner else None,
+        reference,
         batch_size=batch_size,
-        scoring=method["scoring"],
-        loss=method["loss"],
-        gain=method["gain"],
+        scoring=method.scoring,
+        loss=method.loss,
+        gain=method.gain,
         filter_ratios=(0.0, 0.5, 0.8, max_filter_ratio),
         gibbs_steps=gibbs_steps,
     )

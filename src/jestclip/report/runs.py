@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from jestclip.train.methods import Method, get_method
+from jestclip.train.rundir import RunDir
 
 __all__ = ["AVERAGE", "RunLog", "load_run"]
 
@@ -14,7 +16,7 @@ AVERAGE = "eval/average"
 
 @dataclass(frozen=True)
 class RunLog:
-    """One run: ``name`` (its directory name), ``config`` (config.json), ``train`` and ``evals`` (metrics
+    """One run: ``name`` (its directory name), ``config`` (resolved), ``train`` and ``evals`` (metrics
     lines without / with ``eval/...`` metrics, in step order).
     """
 
@@ -27,6 +29,11 @@ class RunLog:
     @property
     def method(self) -> str:
         return self.config.get("method", {}).get("method", "?")
+
+    @property
+    def description(self) -> Method:
+        """What the run's method does (``train.methods``); a ValueError for an unknown method."""
+        return get_method(self.method)
 
     def curve(self, x: str, y: str = AVERAGE) -> tuple[list[float], list[float]]:
         """``(xs, ys)`` of the evaluation lines: ``x`` is a counter such as ``examples_learned``."""
@@ -41,28 +48,16 @@ class RunLog:
 
 
 def load_run(path: str | Path) -> RunLog:
-    """Read ``config.json`` and ``metrics.jsonl`` of a run directory; errors name the file and line."""
-    path = Path(path)
-    config_path, metrics_path = path / "config.json", path / "metrics.jsonl"
-    for required in (config_path, metrics_path):
-        if not required.exists():
-            raise ValueError(f"{path} is not a training run: {required.name} is missing")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    """Read the config and metrics lines of a run directory; errors name the file and line."""
+    run = RunDir(path)
+    config = run.read_config()
     by_step: dict[tuple[bool, int], dict[str, Any]] = {}
-    for number, line in enumerate(metrics_path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exn:
-            raise ValueError(f"{metrics_path}:{number}: not a JSON line ({exn})") from None
-        if not isinstance(row, dict) or "step" not in row:
-            raise ValueError(f"{metrics_path}:{number}: a metrics line needs a 'step'")
+    for row in run.read_metrics():
         by_step[(AVERAGE in row, int(row["step"]))] = row  # a step logged twice (resumed run): the last wins
     rows = [by_step[k] for k in sorted(by_step, key=lambda k: k[1])]
     return RunLog(
-        name=path.name,
-        path=path,
+        name=run.name,
+        path=run.path,
         config=config,
         train=[r for r in rows if AVERAGE not in r],
         evals=[r for r in rows if AVERAGE in r],

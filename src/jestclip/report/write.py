@@ -17,13 +17,14 @@ __all__ = ["choose_baseline", "write_report"]
 
 
 def choose_baseline(runs: Sequence[RunLog], name: str | None = None) -> RunLog:
-    """The run called ``name``, else the first IID run; a ValueError when there is none."""
+    """The run called ``name``, else the first run whose method does not select (IID); a ValueError when
+    there is none."""
     if name is not None:
         match = [r for r in runs if r.name == name or str(r.path) == name]
         if not match:
             raise ValueError(f"baseline {name!r} is not among the runs {[r.name for r in runs]}")
         return match[0]
-    iid = [r for r in runs if r.method == "iid"]
+    iid = [r for r in runs if not r.description.selects]
     if not iid:
         raise ValueError(f"no IID run among {[r.name for r in runs]}; name the baseline run with --baseline")
     return iid[0]

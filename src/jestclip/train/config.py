@@ -13,10 +13,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jestclip.models.approx import Approximation
+from jestclip.selection.joint import DEFAULT_GAIN
+from jestclip.train.methods import Method, get_method
 from jestclip.train.optim import OptimConfig
-from jestclip.train.steps import MethodConfig
 
-__all__ = ["TrainConfig", "apply_overrides", "from_dict", "load_recipe", "to_dict"]
+__all__ = ["MethodConfig", "TrainConfig", "apply_overrides", "from_dict", "load_recipe", "to_dict"]
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Which method a run trains with (``methods.METHODS``) and its selection settings."""
+
+    method: str = "jest"
+    batch_size: int = 256  # b, the examples learned on per step
+    loss: str = "sigmoid"
+    scoring: str = "learnability"
+    n_chunks: int = 16
+    gain: float = DEFAULT_GAIN
+    approx: Approximation = "flexi"  # the approximate learner of methods that use one (flexi-jest)
+    approx_fraction: float = 0.5  # flexi-jest: share of the selected batch trained approximately
+    independent_context: str = "unconditional"  # independent: "unconditional" or "superbatch"
+    independent_method: str = "sample"  # independent: "sample" or "topk"
+
+    def __post_init__(self) -> None:
+        get_method(self.method)  # a ValueError names the known methods
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.approx_fraction <= 1.0:
+            raise ValueError(f"approx_fraction must be in [0, 1], got {self.approx_fraction}")
+
+    @property
+    def description(self) -> Method:
+        return get_method(self.method)
 
 
 @dataclass(frozen=True)
@@ -42,11 +71,8 @@ class TrainConfig:
 
     @property
     def super_batch(self) -> int:
-        if self.method.method == "iid":
-            return self.method.batch_size
-        if not 0.0 <= self.filter_ratio < 1.0:
-            raise ValueError(f"filter_ratio must be in [0, 1), got {self.filter_ratio}")
-        return round(self.method.batch_size / (1.0 - self.filter_ratio))
+        """B: candidates per step (b when the method does not select)."""
+        return self.method.description.super_batch(self.method.batch_size, self.filter_ratio)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

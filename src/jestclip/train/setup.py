@@ -1,0 +1,239 @@
+"""What a run is built from, apart from the step loop: where it runs, its training state, its data stream,
+its reference embeddings and what a step costs. Training (``loop.py``) and the selection diagnostics
+(``report.diagnostics``) build a run through these same functions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import open_clip
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from jestclip.data.loader import SuperBatch, SuperBatchStream
+from jestclip.data.refcache import ReferenceCache
+from jestclip.models import StepFlops, create_model, forward_flops
+from jestclip.train.config import TrainConfig, to_dict
+from jestclip.train.optim import make_optimizer, make_scheduler
+from jestclip.train.steps import StepOutput, SuperBatchTensors
+
+__all__ = [
+    "Counters",
+    "Placement",
+    "TrainState",
+    "build_model",
+    "build_state",
+    "measure_step_flops",
+    "open_reference",
+    "open_stream",
+    "place",
+    "to_device",
+]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process trains: its device, its rank and the world size (1 without torch.distributed)."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes the run directory, logs and evaluates."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank (every rank gets the same answer)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value)
+        return bool(value.item())
+
+
+def place(cfg: TrainConfig) -> Placement:
+    """The device (``auto``: cuda when available; torchrun's LOCAL_RANK picks the GPU) and the process group
+    (an initialised one, or torchrun's environment: nccl on CUDA, gloo on CPU)."""
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        return Placement(device)
+    where = Placement(device, dist.get_rank(), dist.get_world_size())
+    if cfg.super_batch % where.world or cfg.method.batch_size % where.world:
+        raise ValueError(
+            f"batch_size {cfg.method.batch_size} and super-batch {cfg.super_batch} must be divisible by the "
+            f"world size {where.world}"
+        )
+    return where
+
+
+@dataclass
+class Counters:
+    """Where a run is, in steps, examples and FLOPs (split per appendix A.4); this rank's skipped samples."""
+
+    step: int = 0
+    examples_learned: int = 0
+    examples_scored: int = 0
+    flops_train: float = 0.0
+    flops_score: float = 0.0
+    flops_reference: float = 0.0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def flops_total(self) -> float:
+        return self.flops_train + self.flops_score + self.flops_reference
+
+    def add_step(self, out: StepOutput, cost: StepFlops, skipped: dict[str, int]) -> None:
+        self.step += 1
+        self.examples_learned += out.learned
+        self.examples_scored += out.scored
+        self.flops_train += cost.train
+        self.flops_score += cost.score
+        self.flops_reference += cost.reference
+        self.skipped = dict(Counter(self.skipped) + Counter(skipped))
+
+    def fields(self) -> dict[str, Any]:
+        """The counters every metrics line carries."""
+        return {
+            "step": self.step,
+            "examples_learned": self.examples_learned,
+            "examples_scored": self.examples_scored,
+            "flops_train": self.flops_train,
+            "flops_score": self.flops_score,
+            "flops_reference": self.flops_reference,
+            "flops_total": self.flops_total,
+        }
+
+
+def build_model(cfg: TrainConfig, device: torch.device, checkpoint: Any = None) -> nn.Module:
+    """The run's learner (``cfg.model`` for ``cfg.method.loss``), from ``checkpoint`` or its init weights."""
+    weights = checkpoint if checkpoint is not None else cfg.init_checkpoint
+    return create_model(cfg.model, loss=cfg.method.loss, checkpoint=weights, device=device)
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds: learner, optimiser, schedule, selection generator, counters."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    counters: Counters
+
+    def state_dict(self, cfg: TrainConfig) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "counters": asdict(self.counters),
+            "config": to_dict(cfg),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint, the global torch RNG included."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        on_cpu = self.generator.device.type == "cpu"
+        self.generator.set_state(state["generator"].cpu() if on_cpu else state["generator"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.counters = Counters(**state["counters"])
+
+
+def build_state(cfg: TrainConfig, device: torch.device) -> TrainState:
+    """A fresh training state, seeded by ``cfg.seed`` (the model's init draws from the global torch RNG)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, device)
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.steps, cfg.optim)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    return TrainState(model, optimizer, scheduler, generator, Counters())
+
+
+def open_reference(cfg: TrainConfig, urls: list[str]) -> ReferenceCache | None:
+    """The cached reference embeddings of the training shards when the method needs them (checked up front:
+    a ValueError names a missing or stale sidecar), else None."""
+    if not cfg.method.description.needs_reference(cfg.method.scoring):
+        return None
+    if cfg.reference_cache is None:
+        raise ValueError(
+            f"method {cfg.method.method!r} with scoring {cfg.method.scoring!r} needs reference_cache"
+        )
+    return ReferenceCache(urls, name=cfg.reference_cache)
+
+
+def measure_step_flops(cfg: TrainConfig, model: nn.Module) -> StepFlops:
+    """FLOPs of one step of the run (reference embeddings cached), measured on ``model``'s forward."""
+    model_cfg = open_clip.get_model_config(cfg.model)
+    size, context = model_cfg["vision_cfg"]["image_size"], model_cfg["text_cfg"]["context_length"]
+    method = cfg.method.description
+    learner = forward_flops(model, image_size=size, context_length=context)
+    approx = None
+    if method.uses_approximation:
+        approx = forward_flops(model, image_size=size, context_length=context, approx=cfg.method.approx)
+    return method.step_flops(cfg.method, super_batch=cfg.super_batch, learner=learner, approx_learner=approx)
+
+
+def open_stream(
+    cfg: TrainConfig,
+    urls: list[str],
+    transform: Callable,
+    where: Placement,
+    *,
+    batch_size: int | None = None,
+    resampled: bool = True,
+) -> SuperBatchStream:
+    """The run's stream of super-batches (this rank's B / W of each unless ``batch_size`` says otherwise)."""
+    return SuperBatchStream(
+        urls,
+        batch_size=batch_size if batch_size is not None else cfg.super_batch // where.world,
+        transform=transform,
+        resampled=resampled,
+        seed=cfg.seed,
+        rank=where.rank,
+        world_size=where.world,
+    )
+
+
+def resume_batches(stream: SuperBatchStream, cfg: TrainConfig, step: int) -> Iterator[SuperBatch]:
+    """The stream through ``cfg.num_workers`` loader workers, replayed to where step ``step`` left it."""
+    batches = iter(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers))
+    for _ in range(step):
+        next(batches)
+    return batches
+
+
+def to_device(
+    batch: SuperBatch,
+    tokenize: Callable[[list[str]], torch.Tensor],
+    reference: ReferenceCache | None,
+    device: torch.device,
+) -> SuperBatchTensors:
+    """A loaded super-batch on the device: images, tokenised captions and the reference's embeddings."""
+    return SuperBatchTensors(
+        images=batch.images.to(device, non_blocking=True),
+        tokens=tokenize(batch.texts).to(device),
+        reference=reference.lookup(batch.keys, device=device) if reference is not None else None,
+    )
