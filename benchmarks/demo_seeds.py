@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-from pathlib import Path
 
-from jestclip.commands.demo import DemoConfig, run_config
+from jestclip.demo import DemoConfig, run_config
 from jestclip.report import load_run, speedup_table
-from jestclip.train.loop import MODEL_FILE, train
+from jestclip.train.loop import train
+from jestclip.train.rundir import RunDir
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
         runs = {}
         for method in ("iid", "jest"):
             run = run_config(cfg, method, method)
-            if not (Path(run.run_dir) / MODEL_FILE).exists():
+            if not RunDir(run.run_dir).finished:
                 train(run)
             runs[method] = load_run(run.run_dir)
         _, (iid, jest) = speedup_table([runs["iid"], runs["jest"]], runs["iid"])
