@@ -4,7 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jestclip.eval import fewshot_linear_probe, fewshot_split, retrieval_recall, zeroshot_top1
+from jestclip.eval import (
+    balanced_accuracy,
+    fewshot_linear_probe,
+    fewshot_split,
+    retrieval_recall,
+    top1_accuracy,
+    zeroshot_top1,
+)
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -73,3 +80,17 @@ def test_fewshot_probe_separates_separable_classes_and_not_noise():
     assert fewshot_linear_probe(noise[train], labels[train], noise[test], labels[test]) < 0.45  # chance 0.2
     with pytest.raises(ValueError, match=r"test labels \[9\] do not occur"):
         fewshot_linear_probe(feats[train], labels[train], feats[:1], torch.tensor([9]))
+
+
+def test_balanced_accuracy_does_not_reward_predicting_the_largest_class():
+    # 27% of a suite in one class (OpenClipart's "stars"): always answering it is 27% top-1, 1/C balanced
+    labels = torch.tensor([0] * 27 + [1] * 25 + [2] * 25 + [3] * 23)
+    always_zero = torch.zeros_like(labels)
+    assert top1_accuracy(always_zero, labels) == pytest.approx(0.27)
+    assert balanced_accuracy(always_zero, labels) == pytest.approx(1 / 4)
+    assert balanced_accuracy(labels, labels) == 1.0
+    # one of two classes fully right, the other half right: (1 + 0.5) / 2, whatever the class sizes
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    predictions = torch.tensor([0] * 90 + [1] * 5 + [0] * 5)
+    assert balanced_accuracy(predictions, labels) == pytest.approx(0.75)
+    assert top1_accuracy(predictions, labels) == pytest.approx(0.95)

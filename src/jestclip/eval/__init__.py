@@ -1,4 +1,5 @@
-"""Evaluation: zero-shot top-1, image-text retrieval R@k and few-shot linear probes on eval suites.
+"""Evaluation: zero-shot classification (top-1 and class-balanced), image-text retrieval R@k and few-shot
+linear probes on eval suites.
 
 ``metrics`` is pure tensor math on features; ``suites`` describes what to measure on which shards;
 ``evaluate`` encodes a suite with a model and runs its tasks.
@@ -13,13 +14,21 @@ from jestclip.eval.evaluate import (
     format_table,
     is_averaged,
 )
-from jestclip.eval.metrics import fewshot_linear_probe, fewshot_split, retrieval_recall, zeroshot_top1
+from jestclip.eval.metrics import (
+    balanced_accuracy,
+    fewshot_linear_probe,
+    fewshot_split,
+    retrieval_recall,
+    top1_accuracy,
+    zeroshot_top1,
+)
 from jestclip.eval.suites import DEFAULT_TEMPLATES, EvalSuite, custom_suite, find_suites
 
 __all__ = [
     "DEFAULT_TEMPLATES",
     "EvalSuite",
     "SuiteFeatures",
+    "balanced_accuracy",
     "custom_suite",
     "encode_suite",
     "evaluate",
@@ -31,5 +40,6 @@ __all__ = [
     "format_table",
     "is_averaged",
     "retrieval_recall",
+    "top1_accuracy",
     "zeroshot_top1",
 ]

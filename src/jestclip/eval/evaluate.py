@@ -20,7 +20,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from jestclip.data.loader import SuperBatchStream
-from jestclip.eval.metrics import fewshot_linear_probe, fewshot_split, retrieval_recall, zeroshot_top1
+from jestclip.eval.metrics import (
+    balanced_accuracy,
+    fewshot_predict,
+    fewshot_split,
+    retrieval_recall,
+    top1_accuracy,
+    zeroshot_predict,
+)
 from jestclip.eval.suites import EvalSuite
 
 __all__ = [
@@ -37,8 +44,9 @@ DEFAULT_SHOTS = 10
 
 
 def is_averaged(metric: str) -> bool:
-    """Whether a metric name enters the suite average."""
-    return metric.startswith(("zeroshot:", "fewshot:")) or metric in (
+    """Whether a metric name enters the suite average: class-balanced zero-shot and few-shot accuracy and
+    image→text / text→image R@1 (plain top-1 and R@5 are reported, not averaged)."""
+    return metric.startswith(("zeroshot_balanced:", "fewshot_balanced:")) or metric in (
         "retrieval:i2t_r@1",
         "retrieval:t2i_r@1",
     )
@@ -172,14 +180,18 @@ def evaluate_suite(
                     weights = build_zero_shot_classifier(
                         model, tokenize, suite.classes[field], suite.templates, device=device
                     )
-                out[task] = zeroshot_top1(image, weights.float(), label)
+                predictions = zeroshot_predict(image, weights.float())
+                out[task] = top1_accuracy(predictions, label)
+                out[f"zeroshot_balanced:{field}"] = balanced_accuracy(predictions, label)
             else:
                 try:
                     train, test = fewshot_split(label, shots=shots, seed=seed)
                 except ValueError as exn:  # too few examples per class in this suite (or under `limit`)
                     warnings.warn(f"suite {suite.name!r}: task {task!r} skipped: {exn}", stacklevel=2)
                     continue
-                out[task] = fewshot_linear_probe(image[train], label[train], image[test], label[test])
+                predictions = fewshot_predict(image[train], label[train], image[test])
+                out[task] = top1_accuracy(predictions, label[test])
+                out[f"fewshot_balanced:{field}"] = balanced_accuracy(predictions, label[test])
     finally:
         model.train(was_training)
     averaged = [v for k, v in out.items() if is_averaged(k)]

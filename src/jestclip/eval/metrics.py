@@ -1,6 +1,8 @@
-"""Evaluation metrics on precomputed, L2-normalised features: zero-shot top-1, retrieval recall@k, few-shot
-linear probe. Pure tensor math (no models, no I/O); similarity matrices are built a block of rows at a time,
-so memory is ``[block, N]``, never ``[N, N]``.
+"""Evaluation metrics on precomputed, L2-normalised features: zero-shot classification, retrieval recall@k,
+few-shot linear probe; classification scored as top-1 and as class-balanced accuracy (the mean of per-class
+recalls, so that predicting a suite's largest class for every image scores 1/C, not its share of the suite).
+Pure tensor math (no models, no I/O); similarity matrices are built a block of rows at a time, so memory is
+``[block, N]``, never ``[N, N]``.
 """
 
 from __future__ import annotations
@@ -8,34 +10,62 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["fewshot_linear_probe", "fewshot_split", "retrieval_recall", "zeroshot_top1"]
+__all__ = [
+    "balanced_accuracy",
+    "fewshot_linear_probe",
+    "fewshot_predict",
+    "fewshot_split",
+    "retrieval_recall",
+    "top1_accuracy",
+    "zeroshot_predict",
+    "zeroshot_top1",
+]
 
 DEFAULT_BLOCK = 1024
 
 
-def zeroshot_top1(image_features: Tensor, class_weights: Tensor, labels: Tensor) -> float:
-    """Top-1 accuracy of nearest class embedding.
+def top1_accuracy(predictions: Tensor, labels: Tensor) -> float:
+    """Fraction of ``[N]`` predictions equal to the ``[N]`` labels."""
+    return float((predictions.cpu() == labels.cpu()).double().mean())
 
-    image_features: ``[N, D]``; class_weights: ``[D, C]`` (open_clip's zero-shot classifier layout);
-    labels: ``[N]`` class ids in ``[0, C)``.
-    """
+
+def balanced_accuracy(predictions: Tensor, labels: Tensor) -> float:
+    """Mean over the classes present in ``labels`` of the fraction of that class predicted right (``[N]``
+    each): every class weighs the same, however many examples it has."""
+    predictions, labels = predictions.cpu(), labels.cpu()
+    classes, inverse = torch.unique(labels, return_inverse=True)
+    right = torch.zeros(len(classes), dtype=torch.float64).index_add_(
+        0, inverse, (predictions == labels).double()
+    )
+    return float((right / torch.bincount(inverse, minlength=len(classes))).mean())
+
+
+def zeroshot_predict(image_features: Tensor, class_weights: Tensor) -> Tensor:
+    """``[N]`` id of the nearest class embedding: image_features ``[N, D]``, class_weights ``[D, C]``
+    (open_clip's zero-shot classifier layout)."""
     if image_features.shape[1] != class_weights.shape[0]:
         raise ValueError(f"feature dim {image_features.shape[1]} != classifier dim {class_weights.shape[0]}")
-    if labels.numel() != image_features.shape[0]:
-        raise ValueError(f"{labels.numel()} labels for {image_features.shape[0]} images")
-    if labels.numel() == 0:
+    if image_features.shape[0] == 0:
         raise ValueError("no images to classify")
-    if int(labels.min()) < 0 or int(labels.max()) >= class_weights.shape[1]:
-        raise ValueError(
-            f"labels must be in [0, {class_weights.shape[1]}), got {labels.min()}..{labels.max()}"
-        )
-    correct = 0
-    for start in range(0, image_features.shape[0], DEFAULT_BLOCK):
-        logits = image_features[start : start + DEFAULT_BLOCK] @ class_weights
-        correct += int(
-            (logits.argmax(dim=1) == labels[start : start + DEFAULT_BLOCK].to(logits.device)).sum()
-        )
-    return correct / labels.numel()
+    return torch.cat(
+        [
+            (image_features[start : start + DEFAULT_BLOCK] @ class_weights).argmax(dim=1).cpu()
+            for start in range(0, image_features.shape[0], DEFAULT_BLOCK)
+        ]
+    )
+
+
+def _check_labels(labels: Tensor, n: int, n_classes: int) -> None:
+    if labels.numel() != n:
+        raise ValueError(f"{labels.numel()} labels for {n} images")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise ValueError(f"labels must be in [0, {n_classes}), got {labels.min()}..{labels.max()}")
+
+
+def zeroshot_top1(image_features: Tensor, class_weights: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy of the nearest class embedding (shapes as ``zeroshot_predict``; labels ``[N]``)."""
+    _check_labels(labels, image_features.shape[0], class_weights.shape[1])
+    return top1_accuracy(zeroshot_predict(image_features, class_weights), labels)
 
 
 def _recall(queries: Tensor, gallery: Tensor, q_ids: Tensor, g_ids: Tensor, ks: tuple[int, ...], block: int):
@@ -101,27 +131,20 @@ def fewshot_split(labels: Tensor, *, shots: int, seed: int = 0) -> tuple[Tensor,
     return torch.cat(train), torch.cat(test)
 
 
-def fewshot_linear_probe(
+def fewshot_predict(
     train_features: Tensor,
     train_labels: Tensor,
     test_features: Tensor,
-    test_labels: Tensor,
     *,
     l2: float = 1e-3,
-) -> float:
-    """Test top-1 accuracy of a ridge-regression linear probe on frozen features (big_vision's few-shot
-    evaluator): least squares from ``[n, D]`` features (plus a bias) to centred one-hot targets, closed form.
-
-    Labels are any integer ids; test labels must all occur in training.
+) -> Tensor:
+    """``[M]`` labels a ridge-regression linear probe on frozen features predicts for the test features
+    (big_vision's few-shot evaluator): least squares from ``[n, D]`` features (plus a bias) to centred one-hot
+    targets, closed form. Labels are any integer ids.
     """
-    if train_features.shape[0] != train_labels.numel() or test_features.shape[0] != test_labels.numel():
+    if train_features.shape[0] != train_labels.numel():
         raise ValueError("features and labels differ in length")
     classes, train_y = torch.unique(train_labels.cpu(), return_inverse=True)
-    lookup = {int(c): i for i, c in enumerate(classes)}
-    unseen = sorted({int(t) for t in test_labels.cpu()} - lookup.keys())
-    if unseen:
-        raise ValueError(f"test labels {unseen[:5]} do not occur in the training examples")
-    test_y = torch.tensor([lookup[int(t)] for t in test_labels.cpu()])
     x = torch.cat(
         [train_features.double().cpu(), torch.ones(train_features.shape[0], 1, dtype=torch.float64)], 1
     )
@@ -131,5 +154,22 @@ def fewshot_linear_probe(
     xt = torch.cat(
         [test_features.double().cpu(), torch.ones(test_features.shape[0], 1, dtype=torch.float64)], 1
     )
-    predictions = (xt @ weights).argmax(dim=1)
-    return float((predictions == test_y).double().mean())
+    return classes[(xt @ weights).argmax(dim=1)]
+
+
+def fewshot_linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    l2: float = 1e-3,
+) -> float:
+    """Test top-1 accuracy of ``fewshot_predict``'s probe; test labels must all occur in training."""
+    if test_features.shape[0] != test_labels.numel():
+        raise ValueError("features and labels differ in length")
+    unseen = sorted(set(test_labels.cpu().tolist()) - set(train_labels.cpu().tolist()))
+    if unseen:
+        raise ValueError(f"test labels {unseen[:5]} do not occur in the training examples")
+    predictions = fewshot_predict(train_features, train_labels, test_features, l2=l2)
+    return top1_accuracy(predictions, test_labels)
