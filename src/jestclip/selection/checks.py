@@ -1,14 +1,44 @@
-"""Argument checks shared by the selection functions: each raises a ValueError naming the argument."""
+"""Argument checks shared by the selection functions (each raises a ValueError naming the argument) and
+``full_precision``, which keeps their arithmetic out of any autocast region."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import operator
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_count", "check_gain", "check_generator", "check_indices"]
+__all__ = ["check_count", "check_gain", "check_generator", "check_indices", "full_precision"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# device types torch.autocast knows and a selection may run on
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def full_precision(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` with every active autocast disabled, so scores and sampling use the embeddings' own dtype
+    (at least float32, see ``Embeddings.compute_dtype``) whatever region the caller is in.
+
+    Selection multiplies pair logits by a gain of 100: under bf16 autocast a logit tile's rounding (~0.01)
+    becomes ~1 in the sampling logits and changes which candidates are drawn.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with contextlib.ExitStack() as stack:
+            for device in _AUTOCAST_DEVICES:
+                if torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def check_count(value: object, name: str, low: int, high: int, high_name: str, caller: str) -> int:

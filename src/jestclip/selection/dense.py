@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from jestclip.selection.checks import full_precision
 from jestclip.selection.embeddings import Embeddings
 from jestclip.selection.joint import DEFAULT_GAIN
 from jestclip.selection.sampling import CandidateGroups, chunk_sizes, draw_chunks
@@ -38,6 +39,7 @@ def sigmoid_loss_matrix(emb: Embeddings) -> Tensor:
     return torch.nn.functional.softplus(torch.where(eye, -logits, logits))
 
 
+@full_precision
 def pair_score_matrix(
     learner: Embeddings | None, reference: Embeddings | None, *, scoring: str = "learnability"
 ) -> Tensor:
@@ -57,6 +59,7 @@ def _softmax_brackets(emb: Embeddings, rows: Tensor, members: Tensor) -> Tensor:
     return -diag + 0.5 * (row_lse + col_lse)
 
 
+@full_precision
 def dense_conditional_scores(
     learner: Embeddings | None,
     reference: Embeddings | None,
@@ -84,6 +87,7 @@ def dense_conditional_scores(
     return scores.masked_fill(~inputs.usable, float("-inf"))
 
 
+@full_precision
 def dense_batch_score(
     learner: Embeddings | None,
     reference: Embeddings | None,
@@ -103,6 +107,7 @@ def dense_batch_score(
     )
 
 
+@full_precision
 def dense_joint_select(
     learner: Embeddings | None,
     reference: Embeddings | None,

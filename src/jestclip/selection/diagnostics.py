@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from jestclip.selection.checks import check_gain, check_generator, check_indices
+from jestclip.selection.checks import check_gain, check_generator, check_indices, full_precision
 from jestclip.selection.embeddings import Embeddings
 from jestclip.selection.joint import DEFAULT_GAIN, batch_score
 from jestclip.selection.scoring import resolve_inputs
@@ -29,6 +29,7 @@ class GibbsTrace:
     accepted: int
 
 
+@full_precision
 def gibbs_select(
     learner: Embeddings | None,
     reference: Embeddings | None,

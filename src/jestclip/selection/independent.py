@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jestclip.selection.checks import check_gain
+from jestclip.selection.checks import check_gain, full_precision
 from jestclip.selection.embeddings import Embeddings
 from jestclip.selection.joint import DEFAULT_GAIN
 from jestclip.selection.sampling import Exchange, LocalExchange
@@ -17,6 +17,7 @@ CONTEXTS: tuple[str, ...] = ("unconditional", "superbatch")
 METHODS: tuple[str, ...] = ("sample", "topk")
 
 
+@full_precision
 def independent_scores(
     learner: Embeddings | None,
     reference: Embeddings | None,
@@ -43,6 +44,7 @@ def independent_scores(
     return scores.masked_fill(~inputs.usable, float("-inf"))
 
 
+@full_precision
 def independent_select(
     learner: Embeddings | None,
     reference: Embeddings | None,

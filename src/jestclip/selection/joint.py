@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jestclip.selection.checks import check_count, check_gain, check_indices
+from jestclip.selection.checks import check_count, check_gain, check_indices, full_precision
 from jestclip.selection.embeddings import Embeddings
 from jestclip.selection.sampling import CandidateGroups, Exchange, as_exchange, chunk_sizes, draw_chunks
 from jestclip.selection.scoring import (
@@ -25,6 +25,7 @@ __all__ = ["DEFAULT_GAIN", "batch_score", "conditional_scores", "joint_select"]
 DEFAULT_GAIN = 100.0
 
 
+@full_precision
 def conditional_scores(
     learner: Embeddings | None,
     reference: Embeddings | None,
@@ -50,6 +51,7 @@ def conditional_scores(
     return scores.masked_fill(~inputs.usable, float("-inf"))
 
 
+@full_precision
 def batch_score(
     learner: Embeddings | None,
     reference: Embeddings | None,
@@ -86,6 +88,7 @@ def _absorb(state: ConditionalScores, exchange: Exchange, chunk: Tensor) -> None
         state.absorb(list(zip(rows[0::2], rows[1::2], strict=True)))
 
 
+@full_precision
 def joint_select(
     learner: Embeddings | None,
     reference: Embeddings | None,
