@@ -75,3 +75,41 @@ def test_load_run_keeps_the_last_line_of_a_step_and_names_bad_lines(tmp_path):
     empty = RunLog("e", tmp_path, {}, [], [])
     with pytest.raises(ValueError, match="has no evaluation lines"):
         empty.final_eval  # noqa: B018
+
+
+def seeded(name: str, method: str, seed: int, accuracy: list[float], per_step: float = 1.0) -> RunLog:
+    run = synthetic_run(name, method, accuracy, per_step)
+    return RunLog(
+        name, Path(name), {"method": {"method": method}, "seed": seed, "run_dir": name}, [], run.evals
+    )
+
+
+def test_runs_that_differ_only_in_seed_are_one_group_with_a_band():
+    from jestclip.report import group_seeds
+
+    iid = [seeded(f"iid-s{s}", "iid", s, [0.0, 0.2 + d, 0.4 + d, 0.6 + d]) for s, d in enumerate((0.0, 0.02))]
+    jest = [seeded(f"jest-s{s}", "jest", s, [0.0, 0.5 + d, 0.6 + d, 0.7]) for s, d in enumerate((0.1, -0.1))]
+    other = seeded("jest-f09", "jest", 0, [0.0, 0.1, 0.2, 0.3])
+    other = RunLog(other.name, other.path, {**other.config, "filter_ratio": 0.9}, [], other.evals)
+    groups = group_seeds([*iid, *jest, other])
+    assert [(g.name, len(g.runs)) for g in groups] == [("iid", 2), ("jest", 2), ("jest-f09", 1)]
+    xs, mean, std = groups[1].curve("examples_learned")
+    assert xs == [0, 100, 200, 300] and mean == pytest.approx([0.0, 0.5, 0.6, 0.7])
+    assert std[1] == pytest.approx(0.1414, abs=1e-4) and std[3] == 0.0
+    assert groups[0].final() == pytest.approx((0.61, 0.01414), abs=1e-4)
+
+    target, rows = speedup_table(groups, groups[0])
+    assert target == pytest.approx(0.61)
+    by = {r.run: r for r in rows}
+    # the seed-mean JEST curve (0.5, 0.6, 0.7 at 100, 200, 300 examples) crosses 0.61 at 210 examples
+    assert by["jest"].examples == pytest.approx(210) and by["jest"].examples_speedup == pytest.approx(
+        300 / 210
+    )
+    # seed 0 (0.6, 0.7, 0.7) crosses at 110; seed 1 (0.4, 0.5, 0.7) at 255
+    assert by["jest"].examples_per_seed == pytest.approx((300 / 110, 300 / 255))
+    assert by["iid"].examples_per_seed == (1.0, 1.0) and by["jest"].seeds == 2
+    assert by["jest-f09"].examples is None
+
+    same_seed = seeded("iid-again", "iid", 0, [0.0, 0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="have the same config and seed"):
+        group_seeds([iid[0], same_seed])

@@ -70,3 +70,21 @@ def test_report_errors(runs, tmp_path):
         main(["report", str(iid), "--out", str(tmp_path), "--baseline", "x", "--no-diagnostics"])
     with pytest.raises(ValueError, match="is not a training run"):
         main(["report", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_report_shows_the_reference_models_own_cost(runs, tmp_path):
+    from jestclip.models import create_model, forward_flops
+    from jestclip.report import count_samples, load_run, reference_cost, write_report
+
+    iid, jest = runs
+    data = load_run(jest).config["data"]
+    assert count_samples(data) == 24  # 2 shards of 12
+    cost = reference_cost(iid, data)  # the IID run stands in for a reference trained with jestclip train
+    assert cost.train_flops == load_run(iid).final_eval["flops_total"] > 0
+    assert (
+        cost.cache_flops
+        == forward_flops(create_model("jest-micro"), image_size=32, context_length=16).total * 24
+    )
+    report = write_report([load_run(iid), load_run(jest)], tmp_path / "r", reference=cost).read_text()
+    assert "## The reference model's own cost" in report
+    assert f"| {jest.name} | " in report.split("## The reference model's own cost")[1]

@@ -8,21 +8,28 @@ from jestclip.report.diagnostics import (
     run_embeddings,
     selection_diagnostics,
 )
+from jestclip.report.groups import RunGroup, group_seeds
 from jestclip.report.plots import plot_accuracy, plot_diagnostics
+from jestclip.report.reference import ReferenceCost, count_samples, reference_cost
 from jestclip.report.runs import AVERAGE, RunLog, load_run
 from jestclip.report.speedup import SpeedupRow, first_crossing, speedup_table
 from jestclip.report.write import choose_baseline, write_report
 
 __all__ = [
     "AVERAGE",
+    "ReferenceCost",
+    "RunGroup",
     "RunLog",
     "SelectionDiagnostics",
     "SpeedupRow",
     "choose_baseline",
+    "count_samples",
     "first_crossing",
+    "group_seeds",
     "load_run",
     "plot_accuracy",
     "plot_diagnostics",
+    "reference_cost",
     "run_diagnostics",
     "run_embeddings",
     "selection_diagnostics",

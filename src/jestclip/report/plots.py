@@ -9,6 +9,7 @@ from matplotlib.colors import CenteredNorm
 from matplotlib.figure import Figure
 
 from jestclip.report.diagnostics import SelectionDiagnostics
+from jestclip.report.groups import RunGroup, as_group
 from jestclip.report.runs import AVERAGE, RunLog
 
 __all__ = ["plot_accuracy", "plot_diagnostics"]
@@ -20,15 +21,27 @@ X_AXES = (
 
 
 def plot_accuracy(
-    runs: Sequence[RunLog], path: Path, *, target: float | None = None, metric: str = AVERAGE
+    runs: Sequence[RunLog | RunGroup], path: Path, *, target: float | None = None, metric: str = AVERAGE
 ) -> Path:
-    """Figure-1 style: ``metric`` against examples learned on and against total FLOPs, one line per run."""
+    """Figure-1 style: ``metric`` against examples learned on and against total FLOPs, one line per run or
+    seed group (its seed mean, with a ±1 standard deviation band across seeds)."""
     fig = Figure(figsize=(11, 4), layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, (x, label) in zip(axes, X_AXES, strict=True):
-        for run in runs:
-            xs, ys = run.curve(x, metric)
-            ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3, label=f"{run.name} ({run.method})")
+        for run in map(as_group, runs):
+            xs, mean, std = run.curve(x, metric)
+            seeds = f", {len(run.runs)} seeds" if len(run.runs) > 1 else ""
+            line = ax.plot(
+                xs,
+                [100 * y for y in mean],
+                marker="o",
+                markersize=3,
+                label=f"{run.name} ({run.method}{seeds})",
+            )[0]
+            if len(run.runs) > 1:
+                low = [100 * (m - s) for m, s in zip(mean, std, strict=True)]
+                high = [100 * (m + s) for m, s in zip(mean, std, strict=True)]
+                ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         if target is not None:
             ax.axhline(
                 100 * target, color="grey", linestyle="--", linewidth=1, label="target (baseline final)"

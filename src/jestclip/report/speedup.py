@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
+from jestclip.report.groups import RunGroup, as_group
 from jestclip.report.runs import AVERAGE, RunLog
 
 __all__ = ["SpeedupRow", "first_crossing", "speedup_table"]
@@ -34,7 +35,9 @@ def first_crossing(xs: Sequence[float], ys: Sequence[float], target: float) -> f
 
 @dataclass(frozen=True)
 class SpeedupRow:
-    """One run against the target: the cost to reach it (None: not reached) and baseline cost / that cost."""
+    """One run (or seed group) against the target: the cost to reach it on its (seed-mean) curve, None when
+    not reached, and baseline cost / that cost; ``*_per_seed``: the same speed-up from each seed's own curve.
+    """
 
     run: str
     method: str
@@ -43,36 +46,55 @@ class SpeedupRow:
     flops: float | None
     examples_speedup: float | None
     flops_speedup: float | None
+    seeds: int = 1
+    final_std: float = 0.0
+    examples_per_seed: tuple[float | None, ...] = ()
+    flops_per_seed: tuple[float | None, ...] = ()
+
+
+def _ratio(base: float, cost: float | None) -> float | None:
+    return base / cost if cost else None
 
 
 def speedup_table(
-    runs: Sequence[RunLog], baseline: RunLog, metric: str = AVERAGE
+    runs: Sequence[RunLog | RunGroup], baseline: RunLog | RunGroup, metric: str = AVERAGE
 ) -> tuple[float, list[SpeedupRow]]:
-    """``(target, rows)``: target = the baseline's final ``metric``; per run, the examples learned and total
-    FLOPs at which it first reached the target (interpolated between evaluations) and the speed-ups
-    ``baseline cost / run cost``. The baseline's cost is its whole run (the paper's "IID reaches this after N
+    """``(target, rows)``: target = the baseline's final ``metric`` (mean over its seeds); per run or seed
+    group, the examples learned and total FLOPs at which its seed-mean curve first reached the target
+    (interpolated between evaluations) and the speed-ups ``baseline cost / run cost``, plus the speed-up of
+    each seed's own curve. The baseline's cost is its whole run (the paper's "IID reaches this after N
     iterations"), even where a noisy curve touched the target earlier. A speed-up is None when the run never
     reached the target or reached it before training (cost 0).
     """
-    final = baseline.final_eval
-    target = float(final[metric])
-    base = {c: float(final[c]) for c in COSTS}
+    base_group = as_group(baseline)
+    target, _ = base_group.final(metric)
+    base = {c: base_group.final_eval[c] for c in COSTS}
     rows = []
     for run in runs:
-        if run is baseline:
+        group = as_group(run)
+        if group.runs == base_group.runs:
             cost: dict[str, float | None] = dict(base)
+            per_seed = {c: tuple(1.0 for _ in group.runs) for c in COSTS}
         else:
-            cost = {c: first_crossing(*run.curve(c, metric), target) for c in COSTS}
-        speed = {c: (base[c] / cost[c] if cost[c] else None) for c in COSTS}
+            cost = {c: first_crossing(*group.curve(c, metric)[:2], target) for c in COSTS}
+            per_seed = {
+                c: tuple(_ratio(base[c], first_crossing(*r.curve(c, metric), target)) for r in group.runs)
+                for c in COSTS
+            }
+        final, final_std = group.final(metric)
         rows.append(
             SpeedupRow(
-                run=run.name,
-                method=run.method,
-                final=float(run.final_eval[metric]),
+                run=group.name,
+                method=group.method,
+                final=final,
                 examples=cost["examples_learned"],
                 flops=cost["flops_total"],
-                examples_speedup=speed["examples_learned"],
-                flops_speedup=speed["flops_total"],
+                examples_speedup=_ratio(base["examples_learned"], cost["examples_learned"]),
+                flops_speedup=_ratio(base["flops_total"], cost["flops_total"]),
+                seeds=len(group.runs),
+                final_std=final_std,
+                examples_per_seed=per_seed["examples_learned"],
+                flops_per_seed=per_seed["flops_total"],
             )
         )
     return target, rows

@@ -9,24 +9,28 @@ from pathlib import Path
 from typing import Any
 
 from jestclip.report.diagnostics import SelectionDiagnostics
+from jestclip.report.groups import RunGroup, group_seeds
 from jestclip.report.plots import plot_accuracy, plot_diagnostics
-from jestclip.report.runs import AVERAGE, RunLog
-from jestclip.report.speedup import speedup_table
+from jestclip.report.reference import ReferenceCost
+from jestclip.report.runs import RunLog
+from jestclip.report.speedup import SpeedupRow, speedup_table
 
 __all__ = ["choose_baseline", "write_report"]
 
 
-def choose_baseline(runs: Sequence[RunLog], name: str | None = None) -> RunLog:
-    """The run called ``name``, else the first run whose method does not select (IID); a ValueError when
-    there is none."""
+def choose_baseline(groups: Sequence[RunGroup], name: str | None = None) -> RunGroup:
+    """The group (or run) called ``name``, else the first whose method does not select (IID); a ValueError
+    when there is none."""
     if name is not None:
-        match = [r for r in runs if r.name == name or str(r.path) == name]
+        match = [g for g in groups if name == g.name or any(name in (r.name, str(r.path)) for r in g.runs)]
         if not match:
-            raise ValueError(f"baseline {name!r} is not among the runs {[r.name for r in runs]}")
+            raise ValueError(f"baseline {name!r} is not among the runs {[g.name for g in groups]}")
         return match[0]
-    iid = [r for r in runs if not r.description.selects]
+    iid = [g for g in groups if not g.description.selects]
     if not iid:
-        raise ValueError(f"no IID run among {[r.name for r in runs]}; name the baseline run with --baseline")
+        raise ValueError(
+            f"no IID run among {[g.name for g in groups]}; name the baseline run with --baseline"
+        )
     return iid[0]
 
 
@@ -44,6 +48,123 @@ def _pct(value: Any) -> str:
     return f"{100 * value:.2f}" if isinstance(value, int | float) else "—"
 
 
+def _seeds(group: RunGroup) -> str:
+    return f"{len(group.runs)} ({', '.join(map(str, group.seeds))})"
+
+
+def _pm(mean: float, std: float, seeds: int) -> str:
+    return _pct(mean) + (f" ± {100 * std:.2f}" if seeds > 1 else "")
+
+
+def _spread(per_seed: tuple[float | None, ...]) -> str:
+    """Per-seed speed-ups as ``min–max`` (and how many seeds never reached the target)."""
+    if len(per_seed) < 2:
+        return ""
+    reached = [v for v in per_seed if v is not None]
+    text = f" [{min(reached):.2f}–{max(reached):.2f}]" if reached else ""
+    missed = len(per_seed) - len(reached)
+    return text + (f" ({missed} of {len(per_seed)} seeds not reached)" if missed else "")
+
+
+def _runs_section(groups: Sequence[RunGroup]) -> list[str]:
+    lines = ["| run | method | model | seeds | steps | examples learned | total FLOPs | final average (%) |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        final = g.final_eval
+        lines.append(
+            f"| {g.name} | {g.method} | {g.config.get('model', '?')} | {_seeds(g)} | {final['step']:.0f} | "
+            f"{final['examples_learned']:,.0f} | {final['flops_total']:.3g} | "
+            f"{_pm(*g.final(), len(g.runs))} |"
+        )
+    dirs = ", ".join(f"`{r.path}`" for g in groups for r in g.runs)
+    return [*lines, "", f"Run directories: {dirs}", ""]
+
+
+def _speedup_section(base: RunGroup, target: float, rows: Sequence[SpeedupRow]) -> list[str]:
+    lines = [
+        "## Speed-up to target",
+        "",
+        f"Target: the final average accuracy of the baseline `{base.name}` ({_pct(target)}%"
+        f"{', mean of its seeds' if len(base.runs) > 1 else ''}), reached after its whole run. Cost = "
+        "examples learned on (or total FLOPs) at which a run's curve — the seed mean, for several seeds — "
+        "first reached the target, interpolated linearly between evaluations; speed-up = baseline cost / "
+        "run cost; [min–max] = the same speed-up from each seed's own curve.",
+        "",
+        "| run | method | seeds | final (%) | examples to target | speed-up | FLOPs to target | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.run} | {row.method} | {row.seeds} | {_pm(row.final, row.final_std, row.seeds)} | "
+            f"{_num(row.examples, ',.0f')} | {_speedup(row.examples, row.examples_speedup)}"
+            f"{_spread(row.examples_per_seed)} | {_num(row.flops, '.3g')} | "
+            f"{_speedup(row.flops, row.flops_speedup)}{_spread(row.flops_per_seed)} |"
+        )
+    return lines
+
+
+def _reference_section(groups: Sequence[RunGroup], reference: ReferenceCost) -> list[str]:
+    lines = [
+        "",
+        "## The reference model's own cost",
+        "",
+        f"Reference `{reference.run}`: training {reference.train_flops:.3g} FLOPs; caching its embeddings of "
+        f"{reference.cached_samples:,} pairs {reference.cache_flops:.3g} FLOPs; together "
+        f"{reference.total:.3g}. Paid once and shared by every run that scores with it; the curves and the "
+        "speed-ups above count per-step FLOPs only (appendix A.4).",
+        "",
+        "| run | total FLOPs (per-step) | with the reference's cost | reference share |",
+        "|---|---|---|---|",
+    ]
+    for g in groups:
+        if g.description.needs_reference(g.config["method"]["scoring"]):
+            own = g.final_eval["flops_total"]
+            lines.append(
+                f"| {g.name} | {own:.3g} | {own + reference.total:.3g} | "
+                f"{reference.total / (own + reference.total):.1%} |"
+            )
+    return lines
+
+
+def _metrics_section(groups: Sequence[RunGroup]) -> list[str]:
+    metrics = sorted({k for g in groups for k in g.final_eval if k.startswith("eval/")})
+    lines = [
+        "",
+        "## Final metrics (%, seed mean)",
+        "",
+        "| metric | " + " | ".join(g.name for g in groups) + " |",
+    ]
+    lines += ["|---|" + "---|" * len(groups)]
+    for metric in metrics:
+        cells = [_pct(g.final_eval.get(metric)) for g in groups]
+        lines.append(f"| {metric.removeprefix('eval/')} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _diagnostics_section(d: SelectionDiagnostics, run: str | None) -> list[str]:
+    best = max(d.chunks)
+    return [
+        "",
+        "## Selection diagnostics",
+        "",
+        f"One super-batch of B = {d.super_batch} from `{run}`: its final learner and its "
+        f"cached reference embeddings, {d.scoring} scoring, {d.loss} loss, gain {d.gain:g}; sub-batches "
+        f"of b = {d.batch_size}, scores averaged over {d.seeds} seeds.",
+        "",
+        "![selection diagnostics](diagnostics.png)",
+        "",
+        "| selection | sub-batch score |",
+        "|---|---|",
+        f"| uniform (IID) | {d.uniform:.4f} |",
+        f"| independent | {d.independent:.4f} |",
+        *(f"| joint, {c} chunk{'s' if c > 1 else ''} | {d.chunks[c]:.4f} |" for c in sorted(d.chunks)),
+        f"| Gibbs, {d.gibbs_steps[-1]} steps | {d.gibbs[-1]:.4f} |",
+        "",
+        f"Joint selection with {best} chunks gains {d.chunks[best] - d.uniform:+.4f} over uniform and "
+        f"{d.chunks[best] - d.independent:+.4f} over independent selection.",
+    ]
+
+
 def write_report(
     runs: Sequence[RunLog],
     out: str | Path,
@@ -51,94 +172,51 @@ def write_report(
     baseline: str | None = None,
     diagnostics: SelectionDiagnostics | None = None,
     diagnostics_run: str | None = None,
+    reference: ReferenceCost | None = None,
     settings: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``report.md``, ``accuracy.png``, ``diagnostics.png`` (if given) and ``report.json`` into ``out``.
 
-    Every run needs evaluation lines; names must be distinct (they label the curves and columns).
+    Runs whose configs differ only in seed are reported as one group (seed-mean curve with a band, mean ± std
+    finals, speed-up on the mean curve with its per-seed range). Every run needs evaluation lines; group
+    names must be distinct (they label the curves and columns).
     """
     if not runs:
         raise ValueError("no runs to report")
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"run names repeat: {names}; give runs distinct directory names")
     for run in runs:
         run.final_eval  # noqa: B018 - raises a clear error for a run without evaluations
-    base = choose_baseline(runs, baseline)
-    target, rows = speedup_table(runs, base)
+    groups = group_seeds(runs)
+    names = [g.name for g in groups]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run names repeat: {names}; give runs distinct directory names")
+    base = choose_baseline(groups, baseline)
+    target, rows = speedup_table(groups, base)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_accuracy(runs, out / "accuracy.png", target=target)
-
-    lines = ["# jestclip report", ""]
-    lines += ["| run | method | model | steps | examples learned | total FLOPs | final average (%) |"]
-    lines += ["|---|---|---|---|---|---|---|"]
-    for run in runs:
-        final = run.final_eval
-        lines.append(
-            f"| {run.name} | {run.method} | {run.config.get('model', '?')} | {final['step']} | "
-            f"{final['examples_learned']:,} | {final['flops_total']:.3g} | {_pct(final[AVERAGE])} |"
-        )
-    lines += ["", "Run directories: " + ", ".join(f"`{r.path}`" for r in runs), ""]
+    plot_accuracy(groups, out / "accuracy.png", target=target)
+    lines = ["# jestclip report", "", *_runs_section(groups)]
     lines += ["## Average accuracy", "", "![average accuracy vs examples and FLOPs](accuracy.png)", ""]
     lines += [
-        "Average accuracy = mean over the eval suites of zero-shot and few-shot top-1 and image→text / "
-        "text→image R@1.",
+        "Average accuracy = mean over the eval suites of class-balanced zero-shot and few-shot accuracy and "
+        "image→text / text→image R@1 (docs/eval.md). Bands: ±1 standard deviation across seeds.",
         "",
-        "## Speed-up to target",
-        "",
-        f"Target: the final average accuracy of the baseline `{base.name}` ({_pct(target)}%), reached after "
-        "its whole run. Cost = examples learned on (or total FLOPs) at which a run first reached the target, "
-        "interpolated linearly between evaluations; speed-up = baseline cost / run cost. Each curve is "
-        "one run (one seed): at small scale, evaluation noise of a point or so moves these numbers a lot.",
-        "",
-        "| run | method | final (%) | examples to target | speed-up | FLOPs to target | speed-up |",
-        "|---|---|---|---|---|---|---|",
+        *_speedup_section(base, target, rows),
     ]
-    for row in rows:
-        lines.append(
-            f"| {row.run} | {row.method} | {_pct(row.final)} | {_num(row.examples, ',.0f')} | "
-            f"{_speedup(row.examples, row.examples_speedup)} | {_num(row.flops, '.3g')} | "
-            f"{_speedup(row.flops, row.flops_speedup)} |"
-        )
-    metrics = sorted({k for r in runs for k in r.final_eval if k.startswith("eval/")})
-    lines += ["", "## Final metrics (%)", "", "| metric | " + " | ".join(names) + " |"]
-    lines += ["|---|" + "---|" * len(runs)]
-    for metric in metrics:
-        cells = [_pct(r.final_eval.get(metric)) for r in runs]
-        lines.append(f"| {metric.removeprefix('eval/')} | " + " | ".join(cells) + " |")
-
+    if reference is not None:
+        lines += _reference_section(groups, reference)
+    lines += _metrics_section(groups)
     if diagnostics is not None:
         plot_diagnostics(diagnostics, out / "diagnostics.png")
-        d = diagnostics
-        best = max(d.chunks)
-        lines += [
-            "",
-            "## Selection diagnostics",
-            "",
-            f"One super-batch of B = {d.super_batch} from `{diagnostics_run}`: its final learner and its "
-            f"cached reference embeddings, {d.scoring} scoring, {d.loss} loss, gain {d.gain:g}; sub-batches "
-            f"of b = {d.batch_size}, scores averaged over {d.seeds} seeds.",
-            "",
-            "![selection diagnostics](diagnostics.png)",
-            "",
-            "| selection | sub-batch score |",
-            "|---|---|",
-            f"| uniform (IID) | {d.uniform:.4f} |",
-            f"| independent | {d.independent:.4f} |",
-            *(f"| joint, {c} chunk{'s' if c > 1 else ''} | {d.chunks[c]:.4f} |" for c in sorted(d.chunks)),
-            f"| Gibbs, {d.gibbs_steps[-1]} steps | {d.gibbs[-1]:.4f} |",
-            "",
-            f"Joint selection with {best} chunks gains {d.chunks[best] - d.uniform:+.4f} over uniform and "
-            f"{d.chunks[best] - d.independent:+.4f} over independent selection.",
-        ]
+        lines += _diagnostics_section(diagnostics, diagnostics_run)
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     data = {
         "settings": settings or {},
         "baseline": base.name,
         "target": target,
+        "groups": {g.name: [str(r.path) for r in g.runs] for g in groups},
         "speedup": [asdict(r) for r in rows],
-        "final": {r.name: r.final_eval for r in runs},
+        "final": {g.name: g.final_eval for g in groups},
+        "reference": asdict(reference) if reference is not None else None,
         "diagnostics": asdict(diagnostics) if diagnostics is not None else None,
     }
     (out / "report.json").write_text(json.dumps(data, indent=1), encoding="utf-8")

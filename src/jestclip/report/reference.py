@@ -1,0 +1,58 @@
+"""What the reference model cost before any learner step: its own training and caching its embeddings."""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+
+from jestclip.data.loader import IMAGE_EXTENSIONS, expand_urls
+from jestclip.models import create_model, forward_flops
+from jestclip.report.runs import load_run
+
+__all__ = ["ReferenceCost", "count_samples", "reference_cost"]
+
+
+@dataclass(frozen=True)
+class ReferenceCost:
+    """The reference run's training FLOPs and the FLOPs of embedding ``cached_samples`` pairs once."""
+
+    run: str
+    train_flops: float
+    cache_flops: float
+    cached_samples: int
+
+    @property
+    def total(self) -> float:
+        return self.train_flops + self.cache_flops
+
+
+def count_samples(shards: str | Path | Sequence[str | Path]) -> int:
+    """Samples (keys with an image member) in the shards, from the tar headers alone."""
+    total = 0
+    for url in expand_urls(shards):
+        with tarfile.open(url) as tar:
+            keys = {m.name.rsplit(".", 1)[0] for m in tar if m.name.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS}
+        total += len(keys)
+    return total
+
+
+def reference_cost(reference_run: str | Path, cached: str | Path | Sequence[str | Path]) -> ReferenceCost:
+    """The cost of a reference trained by ``jestclip train`` (its logged FLOPs) and cached over ``cached``
+    (one forward per sample, measured on the reference's model config)."""
+    run = load_run(reference_run)
+    final = (run.evals or run.train)[-1] if (run.evals or run.train) else {}
+    if "flops_total" not in final:
+        raise ValueError(f"reference run {run.path} has logged no FLOPs yet")
+    name = run.config["model"]
+    model_cfg = open_clip.get_model_config(name)
+    forward = forward_flops(
+        create_model(name),
+        image_size=model_cfg["vision_cfg"]["image_size"],
+        context_length=model_cfg["text_cfg"]["context_length"],
+    )
+    samples = count_samples(cached)
+    return ReferenceCost(run.name, float(final["flops_total"]), float(forward.total) * samples, samples)
