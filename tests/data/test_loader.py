@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import io
+import signal
+import struct
 import tarfile
+import warnings
+import zlib
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -12,7 +18,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from jestclip.data import Pair, SuperBatchStream, decode_sample, expand_urls, png_bytes, write_shard
+from jestclip.data import (
+    NoReadableSampleError,
+    Pair,
+    SuperBatchStream,
+    decode_sample,
+    expand_urls,
+    loader,
+    png_bytes,
+    write_shard,
+)
 
 
 def image(i: int, size: int = 8) -> bytes:
@@ -81,16 +96,6 @@ def test_corrupt_members_are_skipped_and_counted(tmp_path):
         "missing_image": 1,
         "bad_json": 1,
     }
-
-
-def test_truncated_shard_is_counted_not_fatal(tmp_path):
-    urls = make_shards(tmp_path, 2, 4)
-    data = Path(urls[0]).read_bytes()
-    Path(urls[0]).write_bytes(data[: len(data) // 2 + 100])
-    batches = list(SuperBatchStream(urls, batch_size=3, shuffle_shards=False))
-    keys = [k for b in batches for k in b.keys]
-    assert keys[-4:] == [f"s1_{i:03d}" for i in range(4)]  # the good shard is read in full
-    assert sum(Counter(b.skipped)["bad_shard"] for b in batches) >= 1
 
 
 def test_ranks_and_workers_partition_an_epoch_exactly(tmp_path):
@@ -173,3 +178,201 @@ def test_write_shard_is_atomic_and_rejects_dotted_keys(tmp_path):
     with pytest.raises(ValueError, match="must not contain"):
         write_shard(path, [Pair("a.b", image(0), "x")])
     assert not path.exists()
+
+
+# --- reliability: bad data is skipped, counted exactly, and never hangs the stream -------------------------
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
+    """A shard with exactly these members, in this order (duplicates and junk included)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def good(key: str, i: int) -> list[tuple[str, bytes]]:
+    return [(f"{key}.png", image(i)), (f"{key}.txt", f"caption {key}".encode())]
+
+
+def total_skips(batches) -> Counter:
+    return sum((Counter(b.skipped) for b in batches), Counter())
+
+
+def test_skips_summed_over_batches_equal_the_truth(tmp_path):
+    urls = []
+    for s in range(3):
+        members: list[tuple[str, bytes]] = []
+        for i in range(6):
+            members += good(f"s{s}_{i}", i)
+            if i == 1:
+                members += [(f"s{s}_bad.png", b"not a png"), (f"s{s}_bad.txt", b"x")]
+            if i == 3:
+                members += [(f"s{s}_notext.png", image(i))]
+            if i == 4:
+                members += [(f"s{s}_empty.png", image(i)), (f"s{s}_empty.txt", b" \n")]
+        urls.append(write_tar(tmp_path / f"{s:05d}.tar", members))
+    # a bad tail after the last good sample, which completes the last batch (18 = 3 x 6)
+    add_members(Path(urls[2]), {"tail.png": image(1), "tail.txt": b"x", "tail.json": b"{not json"})
+    truth = Counter(bad_image=3, missing_text=3, empty_text=3, bad_json=1)
+    for workers in (0, 2):
+        stream = SuperBatchStream(urls, batch_size=6, shuffle_shards=False)
+        batches = list(DataLoader(stream, batch_size=None, num_workers=workers))
+        assert sum(len(b) for b in batches) == 18
+        assert total_skips(batches) == truth, workers
+    per_batch = [b.skipped for b in SuperBatchStream(urls, batch_size=6, shuffle_shards=False)]
+    assert all(per_batch) and len(per_batch) == 3  # spread over every batch, none counted twice
+
+
+def test_truncated_shard_is_counted_and_the_stream_goes_on(tmp_path):
+    urls = make_shards(tmp_path, 2, 4)
+    data = Path(urls[0]).read_bytes()
+    with tarfile.open(urls[0]) as tar:
+        third_png = next(m for m in tar.getmembers() if m.name == "s0_002.png")
+    for cut in (third_png.offset_data + 10, third_png.offset):  # mid-member; at a member boundary
+        Path(urls[0]).write_bytes(data[:cut])
+        batches = list(SuperBatchStream(urls, batch_size=3, shuffle_shards=False))
+        keys = [k for b in batches for k in b.keys]
+        assert keys == ["s0_000", "s0_001"] + [f"s1_{i:03d}" for i in range(4)]
+        # members are written json, png, txt: s0_002's json was read, the rest of it is lost
+        assert total_skips(batches) == {"truncated_shard": 1, "truncated_sample": 1}
+
+
+def test_duplicate_keys_are_counted_and_the_first_is_kept(tmp_path):
+    members = good("a", 1) + good("b", 2) + [("a.png", image(3)), ("a.txt", b"second a")]  # a again, later
+    members += [("b.txt", b"b again"), ("b.png", image(4))]  # b again, right after (a new txt for b)
+    members += [*good("c", 5), ("c.txt", b"c's second caption")]  # the same member twice in a row
+    url = write_tar(tmp_path / "00000.tar", members)
+    (batch,) = list(SuperBatchStream([url], batch_size=10))
+    assert batch.keys == ["a", "b", "c"] and batch.texts == ["caption a", "caption b", "caption c"]
+    assert batch.skipped == {"duplicate_key": 3}
+
+
+def test_a_shard_without_readable_samples_warns_once_by_name(tmp_path):
+    (good_url,) = make_shards(tmp_path, 1, 2)
+    bad = write_tar(tmp_path / "bad.tar", [("x.png", b"junk"), ("x.txt", b"caption"), ("y.txt", b"no image")])
+    stream = SuperBatchStream([good_url, bad], batch_size=2, epochs=3, shuffle_shards=False)
+    with pytest.warns(RuntimeWarning) as record:
+        assert sum(len(b) for b in stream) == 6
+        assert sum(len(b) for b in stream) == 6  # a second pass of the same stream warns no more
+    messages = [str(w.message) for w in record]
+    assert messages == [f"shard {bad} has no readable sample (bad_image 1, missing_image 1)"]
+
+
+def test_missing_paths_and_patterns_fail_fast_naming_them(tmp_path):
+    make_shards(tmp_path, 2, 1)
+    with pytest.raises(ValueError, match=r"shard '.*/typo\.tar' does not exist"):
+        expand_urls(tmp_path / "typo.tar")
+    pattern = str(tmp_path / "{00000..00005}.tar")
+    with pytest.raises(ValueError, match=r"\{00000\.\.00005\}\.tar': 4 of 6 files missing \(.*00002\.tar, "):
+        SuperBatchStream(pattern, batch_size=1, resampled=True)
+    with pytest.raises(ValueError, match=r"00009\.tar' does not exist"):
+        expand_urls([tmp_path / "00000.tar", str(tmp_path / "00009.tar")])
+    assert len(expand_urls(["pipe:cat x.tar", "https://host/{0..2}.tar"])) == 4  # remote: checked on open
+
+
+def junk_shards(root: Path, n: int) -> list[str]:
+    urls = [root / f"junk{i}.tar" for i in range(n - 1)]
+    for i, url in enumerate(urls):
+        url.write_bytes(bytes(range(256)) * (i + 1))
+    corrupt = write_tar(root / "corrupt.tar", [("x.png", b"junk"), ("x.txt", b"caption")])
+    return [*map(str, urls), corrupt]
+
+
+class StillRunning(BaseException):
+    """Not an Exception, so the loader's own handlers cannot swallow it."""
+
+
+@contextmanager
+def within(seconds: int) -> Iterator[None]:
+    """Fail (instead of hanging) when the block takes longer than ``seconds``."""
+
+    def timeout(*_) -> None:
+        raise StillRunning(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("kw", [{"resampled": True}, {"epochs": None}, {"require_samples": True}])
+def test_only_unreadable_shards_raise_instead_of_hanging(tmp_path, kw):
+    urls = junk_shards(tmp_path, 3)
+    with within(10), pytest.warns(RuntimeWarning), pytest.raises(NoReadableSampleError) as info:
+        next(iter(SuperBatchStream(urls, batch_size=2, **kw)))
+    message = str(info.value)
+    assert message.startswith("no readable sample in 3 shards tried: ") and all(u in message for u in urls)
+    assert "bad_image" in message and "bad_shard" in message  # what was wrong with them
+
+
+def test_no_readable_sample_reaches_the_main_process_from_a_worker(tmp_path):
+    urls = junk_shards(tmp_path, 2)
+    loader = DataLoader(SuperBatchStream(urls, batch_size=2, resampled=True), batch_size=None, num_workers=1)
+    batches = iter(loader)
+    try:
+        with within(10), pytest.raises(NoReadableSampleError) as info:
+            next(batches)
+        # one line, the worker's own message (not torch's "Caught ... Original Traceback" text)
+        message = str(info.value)
+        assert "\n" not in message and message.startswith("no readable sample in 2 shards tried: ")
+        assert all(url in message for url in urls)
+    finally:  # torch's re-raise leaves a reference cycle: shut the worker down now, not in a later test's gc
+        batches._shutdown_workers()
+
+
+def test_a_few_good_shards_among_bad_ones_never_raise(tmp_path):
+    (good_url,) = make_shards(tmp_path, 1, 1)
+    urls = [good_url, *junk_shards(tmp_path, 8)]
+    stream = iter(SuperBatchStream(urls, batch_size=2, resampled=True, seed=5))
+    with pytest.warns(RuntimeWarning):
+        assert all(next(stream).keys == ["s0_000", "s0_000"] for _ in range(20))
+    finite = SuperBatchStream(urls, batch_size=2, shuffle_shards=False)  # finite passes only warn by default
+    with pytest.warns(RuntimeWarning):
+        assert [b.keys for b in finite] == [["s0_000"]]
+
+
+def test_a_worker_without_shards_ends_instead_of_spinning(tmp_path):
+    urls = make_shards(tmp_path, 1, 2)
+    stream = SuperBatchStream(urls, batch_size=2, epochs=None)
+    batches = iter(DataLoader(stream, batch_size=None, num_workers=2, timeout=20))
+    assert [next(batches).keys for _ in range(3)] == [["s0_000", "s0_001"]] * 3
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` pixels in a few dozen bytes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def test_images_over_the_pixel_limit_are_skipped_without_pil_warnings(tmp_path, monkeypatch):
+    members = good("ok", 1)
+    # over our limit only; over PIL's warning limit (~89 Mpx); over PIL's error limit (2x that)
+    for name, (w, h) in {"big": (9000, 9000), "bigger": (10_000, 10_000), "bomb": (100_000, 100_000)}.items():
+        members += [(f"{name}.png", png_header(w, h)), (f"{name}.txt", b"caption")]
+    url = write_tar(tmp_path / "00000.tar", members)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning would fail the test
+        (batch,) = list(SuperBatchStream([url], batch_size=10))
+    assert batch.keys == ["ok"] and batch.skipped == {"image_too_large": 3}
+    monkeypatch.setattr(loader, "MAX_IMAGE_PIXELS", 8 * 8 - 1)
+    assert decode_sample({"__key__": "k", "png": image(0, 8), "txt": b"x"}) == "image_too_large"
+    assert decode_sample({"__key__": "k", "png": image(0, 7), "txt": b"x"}).text == "x"
+
+
+def test_any_decoder_failure_is_a_bad_image(monkeypatch):
+    def broken_decoder(*_, **__):
+        raise IndexError("a decoder bug")
+
+    monkeypatch.setattr(loader.Image, "open", broken_decoder)
+    assert decode_sample({"__key__": "k", "png": image(0), "txt": b"x"}) == "bad_image"

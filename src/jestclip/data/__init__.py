@@ -4,10 +4,19 @@
 reference model's embeddings next to each shard. The benchmark that produces shards is ``jestclip.benchmark``.
 """
 
-from jestclip.data.loader import Sample, SuperBatch, SuperBatchStream, decode_sample, expand_urls
+from jestclip.data.loader import (
+    NoReadableSampleError,
+    Sample,
+    SuperBatch,
+    SuperBatchStream,
+    decode_sample,
+    expand_urls,
+    read_shard,
+)
 from jestclip.data.shards import Pair, png_bytes, shard_name, write_shard
 
 __all__ = [
+    "NoReadableSampleError",
     "Pair",
     "Sample",
     "SuperBatch",
@@ -15,6 +24,7 @@ __all__ = [
     "decode_sample",
     "expand_urls",
     "png_bytes",
+    "read_shard",
     "shard_name",
     "write_shard",
 ]

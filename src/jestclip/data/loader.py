@@ -6,6 +6,36 @@ its ``__key__`` and shard URL end to end, so reference embeddings can be joined 
 
 Splitting: shards are dealt to ranks (``shards[rank::world_size]``) and then to DataLoader workers; with
 ``resampled=True`` every (rank, worker) instead draws shards at random forever, from its own seed.
+
+Bad data never ends the stream; it is skipped and counted. ``SuperBatch.skipped`` holds the skips this worker
+made since its previous super-batch (a finite pass's trailing skips go with its last batch), so the sum over
+all batches is every skip, by reason (with ``drop_last``, skips read with the dropped samples are dropped too;
+``samples(skipped)`` counts without batches):
+
+=======================  ====================================================================================
+reason                   what was skipped
+=======================  ====================================================================================
+``bad_shard``            a shard that could not be opened or is not a tar archive (missing, unreadable, junk)
+``truncated_shard``      a shard that ends early (cut mid-member, no end-of-archive marker, a corrupt header);
+                         its members after the cut are lost, uncounted, and the rest of the stream goes on
+``truncated_sample``     the sample being read when its shard ended early
+``duplicate_key``        a sample whose key already appeared earlier in the same shard (the first one is kept)
+``missing_key``          a sample without a key
+``missing_image``        no ``png``/``jpg``/``jpeg``/``webp`` member
+``bad_image``            image bytes that do not decode (or decode to a format outside ``IMAGE_FORMATS``)
+``image_too_large``      an image over ``MAX_IMAGE_PIXELS`` pixels (a decompression bomb or a mistake)
+``missing_text``         no ``txt`` member
+``bad_text``             a ``txt`` member that is not UTF-8
+``empty_text``           a caption that is empty or only whitespace
+``bad_json``             a ``json`` member that is not a JSON object
+``transform_failed:E``   the stream's transform raised exception ``E`` on the image
+=======================  ====================================================================================
+
+A shard that yields no sample at all is warned about once per stream (per worker). A stream that could loop
+forever (``resampled`` or ``epochs=None``) raises ``NoReadableSampleError`` once it has opened every shard it
+can draw in a row without one readable sample, instead of spinning at 100% CPU; ``require_samples=True`` asks
+the same of a finite pass (and also that the pass yields something). ``expand_urls`` rejects local paths and
+patterns naming files that do not exist before any stream starts.
 """
 
 from __future__ import annotations
@@ -13,23 +43,76 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
+import tarfile
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import webdataset as wds
-from PIL import Image
+from PIL import (
+    BmpImagePlugin,
+    GifImagePlugin,
+    Image,
+    JpegImagePlugin,
+    PngImagePlugin,
+    WebPImagePlugin,
+)
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.functional import pil_to_tensor
+from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls as expand_pattern
+from webdataset.tariterators import base_plus_ext
 
-__all__ = ["IMAGE_EXTENSIONS", "Sample", "SuperBatch", "SuperBatchStream", "decode_sample", "expand_urls"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "IMAGE_FORMATS",
+    "MAX_IMAGE_PIXELS",
+    "SHARD_REASONS",
+    "NoReadableSampleError",
+    "Sample",
+    "SuperBatch",
+    "SuperBatchStream",
+    "decode_sample",
+    "expand_urls",
+    "read_shard",
+]
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+# What PIL may decode image members as: web formats only, so junk bytes never reach e.g. the EPS plugin
+# (which runs Ghostscript) or the rarely used, often vulnerable ones.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # JPEG includes MPO (multi-picture JPEG)
+_PLUGINS = (BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, WebPImagePlugin)  # registered
+# The largest image decoded, in pixels: 8192 x 8192 ~ 67 Mpx (~200 MB as RGB). Web image-text pairs are at
+# most a few Mpx and training resizes to a few hundred pixels, so anything larger is a decompression bomb or
+# a mistake and is skipped as ``image_too_large``. Checked from the header, before any pixel is decoded;
+# PIL's own process-wide Image.MAX_IMAGE_PIXELS is left alone.
+MAX_IMAGE_PIXELS = 8192 * 8192
+# Shard-level skip reasons; every other reason counts one sample.
+SHARD_REASONS = ("bad_shard", "truncated_shard")
+
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, not samples
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # pipe:, http://, s3://, file:: not checked up front
+
+
+class NoReadableSampleError(ValueError):
+    """A stream went through every shard it can draw without finding one readable sample (bad input data).
+
+    Re-raised in the main process from a DataLoader worker, torch passes its "Caught ... in DataLoader worker
+    process N. Original Traceback ..." text as the message; only the original message is kept, so the error
+    stays one line naming the shards.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -48,7 +131,8 @@ class SuperBatch:
     """B decoded pairs in stream order.
 
     images: ``[B, 3, H, W]`` (stacked output of the transform); keys, urls, texts, meta: B entries each.
-    skipped: samples this worker skipped since its previous super-batch, by reason.
+    skipped: samples (and shards) this worker skipped since its previous super-batch, by reason (see the
+    module docstring); summed over all batches it is every skip.
     """
 
     keys: list[str]
@@ -63,22 +147,34 @@ class SuperBatch:
 
 
 def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
-    """Shard URLs from brace patterns (``::``-separated), directories of ``.tar`` files, or a list."""
+    """Shard URLs from brace patterns (``::``-separated), directories of ``.tar`` files, or a list.
+
+    Local paths must exist: a missing file, or a pattern naming missing files, is a ValueError naming it.
+    """
     if isinstance(urls, str | Path):
         urls = [urls]
     out: list[str] = []
     for item in urls:
-        item = str(item)
-        if Path(item).is_dir():
-            found = sorted(str(p) for p in Path(item).glob("*.tar"))
-            if not found:
-                raise ValueError(f"no .tar shards in directory {item}")
-            out.extend(found)
-        else:
-            out.extend(expand_pattern(item))
+        out.extend(_expand_one(str(item)))
     if not out:
         raise ValueError("no shard URLs given")
     return out
+
+
+def _expand_one(item: str) -> list[str]:
+    if Path(item).is_dir():
+        found = sorted(str(p) for p in Path(item).glob("*.tar"))
+        if not found:
+            raise ValueError(f"no .tar shards in directory {item}")
+        return found
+    found = list(expand_pattern(item))
+    missing = [u for u in found if not _URL_SCHEME.match(u) and not Path(u).is_file()]
+    if missing and found == [item]:
+        raise ValueError(f"shard {item!r} does not exist")
+    if missing:
+        first = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ValueError(f"shard pattern {item!r}: {len(missing)} of {len(found)} files missing ({first})")
+    return found
 
 
 def decode_sample(raw: dict[str, Any]) -> Sample | str:
@@ -89,12 +185,9 @@ def decode_sample(raw: dict[str, Any]) -> Sample | str:
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     if ext is None:
         return "missing_image"
-    try:
-        image = Image.open(io.BytesIO(raw[ext]))
-        image.load()
-        image = image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return "bad_image"
+    image = _open_image(raw[ext])
+    if isinstance(image, str):
+        return image
     if "txt" not in raw:
         return "missing_text"
     try:
@@ -107,15 +200,185 @@ def decode_sample(raw: dict[str, Any]) -> Sample | str:
     if "json" in raw:
         try:
             meta = json.loads(raw["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deep
             return "bad_json"
         if not isinstance(meta, dict):
             return "bad_json"
     return Sample(key=key, url=url, image=image, text=text, meta=meta)
 
 
+def _open_image(data: bytes) -> Image.Image | str:
+    """The RGB image in ``data``, or ``bad_image`` / ``image_too_large``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                return "image_too_large"
+            image.load()
+            return image.convert("RGB")
+    except Image.DecompressionBombError:
+        return "image_too_large"
+    except Exception:  # a third-party decoder on untrusted bytes: any failure means a bad image
+        return "bad_image"
+
+
+class _TarInfo(tarfile.TarInfo):
+    """Records on the TarFile whether the archive ended with its end-of-archive marker (a zero block).
+
+    Python's tarfile ends iteration silently on a missing or cut header after the first member; this is how
+    a truncated shard is told from a complete one.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar._jestclip_end_marker = True  # type: ignore[attr-defined]
+            raise
+
+
+class _Grouper:
+    """Groups consecutive tar members by key into raw samples; a key seen before in the shard is a duplicate.
+
+    A member whose extension the current sample already has starts a new sample (a duplicate of the key).
+    """
+
+    def __init__(self, url: str, count: Callable[[str], None]) -> None:
+        self.url, self.count = url, count
+        self.current: dict[str, Any] | None = None
+        self.duplicate = False
+        self.seen: set[str] = set()
+
+    def add(self, key: str, ext: str, data: bytes) -> dict[str, Any] | None:
+        """Add a member; return the sample it completed, if any (duplicates are counted, not returned)."""
+        done = None
+        if self.current is None or key != self.current["__key__"] or ext in self.current:
+            done = self.finish()
+            self.duplicate = key in self.seen
+            self.seen.add(key)
+            self.current = {"__key__": key, "__url__": self.url}
+        self.current[ext] = data
+        return done
+
+    def finish(self) -> dict[str, Any] | None:
+        """The sample being assembled (None if none, or if it duplicates an earlier key)."""
+        done, self.current = self.current, None
+        if done is not None and self.duplicate:
+            self.count("duplicate_key")
+            return None
+        return done
+
+    def abandon(self) -> None:
+        """The shard ended early: the sample being assembled is lost."""
+        if self.current is not None:
+            self.count("truncated_sample")
+        self.current = None
+
+
+def read_shard(url: str, count: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+    """Raw samples (``__key__``, ``__url__``, one bytes entry per extension) of one shard, in member order.
+
+    Never raises on bad data: problems are passed to ``count`` as skip reasons (see the module docstring).
+    """
+    try:
+        stream = gopen(url, "rb")
+    except Exception:
+        count("bad_shard")
+        return
+    try:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_TarInfo)
+        except Exception:
+            count("bad_shard")
+            return
+        yield from _tar_samples(tar, url, count)
+    finally:
+        with suppress(Exception):
+            stream.close()
+
+
+def _tar_samples(tar: tarfile.TarFile, url: str, count: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+    group = _Grouper(url, count)
+    try:
+        for info in tar:
+            tar.members = []  # stream mode keeps every header otherwise
+            if not info.isreg() or _META_MEMBER.match(info.name):
+                continue
+            key, ext = base_plus_ext(info.name)
+            if key is None:
+                continue
+            member = tar.extractfile(info)
+            done = group.add(key, ext.lower(), member.read() if member is not None else b"")
+            if done is not None:
+                yield done
+        complete = getattr(tar, "_jestclip_end_marker", False)
+    except Exception:  # cut data, a corrupt header or compressed stream: the rest of the shard is lost
+        complete = False
+    if not complete:
+        count("truncated_shard")
+        group.abandon()
+    done = group.finish()
+    if done is not None:
+        yield done
+
+
 def _to_tensor(image: Image.Image) -> Tensor:
     return pil_to_tensor(image).float().div_(255.0)
+
+
+class _Tally:
+    """Counts skips into the stream's running counter and into the current shard's."""
+
+    def __init__(self, total: Counter[str]) -> None:
+        self.total = total
+        self.shard: Counter[str] = Counter()
+
+    def __call__(self, reason: str) -> None:
+        self.total[reason] += 1
+        self.shard[reason] += 1
+
+
+class _ShardWatch:
+    """Warns once per shard that yields nothing; raises when no shard of a whole pass yields anything.
+
+    pool: every shard this worker can draw; ``required``: raise once all of them were opened in a row without
+    a readable sample, or (``end``) when the stream ended having yielded nothing.
+    """
+
+    def __init__(self, pool: Sequence[str], required: bool, warned: set[str]) -> None:
+        self.pool, self.required, self.warned = set(pool), required, warned
+        self.run: dict[str, None] = {}  # shards opened since the last readable sample, in order
+        self.run_skips: Counter[str] = Counter()
+        self.yielded = 0
+
+    def shard_done(self, url: str, good: int, skips: Counter[str]) -> None:
+        if good:
+            self.yielded += good
+            self.run.clear()
+            self.run_skips.clear()
+            return
+        if url not in self.warned:
+            self.warned.add(url)
+            warnings.warn(f"shard {url} has no readable sample ({_reasons(skips)})", RuntimeWarning, 2)
+        self.run[url] = None
+        self.run_skips.update(skips)
+        if self.required and len(self.run) >= len(self.pool):
+            raise NoReadableSampleError(self._message())
+
+    def end(self) -> None:
+        if self.required and self.run and not self.yielded:
+            raise NoReadableSampleError(self._message())
+
+    def _message(self) -> str:
+        tried = list(self.run)
+        names = ", ".join(tried[:5]) + (f" and {len(tried) - 5} more" if len(tried) > 5 else "")
+        return f"no readable sample in {len(tried)} shards tried: {names} ({_reasons(self.run_skips)})"
+
+
+def _reasons(skips: Counter[str]) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(skips.items())) or "no samples"
 
 
 class SuperBatchStream(IterableDataset):
@@ -125,6 +388,9 @@ class SuperBatchStream(IterableDataset):
     transform: PIL image -> ``[3, H, W]`` tensor (default: float in [0, 1]; sizes must then agree).
     shuffle_buffer: shuffle samples within a buffer of this many (0 = keep shard order).
     rank, world_size: default to torch.distributed's when it is initialised, else 0 and 1.
+    require_samples: raise ``NoReadableSampleError`` when every shard this worker can draw was opened in a
+    row without a readable sample (and, for a finite pass, when it ended with none). Default: only for
+    streams that would otherwise loop forever (``resampled`` or ``epochs=None``).
     """
 
     def __init__(
@@ -141,6 +407,7 @@ class SuperBatchStream(IterableDataset):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        require_samples: bool | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -154,6 +421,8 @@ class SuperBatchStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.drop_last = drop_last
         self.seed = seed
+        self.require_samples = (resampled or epochs is None) if require_samples is None else require_samples
+        self._warned: set[str] = set()  # shards already warned about as yielding nothing
         if rank is None or world_size is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = torch.distributed.get_rank() if dist else 0
@@ -171,12 +440,22 @@ class SuperBatchStream(IterableDataset):
         info = get_worker_info()
         return (info.id, info.num_workers) if info is not None else (0, 1)
 
+    def _pool(self) -> list[str]:
+        """Every shard this worker can draw: all of them, unless the deal is fixed (no shuffling)."""
+        worker, n_workers = self._worker()
+        mine = self.urls[self.rank :: self.world_size][worker::n_workers]
+        if self.resampled:
+            return list(self.urls)
+        return list(self.urls) if mine and self.shuffle_shards else mine
+
     def _shard_order(self) -> Iterator[str]:
         worker, n_workers = self._worker()
         if self.resampled:
             rng = random.Random(f"{self.seed}/{self.rank}/{worker}")
             while True:
                 yield rng.choice(self.urls)
+        if not self._pool():  # more workers than shards: this one has none (and must not spin)
+            return
         epoch = 0
         while self.epochs is None or epoch < self.epochs:
             urls = list(self.urls)
@@ -188,15 +467,7 @@ class SuperBatchStream(IterableDataset):
     def samples(self, skipped: Counter[str] | None = None) -> Iterator[Sample]:
         """Decoded samples of this rank and worker, transformed; skips are counted into ``skipped``."""
         skipped = Counter() if skipped is None else skipped
-
-        def on_tar_error(exn: Exception) -> bool:
-            skipped["bad_shard"] += 1
-            return True
-
-        to_samples = wds.tarfile_to_samples(handler=on_tar_error)
-        raw_samples = to_samples({"url": u} for u in self._shard_order())
-        stream = (self._decode(raw, skipped) for raw in raw_samples)
-        decoded = (s for s in stream if s is not None)
+        decoded = self._decoded(skipped)
         if self.shuffle_buffer > 1:
             worker, _ = self._worker()
             decoded = _shuffled(
@@ -204,27 +475,43 @@ class SuperBatchStream(IterableDataset):
             )
         yield from decoded
 
-    def _decode(self, raw: dict[str, Any], skipped: Counter[str]) -> Sample | None:
+    def _decoded(self, skipped: Counter[str]) -> Iterator[Sample]:
+        tally = _Tally(skipped)
+        watch = _ShardWatch(self._pool(), self.require_samples, self._warned)
+        for url in self._shard_order():
+            tally.shard, good = Counter(), 0
+            for raw in read_shard(url, tally):
+                sample = self._decode(raw, tally)
+                if sample is not None:
+                    good += 1
+                    yield sample
+            watch.shard_done(url, good, tally.shard)
+        watch.end()
+
+    def _decode(self, raw: dict[str, Any], count: Callable[[str], None]) -> Sample | None:
         sample = decode_sample(raw)
         if isinstance(sample, str):
-            skipped[sample] += 1
+            count(sample)
             return None
         try:
             image = self.transform(sample.image)
         except Exception as exn:  # a user transform failing on one image must not end the stream
-            skipped[f"transform_failed:{type(exn).__name__}"] += 1
+            count(f"transform_failed:{type(exn).__name__}")
             return None
         return Sample(sample.key, sample.url, image, sample.text, sample.meta)
 
     def __iter__(self) -> Iterator[SuperBatch]:
+        # A full batch is held until the next sample arrives, so skips read after it (a bad tail) still go
+        # into a batch; ``skipped`` is the one counter the sample generator writes into, emptied per batch.
         skipped: Counter[str] = Counter()
         buffer: list[Sample] = []
         for sample in self.samples(skipped):
-            buffer.append(sample)
             if len(buffer) == self.batch_size:
                 yield _collate(buffer, skipped)
-                buffer, skipped = [], Counter()
-        if buffer and not self.drop_last:
+                buffer = []
+                skipped.clear()
+            buffer.append(sample)
+        if len(buffer) == self.batch_size or (buffer and not self.drop_last):
             yield _collate(buffer, skipped)
 
 
