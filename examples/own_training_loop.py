@@ -3,8 +3,8 @@
 jestclip's selection and reference cache are a library: this script is an ordinary hand-written SigLIP
 loop (open_clip model, ``SigLipLoss``, AdamW) that uses them on its super-batches.
 
-1. Cache a frozen reference model's embeddings next to the shards, once (``*.example-reference.npz``;
-   shards whose sidecar already holds this model are skipped).
+1. Cache a frozen reference model's embeddings next to the shards, once (``*.example-reference.*``
+   sidecars; shards whose sidecar already holds this model are skipped).
 2. Each step: draw a super-batch of B = round(b / (1 - f)) pairs, embed it with the learner (no grad,
    eval mode), look up the cached reference embeddings by sample key, jointly select b pairs by
    learnability (``joint_select``) and take a normal optimiser step on those b.
@@ -91,7 +91,7 @@ for step, batch in enumerate(stream, start=1):
         image, text, logit_scale, logit_bias = model(images, tokens)  # L2-normalised, exp(scale), bias
     model.train()
     learner = Embeddings(image, text, logit_scale, logit_bias)
-    reference = cache.lookup(batch.keys, device=device)
+    reference = cache.lookup(batch.keys, batch.urls, device=device)  # joined by shard and key
     chosen = joint_select(
         learner,
         reference,

@@ -24,7 +24,7 @@ def test_reduced_demo_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
         assert (runs / name / "model.pt").exists(), name
     evals = [json.loads(x) for x in (runs / "jest" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in evals if "eval/average" in x] == [0, 3, 6]
-    assert list((tmp_path / "bench" / "pool").glob("*.demo-reference.npz"))
+    assert list((tmp_path / "bench" / "pool").glob("*.demo-reference.json"))
     report = (runs / "report" / "report.md").read_text()
     assert "## Speed-up to target" in report and "## Selection diagnostics" in report
     assert json.loads((runs / "demo.json").read_text())["build_limit"] == 40

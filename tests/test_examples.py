@@ -21,8 +21,8 @@ def test_own_training_loop_caches_reference_and_trains(tmp_path):
     command += ["--steps", "3", "--batch-size", "4", "--filter-ratio", "0.5", "--log-every", "1"]
     proc = subprocess.run([*command, "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sidecars = sorted(p.name for p in tmp_path.glob("*.example-reference.npz"))
-    assert sidecars == [f"{Path(s).stem}.example-reference.npz" for s in shards]
+    sidecars = sorted(p.name for p in tmp_path.glob("*.example-reference.json"))
+    assert sidecars == [f"{Path(s).stem}.example-reference.json" for s in shards]
     losses = [float(x) for x in re.findall(r"loss (\S+)", proc.stdout)]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses), proc.stdout
     scores = [float(x) for x in re.findall(r"chosen (\S+),", proc.stdout)]
