@@ -72,13 +72,211 @@ def test_cache_reference_command(tmp_path, capsys):
         1,
         64,
     )
-    with pytest.raises(SystemExit, match="--checkpoint"):
-        main(["cache-reference", *urls, "--model", "jest-micro"])
+    assert main(["cache-reference", *urls, "--model", "jest-micro"]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
 
 
 def test_train_command_prints_resolved_config(capsys):
     assert main(["train", "configs/jest.py", "--quick", "steps=3", "method.gain=5.0", "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert '"steps": 3' in printed and '"gain": 5.0' in printed
-    with pytest.raises(ValueError, match="unknown config key"):
-        main(["train", "configs/jest.py", "nope=1"])
+
+
+# open_clip logs this on every model it creates (no pretrained tag); it is not the command's error line
+OPEN_CLIP_NOTICE = "WARNING:root:No pretrained weights loaded"
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
+    """(exit status, stderr lines) of ``jestclip ARGV`` run in this process."""
+    try:
+        status = main(argv)
+    except SystemExit as exit_info:  # argparse's usage errors
+        status = exit_info.code
+    err = capsys.readouterr().err
+    return status, [line for line in err.splitlines() if not line.startswith(OPEN_CLIP_NOTICE)]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """A directory with a damaged weights file, shards, a plain file and broken recipes."""
+    from .data.test_loader import make_shards
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    (root / "model.pt").write_bytes(b"PK\x03\x04 truncated zip, not a torch file" * 4)
+    (root / "shards").mkdir()
+    make_shards(root / "shards", 1, 2)
+    (root / "file.txt").write_text("not a directory\n")
+    (root / "raises.py").write_text("def get_config(quick=False):\n    raise RuntimeError('boom')\n")
+    (root / "noget.py").write_text("x = 1\n")
+    return root
+
+
+# the train cases point run_dir and data into the temporary directory, and the demo cases name a file as
+# --data: should a check regress, the command fails fast there instead of training or building in the repo
+SAFE = ["run_dir={tmp}/run", "data={tmp}/missing"]
+
+USER_ERRORS = [
+    (["data", "inspect", "{tmp}/missing"], "{tmp}/missing"),
+    (["data", "build", "{tmp}/out", "--sources", "bogus"], "bogus"),
+    (["data", "frob"], "invalid choice: 'frob'"),
+    (["cache-reference", "{tmp}/shards", "--model", "jest-micro"], "--checkpoint"),
+    (
+        ["cache-reference", "{tmp}/shards", "--model", "jest-micro", "--checkpoint", "{tmp}/model.pt"],
+        "cannot load weights from {tmp}/model.pt",
+    ),
+    (["cache-reference", "{tmp}/shards", "--model", "jest-micro", "--device", "foo"], "'foo'"),
+    (["train", "{tmp}/missing.py"], "recipe {tmp}/missing.py does not exist"),
+    (["train", "{tmp}/raises.py"], "recipe {tmp}/raises.py: RuntimeError: boom"),
+    (["train", "{tmp}/noget.py"], "defines no get_config"),
+    (["train", "configs/jest.py", *SAFE, "steps=abc"], "config: steps = 'abc' is not an int"),
+    (["train", "configs/jest.py", *SAFE, "steps=3.5"], "config: steps = 3.5 is not an int"),
+    (["train", "configs/jest.py", *SAFE, "log_every=0"], "config: log_every = 0 must be >= 1"),
+    (
+        ["train", "configs/jest.py", *SAFE, "method.scoring=bar"],
+        "config: method.scoring = 'bar' is not one of",
+    ),
+    (["train", "configs/jest.py", *SAFE, "nope=1"], "unknown config key 'nope'"),
+    (["train", "configs/jest.py", *SAFE, "--bogus"], "unknown option(s) ['--bogus']"),
+    (["eval", "{tmp}/missing"], "{tmp}/missing does not exist"),
+    (["eval", "{tmp}/model.pt"], "say which model it holds with --model"),
+    (["eval", "{tmp}"], "is not a training run"),
+    (
+        ["eval", "{tmp}/model.pt", "--model", "jest-micro", "--shards", "{tmp}/shards", "--device", "cpu"],
+        "cannot load weights from {tmp}/model.pt",
+    ),
+    (
+        [
+            "eval",
+            "{tmp}/model.pt",
+            "--model",
+            "jest-micro",
+            "--shards",
+            "{tmp}/shards",
+            "--classes",
+            "{tmp}/missing.txt",
+        ],
+        "--classes file {tmp}/missing.txt does not exist",
+    ),
+    (["eval", "{tmp}/model.pt", "--model", "jest-micro", "--data", "{tmp}/missing"], "{tmp}/missing"),
+    (["report", "{tmp}/missing", "--out", "{tmp}/report"], "{tmp}/missing is not a training run"),
+    (["report", "{tmp}", "--out", "{tmp}/report", "--device", "foo"], "'foo'"),
+    (["demo", "--out", "{tmp}/file.txt", "--data", "{tmp}/file.txt"], "--data {tmp}/file.txt is a file"),
+    (["demo", "--device", "cuda:x", "--data", "{tmp}/file.txt", "--out", "{tmp}/file.txt"], "'cuda:x'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"), USER_ERRORS, ids=lambda v: " ".join(v) if isinstance(v, list) else ""
+)
+def test_user_errors_are_one_line_and_exit_2(argv, expected, bad_inputs, capsys):
+    argv = [arg.format(tmp=bad_inputs) for arg in argv]
+    status, lines = run_cli(argv, capsys)
+    assert status == 2, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"jestclip {argv[0]}") and expected.format(tmp=bad_inputs) in lines[0]
+    assert "Traceback" not in lines[0]
+
+
+def test_debug_shows_the_traceback(capsys):
+    argv = [
+        "--debug",
+        "train",
+        "configs/jest.py",
+        "run_dir=/nonexistent/run",
+        "data=/nonexistent",
+        "log_every=0",
+    ]
+    status, lines = run_cli(argv, capsys)
+    assert status == 2
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[-1] == "jestclip train: config: log_every = 0 must be >= 1"
+
+
+class Preempted(Exception):
+    pass
+
+
+class TrainingDiverged(Exception):
+    pass
+
+
+class CheckpointWriteError(OSError):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (Preempted("preempted by SIGTERM at step 7; checkpoint saved, resume with the same command"), 143),
+        (TrainingDiverged("loss is nan at step 12 after 3 bad steps"), 1),
+        (CheckpointWriteError("cannot write checkpoint: No space left on device"), 1),
+    ],
+)
+def test_a_runs_own_endings_have_their_exit_status(error, status, monkeypatch, capsys):
+    # the run's exceptions are looked up by name in jestclip.train.loop once it is loaded
+    import types
+
+    from jestclip.commands import train as train_command
+
+    loop = types.SimpleNamespace(
+        Preempted=Preempted, TrainingDiverged=TrainingDiverged, CheckpointWriteError=CheckpointWriteError
+    )
+    monkeypatch.setitem(sys.modules, "jestclip.train.loop", loop)
+
+    def ending(args):
+        raise error
+
+    monkeypatch.setattr(train_command, "run", ending)
+    assert run_cli(["train", "configs/jest.py"], capsys) == (status, [f"jestclip train: {error}"])
+
+
+def test_bugs_keep_their_traceback(monkeypatch):
+    from jestclip.commands import train as train_command
+
+    def bug(args):
+        raise KeyError("not a user error")
+
+    monkeypatch.setattr(train_command, "run", bug)
+    with pytest.raises(KeyError):
+        main(["train", "configs/jest.py"])
+    monkeypatch.setattr(train_command, "run", lambda args: sys.exit(3))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "configs/jest.py"])
+    assert exit_info.value.code == 3
+
+
+def test_exit_status_of_the_installed_command(tmp_path):
+    # `python -m jestclip.cli` exits with main()'s status; the demo's argument check needs no torch
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    result = subprocess.run(
+        [sys.executable, "-m", "jestclip.cli", "demo", "--data", str(file), "--out", str(file)],
+        capture_output=True,
+        text=True,
+    )
+    assert (result.returncode, result.stderr.splitlines()) == (
+        2,
+        [f"jestclip demo: --data {file} is a file, not a directory"],
+    )
+
+
+def test_a_damaged_weights_file_is_named(tmp_path):
+    import torch
+
+    from jestclip.commands.common import loading_weights
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=rf"^cannot load weights from {path}: \w+"), loading_weights(path):
+        torch.load(path, weights_only=True)
+    with pytest.raises(KeyError), loading_weights(path):  # other errors pass through
+        raise KeyError("x")
+
+
+def test_the_runs_own_exceptions_are_found_where_they_live():
+    # the names RUN_EXITS looks up exist in jestclip.train.loop (CheckpointWriteError comes from rundir)
+    from jestclip.commands.common import RUN_EXITS, exit_status
+    from jestclip.train import loop
+
+    for name, status in RUN_EXITS.items():
+        assert exit_status(getattr(loop, name)(f"{name} message")) == (status, f"{name} message")

@@ -1,11 +1,19 @@
-"""The ``jestclip`` command line: one subcommand per job, each in ``jestclip.commands``."""
+"""The ``jestclip`` command line: one subcommand per job, each in ``jestclip.commands``.
+
+A user's mistake ends a command with one line on stderr, ``jestclip COMMAND: MESSAGE``, and exit status 2
+(``--debug`` shows the traceback too); see ``jestclip.commands.common`` for which errors those are and the
+exit statuses of a training run's own endings.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
+
+from jestclip.commands.common import exit_status
 
 # subcommand -> its module in jestclip.commands (add_parser(sub) and run(args) -> exit status). Command
 # modules import only the standard library at top level and resolve defaults such as the device in run(),
@@ -20,14 +28,25 @@ _COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, ``jestclip eval: the following arguments are required: checkpoint``, exit
+    status 2 (subcommand parsers are of this class too)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jestclip import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jestclip",
         description="Joint example selection (JEST) for contrastive image-text training with open_clip.",
     )
     parser.add_argument("--version", action="version", version=f"jestclip {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error, not only its one-line message"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in _COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
@@ -35,8 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; its exit status (2 and one line on stderr for a user's mistake)."""
     args = build_parser().parse_args(argv)
-    return importlib.import_module(_COMMANDS[args.command]).run(args)
+    try:
+        return importlib.import_module(_COMMANDS[args.command]).run(args)
+    except BaseException as exn:  # KeyboardInterrupt and bugs propagate with their traceback
+        ending = exit_status(exn)
+        if ending is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        status, message = ending
+        print(f"jestclip {args.command}: {message.removeprefix(f'{args.command}: ')}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -62,14 +62,16 @@ def test_report_writes_markdown_figures_and_numbers(runs, tmp_path, capsys):
     assert data["settings"]["runs"] == [str(iid), str(jest)]
 
 
-def test_report_errors(runs, tmp_path):
+def test_report_errors(runs, tmp_path, capsys):
     iid, jest = runs
-    with pytest.raises(ValueError, match="no IID run among"):
-        main(["report", str(jest), "--out", str(tmp_path), "--no-diagnostics"])
-    with pytest.raises(ValueError, match="baseline 'x' is not among"):
-        main(["report", str(iid), "--out", str(tmp_path), "--baseline", "x", "--no-diagnostics"])
-    with pytest.raises(ValueError, match="is not a training run"):
-        main(["report", str(tmp_path), "--out", str(tmp_path)])
+    for args, message in [
+        ([str(jest), "--no-diagnostics"], "no IID run among"),
+        ([str(iid), "--baseline", "x", "--no-diagnostics"], "baseline 'x' is not among"),
+        ([str(tmp_path)], "is not a training run"),
+    ]:
+        assert main(["report", *args, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("jestclip report: ") and message in err and "\n" not in err
 
 
 def test_report_shows_the_reference_models_own_cost(runs, tmp_path):
@@ -88,3 +90,24 @@ def test_report_shows_the_reference_models_own_cost(runs, tmp_path):
     report = write_report([load_run(iid), load_run(jest)], tmp_path / "r", reference=cost).read_text()
     assert "## The reference model's own cost" in report
     assert f"| {jest.name} | " in report.split("## The reference model's own cost")[1]
+
+
+def test_report_command_takes_the_reference_run(runs, tmp_path):
+    iid, jest = runs
+    assert (
+        main(
+            [
+                "report",
+                str(iid),
+                str(jest),
+                "--out",
+                str(tmp_path),
+                "--no-diagnostics",
+                "--reference-run",
+                str(iid),
+            ]
+        )
+        == 0
+    )
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["reference"]["run"] == iid.name and data["reference"]["cached_samples"] == 24

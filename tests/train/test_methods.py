@@ -75,6 +75,6 @@ def test_descriptions_state_what_each_method_needs():
     assert iid.super_batch(64, 0.8) == 64 and jest.super_batch(64, 0.8) == 320
     with pytest.raises(ValueError, match=r"filter_ratio must be in \[0, 1\)"):
         jest.super_batch(64, 1.0)
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match=r"method\.method = 'random' is not one of"):
         MethodConfig("random")
     assert TrainConfig(method=MethodConfig("iid", batch_size=32)).super_batch == 32

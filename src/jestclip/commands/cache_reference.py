@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from jestclip.commands.common import device_arg
+
 __all__ = ["add_parser", "run"]
 
 
@@ -13,8 +15,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "cache-reference",
         help="embed shards with a frozen reference model and store the embeddings next to them",
-        description="Embed every sample of the shards with a frozen reference model; write SHARD.NAME.npz "
-        "sidecars (float16, keyed by sample key) that training joins by key. Resumable.",
+        description="Embed every sample of the shards with a frozen reference model; write sidecars "
+        "SHARD.NAME.{json,keys.npy,emb.npy} (a header, sorted keys, float16 embeddings) that training joins "
+        "by shard and key. Resumable; corrupt or truncated sidecars are rewritten.",
     )
     parser.add_argument("shards", nargs="+", help="shard paths, brace patterns or directories")
     parser.add_argument("--model", required=True, help="model config name, e.g. jest-tiny or ViT-B-16")
@@ -23,7 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--loss", default="sigmoid", choices=["sigmoid", "softmax"])
     parser.add_argument("--name", default="reference", help="cache name, part of the sidecar file name")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    parser.add_argument(
+        "--device", default="auto", type=device_arg, help="cpu, cuda, ... (auto: cuda when available)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from jestclip.commands.common import device_arg
 
 __all__ = ["add_parser", "run"]
 
@@ -19,10 +22,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--reduced", action="store_true", help="a tiny end-to-end check (about 2 minutes)")
     parser.add_argument("--data", help="benchmark directory (default: data/bench-demo, built if absent)")
     parser.add_argument("--out", help="directory for the runs and the report (default: runs/demo)")
-    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--device", type=device_arg, help="cpu, cuda, ... (default: cuda when available)")
 
 
 def run(args: argparse.Namespace) -> int:
+    for name in ("data", "out"):  # before anything is built or written
+        path = getattr(args, name)
+        if path and Path(path).exists() and not Path(path).is_dir():
+            raise NotADirectoryError(f"--{name} {path} is a file, not a directory")
     import dataclasses
 
     from jestclip.demo import DemoConfig, run_demo

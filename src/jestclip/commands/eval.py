@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from jestclip.commands.common import device_arg, loading_weights, resolve_device
+
 __all__ = ["add_parser", "resolve_checkpoint", "run"]
 
 
@@ -38,7 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, help="evaluate only the first N samples of each suite")
     parser.add_argument("--shots", type=int, default=10, help="examples per class of the linear probe")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    parser.add_argument(
+        "--device", default="auto", type=device_arg, help="cpu, cuda, ... (auto: cuda when available)"
+    )
     parser.add_argument("--out", type=Path, help="where to write the JSON results")
 
 
@@ -48,26 +52,30 @@ def resolve_checkpoint(path: Path, model: str | None) -> tuple[Path, str]:
         from jestclip.train.rundir import RunDir
 
         run = RunDir(path)
-        try:
-            config = run.read_config()  # first: a directory that is no run says so
-            return run.weights(), model or config["model"]
-        except ValueError as exn:
-            raise SystemExit(f"eval: {exn}") from None
+        config = run.read_config()  # first: a directory that is no run says so
+        return run.weights(), model or config["model"]
     if not path.exists():
-        raise SystemExit(f"eval: checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if model is None:
-        raise SystemExit(f"eval: {path} is a weights file; say which model it holds with --model")
+        raise ValueError(f"{path} is a weights file; say which model it holds with --model")
     return path, model
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Refuse argument combinations and missing files before loading anything."""
+    if not args.shards and (args.classes or args.template):
+        raise ValueError("--classes and --template go with --shards (suites carry their own)")
+    if args.classes is not None and not args.classes.is_file():
+        raise FileNotFoundError(f"--classes file {args.classes} does not exist")
 
+
+def run(args: argparse.Namespace) -> int:
     from jestclip.eval import custom_suite, evaluate, find_suites, format_table
     from jestclip.models import create_model, image_transform, tokenizer
 
+    _check_inputs(args)
     weights, model_name = resolve_checkpoint(args.checkpoint, args.model)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     if args.shards:
         suites = [
             custom_suite(
@@ -75,10 +83,9 @@ def run(args: argparse.Namespace) -> int:
             )
         ]
     else:
-        if args.classes or args.template:
-            raise SystemExit("eval: --classes and --template go with --shards (suites carry their own)")
         suites = find_suites(args.data, args.suite)
-    model = create_model(model_name, checkpoint=weights, device=device)
+    with loading_weights(weights):
+        model = create_model(model_name, checkpoint=weights, device=device)
     results = evaluate(
         model,
         suites,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from jestclip.commands.common import device_arg
+
 __all__ = ["add_parser", "run"]
 
 
@@ -28,16 +30,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-diagnostics", action="store_true", help="skip the selection diagnostics")
     parser.add_argument(
+        "--reference-run",
+        type=Path,
+        help="the reference model's training run: its training and caching FLOPs are shown beside the runs'",
+    )
+    parser.add_argument(
         "--diagnostics-batch", type=int, default=64, help="sub-batch size b of the diagnostics"
     )
     parser.add_argument("--gibbs-steps", type=int, default=2000)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=device_arg, help="device of the diagnostics")
 
 
 def run(args: argparse.Namespace) -> int:
-    from jestclip.report import load_run, run_diagnostics, write_report
+    from jestclip.report import load_run, reference_cost, run_diagnostics, write_report
 
     runs = [load_run(path) for path in args.runs]
+    reference = None
+    if args.reference_run is not None:
+        scored = next((r for r in runs if r.description.needs_reference(r.config["method"]["scoring"])), None)
+        if scored is None:
+            raise ValueError("--reference-run: no run among these scores with a reference")
+        reference = reference_cost(args.reference_run, scored.config["data"])
     diagnostics, diagnostics_run = None, None
     if not args.no_diagnostics:
         diagnostics_run = args.diagnostics_run or next((r.path for r in runs if r.description.selects), None)
@@ -58,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         baseline=args.baseline,
         diagnostics=diagnostics,
         diagnostics_run=str(diagnostics_run) if diagnostics_run else None,
+        reference=reference,
         settings=settings,
     )
     print(f"report: {path}")

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = [item for item in args.overrides if item not in flags]
     unknown = [item for item in overrides if item.startswith("--")]
     if unknown:
-        raise SystemExit(f"train: unknown option(s) {unknown}; overrides are key=value")
+        raise ValueError(f"unknown option(s) {unknown}; overrides are key=value")
     cfg = apply_overrides(load_recipe(args.recipe, quick=quick), overrides)
     if print_config:
         print(json.dumps(to_dict(cfg), indent=1))

@@ -8,6 +8,7 @@ SigLIP): sigmoid starts at scale 10 and bias -10, softmax at scale 1/0.07 with n
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,19 @@ def _register() -> None:
         _registered = True
 
 
+class _QuietNoPretrained(logging.Filter):
+    """Drop open_clip's "No pretrained weights loaded" line on the root logger while inside ``with``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+    def __enter__(self) -> None:
+        logging.getLogger().addFilter(self)
+
+    def __exit__(self, *_: object) -> None:
+        logging.getLogger().removeFilter(self)
+
+
 def create_model(
     name: str,
     *,
@@ -71,7 +85,8 @@ def create_model(
     kwargs = {"init_logit_scale": init["init_logit_scale"]}
     if init["init_logit_bias"] is not None:
         kwargs["init_logit_bias"] = init["init_logit_bias"]
-    model = open_clip.create_model(name, pretrained=pretrained, device=device, **kwargs)
+    with _QuietNoPretrained():  # a random init (then our checkpoint) is what was asked for
+        model = open_clip.create_model(name, pretrained=pretrained, device=device, **kwargs)
     if checkpoint is not None:
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state

@@ -7,18 +7,189 @@ local mode. Overrides use dotted paths into the tree: ``steps=100 method.batch_s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
+import math
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from jestclip.models.approx import Approximation
+import torch
+
+from jestclip.models.approx import APPROXIMATIONS, Approximation
+from jestclip.selection import LOSSES, SCORINGS, independent
 from jestclip.selection.joint import DEFAULT_GAIN
-from jestclip.train.methods import Method, get_method
+from jestclip.train.methods import METHODS, Method, get_method
 from jestclip.train.optim import OptimConfig
 
-__all__ = ["MethodConfig", "TrainConfig", "apply_overrides", "from_dict", "load_recipe", "to_dict"]
+__all__ = [
+    "ConfigError",
+    "MethodConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_recipe",
+    "to_dict",
+    "validate",
+]
+
+
+class ConfigError(ValueError):
+    """A config value of the wrong type or out of range; one line naming the key, the value and what is
+    allowed: ``config: method.scoring = 'bar' is not one of ('learnability', ...)``."""
+
+    def __init__(self, key: str, value: Any, problem: str) -> None:
+        super().__init__(f"config: {key} = {value!r} {problem}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Range:
+    """Numbers from ``low`` to ``high`` (None: unbounded), each end included unless marked open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __call__(self, value: float) -> str | None:
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if not (below or above):
+            return None
+        low, high = _number(self.low), _number(self.high)
+        if self.high is None:
+            return f"must be {'>' if self.low_open else '>='} {low}"
+        if self.low is None:
+            return f"must be {'<' if self.high_open else '<='} {high}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"must be in {left}{low}, {high}{right}"
+
+
+def _number(value: float | None) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def one_of(allowed: Callable[[], tuple]) -> Callable[[Any], str | None]:
+    """A check that the value is one of ``allowed()`` (read where the allowed values live)."""
+    return lambda value: None if value in allowed() else f"is not one of {tuple(allowed())}"
+
+
+def _device(value: str) -> str | None:
+    if value == "auto":
+        return None
+    try:
+        torch.device(value)
+    except RuntimeError:
+        return "is not 'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1'"
+    return None
+
+
+# Range and value checks by dotted key; the type of every field comes from its annotation. Keys of fields a
+# config does not have (yet) are simply unused.
+CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "filter_ratio": Range(0.0, 1.0, high_open=True),
+    "steps": Range(1),
+    "log_every": Range(1),
+    "checkpoint_every": Range(1),
+    "stop_after": Range(1),
+    "eval_every": Range(0),
+    "eval_limit": Range(1),
+    "seed": Range(0, 2**63 - 1),
+    "device": _device,
+    "num_workers": Range(0),
+    "max_bad_steps": Range(1),
+    "keep_checkpoints": Range(1),
+    "method.method": one_of(lambda: tuple(METHODS)),
+    "method.batch_size": Range(1),
+    "method.loss": one_of(lambda: LOSSES),
+    "method.scoring": one_of(lambda: SCORINGS),
+    "method.n_chunks": Range(1),
+    "method.gain": Range(0.0, low_open=True),
+    "method.approx": one_of(lambda: APPROXIMATIONS),
+    "method.approx_fraction": Range(0.0, 1.0),
+    "method.independent_context": one_of(lambda: independent.CONTEXTS),
+    "method.independent_method": one_of(lambda: independent.METHODS),
+    "optim.lr": Range(0.0, low_open=True),
+    "optim.weight_decay": Range(0.0),
+    "optim.beta1": Range(0.0, 1.0, high_open=True),
+    "optim.beta2": Range(0.0, 1.0, high_open=True),
+    "optim.eps": Range(0.0),
+    "optim.warmup_fraction": Range(0.0, 1.0, high_open=True),
+    "optim.grad_clip": Range(0.0, low_open=True),
+}
+
+_TYPE_NAMES = {int: "an int", float: "a finite number", str: "a string", bool: "true or false"}
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotation of every field of the dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def type_problem(value: Any, annotation: Any) -> str | None:
+    """Why ``value`` does not fit ``annotation`` (None: it fits, or the annotation is not one checked).
+
+    bool is not an int; an int is a float; floats must be finite; ``X | None`` takes None.
+    """
+    if arms := _union_arms(annotation):
+        if all(type_problem(value, arm) for arm in arms):
+            return "is not " + " or ".join(_type_name(arm) for arm in arms)
+        return None
+    if typing.get_origin(annotation) is Literal:
+        allowed = typing.get_args(annotation)
+        return None if value in allowed else f"is not one of {allowed}"
+    if annotation is type(None):
+        return None if value is None else "is not None"
+    if annotation is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "is not a finite number"
+    if annotation is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "is not an int"
+    if annotation in (str, bool) or dataclasses.is_dataclass(annotation):
+        return None if isinstance(value, annotation) else f"is not {_type_name(annotation)}"
+    return None
+
+
+def _union_arms(annotation: Any) -> tuple[Any, ...]:
+    """The alternatives of ``X | Y`` (empty for any other annotation)."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return typing.get_args(annotation) if union else ()
+
+
+def _type_name(annotation: Any) -> str:
+    if annotation is type(None):
+        return "None"
+    return _TYPE_NAMES.get(annotation, f"a {getattr(annotation, '__name__', annotation)}")
+
+
+def _wants_float(annotation: Any) -> bool:
+    """Whether an int value of a field so annotated is stored as a float (``float``, ``float | None``)."""
+    arms = _union_arms(annotation)
+    return annotation is float or (float in arms and int not in arms)
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check every field of the config dataclass ``cfg`` (and of the configs nested in it) against its
+    annotation and ``CHECKS``; a ``ConfigError`` names the first bad one by its dotted key. Ints given for
+    float fields are stored as floats."""
+    for name, annotation in field_types(type(cfg)).items():
+        key, value = prefix + name, getattr(cfg, name)
+        problem = type_problem(value, annotation)
+        if problem is None and value is not None and key in CHECKS:
+            problem = CHECKS[key](value)
+        if problem:
+            raise ConfigError(key, value, problem)
+        if isinstance(value, int) and not isinstance(value, bool) and _wants_float(annotation):
+            object.__setattr__(cfg, name, float(value))
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{key}.")
 
 
 @dataclass(frozen=True)
@@ -37,11 +208,7 @@ class MethodConfig:
     independent_method: str = "sample"  # independent: "sample" or "topk"
 
     def __post_init__(self) -> None:
-        get_method(self.method)  # a ValueError names the known methods
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0.0 <= self.approx_fraction <= 1.0:
-            raise ValueError(f"approx_fraction must be in [0, 1], got {self.approx_fraction}")
+        validate(self, "method.")
 
     @property
     def description(self) -> Method:
@@ -55,12 +222,15 @@ class TrainConfig:
     init_checkpoint: str | None = None  # start from these weights instead of a random init
     data: str = "data/bench/pool"  # shards: directory, brace pattern or path
     reference_cache: str | None = "reference"  # sidecar name of the cached reference embeddings (None: none)
+    reference_fingerprint: str | None = None  # when set, the reference cache must hold this model
     filter_ratio: float = 0.8  # f: the super-batch is B = b / (1 - f); ignored by iid
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 1000
     log_every: int = 10
     checkpoint_every: int = 100
+    keep_checkpoints: int = 2  # the newest checkpoint-STEP.pt files kept in the run directory
+    max_bad_steps: int = 10  # non-finite steps in a row that stop the run (TrainingDiverged)
     stop_after: int | None = None  # checkpoint and stop at this step (a planned interruption)
     eval_data: str | None = None  # eval suites (benchmark root, its eval/ or one suite); None: no evaluation
     eval_every: int = 0  # evaluate at step 0, every this many steps and at the end (0: only at the end)
@@ -68,6 +238,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available
     num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     @property
     def super_batch(self) -> int:
@@ -79,11 +252,33 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    """The config dataclass ``cls`` from a (nested) dict; unknown keys and non-dict sections are errors."""
+    if isinstance(data, cls):
+        return data
+    types_ = field_types(cls)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            prefix.rstrip(".") or "(the whole config)",
+            data,
+            f"is a section; set its keys as {prefix}KEY=VALUE (keys: {list(types_)})",
+        )
+    unknown = [key for key in data if key not in types_]
+    if unknown:
+        raise ValueError(f"config: unknown key {prefix + str(unknown[0])!r}; known here: {list(types_)}")
+    return cls(
+        **{
+            key: _build(types_[key], value, f"{prefix}{key}.")
+            if dataclasses.is_dataclass(types_[key])
+            else value
+            for key, value in data.items()
+        }
+    )
+
+
 def from_dict(data: dict[str, Any]) -> TrainConfig:
-    data = dict(data)
-    data["method"] = MethodConfig(**data.get("method", {}))
-    data["optim"] = OptimConfig(**data.get("optim", {}))
-    return TrainConfig(**data)
+    """A validated ``TrainConfig`` from a dict such as ``to_dict`` gives (missing keys take defaults)."""
+    return _build(TrainConfig, data)
 
 
 def _parse_value(text: str) -> Any:
@@ -112,16 +307,33 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
 
 
 def load_recipe(path: str | Path, *, quick: bool = False) -> TrainConfig:
-    """Run ``get_config(quick)`` of a recipe file."""
+    """Run ``get_config(quick)`` of a recipe file; any failure is a one-line ValueError naming the file
+    (a FileNotFoundError when it does not exist)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"recipe {path} is a directory, not a recipe file (configs/*.py)")
     if not path.exists():
         raise FileNotFoundError(f"recipe {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"jestclip_recipe_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"recipe {path} is not a Python file (configs/*.py)")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"recipe {path} defines no get_config(quick=False)")
-    cfg = module.get_config(quick=quick)
+    try:
+        spec.loader.exec_module(module)
+        get_config = getattr(module, "get_config", None)
+        if not callable(get_config):
+            raise ValueError(f"recipe {path} defines no get_config(quick=False)")
+        cfg = get_config(quick=quick)
+    except ValueError as exn:
+        if str(exn).startswith(f"recipe {path}"):
+            raise
+        raise ValueError(f"recipe {path}: {_one_line(exn)}") from exn
+    except Exception as exn:
+        raise ValueError(f"recipe {path}: {type(exn).__name__}: {_one_line(exn)}") from exn
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"recipe {path}: get_config returned {type(cfg).__name__}, not TrainConfig")
     return cfg
+
+
+def _one_line(exn: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exn).splitlines() if line.strip()) or type(exn).__name__

@@ -1,0 +1,126 @@
+"""What the commands share: the ``--device`` argument, loading weights, and how an error ends a command.
+
+A user's mistake (a bad path, value or file) ends a command with one line and exit status 2; the training
+run's own endings (``jestclip.train.loop``: ``Preempted``, ``TrainingDiverged``, ``CheckpointWriteError``)
+with their message and the status a scheduler expects; anything else is a bug and shows its traceback.
+Standard library only at top level (``jestclip --help`` imports no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+__all__ = [
+    "RUN_EXITS",
+    "USER_ERRORS",
+    "device_arg",
+    "exit_status",
+    "loading_weights",
+    "one_line",
+    "resolve_device",
+    "weights_load_failure",
+]
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+# the training run's own exceptions, by name, and the exit status each ends the command with: 143 = 128 +
+# SIGTERM, what schedulers read as "killed by SIGTERM, requeue"
+RUN_EXITS: dict[str, int] = {"Preempted": 143, "TrainingDiverged": 1, "CheckpointWriteError": 1}
+# where they are defined or exported; looked up only once loaded (a run that raised one has loaded them)
+_RUN_MODULES = ("jestclip.train.loop", "jestclip.train.rundir", "jestclip.train")
+
+
+def one_line(exn: BaseException) -> str:
+    """The exception's message on one line (its type name when it has none)."""
+    text = str(exn.code) if isinstance(exn, SystemExit) else str(exn)
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exn).__name__
+
+
+def _run_exit(exn: BaseException) -> int | None:
+    for module_name in _RUN_MODULES:
+        module = sys.modules.get(module_name)
+        for name, status in RUN_EXITS.items():
+            cls = getattr(module, name, None)
+            if isinstance(cls, type) and issubclass(cls, BaseException) and isinstance(exn, cls):
+                return status
+    return None
+
+
+def weights_load_failure(exn: BaseException) -> str | None:
+    """The file ``torch.load`` failed on, when ``exn`` was raised inside it (a damaged or foreign file)."""
+    tb: TracebackType | None = exn.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "load" and Path(code.co_filename).parts[-2:] == ("torch", "serialization.py"):
+            return str(tb.tb_frame.f_locals.get("f", "a weights file"))
+        tb = tb.tb_next
+    return None
+
+
+def _weights_message(file: str, exn: BaseException) -> str:
+    kind, first = type(exn).__name__, one_line(exn).split(". ")[0][:200]
+    return f"cannot load weights from {file}: {kind if first == kind else f'{kind}: {first}'}"
+
+
+@contextlib.contextmanager
+def loading_weights(path: str | Path) -> Iterator[None]:
+    """A failure of ``torch.load`` in the block becomes a ValueError "cannot load weights from PATH: ..."."""
+    try:
+        yield
+    except Exception as exn:
+        if weights_load_failure(exn) is None:
+            raise
+        raise ValueError(_weights_message(str(path), exn)) from exn
+
+
+def exit_status(exn: BaseException) -> tuple[int, str] | None:
+    """(exit status, one-line message) of an exception that ends a command without a traceback; None for a
+    bug (or a ``SystemExit`` with a status rather than a message), which propagates."""
+    status = _run_exit(exn)
+    if status is not None:
+        return status, one_line(exn)
+    if isinstance(exn, SystemExit):
+        return (2, one_line(exn)) if isinstance(exn.code, str) else None
+    if isinstance(exn, USER_ERRORS):
+        return 2, one_line(exn)
+    file = weights_load_failure(exn)
+    if file is not None and isinstance(exn, Exception):
+        return 2, _weights_message(file, exn)
+    return None
+
+
+def resolve_device(device: str) -> str:
+    """``device``, with "auto" resolved to cuda when available, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_arg(text: str) -> str:
+    """argparse type of ``--device``: "auto" or a torch device string (torch is imported only to check
+    anything other than auto / cpu / cuda)."""
+    if text in ("auto", "cpu", "cuda"):
+        return text
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not 'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1'"
+        ) from None
+    return text
