@@ -21,6 +21,7 @@ from jestclip.models import (
 )
 from jestclip.train.config import MethodConfig, TrainConfig, apply_overrides, load_recipe, to_dict
 from jestclip.train.loop import train
+from jestclip.train.rundir import RunDir
 
 from ..data.test_loader import make_shards
 
@@ -187,10 +188,12 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, shards):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-2000:]
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
-    state = torch.load(Path(cfg.run_dir) / "checkpoint.pt", weights_only=True)
+    assert proc.wait(timeout=60) == 143, proc.stdout.read().decode()[-2000:]  # 128 + SIGTERM: preempted
+    checkpoint = RunDir(cfg.run_dir).latest_checkpoint()
+    state = torch.load(checkpoint, weights_only=True)
     stopped_at = state["counters"]["step"]
-    assert 2 <= stopped_at < 400
+    assert 2 <= stopped_at < 400 and checkpoint.name == f"checkpoint-{stopped_at:06d}.pt"
+    assert f"preempted at step {stopped_at}; checkpoint {checkpoint}" in proc.stdout.read().decode()
     assert not (Path(cfg.run_dir) / "model.pt").exists()
     resumed = train(
         config(tmp_path / "run", shards, "iid", steps=400, stop_after=stopped_at + 2), progress=False

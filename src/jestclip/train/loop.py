@@ -3,31 +3,47 @@ periodic evaluation, checkpoints and exact resume.
 
 A run writes its directory (``rundir.RunDir``): the resolved config, a metrics line every ``log_every``
 steps (and, with ``eval_data``, an evaluation line at step 0, every ``eval_every`` steps and at the end),
-TensorBoard events, a checkpoint every ``checkpoint_every`` steps, on SIGTERM and at ``stop_after``, and the
-final weights. Starting a run whose directory has a checkpoint resumes it exactly: model, optimiser,
-schedule, RNG states, counters and data position (the stream is replayed to the step reached; on CPU the
-result is bitwise that of an uninterrupted run). Under torchrun every rank reads its own shards, holds
-B / W of each super-batch and learns on b / W of it; only rank 0 writes (``RunOutputs``).
+TensorBoard events, a checkpoint every ``checkpoint_every`` steps, on SIGTERM and at ``stop_after`` (the
+newest ``keep_checkpoints`` are kept), the reference cache it trains with, and the final weights. Starting a
+run whose directory has a checkpoint resumes it exactly: model, optimiser, schedule, RNG states, counters and
+data position (the stream is replayed to the step reached; on CPU the result is bitwise that of an
+uninterrupted run); metrics lines past the checkpoint are dropped, so each step is logged once. Under
+torchrun every rank reads its own shards, holds B / W of each super-batch and learns on b / W of it; only
+rank 0 writes (``RunOutputs``).
+
+How a run ends: it returns the last metrics line when it reaches ``steps`` or ``stop_after``; it raises
+``Preempted`` on SIGTERM (checkpointed; rerun the same command to resume), ``TrainingDiverged`` after
+``max_bad_steps`` steps in a row with a non-finite loss or gradient norm (their updates are skipped; the last
+good checkpoint is untouched) and ``CheckpointWriteError`` when a checkpoint cannot be written (disk full;
+the previous checkpoint is kept).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import signal
+import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from jestclip.data.loader import expand_urls
+from jestclip.data.loader import SuperBatch, expand_urls
+from jestclip.data.refcache import ReferenceCache
 from jestclip.eval import evaluate, find_suites, flat_metrics
-from jestclip.models import image_transform, tokenizer
+from jestclip.models import StepFlops, image_transform, tokenizer
+from jestclip.models.factory import logit_params
 from jestclip.train.config import TrainConfig, to_dict
 from jestclip.train.distributed import average_gradients
 from jestclip.train.methods import run_step
-from jestclip.train.rundir import RunDir
+from jestclip.train.rundir import CheckpointWriteError, NonFiniteStateError, RunDir
 from jestclip.train.setup import (
     Counters,
     Placement,
@@ -40,18 +56,39 @@ from jestclip.train.setup import (
     resume_batches,
     to_device,
 )
-from jestclip.train.steps import StepOutput, SuperBatchTensors
+from jestclip.train.steps import StepOutput, SuperBatchTensors, score_embeddings
 
-__all__ = ["RunOutputs", "train"]
+__all__ = ["CheckpointWriteError", "Preempted", "RunOutputs", "TrainingDiverged", "train"]
 
 # config keys that may differ between the run that wrote a checkpoint and the one resuming it
-_RESUMABLE_CHANGES = {"stop_after", "num_workers", "device", "log_every", "checkpoint_every"}
+_RESUMABLE_CHANGES = {
+    "run_dir",
+    "stop_after",
+    "num_workers",
+    "device",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "max_bad_steps",
+    "reference_fingerprint",
+}
+
+
+class TrainingDiverged(RuntimeError):
+    """``max_bad_steps`` steps in a row were non-finite, or a state to be written was; the message names the
+    steps and the last good checkpoint."""
+
+
+class Preempted(RuntimeError):
+    """The run stopped on SIGTERM (after checkpointing); rerunning the same command resumes it."""
 
 
 def _prepare_run_dir(run: RunDir, cfg: TrainConfig, where: Placement) -> bool:
-    """Write the resolved config (refusing to resume a different run); whether there is a checkpoint."""
-    resuming = run.checkpoint_file.exists()
+    """Remove leftover ``*.tmp`` files and write the resolved config (refusing to resume a different run);
+    whether there is a checkpoint to resume from."""
+    resuming = run.latest_checkpoint() is not None
     if where.is_main:
+        run.clean_tmp()
         if resuming:
             saved, current = run.read_config(), to_dict(cfg)
             changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
@@ -64,12 +101,54 @@ def _prepare_run_dir(run: RunDir, cfg: TrainConfig, where: Placement) -> bool:
     return resuming
 
 
+def _start_state(run: RunDir, cfg: TrainConfig, where: Placement) -> TrainState:
+    """A fresh state, or the newest checkpoint that loads (newer ones that do not are set aside as
+    ``*.corrupt``); the metrics lines past its step are dropped."""
+    resuming = _prepare_run_dir(run, cfg, where)
+    state = build_state(cfg, where.device)
+    loaded = run.load_latest(where.device) if resuming else None
+    if loaded is not None:
+        state.load_state_dict(loaded[1])
+    where.barrier()  # every rank has loaded before rank 0 renames or rewrites anything
+    if where.is_main:
+        if loaded is not None:
+            run.set_aside_newer(loaded[0])
+        run.truncate_metrics(state.counters.step)
+    return state
+
+
+def _model_name(record: dict[str, Any]) -> str:
+    return f"{record['model']} ({record['fingerprint'][:12]})"
+
+
+def _check_reference(run: RunDir, reference: ReferenceCache | None, where: Placement, resuming: bool) -> None:
+    """Record the reference cache's model in the run directory on a run's first start; on resume, a cache
+    that now holds another model's embeddings is a ValueError."""
+    if reference is None:
+        return
+    current = {
+        "name": reference.name,
+        "model": reference.meta.model,
+        "fingerprint": reference.meta.fingerprint,
+    }
+    recorded = run.read_reference() if resuming else None
+    if recorded is not None and recorded["fingerprint"] != current["fingerprint"]:
+        raise ValueError(
+            f"reference cache {reference.name!r} now holds model {_model_name(current)}'s embeddings but "
+            f"this run was trained with model {_model_name(recorded)}'s; re-cache with {recorded['model']} "
+            "or start a new run_dir"
+        )
+    if where.is_main and recorded != current:
+        run.write_reference(current)
+
+
 class RunOutputs:
     """Everything only rank 0 does: metrics lines, TensorBoard, the progress bar, checkpoints and weights.
-    On other ranks every method is a no-op (saving still waits at the barrier with rank 0)."""
+    On other ranks every method is a no-op (saving still waits for rank 0, and fails with it)."""
 
     def __init__(self, run: RunDir, cfg: TrainConfig, where: Placement, step: int, progress: bool) -> None:
         self.run, self.cfg, self.where = run, cfg, where
+        self.checkpoint = run.latest_checkpoint()  # the last good one: loaded or written by this run
         self.metrics = run.open_metrics() if where.is_main else None
         self.writer = None
         if where.is_main:
@@ -88,13 +167,36 @@ class RunOutputs:
             if key != "step" and isinstance(value, int | float):
                 self.writer.add_scalar(key, value, line["step"])
 
-    def save(self, state: TrainState, *, final: bool = False) -> None:
-        """Checkpoint (and with ``final`` the weights); every rank returns once rank 0 has written."""
+    def say(self, message: str) -> None:
+        """One line on stderr from rank 0 (above the progress bar)."""
         if self.where.is_main:
-            self.run.save_checkpoint(state.state_dict(self.cfg))
-            if final:
-                self.run.save_weights(state.model.state_dict())
-        self.where.barrier()
+            tqdm.write(message, file=sys.stderr)
+
+    @property
+    def last_good(self) -> str:
+        return self.run.describe(self.checkpoint) if self.checkpoint else "none (no checkpoint was written)"
+
+    def save(self, state: TrainState, *, final: bool = False) -> None:
+        """Checkpoint (and with ``final`` the weights); every rank returns once rank 0 has written, or raises
+        when it could not (``TrainingDiverged`` for a non-finite state, ``CheckpointWriteError``)."""
+        error: Exception | None = None
+        if self.where.is_main:
+            try:
+                path = self.run.save_checkpoint(state.state_dict(self.cfg), keep=self.cfg.keep_checkpoints)
+                self.checkpoint = path
+                if final:
+                    self.run.save_weights(state.model.state_dict())
+            except NonFiniteStateError as exn:
+                error = TrainingDiverged(
+                    f"training diverged: {exn} (step {state.counters.step}); last good checkpoint: "
+                    f"{self.last_good}"
+                )
+            except CheckpointWriteError as exn:
+                error = exn
+        if self.where.any_rank(error is not None) and error is None:
+            error = CheckpointWriteError("checkpoint: rank 0 could not write the checkpoint")
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         if self.metrics is not None:
@@ -131,94 +233,241 @@ class Evaluator:
         self.where.barrier()
 
 
-def learn(
-    state: TrainState, batch: SuperBatchTensors, cfg: TrainConfig, where: Placement
-) -> tuple[StepOutput, float, float]:
-    """One method step and optimiser update (bf16 autocast on CUDA); ``(output, grad norm, lr used)``."""
+@dataclass
+class Learned:
+    """What one step did: the method's output (None when it did not run), the gradient norm, the learning
+    rate used, and why its update was skipped (None when it was made)."""
+
+    output: StepOutput | None
+    grad_norm: float
+    lr: float
+    bad: str | None = None
+
+
+def _bad_learner(model: torch.nn.Module) -> str | None:
+    """Why the learner cannot take a meaningful step (non-finite weights, which no update brings back; a
+    logit scale that is non-finite or underflowed to 0; a non-finite logit bias), else None."""
+    params = [p.detach() for p in model.parameters()]
+    if not math.isfinite(float(torch.nn.utils.get_total_norm(params))):  # one pass, one sync
+        if not all(bool(torch.isfinite(p).all()) for p in params):  # not merely a norm that overflowed
+            return "non-finite weights"
+    scale, bias = (float(t.detach()) for t in logit_params(model))
+    if not math.isfinite(scale) or scale <= 0.0:
+        return f"logit scale {scale}"
+    return None if math.isfinite(bias) else f"logit bias {bias}"
+
+
+def learn(state: TrainState, batch: SuperBatchTensors, cfg: TrainConfig, where: Placement) -> Learned:
+    """One method step and optimiser update (bf16 autocast on CUDA). A step whose learner is broken
+    (``_bad_learner``: it is not run), whose learner embeddings are non-finite, or whose loss or gradient
+    norm is non-finite, changes no parameter (the schedule still advances); every rank decides alike."""
     state.model.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if where.device.type == "cuda" else nullcontext()
-    with autocast:
-        out = run_step(state.model, batch, cfg.method, state.generator, world_size=where.world)
+    learned = Learned(None, math.nan, state.optimizer.param_groups[0]["lr"], _bad_learner(state.model))
+    if where.any_rank(learned.bad is not None):
+        learned.bad = learned.bad or "broken learner on another rank"
+    else:
+        _step(state, batch, cfg, where, learned)
     state.optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+    state.scheduler.step()
+    return learned
+
+
+def _step(
+    state: TrainState, batch: SuperBatchTensors, cfg: TrainConfig, where: Placement, learned: Learned
+) -> None:
+    """The method step, backward and, when every number is finite, the optimiser update (into ``learned``)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if where.device.type == "cuda" else nullcontext()
+    try:
+        with autocast:
+            learned.output = run_step(state.model, batch, cfg.method, state.generator, world_size=where.world)
+    except ValueError:  # selection refuses candidates without finite scores: were they all non-finite?
+        with autocast:
+            if where.world > 1 or not _non_finite_scores(state.model, batch, cfg):
+                raise
+        learned.bad = "non-finite learner embeddings"
+        return
+    state.optimizer.zero_grad(set_to_none=True)
+    learned.output.loss.backward()
     if where.world > 1:
         average_gradients(state.model.parameters())
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip)
-    state.optimizer.step()
-    lr = state.optimizer.param_groups[0]["lr"]
-    state.scheduler.step()
-    return out, float(grad_norm), lr
+    learned.grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip))
+    if not math.isfinite(float(learned.output.loss.detach())):
+        learned.bad = "non-finite loss"
+    elif not math.isfinite(learned.grad_norm):
+        learned.bad = "non-finite gradient norm"
+    if where.any_rank(learned.bad is not None):
+        learned.bad = learned.bad or "non-finite step on another rank"
+    else:
+        state.optimizer.step()
 
 
-class _SigtermFlag:
-    """Set on SIGTERM while the run is inside ``with``; the loop checkpoints and stops at the next step."""
+def _non_finite_scores(model: torch.nn.Module, batch: SuperBatchTensors, cfg: TrainConfig) -> bool:
+    """Whether the learner scores the super-batch with non-finite embeddings (weights finite but so large
+    that its forward overflows)."""
+    method = cfg.method.description
+    if not method.scores_with_learner(cfg.method.scoring):
+        return False
+    scores = score_embeddings(model, batch, method.scoring_approx(cfg.method))
+    return not bool(torch.isfinite(scores.image).all() and torch.isfinite(scores.text).all())
 
-    def __enter__(self) -> _SigtermFlag:
-        self.raised = False
-        self.previous = signal.signal(signal.SIGTERM, self._set)
+
+class DivergenceGuard:
+    """Counts the steps in a row whose update was skipped; ``cfg.max_bad_steps`` of them (at least 1) end the
+    run with ``TrainingDiverged``."""
+
+    def __init__(self, max_bad_steps: int) -> None:
+        self.limit = max(1, max_bad_steps)
+        self.streak, self.first, self.reasons = 0, 0, {}
+
+    def update(self, step: int, bad: str | None, out: RunOutputs) -> None:
+        if bad is None:
+            self.streak, self.reasons = 0, {}
+            return
+        self.first = step if self.streak == 0 else self.first
+        self.streak += 1
+        self.reasons[bad] = None
+        out.say(f"step {step}: {bad}; update skipped ({self.streak} in a row, max_bad_steps {self.limit})")
+        if self.streak >= self.limit:
+            steps = f"step {step}" if self.first == step else f"steps {self.first}-{step}"
+            raise TrainingDiverged(
+                f"training diverged: {', '.join(self.reasons)} at {steps} ({self.streak} in a row, "
+                f"max_bad_steps={self.limit}); last good checkpoint: {out.last_good}"
+            )
+
+
+class _Sigterm:
+    """SIGTERM while the run is inside ``with``. While it starts up (nothing learned since the last
+    checkpoint, so nothing to save) a SIGTERM raises ``Preempted`` at once; after ``defer()`` (the step
+    loop) it only sets ``raised``, and the loop checkpoints and stops after the current step. Loader worker
+    processes (which inherit the handler) ignore it: the main process stops them."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run, self.raised, self.deferred, self.pid = run, False, False, os.getpid()
+
+    def __enter__(self) -> _Sigterm:
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
-    def _set(self, *_: Any) -> None:
+    def _handle(self, *_: Any) -> None:
+        if os.getpid() != self.pid:
+            return
         self.raised = True
+        if not self.deferred:
+            self._stop()
+
+    def _stop(self) -> None:
+        checkpoint = self.run.latest_checkpoint()
+        step = (self.run.checkpoint_step(checkpoint) or 0) if checkpoint else 0
+        raise Preempted(preempted_message(step, checkpoint, starting=True))
+
+    def defer(self) -> None:
+        """From here on a SIGTERM only sets ``raised`` (one that came before stops the run now)."""
+        self.deferred = True
+        if self.raised:
+            self._stop()
 
     def __exit__(self, *_: Any) -> None:
         signal.signal(signal.SIGTERM, self.previous)
 
 
+def preempted_message(step: int, checkpoint: Path | None, *, starting: bool = False) -> str:
+    """``preempted at step N; checkpoint RUN/checkpoint-00000N.pt; rerun the same command to resume``."""
+    when = f"at step {step}" + (" while starting" if starting else "")
+    saved = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint yet"
+    return f"preempted {when}; {saved}; rerun the same command to resume"
+
+
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) the run ``cfg`` describes; return the last metrics line."""
-    where, run = place(cfg), RunDir(cfg.run_dir)
-    resuming = _prepare_run_dir(run, cfg, where)
-    state = build_state(cfg, where.device)
-    if resuming:
-        state.load_state_dict(run.load_checkpoint(where.device))
-    urls = expand_urls(cfg.data)
-    reference = open_reference(cfg, urls)  # validates every sidecar before training
-    cost = measure_step_flops(cfg, state.model)
-    transform, tokenize = image_transform(cfg.model), tokenizer(cfg.model)
-    batches = resume_batches(open_stream(cfg, urls, transform, where), cfg, state.counters.step)
-    evaluator = Evaluator(cfg, where, transform, tokenize)
-    out, last, started = RunOutputs(run, cfg, where, state.counters.step, progress), {}, time.perf_counter()
-    try:
-        with _SigtermFlag() as sigterm:
+    """Train (or resume) the run ``cfg`` describes; return the last metrics line. Raises ``Preempted``,
+    ``TrainingDiverged`` or ``CheckpointWriteError`` (see the module docstring)."""
+    run = RunDir(cfg.run_dir)
+    with _Sigterm(run) as sigterm:  # first of all: a SIGTERM while starting stops the run at once
+        where = place(cfg)
+        state = _start_state(run, cfg, where)
+        urls = expand_urls(cfg.data)
+        reference = open_reference(cfg, urls)  # validates every sidecar before training
+        _check_reference(run, reference, where, resuming=state.counters.step > 0)
+        cost = measure_step_flops(cfg, state.model)
+        transform, tokenize = image_transform(cfg.model), tokenizer(cfg.model)
+        batches = resume_batches(open_stream(cfg, urls, transform, where), cfg, state.counters.step)
+        evaluator = Evaluator(cfg, where, transform, tokenize)
+        out = RunOutputs(run, cfg, where, state.counters.step, progress)
+        try:
             if state.counters.step == 0 and evaluator.due(0):
                 evaluator(state.model, state.counters, out)  # the untrained model: where every curve starts
-            while state.counters.step < cfg.steps:
-                batch = next(batches)
-                result, grad_norm, lr = learn(
-                    state, to_device(batch, tokenize, reference, where.device), cfg, where
-                )
-                state.counters.add_step(result, cost, batch.skipped)
-                out.bar.update(1)
-                step = state.counters.step
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    last = _train_line(state.counters, result, grad_norm, lr, started)
-                    out.log(last)
-                    out.bar.set_postfix(loss=f"{last['loss']:.3f}")
-                if evaluator.due(step):
-                    evaluator(state.model, state.counters, out)
-                stop = where.any_rank(sigterm.raised) or (
-                    cfg.stop_after is not None and step >= cfg.stop_after
-                )
-                if step % cfg.checkpoint_every == 0 or stop:
-                    out.save(state)
-                if stop:
-                    break
-        if state.counters.step >= cfg.steps:
-            out.save(state, final=True)
-    finally:
-        out.close()
-    return last
+            sigterm.defer()
+            steps = _Steps(
+                cfg, where, state, out, evaluator, sigterm, cost, DivergenceGuard(cfg.max_bad_steps)
+            )
+            return steps.run(batches, lambda batch: to_device(batch, tokenize, reference, where.device))
+        finally:
+            out.close()
 
 
-def _train_line(counters: Counters, out: StepOutput, grad_norm: float, lr: float, started: float) -> dict:
-    """A metrics line for a logged training step."""
+@dataclass
+class _Steps:
+    """The step loop of ``train``: learn, count, log, evaluate, checkpoint, stop."""
+
+    cfg: TrainConfig
+    where: Placement
+    state: TrainState
+    out: RunOutputs
+    evaluator: Evaluator
+    sigterm: _Sigterm
+    cost: StepFlops
+    guard: DivergenceGuard
+
+    def run(
+        self, batches: Iterator[SuperBatch], on_device: Callable[[SuperBatch], SuperBatchTensors]
+    ) -> dict[str, Any]:
+        """Steps until ``cfg.steps`` (final weights written) or ``stop_after``; the last metrics line."""
+        cfg, state, out, last, started = self.cfg, self.state, self.out, {}, time.perf_counter()
+        while state.counters.step < cfg.steps:
+            batch = next(batches)
+            learned = learn(state, on_device(batch), cfg, self.where)
+            self._count(learned, batch.skipped)
+            out.bar.update(1)
+            step = state.counters.step
+            if step % cfg.log_every == 0 or step == cfg.steps or learned.bad:
+                last = _train_line(state.counters, learned, started)
+                out.log(last)
+                out.bar.set_postfix(loss="-" if last["loss"] is None else f"{last['loss']:.3f}")
+            self.guard.update(step, learned.bad, out)
+            if self.evaluator.due(step):
+                self.evaluator(state.model, state.counters, out)
+            preempted = self.where.any_rank(self.sigterm.raised)
+            stop = preempted or (cfg.stop_after is not None and step >= cfg.stop_after)
+            if (step % cfg.checkpoint_every == 0 or stop) and self.guard.streak == 0:
+                out.save(state)  # never in a run of bad steps: the last good checkpoint stays
+            if preempted:
+                raise Preempted(preempted_message(step, out.checkpoint))
+            if stop:
+                return last
+        out.save(state, final=True)
+        return last
+
+    def _count(self, learned: Learned, skipped: dict[str, int]) -> None:
+        if learned.bad is None:
+            self.state.counters.add_step(learned.output, self.cost, skipped)
+        else:
+            self.state.counters.skip_update(skipped)
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _train_line(counters: Counters, learned: Learned, started: float) -> dict:
+    """A metrics line for a logged training step (non-finite loss / gradient norm: null)."""
+    out = learned.output
     return {
         **counters.fields(),
-        "loss": out.loss.item(),
-        "lr": lr,
-        "grad_norm": grad_norm,
-        "selected_score": out.selected_score,
+        "loss": _finite(out.loss.item()) if out is not None else None,
+        "lr": learned.lr,
+        "grad_norm": _finite(learned.grad_norm),
+        "selected_score": out.selected_score if out is not None and learned.bad is None else None,
         "samples_skipped": sum(counters.skipped.values()),
+        **{f"skipped/{reason}": n for reason, n in sorted(counters.skipped.items())},
+        "skipped_updates": counters.skipped_updates,
         "wall_s": time.perf_counter() - started,
     }

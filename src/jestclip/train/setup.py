@@ -88,7 +88,9 @@ def place(cfg: TrainConfig) -> Placement:
 
 @dataclass
 class Counters:
-    """Where a run is, in steps, examples and FLOPs (split per appendix A.4); this rank's skipped samples."""
+    """Where a run is, in steps, examples and FLOPs (split per appendix A.4); this rank's skipped samples by
+    reason; the steps whose update was skipped (non-finite loss or gradients: they learn nothing and count
+    no examples or FLOPs)."""
 
     step: int = 0
     examples_learned: int = 0
@@ -97,6 +99,7 @@ class Counters:
     flops_score: float = 0.0
     flops_reference: float = 0.0
     skipped: dict[str, int] = field(default_factory=dict)
+    skipped_updates: int = 0
 
     @property
     def flops_total(self) -> float:
@@ -109,6 +112,12 @@ class Counters:
         self.flops_train += cost.train
         self.flops_score += cost.score
         self.flops_reference += cost.reference
+        self.skipped = dict(Counter(self.skipped) + Counter(skipped))
+
+    def skip_update(self, skipped: dict[str, int]) -> None:
+        """A step whose update was skipped: its data was read (its samples skipped) but nothing learned."""
+        self.step += 1
+        self.skipped_updates += 1
         self.skipped = dict(Counter(self.skipped) + Counter(skipped))
 
     def fields(self) -> dict[str, Any]:
@@ -174,14 +183,15 @@ def build_state(cfg: TrainConfig, device: torch.device) -> TrainState:
 
 def open_reference(cfg: TrainConfig, urls: list[str]) -> ReferenceCache | None:
     """The cached reference embeddings of the training shards when the method needs them (checked up front:
-    a ValueError names a missing or stale sidecar), else None."""
+    a ValueError names a missing or stale sidecar, or a model other than ``cfg.reference_fingerprint``),
+    else None."""
     if not cfg.method.description.needs_reference(cfg.method.scoring):
         return None
     if cfg.reference_cache is None:
         raise ValueError(
             f"method {cfg.method.method!r} with scoring {cfg.method.scoring!r} needs reference_cache"
         )
-    return ReferenceCache(urls, name=cfg.reference_cache)
+    return ReferenceCache(urls, name=cfg.reference_cache, fingerprint=cfg.reference_fingerprint)
 
 
 def measure_step_flops(cfg: TrainConfig, model: nn.Module) -> StepFlops:
@@ -235,5 +245,5 @@ def to_device(
     return SuperBatchTensors(
         images=batch.images.to(device, non_blocking=True),
         tokens=tokenize(batch.texts).to(device),
-        reference=reference.lookup(batch.keys, device=device) if reference is not None else None,
+        reference=reference.lookup(batch.keys, batch.urls, device=device) if reference is not None else None,
     )

@@ -1,0 +1,414 @@
+"""A run survives what a week of training brings: divergence, full disks, corrupt checkpoints, SIGTERM at any
+moment, a moved run directory, a re-cached reference; tiny runs on generated shards."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import jestclip.train.loop as loop
+from jestclip.data.refcache import cache_reference
+from jestclip.models import (
+    create_model,
+    image_transform,
+    model_fingerprint,
+    reference_embedder,
+    reference_logits,
+    tokenizer,
+)
+from jestclip.train.loop import CheckpointWriteError, Preempted, TrainingDiverged, train
+from jestclip.train.optim import OptimConfig
+from jestclip.train.rundir import NonFiniteStateError, RunDir, atomic_save
+
+from ..data.test_loader import image, make_shards
+from .test_loop import cached_shards, config
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    return cached_shards(tmp_path_factory.mktemp("shards"), 2, 12)
+
+
+def metrics(run_dir: str | Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def finite(state) -> bool:
+    tensors = [t for t in state["model"].values() if t.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+# --- divergence -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["iid", "jest"])
+def test_a_diverging_run_stops_and_names_the_last_good_checkpoint(tmp_path, shards, method):
+    cfg = config(
+        tmp_path / method,
+        shards,
+        method,
+        steps=30,
+        checkpoint_every=1,
+        max_bad_steps=3,
+        optim=OptimConfig(lr=1e6),
+    )
+    with pytest.raises(TrainingDiverged) as caught:
+        train(cfg, progress=False)
+    message = str(caught.value)
+    found = re.fullmatch(
+        r"training diverged: (.+) at steps (\d+)-(\d+) \(3 in a row, max_bad_steps=3\); "
+        r"last good checkpoint: (\S+) \(step (\d+)\)",
+        message,
+    )
+    assert found, message
+    first, last, good = int(found[2]), int(found[3]), int(found[5])
+    assert last == first + 2 and good == first - 1
+    run = RunDir(cfg.run_dir)
+    assert found[4] == str(run.checkpoint_path(good)) and run.latest_checkpoint() == run.checkpoint_path(good)
+    assert finite(torch.load(found[4], weights_only=True)) and not run.model_file.exists()
+    bad = [x for x in metrics(cfg.run_dir) if x["step"] >= first]
+    assert [x["skipped_updates"] for x in bad] == [1, 2, 3] and all(x["loss"] is None for x in bad)
+
+
+def test_transient_non_finite_steps_skip_their_updates_and_the_run_goes_on(
+    tmp_path, shards, monkeypatch, capsys
+):
+    steps = iter(range(1, 100))
+
+    def bad_steps_2_and_4(*args, **kw):
+        out = run_step(*args, **kw)
+        step = next(steps)
+        if step == 2:
+            out.loss = out.loss + float("inf")  # the loss alone: its gradients stay finite
+        if step == 4:
+            out.loss.register_hook(lambda grad: grad * float("nan"))  # the gradients alone
+        return out
+
+    run_step = loop.run_step
+    monkeypatch.setattr(loop, "run_step", bad_steps_2_and_4)
+    cfg = config(tmp_path / "run", shards, "iid", steps=5, max_bad_steps=2)
+    last = train(cfg, progress=False)
+    assert last["skipped_updates"] == 2 and last["step"] == 5
+    lines = metrics(cfg.run_dir)
+    assert [(x["loss"] is None, x["grad_norm"] is None) for x in lines[1::2]] == [
+        (True, False),
+        (False, True),
+    ]
+    assert lines[1]["examples_learned"] == lines[0]["examples_learned"]  # nothing learned on a skipped step
+    err = capsys.readouterr().err
+    assert "step 2: non-finite loss; update skipped (1 in a row" in err
+    assert "step 4: non-finite gradient norm; update skipped (1 in a row" in err  # not in a row: no stop
+    state = torch.load(RunDir(cfg.run_dir).latest_checkpoint(), weights_only=True)
+    adam_steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert adam_steps == {3.0} and state["scheduler"]["last_epoch"] == 5  # 3 updates, the schedule went on
+    assert state["counters"]["skipped_updates"] == 2
+
+
+def test_non_finite_weights_are_never_written(tmp_path, shards, monkeypatch):
+    def poison_after_step_2(state, *args, **kw):
+        learned = learn(state, *args, **kw)
+        if state.counters.step == 1:  # the second step (counted after learn returns)
+            with torch.no_grad():
+                state.model.visual.conv1.weight.fill_(float("inf"))
+        return learned
+
+    learn = loop.learn
+    monkeypatch.setattr(loop, "learn", poison_after_step_2)
+    cfg = config(tmp_path / "run", shards, "iid", steps=5, checkpoint_every=1)
+    run = RunDir(cfg.run_dir)
+    with pytest.raises(
+        TrainingDiverged, match=r"refusing to write .*checkpoint-000002\.pt: model\.visual\.conv1"
+    ):
+        train(cfg, progress=False)
+    assert run.checkpoints() == [run.checkpoint_path(1)] and not list(run.path.glob("*.tmp"))
+    with pytest.raises(NonFiniteStateError, match="weight holds non-finite values"):
+        run.save_weights({"weight": torch.tensor([1.0, float("nan")])})
+    assert not run.model_file.exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "reason"), [("iid", "non-finite loss"), ("jest", "non-finite learner embeddings")]
+)
+def test_weights_whose_forward_overflows_are_bad_steps(tmp_path, shards, monkeypatch, method, reason):
+    def huge_after_step_2(state, *args, **kw):
+        learned = learn(state, *args, **kw)
+        if state.counters.step == 1:
+            with torch.no_grad():
+                state.model.visual.conv1.weight.fill_(1e38)  # finite, but the forward overflows
+        return learned
+
+    learn = loop.learn
+    monkeypatch.setattr(loop, "learn", huge_after_step_2)
+    cfg = config(tmp_path / "run", shards, method, steps=8, max_bad_steps=3)
+    with pytest.raises(TrainingDiverged, match=f"^training diverged: {reason} at steps 3-5 "):
+        train(cfg, progress=False)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+
+
+def test_atomic_save_flushes_the_file_and_its_directory(tmp_path, monkeypatch):
+    synced: list[bool] = []  # per fsync: whether it was a directory
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_save({"x": torch.ones(2)}, tmp_path / "a.pt")
+    assert synced == [False, True]  # the file before the rename, the directory after it
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["x"], torch.ones(2))
+
+
+def test_the_newest_checkpoints_are_kept_and_read_through_rundir(tmp_path, shards):
+    cfg = config(
+        tmp_path / "run", shards, "iid", steps=5, stop_after=4, checkpoint_every=1, keep_checkpoints=2
+    )
+    train(cfg, progress=False)
+    run = RunDir(cfg.run_dir)
+    assert [p.name for p in run.checkpoints()] == ["checkpoint-000004.pt", "checkpoint-000003.pt"]
+    assert run.weights() == run.latest_checkpoint() == run.checkpoint_path(4)
+    assert run.load_checkpoint(torch.device("cpu"))["counters"]["step"] == 4
+    train(dataclasses.replace(cfg, stop_after=None, keep_checkpoints=1), progress=False)  # resumable change
+    assert run.checkpoints() == [run.checkpoint_path(5)] and run.weights() == run.model_file
+
+
+def test_a_run_directory_from_before_numbered_checkpoints_still_reads(tmp_path):
+    run = RunDir(tmp_path)
+    torch.save({"counters": {"step": 7}}, tmp_path / "checkpoint.pt")
+    assert run.latest_checkpoint() == run.weights() == tmp_path / "checkpoint.pt"
+    run.save_checkpoint({"counters": {"step": 8}}, keep=2)
+    assert run.checkpoints() == [run.checkpoint_path(8), tmp_path / "checkpoint.pt"]
+    run.save_checkpoint({"counters": {"step": 9}}, keep=2)
+    assert run.checkpoints() == [run.checkpoint_path(9), run.checkpoint_path(8)]
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, shards):
+    whole = config(tmp_path / "whole", shards, "iid", steps=5)
+    train(whole, progress=False)
+    cfg = config(tmp_path / "run", shards, "iid", steps=5, stop_after=4, checkpoint_every=2)
+    train(cfg, progress=False)
+    run = RunDir(cfg.run_dir)
+    newest = run.checkpoint_path(4)
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    with (run.metrics_file).open("a") as f:
+        f.write('{"step": 5, "lo')  # a line cut short by a kill
+    with (
+        pytest.warns(RuntimeWarning, match=rf"checkpoint {re.escape(str(newest))} does not load .*step 2\)"),
+        pytest.warns(UserWarning, match=r"metrics.jsonl:5: dropped a line that is not a metrics line"),
+    ):
+        train(dataclasses.replace(cfg, stop_after=None), progress=False)
+    assert newest.with_name(newest.name + ".corrupt").exists()
+    a = torch.load(Path(whole.run_dir) / "model.pt", weights_only=True)
+    b = torch.load(run.model_file, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed exactly from step 2
+    assert [x["step"] for x in metrics(cfg.run_dir)] == [1, 2, 3, 4, 5]  # each step once
+
+
+@pytest.mark.parametrize("failing", ["torch.save", "os.replace"])
+def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_the_run(tmp_path, shards, monkeypatch, failing):
+    import jestclip.train.rundir as rundir
+
+    calls = iter(range(100))
+    real_save, real_replace = torch.save, os.replace
+
+    def full_save(obj, f, *args, **kw):
+        if next(calls) == 0:
+            return real_save(obj, f, *args, **kw)
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_replace(src, dst):
+        if str(src).endswith(".pt.tmp") and next(calls) > 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+
+    if failing == "torch.save":
+        monkeypatch.setattr(rundir.torch, "save", full_save)
+    else:
+        monkeypatch.setattr(rundir.os, "replace", full_replace)
+    cfg = config(tmp_path / "run", shards, "iid", steps=5, checkpoint_every=2)
+    run = RunDir(cfg.run_dir)
+    expected = (
+        f"checkpoint: no space left on device writing {run.checkpoint_path(4)}; "
+        f"previous checkpoint {run.checkpoint_path(2)} (step 2) kept"
+    )
+    with pytest.raises(CheckpointWriteError, match=f"^{re.escape(expected)}$"):
+        train(cfg, progress=False)
+    assert run.checkpoints() == [run.checkpoint_path(2)] and not list(run.path.glob("*.tmp"))
+    assert torch.load(run.checkpoint_path(2), weights_only=True)["counters"]["step"] == 2
+    monkeypatch.undo()
+    assert train(cfg, progress=False)["step"] == 5  # space freed: the rerun resumes from step 2
+
+
+def test_leftover_tmp_files_are_removed_when_a_run_starts(tmp_path, shards):
+    cfg = config(tmp_path / "run", shards, "iid", steps=1)
+    Path(cfg.run_dir).mkdir()
+    for name in ("checkpoint-000002.pt.tmp", "config.json.tmp"):
+        (Path(cfg.run_dir) / name).write_bytes(b"half a file")
+    train(cfg, progress=False)
+    assert not list(Path(cfg.run_dir).glob("*.tmp"))
+
+
+# --- signals, resume hygiene ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sigterm_guard():
+    """A SIGTERM that train() does not handle fails the test instead of killing pytest."""
+
+    def unhandled(*_):
+        raise AssertionError("SIGTERM reached the test's handler: train() did not handle it")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def sigterm_during(monkeypatch, name: str) -> list[str]:
+    """Send this process SIGTERM when ``loop.NAME`` is called, then call it; the list says whether it ran."""
+    real, ran = getattr(loop, name), []
+
+    def with_sigterm(*args, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        ran.append(name)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(loop, name, with_sigterm)
+    return ran
+
+
+@pytest.mark.parametrize("during", ["open_reference", "Evaluator"])
+def test_sigterm_while_starting_stops_at_once(tmp_path, shards, monkeypatch, sigterm_guard, during):
+    from ..eval.test_evaluate import make_suite
+
+    make_suite(tmp_path / "bench" / "eval", "toy", per_class=3)
+    cfg = config(tmp_path / "run", shards, "jest", steps=5, eval_data=str(tmp_path / "bench"))
+    ran = []
+    if during == "Evaluator":
+        monkeypatch.setattr(
+            loop.Evaluator, "due", lambda self, step: not os.kill(os.getpid(), signal.SIGTERM)
+        )
+        monkeypatch.setattr(loop, "evaluate", lambda *args, **kw: ran.append("evaluate"))
+    else:
+        ran = sigterm_during(monkeypatch, during)
+    with pytest.raises(
+        Preempted, match=r"^preempted at step 0 while starting; no checkpoint yet; rerun the same"
+    ):
+        train(cfg, progress=False)
+    assert ran == []  # stopped at once: what was starting did not go on
+    run = RunDir(cfg.run_dir)
+    assert run.checkpoints() == [] and not (run.metrics_file.exists() and run.metrics_file.read_text())
+
+
+def test_sigterm_checkpoints_and_raises_preempted_and_a_rerun_resumes(
+    tmp_path, shards, monkeypatch, sigterm_guard
+):
+    def sigterm_at_step_2(state, *args, **kw):
+        if state.counters.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return learn(state, *args, **kw)
+
+    learn = loop.learn
+    monkeypatch.setattr(loop, "learn", sigterm_at_step_2)
+    cfg = config(tmp_path / "run", shards, "iid", steps=4)
+    run = RunDir(cfg.run_dir)
+    expected = f"preempted at step 2; checkpoint {run.checkpoint_path(2)}; rerun the same command to resume"
+    with pytest.raises(Preempted, match=f"^{re.escape(expected)}$"):
+        train(cfg, progress=False)
+    assert not run.model_file.exists()
+    monkeypatch.undo()
+    sigterm_during(monkeypatch, "open_reference")  # preempted again while resuming: nothing new to save
+    with pytest.raises(
+        Preempted, match=re.escape(f"at step 2 while starting; checkpoint {run.checkpoint_path(2)}")
+    ):
+        train(cfg, progress=False)
+    monkeypatch.undo()
+    assert train(cfg, progress=False)["step"] == 4
+    assert [x["step"] for x in metrics(cfg.run_dir)] == [1, 2, 3, 4]
+
+
+def test_a_moved_run_directory_resumes(tmp_path, shards):
+    cfg = config(tmp_path / "old", shards, "iid", steps=4, stop_after=2)
+    train(cfg, progress=False)
+    shutil.move(cfg.run_dir, tmp_path / "new")
+    moved = dataclasses.replace(cfg, run_dir=str(tmp_path / "new"), stop_after=None, max_bad_steps=5)
+    assert train(moved, progress=False)["step"] == 4
+    assert [x["step"] for x in metrics(moved.run_dir)] == [1, 2, 3, 4]
+    assert RunDir(moved.run_dir).read_config()["run_dir"] == moved.run_dir
+
+
+# --- metrics --------------------------------------------------------------------------------------------
+
+
+def test_the_metrics_line_counts_skipped_samples_per_reason(tmp_path):
+    (url,) = make_shards(tmp_path / "shards", 1, 6)
+    with tarfile.open(url) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    bad = [("badimg.png", b"not a png"), ("badimg.txt", b"caption"), ("notext.png", image(1))]
+    with tarfile.open(url, "w") as tar:  # the bad samples first: counted in the first super-batch
+        for name, data in bad + members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    cfg = config(tmp_path / "run", [url], "iid", steps=3, reference_cache=None)
+    last = train(cfg, progress=False)
+    reasons = {k: v for k, v in last.items() if k.startswith("skipped/")}
+    assert reasons.get("skipped/bad_image", 0) >= 1 and reasons.get("skipped/missing_text", 0) >= 1
+    assert last["samples_skipped"] == sum(reasons.values()) and last["skipped_updates"] == 0
+
+
+# --- the reference cache ---------------------------------------------------------------------------------
+
+
+def recache(urls: list[str], seed: int) -> str:
+    """Cache a micro reference model made with ``seed`` for ``urls``; its fingerprint."""
+    torch.manual_seed(seed)
+    reference = create_model("jest-micro")
+    scale, bias = reference_logits(reference)
+    fingerprint = model_fingerprint(reference)
+    cache_reference(
+        reference_embedder(reference, tokenizer("jest-micro")),
+        urls,
+        model_name="jest-micro",
+        fingerprint=fingerprint,
+        scale=scale,
+        bias=bias,
+        transform=image_transform("jest-micro"),
+    )
+    return fingerprint
+
+
+def test_resume_refuses_a_reference_cache_of_another_model(tmp_path):
+    urls = make_shards(tmp_path / "shards", 1, 12)
+    trained_with = recache(urls, seed=1)
+    cfg = config(tmp_path / "run", urls, "jest", steps=3, stop_after=1)
+    with pytest.raises(ValueError, match=f"not the expected {'0' * 40}"):
+        train(dataclasses.replace(cfg, reference_fingerprint="0" * 40), progress=False)
+    train(cfg, progress=False)
+    assert RunDir(cfg.run_dir).read_reference()["fingerprint"] == trained_with
+    now = recache(urls, seed=2)
+    expected = (
+        f"reference cache 'reference' now holds model jest-micro ({now[:12]})'s embeddings but this run "
+        f"was trained with model jest-micro ({trained_with[:12]})'s; re-cache with jest-micro or start a "
+        "new run_dir"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        train(dataclasses.replace(cfg, stop_after=None), progress=False)
+    recache(urls, seed=1)
+    assert train(
+        dataclasses.replace(cfg, stop_after=None, reference_fingerprint=trained_with), progress=False
+    )
