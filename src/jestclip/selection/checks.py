@@ -78,7 +78,10 @@ def check_generator(generator: torch.Generator | None, device: torch.device, cal
 
 def check_indices(indices: Tensor, n: int, device: torch.device, name: str, caller: str) -> Tensor:
     """Validate a 1-D tensor of distinct candidate indices in ``[0, n)``."""
-    if not isinstance(indices, Tensor) or indices.ndim != 1 or indices.is_floating_point():
+    integer = isinstance(indices, Tensor) and not (
+        indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool
+    )
+    if not integer or indices.ndim != 1:  # a bool mask is not a list of indices
         raise ValueError(f"{caller}: {name} must be a 1-D integer tensor of candidate indices")
     if indices.device != device:
         raise ValueError(f"{caller}: {name} is on {indices.device} but the embeddings are on {device}")

@@ -44,6 +44,12 @@ def conditional_scores(
     """
     inputs = resolve_inputs(learner, reference, scoring, loss, caller="conditional_scores")
     selected = check_indices(selected, inputs.n, inputs.device, "selected", "conditional_scores")
+    unusable = selected[~inputs.usable[selected]]
+    if unusable.numel():
+        raise ValueError(
+            f"conditional_scores: selected candidates {unusable[:8].tolist()} have non-finite embeddings "
+            "(they would turn every score into nan)"
+        )
     state = ConditionalScores(inputs, loss)
     state.absorb_indices(selected)
     scores = state.conditional()
