@@ -1,0 +1,108 @@
+"""Smoke tests of the measuring scripts benchmarks/loader.py and benchmarks/gpu.py in their tiny CPU modes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "benchmarks" / name), *args]
+    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    """Cells of the markdown rows whose first cell starts with ``first_cell``."""
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")
+    ]
+    return [r for r in rows if r[0].startswith(first_cell)]
+
+
+def number(cell: str) -> float:
+    return float(re.match(r"[\d,.]+", cell).group(0).replace(",", ""))
+
+
+def test_loader_script_quick_measures_workers_and_decoding(tmp_path):
+    done = run_script("loader.py", "--quick", "--jpeg-dir", str(tmp_path / "jpeg"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert len(list((tmp_path / "jpeg").glob("*.tar"))) == 2  # 96 generated JPEGs, 48 per shard
+    rows = table_rows(out, "generated 256-px JPEG")
+    assert [r[2].split(" ")[0] for r in rows][-1] == "1" and rows[0][2].startswith("0 (main process")
+    assert all(number(r[3]) > 0 and r[1] == "ViT-B-16 (224 px)" for r in rows)
+    per_worker = number(rows[-1][4])  # the 1-worker row feeds the estimate
+    iid = table_rows(out, "IID")[0]
+    assert iid[2] == "512" and number(iid[5]) == pytest.approx(3072 / per_worker, abs=0.06)
+    jest = [r for r in table_rows(out, "JEST") if r[1] in ("0.8", "0.9")]
+    assert [r[2] for r in jest] == ["2,560", "5,120"]
+    assert "replace them with the step times benchmarks/gpu.py measures" in out
+    draft = table_rows(out, "256 px")[0]
+    assert draft[3].endswith("(1x)") and number(draft[5]) > 0  # 256 px -> 224: no smaller scale fits
+    assert ("skipped, no CUDA" in out) != torch.cuda.is_available()
+
+
+def test_draft_decode_uses_a_smaller_scale_for_large_jpegs():
+    loader = load_script("loader")
+    import numpy as np
+
+    blob = loader.jpeg_bytes(loader.natural_image(np.random.default_rng(0), 1024))
+    assert loader.decode_full(blob, 224).size == (1024, 1024)
+    assert loader.decode_draft(blob, 224).size == (256, 256)  # 1/4 scale still covers 224
+
+
+def test_gpu_script_tiny_cpu_prints_and_writes_every_table(tmp_path):
+    tests = tmp_path / "fake_tests"
+    tests.mkdir()
+    fake = "import pytest\n\ndef test_on_cuda():\n    pass\n\ndef test_cuda_skip():\n    pytest.skip('no')\n"
+    (tests / "test_fake.py").write_text(fake + "\ndef test_other():\n    pass\n")
+    out_file = tmp_path / "report" / "gpu.md"
+    args = ["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "0", "--select-sizes", "256,512"]
+    done = run_script("gpu.py", *args, "--out", str(out_file), "--pytest-path", str(tests))
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = out_file.read_text()
+    assert report.strip() in done.stdout
+    assert re.search(r"^### CPU .* — \d{4}-\d\d-\d\d$", report, re.M)
+    assert "1 passed, 1 skipped, 1 deselected" in report and "(exit status 0)" in report
+    steps = {r[0]: r for r in table_rows(report, "") if r[0] in ("iid", "jest", "flexi-jest")}
+    assert [steps[m][1] for m in ("iid", "jest", "flexi-jest")] == ["8", "40", "40"]
+    assert number(steps["iid"][2]) > 0 and steps["iid"][3] == "1.00x" and "<= 2.5x" in steps["jest"][4]
+    parts = table_rows(report, "")
+    for part in ("scoring forward", "selection", "batch score", "learning (forward, backward, AdamW)"):
+        row = next(r for r in parts if r[0] == part)
+        assert number(row[1]) > 0 and "`aten::" in row[4]
+    assert [r[1] for r in table_rows(report, "256")] == ["51"] and table_rows(report, "512")[0][1] == "102"
+
+
+def test_profile_time_goes_to_the_range_it_ran_in():
+    gpu = load_script("gpu")
+    x = torch.randn(256, 256)
+    pieces = [("scoring forward", lambda: x @ x), ("selection", lambda: torch.sqrt(x.abs()))]
+    ops = gpu.profile_pieces(pieces, torch.device("cpu"), steps=2)
+    assert "aten::mm" in ops["scoring forward"] and "aten::mm" not in ops["selection"]
+    assert "aten::sqrt" in ops["selection"] and "aten::sqrt" not in ops["scoring forward"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_gpu_script_without_cuda_says_so_in_one_line():
+    done = run_script("gpu.py", "--pytest-path", "tests/test_benchmarks.py")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("--device cuda: CUDA is not available")
