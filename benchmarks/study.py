@@ -1,0 +1,113 @@
+"""The evidence study (docs/results.md): train its runs, keep their logs in results/, write the report.
+
+Every run is `configs/study.py` plus the overrides below, trained under runs/study/NAME (weights stay there)
+with its config.json and metrics.jsonl copied to results/study/NAME when it finishes. The reference is the
+study's IID learner trained on `curated` (run `reference`, which is also "IID on curated, seed 0"); its
+embeddings of the pool are cached as `study-reference` before any run that scores with it.
+
+    python benchmarks/study.py headline            # IID and JEST f = 0.8, seed 0 (+ the reference, cache)
+    python benchmarks/study.py all                 # every run, then results/study/report
+    python benchmarks/study.py jest-f09 hard-learner
+    python benchmarks/study.py --list              # names and the exact command of each run
+
+Finished runs are skipped and interrupted ones resume, so the command can be repeated until it is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "configs/study.py"
+CACHE = "study-reference"
+JEST = ["method.method=jest", f"reference_cache={CACHE}"]
+
+# run name -> overrides of configs/study.py (run_dir and seed are added from the name)
+RUNS: dict[str, list[str]] = {
+    "reference": ["data=data/bench/curated"],
+    **{f"iid-s{s}": [] for s in range(3)},
+    **{f"jest-f08-s{s}": [*JEST, "filter_ratio=0.8"] for s in range(3)},
+    "jest-f05-s0": [*JEST, "filter_ratio=0.5"],
+    "jest-f09-s0": [*JEST, "filter_ratio=0.9"],
+    "easy-reference-f08-s0": [*JEST, "filter_ratio=0.8", "method.scoring=easy_reference"],
+    "hard-learner-f08-s0": [*JEST, "filter_ratio=0.8", "method.scoring=hard_learner"],
+    "independent-f08-s0": ["method.method=independent", f"reference_cache={CACHE}", "filter_ratio=0.8"],
+    "independent-f09-s0": ["method.method=independent", f"reference_cache={CACHE}", "filter_ratio=0.9"],
+    "flexi-jest-f08-s0": [
+        "method.method=flexi-jest",
+        f"reference_cache={CACHE}",
+        "filter_ratio=0.8",
+        "method.approx=flexi",
+        "method.approx_fraction=0.5",
+    ],
+}
+SETS = {"headline": ["reference", "iid-s0", "jest-f08-s0"], "all": list(RUNS)}
+NEEDS_CACHE = {name for name, overrides in RUNS.items() if f"reference_cache={CACHE}" in overrides}
+
+
+def command(name: str) -> list[str]:
+    """The exact `jestclip train` command of run ``name``."""
+    seed = name.rsplit("-s", 1)[1] if "-s" in name else "0"
+    return ["jestclip", "train", RECIPE, *RUNS[name], f"seed={seed}", f"run_dir=runs/study/{name}"]
+
+
+def cache_command() -> list[str]:
+    return [
+        "jestclip",
+        "cache-reference",
+        "data/bench/pool",
+        "--model",
+        "jest-micro",
+        "--checkpoint",
+        "runs/study/reference/model.pt",
+        "--name",
+        CACHE,
+    ]
+
+
+def run(argv: list[str]) -> None:
+    print("$", " ".join(argv), flush=True)
+    exe = shutil.which(argv[0]) or str(Path(sys.executable).with_name(argv[0]))
+    started = time.perf_counter()
+    subprocess.run([exe, *argv[1:]], cwd=ROOT, check=True)
+    print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def keep_logs(name: str) -> None:
+    """Copy a finished run's config.json and metrics.jsonl (no weights) to results/study/NAME."""
+    out = ROOT / "results" / "study" / name
+    out.mkdir(parents=True, exist_ok=True)
+    for file in ("config.json", "metrics.jsonl"):
+        shutil.copy2(ROOT / "runs" / "study" / name / file, out / file)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="*", default=["headline"], help=f"run names or {sorted(SETS)}")
+    parser.add_argument("--list", action="store_true", help="print every run's command and exit")
+    args = parser.parse_args()
+    if args.list:
+        for name in RUNS:
+            print(f"{name:24s} {' '.join(command(name))}")
+        return
+    names = [n for item in args.runs for n in SETS.get(item, [item])]
+    unknown = sorted(set(names) - set(RUNS))
+    if unknown:
+        raise SystemExit(f"study: unknown run(s) {unknown}; known: {list(RUNS)} or {sorted(SETS)}")
+    if set(names) & NEEDS_CACHE and "reference" not in names:
+        names.insert(0, "reference")
+    for name in dict.fromkeys(names):
+        if not (ROOT / "runs" / "study" / name / "model.pt").exists():
+            run(command(name))
+        keep_logs(name)
+        if name == "reference":
+            run(cache_command())  # reuses every sidecar already cached by these weights
+
+
+if __name__ == "__main__":
+    main()
