@@ -13,6 +13,8 @@ from jestclip.eval.evaluate import (
     flat_metrics,
     format_table,
     is_averaged,
+    suite_metrics,
+    zero_shot_classifiers,
 )
 from jestclip.eval.metrics import (
     balanced_accuracy,
@@ -40,6 +42,8 @@ __all__ = [
     "format_table",
     "is_averaged",
     "retrieval_recall",
+    "suite_metrics",
     "top1_accuracy",
+    "zero_shot_classifiers",
     "zeroshot_top1",
 ]

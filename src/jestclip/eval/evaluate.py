@@ -38,6 +38,8 @@ __all__ = [
     "flat_metrics",
     "format_table",
     "is_averaged",
+    "suite_metrics",
+    "zero_shot_classifiers",
 ]
 
 DEFAULT_SHOTS = 10
@@ -135,6 +137,62 @@ def encode_suite(
 
 
 @torch.no_grad()
+def zero_shot_classifiers(
+    model: nn.Module,
+    suite: EvalSuite,
+    *,
+    tokenize: Callable[[list[str]], Tensor],
+    device: str | torch.device = "cpu",
+) -> dict[str, Tensor]:
+    """``{field: [D, C] class embeddings}`` of the suite's zero-shot tasks (open_clip's classifier)."""
+    fields = [t.partition(":")[2] for t in suite.tasks if t.startswith("zeroshot:")]
+    with _autocast(torch.device(device)):
+        return {
+            f: build_zero_shot_classifier(
+                model, tokenize, suite.classes[f], suite.templates, device=device
+            ).float()
+            for f in fields
+        }
+
+
+def suite_metrics(
+    feats: SuiteFeatures,
+    suite: EvalSuite,
+    classifiers: dict[str, Tensor],
+    *,
+    shots: int = DEFAULT_SHOTS,
+    seed: int = 0,
+) -> dict[str, float]:
+    """``{task metric: value, "average": ...}`` of one suite from its encoded features (pure: no model)."""
+    out: dict[str, float] = {}
+    for task in suite.tasks:
+        kind, _, field = task.partition(":")
+        if kind == "retrieval":
+            recall = retrieval_recall(feats.image, feats.text, feats.concepts)
+            out.update({f"retrieval:{k}": v for k, v in recall.items()})
+            continue
+        labelled = feats.labels[field] >= 0
+        if not bool(labelled.any()):
+            raise ValueError(f"suite {suite.name!r}: no sample has a {field!r} label for task {task!r}")
+        image, label = feats.image[labelled], feats.labels[field][labelled]
+        if kind == "zeroshot":
+            predictions = zeroshot_predict(image, classifiers[field])
+            out[task] = top1_accuracy(predictions, label)
+            out[f"zeroshot_balanced:{field}"] = balanced_accuracy(predictions, label)
+            continue
+        try:
+            train, test = fewshot_split(label, shots=shots, seed=seed)
+        except ValueError as exn:  # too few examples per class in this suite (or under `limit`)
+            warnings.warn(f"suite {suite.name!r}: task {task!r} skipped: {exn}", stacklevel=2)
+            continue
+        predictions = fewshot_predict(image[train], label[train], image[test])
+        out[task] = top1_accuracy(predictions, label[test])
+        out[f"fewshot_balanced:{field}"] = balanced_accuracy(predictions, label[test])
+    averaged = [v for k, v in out.items() if is_averaged(k)]
+    out["average"] = sum(averaged) / len(averaged)
+    return out
+
+
 def evaluate_suite(
     model: nn.Module,
     suite: EvalSuite,
@@ -164,40 +222,10 @@ def evaluate_suite(
             num_workers=num_workers,
             progress=progress,
         )
-        out: dict[str, float] = {}
-        for task in suite.tasks:
-            kind, _, field = task.partition(":")
-            if kind == "retrieval":
-                recall = retrieval_recall(feats.image, feats.text, feats.concepts)
-                out.update({f"retrieval:{k}": v for k, v in recall.items()})
-                continue
-            labelled = feats.labels[field] >= 0
-            if not bool(labelled.any()):
-                raise ValueError(f"suite {suite.name!r}: no sample has a {field!r} label for task {task!r}")
-            image, label = feats.image[labelled], feats.labels[field][labelled]
-            if kind == "zeroshot":
-                with _autocast(torch.device(device)):
-                    weights = build_zero_shot_classifier(
-                        model, tokenize, suite.classes[field], suite.templates, device=device
-                    )
-                predictions = zeroshot_predict(image, weights.float())
-                out[task] = top1_accuracy(predictions, label)
-                out[f"zeroshot_balanced:{field}"] = balanced_accuracy(predictions, label)
-            else:
-                try:
-                    train, test = fewshot_split(label, shots=shots, seed=seed)
-                except ValueError as exn:  # too few examples per class in this suite (or under `limit`)
-                    warnings.warn(f"suite {suite.name!r}: task {task!r} skipped: {exn}", stacklevel=2)
-                    continue
-                predictions = fewshot_predict(image[train], label[train], image[test])
-                out[task] = top1_accuracy(predictions, label[test])
-                out[f"fewshot_balanced:{field}"] = balanced_accuracy(predictions, label[test])
+        classifiers = zero_shot_classifiers(model, suite, tokenize=tokenize, device=device)
     finally:
         model.train(was_training)
-    averaged = [v for k, v in out.items() if is_averaged(k)]
-    out["average"] = sum(averaged) / len(averaged)
-    out["samples"] = len(feats.keys)
-    return out
+    return {**suite_metrics(feats, suite, classifiers, shots=shots, seed=seed), "samples": len(feats.keys)}
 
 
 def evaluate(model: nn.Module, suites: list[EvalSuite], **kwargs: Any) -> dict[str, Any]:
