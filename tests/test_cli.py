@@ -280,3 +280,106 @@ def test_the_runs_own_exceptions_are_found_where_they_live():
 
     for name, status in RUN_EXITS.items():
         assert exit_status(getattr(loop, name)(f"{name} message")) == (status, f"{name} message")
+
+
+def _pretrained_standins(monkeypatch) -> dict:
+    """Stand-ins so that `cache-reference --pretrained TAG` downloads nothing: create_model gives jest-micro
+    behind full-size inputs, tokenizer gives jest-micro's; they and cache_reference (the real one, run after)
+    record what they receive. Returns the record."""
+    import torch
+    import torch.nn.functional as F
+
+    import jestclip.data.refcache as refcache
+    import jestclip.models as models
+
+    seen: dict = {"images": []}
+    micro, micro_tokenizer = models.create_model("jest-micro"), models.tokenizer("jest-micro")
+    real_cache_reference = refcache.cache_reference
+
+    class Standin(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.logit_scale, self.logit_bias = micro, micro.logit_scale, micro.logit_bias
+
+        def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+            seen["images"].append(images)
+            return self.inner.encode_image(F.interpolate(images, size=32))
+
+        def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.inner.encode_text(tokens)
+
+    def create_model(name, **kwargs):
+        seen["create_model"] = (name, kwargs["pretrained"])
+        return Standin()
+
+    def tokenizer(name, pretrained=None):
+        seen["tokenizer"] = (name, pretrained)
+        return micro_tokenizer
+
+    def cache_reference(*args, **kwargs):
+        seen["cache_reference"] = kwargs
+        return real_cache_reference(*args, **kwargs)
+
+    monkeypatch.setattr(models, "create_model", create_model)
+    monkeypatch.setattr(models, "tokenizer", tokenizer)
+    monkeypatch.setattr(refcache, "cache_reference", cache_reference)
+    return seen
+
+
+def test_cache_reference_pretrained_preprocesses_as_the_tag_was_trained(tmp_path, monkeypatch, capsys):
+    """--pretrained: SigLIP's webli weights see squashed 256-pixel images normalised with mean = std = 0.5
+    and the model's own tokenizer; the sidecars record the model as NAME@TAG."""
+    import json
+
+    import torch
+    from torchvision.transforms import CenterCrop, Normalize, Resize
+
+    from jestclip.data.refcache import sidecar_path
+
+    from .data.test_loader import make_shards
+
+    seen = _pretrained_standins(monkeypatch)
+    urls = make_shards(tmp_path, 1, 3)
+    argv = ["cache-reference", *urls, "--model", "ViT-B-16-SigLIP-256", "--pretrained", "webli"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert '"samples": 3' in capsys.readouterr().out
+    assert seen["create_model"] == seen["tokenizer"] == ("ViT-B-16-SigLIP-256", "webli")
+    steps = seen["cache_reference"]["transform"].transforms
+    assert isinstance(steps[0], Resize) and tuple(steps[0].size) == (256, 256)
+    assert not any(isinstance(step, CenterCrop) for step in steps)
+    assert isinstance(steps[-1], Normalize) and tuple(steps[-1].mean) == tuple(steps[-1].std) == (0.5,) * 3
+    images = torch.cat(seen["images"])
+    assert images.shape == (3, 3, 256, 256) and images.min() >= -1 and images.max() <= 1
+    assert json.loads(sidecar_path(urls[0], "reference").read_text())["model"] == "ViT-B-16-SigLIP-256@webli"
+
+
+def test_cache_reference_without_a_tag_keeps_the_learners_preprocessing(tmp_path, monkeypatch, capsys):
+    import json
+
+    from jestclip.data.refcache import sidecar_path
+    from jestclip.models import image_transform
+
+    from .data.test_loader import make_shards
+
+    seen = _pretrained_standins(monkeypatch)
+    urls = make_shards(tmp_path, 1, 2)
+    # the stand-in create_model ignores the checkpoint
+    argv = ["cache-reference", *urls, "--model", "jest-micro", "--checkpoint", str(tmp_path / "x.pt")]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert seen["tokenizer"] == ("jest-micro", None)
+    assert repr(seen["cache_reference"]["transform"]) == repr(image_transform("jest-micro"))
+    assert json.loads(sidecar_path(urls[0], "reference").read_text())["model"] == "jest-micro"
+
+
+def test_cache_reference_with_an_unknown_tag_downloads_nothing(tmp_path, monkeypatch, capsys):
+    import open_clip
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("open_clip.create_model called for an unknown tag")
+
+    monkeypatch.setattr(open_clip, "create_model", no_download)
+    status, lines = run_cli(
+        ["cache-reference", str(tmp_path), "--model", "ViT-B-32", "--pretrained", "nope"], capsys
+    )
+    assert status == 2 and len(lines) == 1
+    assert lines[0].startswith("jestclip cache-reference: unknown pretrained tag 'nope' for model 'ViT-B-32'")

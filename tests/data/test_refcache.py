@@ -416,3 +416,13 @@ def test_memory_maps_read_only_the_pages_asked_for(tmp_path, monkeypatch):
     assert advised == [(mmap.MADV_RANDOM, None)]
     reference.lookup(keys[10:90], [url] * 80)
     assert advised[1:] == [(mmap.MADV_WILLNEED, (10, 90))]
+
+
+def test_a_sidecar_of_the_same_weights_under_another_preprocessing_is_rewritten(tmp_path):
+    """`cache-reference --pretrained TAG` records the model as NAME@TAG: the same weights cached with other
+    preprocessing (another tag, or none) are stale, not kept."""
+    urls = make_shards(tmp_path, 1, 4)
+    first = toy_cache(urls)
+    again = toy_cache(urls)
+    other = toy_cache(urls, model_name="toy@tag")
+    assert (first["written"], again["kept"], other["written"]) == (1, 1, 1)

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from timm.layers import resample_patch_embed
+from torchvision.transforms import CenterCrop, Normalize, Resize
 
 from jestclip.models import (
     ForwardFlops,
     create_model,
     encode_image,
     forward_flops,
+    image_transform,
     logit_params,
     shipped_configs,
     step_flops,
+    tokenizer,
 )
 
 
@@ -133,3 +138,97 @@ def test_step_flops_match_appendix_a4():
         step_flops(batch=b, super_batch=B, learner=f, scorer=a, reuse_scoring_forward=True)
     with pytest.raises(ValueError, match="super_batch"):
         step_flops(batch=b, super_batch=b - 1, learner=f)
+
+
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# (model, tag) -> the preprocessing its weights were trained with, spelled out from open_clip's pretrained.py
+PRETRAINED_PREPROCESS = [
+    ("ViT-B-16-SigLIP-256", "webli", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", "squash", 256),
+    ("ViT-B-32", "openai", OPENAI_MEAN, OPENAI_STD, "bicubic", "shortest", 224),
+    ("ViT-L-14-CLIPA-336", "datacomp1b", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "squash", 336),
+    ("MobileCLIP-S1", "datacompdr", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear", "shortest", 256),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "tag", "mean", "std", "interpolation", "mode", "size"), PRETRAINED_PREPROCESS, ids=lambda v: v
+)
+def test_a_pretrained_tag_brings_its_own_preprocessing(name, tag, mean, std, interpolation, mode, size):
+    assert (name, tag) in open_clip.list_pretrained()
+    transform = image_transform(name, pretrained=tag)
+    steps = transform.transforms
+    assert isinstance(steps[-1], Normalize)
+    assert tuple(steps[-1].mean) == pytest.approx(mean) and tuple(steps[-1].std) == pytest.approx(std)
+    assert isinstance(steps[0], Resize) and steps[0].interpolation.value == interpolation
+    if mode == "squash":  # both sides to size, no crop
+        assert tuple(steps[0].size) == (size, size) and not any(isinstance(t, CenterCrop) for t in steps)
+    else:  # shortest side to size, then a center crop
+        assert steps[0].size == size and isinstance(steps[1], CenterCrop) and steps[1].size == (size, size)
+    pixels = transform(Image.new("RGB", (300, 200), (51, 102, 204)))
+    assert pixels.shape == (3, size, size)
+    expected = (torch.tensor([51, 102, 204]) / 255 - torch.tensor(mean)) / torch.tensor(std)
+    torch.testing.assert_close(pixels.mean(dim=(1, 2)), expected.float(), atol=1e-3, rtol=0)
+
+
+def test_the_pretrained_transform_is_open_clips_own(monkeypatch):
+    """The same eval and train transforms as open_clip.create_model_and_transforms(name, pretrained=tag),
+    whose weight download is stubbed out here (a randomly initialised model, its preprocessing unchanged)."""
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda *args, **kwargs: None)
+    _, train, val = open_clip.create_model_and_transforms("PE-Core-T-16-384", pretrained="meta")
+    assert repr(image_transform("PE-Core-T-16-384", pretrained="meta")) == repr(val)
+    assert repr(image_transform("PE-Core-T-16-384", pretrained="meta", train=True)) == repr(train)
+    assert "Normalize(mean=(0.5, 0.5, 0.5)" in repr(val)
+
+
+def test_without_a_tag_the_learners_transform_is_unchanged():
+    for name in shipped_configs():
+        size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+        for train in (False, True):
+            expected = open_clip.image_transform(size, is_train=train)
+            assert repr(image_transform(name, train=train)) == repr(expected)
+    steps = image_transform("jest-micro").transforms
+    assert steps[0].size == 32 and steps[1].size == (32, 32)
+    assert tuple(steps[-1].mean) == OPENAI_MEAN and tuple(steps[-1].std) == OPENAI_STD
+
+
+def test_a_pretrained_tokenizer_is_the_models_own():
+    """open_clip's tags carry no tokenizer settings: the tag is checked, the model's tokenizer returned."""
+    captions = ["a photo of a cat", "a dog"]
+    tagged = tokenizer("ViT-B-32", pretrained="openai")
+    assert torch.equal(tagged(captions), tokenizer("ViT-B-32")(captions))
+    assert tagged(captions).shape == (2, 77)
+
+
+def test_an_unknown_pretrained_tag_is_one_clear_error(monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("open_clip.create_model called for an unknown tag")
+
+    monkeypatch.setattr(open_clip, "create_model", no_download)
+    known = r"unknown pretrained tag 'nope' for model 'ViT-B-32'; open_clip has \[.*'openai'"
+    with pytest.raises(ValueError, match=known):
+        image_transform("ViT-B-32", pretrained="nope")
+    with pytest.raises(ValueError, match=known):
+        tokenizer("ViT-B-32", pretrained="nope")
+    with pytest.raises(ValueError, match=known):
+        create_model("ViT-B-32", pretrained="nope")
+    with pytest.raises(ValueError, match="for model 'jest-micro'; open_clip has none"):
+        image_transform("jest-micro", pretrained="webli")
+    with pytest.raises(ValueError, match="unknown model config 'no-such-model'"):
+        image_transform("no-such-model", pretrained="webli")
+
+
+def test_a_quickgelu_tag_gets_quickgelu(monkeypatch, micro):
+    """OpenAI's weights were trained with QuickGELU, which ViT-B-32's config lacks (open_clip only warns)."""
+    calls = []
+
+    def fake_create(name, **kwargs):
+        calls.append((name, kwargs))
+        return micro
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create)
+    create_model("ViT-B-32", pretrained="openai")
+    create_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
+    create_model("jest-micro")
+    assert calls[0][1]["pretrained"] == "openai" and calls[0][1]["force_quick_gelu"] is True
+    assert "force_quick_gelu" not in calls[1][1] and "force_quick_gelu" not in calls[2][1]

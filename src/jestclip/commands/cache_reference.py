@@ -22,7 +22,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("shards", nargs="+", help="shard paths, brace patterns or directories")
     parser.add_argument("--model", required=True, help="model config name, e.g. jest-tiny or ViT-B-16")
     parser.add_argument("--checkpoint", type=Path, help="weights file of the reference model")
-    parser.add_argument("--pretrained", help="an open_clip pretrained tag instead (downloads)")
+    parser.add_argument(
+        "--pretrained",
+        help="an open_clip pretrained tag instead (downloads), e.g. webli for ViT-B-16-SigLIP; images and "
+        "captions are then preprocessed and tokenised as those weights were trained (with --checkpoint too)",
+    )
     parser.add_argument("--loss", default="sigmoid", choices=["sigmoid", "softmax"])
     parser.add_argument("--name", default="reference", help="cache name, part of the sidecar file name")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -49,18 +53,20 @@ def run(args: argparse.Namespace) -> int:
             "cache-reference: give the reference model's weights with --checkpoint (or --pretrained)"
         )
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    tag = args.pretrained  # the weights' own preprocessing and tokenizer (checked before any download)
+    transform, tokenize = image_transform(args.model, pretrained=tag), tokenizer(args.model, pretrained=tag)
     model = create_model(
-        args.model, loss=args.loss, checkpoint=args.checkpoint, pretrained=args.pretrained, device=device
+        args.model, loss=args.loss, checkpoint=args.checkpoint, pretrained=tag, device=device
     )
     scale, bias = reference_logits(model)
     summary = cache_reference(
-        reference_embedder(model, tokenizer(args.model), device),
+        reference_embedder(model, tokenize, device),
         args.shards,
-        model_name=args.model,
+        model_name=args.model if tag is None else f"{args.model}@{tag}",
         fingerprint=model_fingerprint(model),
         scale=scale,
         bias=bias,
-        transform=image_transform(args.model),
+        transform=transform,
         name=args.name,
         batch_size=args.batch_size,
     )

@@ -321,7 +321,7 @@ def _compare_keys(shard: str, name: str, header: _Header, keys: np.ndarray) -> N
         )
 
 
-def _existing(url: str, name: str, fingerprint: str) -> tuple[str, str]:
+def _existing(url: str, name: str, fingerprint: str, model: str) -> tuple[str, str]:
     """The state of ``url``'s sidecar for ``cache_reference``: ("ok" | "missing" | "old" | "stale" | "broken",
     what is wrong); "ok" means complete, up to date, readable and keyed like the shard (tar headers read)."""
     try:
@@ -330,7 +330,8 @@ def _existing(url: str, name: str, fingerprint: str) -> tuple[str, str]:
         if sidecar_path(url, name).exists():
             return "broken", exn.problem
         return ("old" if _old_path(url, name).exists() else "missing"), exn.problem
-    if header.meta.fingerprint != fingerprint or header.meta.shard_bytes != os.path.getsize(url):
+    same_model = (header.meta.fingerprint, header.meta.model) == (fingerprint, model)  # model: NAME@TAG
+    if not same_model or header.meta.shard_bytes != os.path.getsize(url):  # (the tag sets the preprocessing)
         return "stale", ""
     try:
         _check_header(url, name, header)
@@ -368,7 +369,7 @@ def cache_reference(
     summary: dict[str, Any] = {"written": 0, "repaired": 0, "kept": 0, "samples": 0, "skipped": Counter()}
     template = CacheMeta(fingerprint, model_name, float(scale), float(bias), 0, 0)
     for url in tqdm(urls, desc=f"cache {name}", unit="shard"):
-        state, problem = _existing(url, name, fingerprint)
+        state, problem = _existing(url, name, fingerprint, model_name)
         if state == "ok":
             summary["kept"] += 1
             continue

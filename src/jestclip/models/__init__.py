@@ -8,6 +8,7 @@ from jestclip.models.factory import (
     image_transform,
     logit_params,
     model_fingerprint,
+    pretrained_cfg,
     shipped_configs,
     tokenizer,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "logit_params",
     "model_fingerprint",
     "patch_size",
+    "pretrained_cfg",
     "reference_embedder",
     "reference_logits",
     "shipped_configs",
