@@ -28,6 +28,7 @@ from jestclip.data import (
     png_bytes,
     write_shard,
 )
+from jestclip.data.loader import ResumableBatches
 
 
 def image(i: int, size: int = 8) -> bytes:
@@ -376,3 +377,116 @@ def test_any_decoder_failure_is_a_bad_image(monkeypatch):
 
     monkeypatch.setattr(loader.Image, "open", broken_decoder)
     assert decode_sample({"__key__": "k", "png": image(0), "txt": b"x"}) == "bad_image"
+
+
+# --- resume: a recorded position continues the stream exactly, without decoding what was consumed ---------
+
+
+def bad_sample_shards(root: Path) -> list[str]:
+    """Three shards of 7 good samples with bad ones among them and at the end, and a duplicate key, so skips
+    fall on both sides of any resume point."""
+    urls = []
+    for s in range(3):
+        members: list[tuple[str, bytes]] = []
+        for i in range(7):
+            members += good(f"s{s}_{i}", i)
+            if i in (s, s + 3):
+                members += [(f"s{s}_bad{i}.png", b"junk"), (f"s{s}_bad{i}.txt", b"x")]
+            if i == 2 * s:
+                members += [(f"s{s}_notext{i}.png", image(i)), (f"s{s}_0.txt", b"again")]
+        urls.append(write_tar(root / f"{s:05d}.tar", [*members, ("tail.png", image(1)), ("tail.txt", b" ")]))
+    return urls
+
+
+def resumed_after(urls: list[str], kw: dict, workers: int, stop: int, total: int | None) -> list:
+    """``stop`` batches, then, from the position they left, the rest up to ``total`` (None: to the end)."""
+    first = ResumableBatches(SuperBatchStream(urls, **kw), workers)
+    head = [next(first) for _ in range(stop)]
+    rest = ResumableBatches(SuperBatchStream(urls, **kw), workers, first.position())
+    return head + (list(rest) if total is None else [next(rest) for _ in range(total - stop)])
+
+
+STREAMS = {
+    "resampled": ({"batch_size": 5, "resampled": True, "seed": 3}, 9),
+    "endless epochs": ({"batch_size": 5, "epochs": None, "seed": 1}, 9),
+    "two epochs": ({"batch_size": 4, "epochs": 2, "seed": 1}, None),  # with 2 workers one ends first
+}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("kind", list(STREAMS))
+def test_a_resumed_stream_continues_exactly_skips_included(tmp_path, kind, workers):
+    urls = bad_sample_shards(tmp_path)
+    kw, total = STREAMS[kind]
+    whole = ResumableBatches(SuperBatchStream(urls, **kw), workers)
+    expected = list(whole) if total is None else [next(whole) for _ in range(total)]
+    assert sum(bool(b.skipped) for b in expected) >= 4
+    assert {b.position["worker"] for b in expected} == set(range(max(1, workers)))
+    stops = range(1, len(expected) + 1) if workers == 0 else (1, 2, 3, 6, 8, 9, len(expected))
+    for stop in sorted(set(stops)):
+        got = resumed_after(urls, kw, workers, stop, total)
+        assert [b.keys for b in got] == [b.keys for b in expected], stop
+        assert [b.skipped for b in got] == [b.skipped for b in expected], stop
+        assert [b.position for b in got] == [b.position for b in expected], stop
+
+
+def test_a_resumed_stream_decodes_only_what_comes_next(tmp_path, monkeypatch):
+    urls = make_shards(tmp_path, 2, 12)
+    kw = {"batch_size": 5, "resampled": True, "seed": 2}
+    whole = ResumableBatches(SuperBatchStream(urls, **kw), 0)
+    expected = [next(whole) for _ in range(31)]
+    position = expected[29].position  # after 150 samples: 6 of the 13th shard drawn were consumed
+    assert position["sample"] == 6
+    decoded: list[str] = []
+    counting = lambda raw: decoded.append(raw["__key__"]) or decode_sample(raw)  # noqa: E731
+    monkeypatch.setattr(loader, "decode_sample", counting)
+    resumed = ResumableBatches(SuperBatchStream(urls, **kw), 0, {"workers": [position], "next": 0})
+    assert next(resumed).keys == expected[30].keys
+    assert len(decoded) == 5 + 1  # the batch and the sample after it (held for its skips), nothing before
+
+
+def test_positions_that_cannot_resume_are_refused_by_name(tmp_path):
+    urls = make_shards(tmp_path, 3, 4)
+    shuffled = SuperBatchStream(urls, batch_size=2, shuffle_buffer=8)
+    batches = ResumableBatches(shuffled, 0)
+    next(batches)
+    assert batches.position() is None  # the buffer's contents are not recorded
+    with pytest.raises(ValueError, match="shuffle_buffer=8: a stream with a shuffle buffer cannot resume"):
+        shuffled.resumed({"workers": [None], "next": 0})
+    two = ResumableBatches(SuperBatchStream(urls, batch_size=2, resampled=True), 2)
+    for _ in range(3):
+        next(two)
+    position = two.position()
+    with pytest.raises(ValueError, match=r"recorded with num_workers=2; resuming with num_workers=0 .*use"):
+        ResumableBatches(SuperBatchStream(urls, batch_size=2, resampled=True), 0, position)
+    with pytest.raises(ValueError, match="rank 0's loader worker 0 is not this stream's"):
+        SuperBatchStream(urls, batch_size=2).resumed(position)  # a resampled stream's position
+    (tmp_path / "more").mkdir()
+    reading = position["workers"][0]["url"]
+    other = [u for u in urls if u != reading] + make_shards(tmp_path / "more", 2, 1)  # its shard is gone
+    with pytest.raises(ValueError, match=r"was reading shard .*, but the shard list \(4 shards\) now puts"):
+        SuperBatchStream(other, batch_size=2, resampled=True).resumed(position)
+
+
+def _positions_worker(rank: int, store: str, urls: list[str], out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        batches = ResumableBatches(SuperBatchStream(urls, batch_size=3, resampled=True), 0)
+        keys = [next(batches).keys for _ in range(2)]
+        torch.save({"positions": batches.positions(), "keys": keys}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_positions_are_gathered_from_every_rank(tmp_path):
+    urls = make_shards(tmp_path, 2, 4)
+    out = str(tmp_path / "out")
+    torch.multiprocessing.spawn(_positions_worker, args=(str(tmp_path / "store"), urls, out), nprocs=2)
+    results = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert results[0]["positions"] == results[1]["positions"]  # every rank holds all of them, in rank order
+    for rank, position in enumerate(results[0]["positions"]):
+        kw = {"batch_size": 3, "resampled": True, "rank": rank, "world_size": 2}
+        whole = ResumableBatches(SuperBatchStream(urls, **kw), 0)
+        resumed = ResumableBatches(SuperBatchStream(urls, **kw), 0, position)
+        assert [next(whole).keys for _ in range(3)] == [*results[rank]["keys"], next(resumed).keys]
+    assert results[0]["positions"][0] != results[0]["positions"][1]  # each rank draws its own shards

@@ -36,10 +36,19 @@ forever (``resampled`` or ``epochs=None``) raises ``NoReadableSampleError`` once
 can draw in a row without one readable sample, instead of spinning at 100% CPU; ``require_samples=True`` asks
 the same of a finite pass (and also that the pass yields something). ``expand_urls`` rejects local paths and
 patterns naming files that do not exist before any stream starts.
+
+Resuming: every super-batch carries its worker's ``position`` after it (where that worker's next batch starts:
+for a ``resampled`` stream the shard-choice RNG state, else the epoch and shard index, and in both the shard
+and how many of its raw samples were consumed). ``ResumableBatches`` runs a stream through DataLoader workers
+and records these as batches are consumed; started from a recorded position it re-reads only the tar members
+of the current shard up to the offset (none decoded, their skips already counted) and continues exactly as
+the uninterrupted stream would, skips included. A stream with a shuffle buffer records no position (the
+buffer's contents are not recorded) and refuses to resume at one.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import random
@@ -63,7 +72,7 @@ from PIL import (
     WebPImagePlugin,
 )
 from torch import Tensor
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms.functional import pil_to_tensor
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls as expand_pattern
@@ -75,6 +84,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "SHARD_REASONS",
     "NoReadableSampleError",
+    "ResumableBatches",
     "Sample",
     "SuperBatch",
     "SuperBatchStream",
@@ -133,6 +143,9 @@ class SuperBatch:
     images: ``[B, 3, H, W]`` (stacked output of the transform); keys, urls, texts, meta: B entries each.
     skipped: samples (and shards) this worker skipped since its previous super-batch, by reason (see the
     module docstring); summed over all batches it is every skip.
+    position: where the worker that made this batch stands after it (``worker``: its index; ``end``: it has
+    nothing more; else ``url`` and ``sample``, the shard it reads and how many of its raw samples it consumed,
+    and ``rng`` or ``epoch`` and ``shard``, its shard order); None for a stream with a shuffle buffer.
     """
 
     keys: list[str]
@@ -141,6 +154,7 @@ class SuperBatch:
     texts: list[str]
     meta: list[dict[str, Any]]
     skipped: dict[str, int] = field(default_factory=dict)
+    position: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -423,6 +437,7 @@ class SuperBatchStream(IterableDataset):
         self.seed = seed
         self.require_samples = (resampled or epochs is None) if require_samples is None else require_samples
         self._warned: set[str] = set()  # shards already warned about as yielding nothing
+        self._resume: dict[str, Any] | None = None  # set by ``resumed``: the recorded workers' positions
         if rank is None or world_size is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = torch.distributed.get_rank() if dist else 0
@@ -437,8 +452,20 @@ class SuperBatchStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
 
     def _worker(self) -> tuple[int, int]:
+        """This worker's index and the number of workers; a resumed stream's DataLoader worker ``i`` continues
+        the recorded worker ``(next + i) % n`` (the one whose batch came next)."""
         info = get_worker_info()
-        return (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self._resume is None:
+            return worker, n_workers
+        recorded = len(self._resume["workers"])
+        if n_workers != recorded:
+            raise ValueError(f"this stream resumes {recorded} loader workers' positions but runs {n_workers}")
+        return (self._resume["next"] + worker) % n_workers, n_workers
+
+    def _start(self) -> dict[str, Any] | None:
+        """Where this worker starts: its recorded position when resumed, else None (the beginning)."""
+        return None if self._resume is None else self._resume["workers"][self._worker()[0]]
 
     def _pool(self) -> list[str]:
         """Every shard this worker can draw: all of them, unless the deal is fixed (no shuffling)."""
@@ -448,44 +475,66 @@ class SuperBatchStream(IterableDataset):
             return list(self.urls)
         return list(self.urls) if mine and self.shuffle_shards else mine
 
-    def _shard_order(self) -> Iterator[str]:
+    def _epoch_shards(self, epoch: int, worker: int, n_workers: int) -> list[str]:
+        urls = list(self.urls)
+        if self.shuffle_shards:
+            random.Random(f"{self.seed}/epoch{epoch}").shuffle(urls)
+        return urls[self.rank :: self.world_size][worker::n_workers]
+
+    def _shard_order(self, start: dict[str, Any] | None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """This worker's shards from ``start`` on, each with what reproduces the order from it (``rng``: the
+        shard-choice RNG state before drawing it; or its ``epoch`` and index ``shard``)."""
         worker, n_workers = self._worker()
         if self.resampled:
             rng = random.Random(f"{self.seed}/{self.rank}/{worker}")
+            if start is not None:
+                rng.setstate(_unpack_rng(start["rng"]))
             while True:
-                yield rng.choice(self.urls)
+                state = rng.getstate()
+                yield rng.choice(self.urls), {"rng": state}
         if not self._pool():  # more workers than shards: this one has none (and must not spin)
             return
-        epoch = 0
+        epoch, first = (start["epoch"], start["shard"]) if start is not None else (0, 0)
         while self.epochs is None or epoch < self.epochs:
-            urls = list(self.urls)
-            if self.shuffle_shards:
-                random.Random(f"{self.seed}/epoch{epoch}").shuffle(urls)
-            yield from urls[self.rank :: self.world_size][worker::n_workers]
-            epoch += 1
+            shards = self._epoch_shards(epoch, worker, n_workers)
+            for index in range(first, len(shards)):
+                yield shards[index], {"epoch": epoch, "shard": index}
+            epoch, first = epoch + 1, 0
 
     def samples(self, skipped: Counter[str] | None = None) -> Iterator[Sample]:
         """Decoded samples of this rank and worker, transformed; skips are counted into ``skipped``."""
         skipped = Counter() if skipped is None else skipped
-        decoded = self._decoded(skipped)
+        yield from (sample for sample, _ in self._positioned(skipped))
+
+    def _positioned(self, skipped: Counter[str]) -> Iterator[tuple[Sample, dict[str, Any] | None]]:
+        """Samples, each with this worker's position before it (None behind a shuffle buffer)."""
+        start = self._start()
+        if start is not None and start.get("end"):
+            return
+        decoded = self._decoded(skipped, start)
         if self.shuffle_buffer > 1:
             worker, _ = self._worker()
-            decoded = _shuffled(
-                decoded, self.shuffle_buffer, random.Random(f"{self.seed}/{self.rank}/{worker}/s")
-            )
+            rng = random.Random(f"{self.seed}/{self.rank}/{worker}/s")
+            yield from ((s, None) for s in _shuffled((s for s, _ in decoded), self.shuffle_buffer, rng))
+            return
         yield from decoded
 
-    def _decoded(self, skipped: Counter[str]) -> Iterator[Sample]:
+    def _decoded(
+        self, skipped: Counter[str], start: dict[str, Any] | None
+    ) -> Iterator[tuple[Sample, dict[str, Any]]]:
         tally = _Tally(skipped)
         watch = _ShardWatch(self._pool(), self.require_samples, self._warned)
-        for url in self._shard_order():
+        offset = start["sample"] if start is not None else 0  # raw samples of the first shard consumed
+        worker, _ = self._worker()
+        for url, order in self._shard_order(start):
             tally.shard, good = Counter(), 0
-            for raw in read_shard(url, tally):
+            for index, raw in _read_from(url, tally, offset):
                 sample = self._decode(raw, tally)
                 if sample is not None:
                     good += 1
-                    yield sample
+                    yield sample, {"worker": worker, "url": url, "sample": index, **order}
             watch.shard_done(url, good, tally.shard)
+            offset = 0
         watch.end()
 
     def _decode(self, raw: dict[str, Any], count: Callable[[str], None]) -> Sample | None:
@@ -503,16 +552,88 @@ class SuperBatchStream(IterableDataset):
     def __iter__(self) -> Iterator[SuperBatch]:
         # A full batch is held until the next sample arrives, so skips read after it (a bad tail) still go
         # into a batch; ``skipped`` is the one counter the sample generator writes into, emptied per batch.
+        # The batch's position is the one before that next sample (whose skips go to the next batch).
         skipped: Counter[str] = Counter()
         buffer: list[Sample] = []
-        for sample in self.samples(skipped):
+        for sample, before in self._positioned(skipped):
             if len(buffer) == self.batch_size:
-                yield _collate(buffer, skipped)
+                yield _collate(buffer, skipped, _packed(before))
                 buffer = []
                 skipped.clear()
             buffer.append(sample)
         if len(buffer) == self.batch_size or (buffer and not self.drop_last):
-            yield _collate(buffer, skipped)
+            end = None if self.shuffle_buffer > 1 else {"worker": self._worker()[0], "end": True}
+            yield _collate(buffer, skipped, end)
+
+    def resumed(self, position: dict[str, Any]) -> SuperBatchStream:
+        """A copy of this stream that starts where ``position`` (a ``ResumableBatches.position()``) left it;
+        a ValueError when it cannot (a shuffle buffer, another kind of stream, shards that changed)."""
+        if self.shuffle_buffer > 1:
+            raise ValueError(
+                f"shuffle_buffer={self.shuffle_buffer}: a stream with a shuffle buffer cannot resume at a "
+                "recorded position (the buffer's contents are not recorded); use shuffle_buffer=0"
+            )
+        workers = list(position["workers"])
+        for worker, start in enumerate(workers):
+            self._check_start(worker, len(workers), start)
+        stream = copy.copy(self)
+        stream._resume = {"workers": workers, "next": int(position["next"]) % len(workers)}
+        return stream
+
+    def _check_start(self, worker: int, n_workers: int, start: dict[str, Any] | None) -> None:
+        """A ValueError unless ``start`` is a position of this kind of stream whose shard is still there."""
+        if start is None or start.get("end"):
+            return
+        where = f"rank {self.rank}'s loader worker {worker}"
+        kind = "rng" if self.resampled else "epoch"
+        if start.get("worker") != worker or kind not in start:
+            raise ValueError(f"the position recorded for {where} is not this stream's: {_brief(start)}")
+        if self.resampled:
+            rng = random.Random()
+            rng.setstate(_unpack_rng(start["rng"]))
+            url: str | None = rng.choice(self.urls)
+        else:
+            shards = self._epoch_shards(start["epoch"], worker, n_workers)
+            url = shards[start["shard"]] if start["shard"] < len(shards) else None
+        if url != start["url"]:
+            raise ValueError(
+                f"cannot resume {where}: it was reading shard {start['url']}, but the shard list "
+                f"({len(self.urls)} shards) now puts {url} there; the shards changed since the position was "
+                "recorded"
+            )
+
+
+def _read_from(url: str, tally: _Tally, offset: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A shard's raw samples from the ``offset``-th on, numbered. The first ``offset`` (consumed before a
+    resume) are re-read from the tar but not yielded, and the skips counted up to the ``offset``-th are
+    dropped: they went with the batches before the resume."""
+    live = offset == 0
+
+    def count(reason: str) -> None:
+        if live:
+            tally(reason)
+
+    for index, raw in enumerate(read_shard(url, count)):
+        if index >= offset:
+            live = True
+            yield index, raw
+
+
+def _packed(position: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A position as plain lists (the RNG state as ``[version, [state ...], gauss]``), for checkpoints."""
+    if position is None or "rng" not in position:
+        return position
+    version, state, gauss = position["rng"]
+    return {**position, "rng": [version, list(state), gauss]}
+
+
+def _unpack_rng(packed: Sequence[Any]) -> tuple[Any, ...]:
+    version, state, gauss = packed
+    return (version, tuple(state), gauss)
+
+
+def _brief(position: dict[str, Any]) -> str:
+    return str({k: v for k, v in position.items() if k != "rng"})
 
 
 def _shuffled(items: Iterator[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
@@ -528,7 +649,7 @@ def _shuffled(items: Iterator[Sample], size: int, rng: random.Random) -> Iterato
     yield from buffer
 
 
-def _collate(samples: list[Sample], skipped: Counter[str]) -> SuperBatch:
+def _collate(samples: list[Sample], skipped: Counter[str], position: dict[str, Any] | None) -> SuperBatch:
     shapes = {tuple(s.image.shape) for s in samples}
     if len(shapes) > 1:
         first = samples[0]
@@ -544,4 +665,61 @@ def _collate(samples: list[Sample], skipped: Counter[str]) -> SuperBatch:
         texts=[s.text for s in samples],
         meta=[s.meta for s in samples],
         skipped=dict(skipped),
+        position=position,
     )
+
+
+class ResumableBatches(Iterator[SuperBatch]):
+    """A stream's super-batches through ``num_workers`` DataLoader workers (0: in this process), from its
+    beginning or from a recorded ``position``; ``position()`` says where it is now.
+
+    The DataLoader hands out its workers' batches round-robin, so batch ``n`` after a position comes from
+    worker ``(next + n) % workers``; each batch carries its worker's position after it, recorded here as the
+    batch is consumed (batches the workers prefetched but nobody consumed are read again on resume).
+    """
+
+    def __init__(
+        self, stream: SuperBatchStream, num_workers: int, position: dict[str, Any] | None = None
+    ) -> None:
+        self.workers = max(1, num_workers)  # 0 and 1 read the same stream
+        if position is not None:
+            recorded = len(position["workers"])
+            if recorded != self.workers:
+                raise ValueError(
+                    f"the data position was recorded with {_workers(recorded)}; resuming with "
+                    f"num_workers={num_workers} would read other samples: use num_workers={recorded}"
+                )
+            stream = stream.resumed(position)
+        self._workers: list[dict[str, Any] | None] = [None] * self.workers
+        self._next = 0
+        if position is not None:
+            self._workers, self._next = list(position["workers"]), int(position["next"]) % self.workers
+        self._exact = stream.shuffle_buffer <= 1
+        self._batches = iter(DataLoader(stream, batch_size=None, num_workers=num_workers))
+
+    def __next__(self) -> SuperBatch:
+        batch = next(self._batches)
+        if batch.position is not None:
+            worker = batch.position["worker"]
+            self._workers[worker] = batch.position
+            self._next = (worker + 1) % self.workers
+        return batch
+
+    def position(self) -> dict[str, Any] | None:
+        """Where the stream stands after the batches consumed so far: per loader worker, where its next batch
+        starts (None: at the beginning), and which worker's batch comes next; None for a stream with a
+        shuffle buffer."""
+        return {"workers": list(self._workers), "next": self._next} if self._exact else None
+
+    def positions(self) -> list[dict[str, Any] | None]:
+        """Every rank's ``position()`` in rank order (under torch.distributed a collective: every rank calls
+        it)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return [self.position()]
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, self.position())
+        return gathered
+
+
+def _workers(n: int) -> str:
+    return "num_workers=0 or 1" if n == 1 else f"num_workers={n}"
