@@ -1,4 +1,5 @@
-"""Distributed joint selection on 2 CPU processes (gloo) equals one-process selection with per-rank groups."""
+"""Data parallelism on 2 CPU processes (gloo): distributed joint selection equals one-process selection with
+per-rank groups; DDP learning with open_clip's distributed losses equals one-process learning."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from jestclip.selection import CandidateGroups, LocalExchange, independent_select, joint_select
 from jestclip.train.distributed import distributed_independent_select, distributed_joint_select
@@ -84,42 +86,149 @@ def test_two_ranks_select_the_same_indices_as_one_process(tmp_path, loss, scorin
         assert torch.equal(result["independent"] + rank * N_PER_RANK, grouped[grouped // N_PER_RANK == rank])
 
 
-def _grad_worker(rank: int, store: str, out: str) -> None:
+def _shard(batch, rank: int):
+    """Rank ``rank``'s half of a super-batch (the candidates a data-parallel rank holds)."""
+    n = len(batch) // WORLD
+    rows = torch.arange(rank * n, (rank + 1) * n)
+    reference = batch.reference.take(rows) if batch.reference is not None else None
+    return type(batch)(batch.images[rows], batch.tokens[rows], reference)
+
+
+def _grad_worker(rank: int, store: str, out: str, cfg, n: int) -> None:
     from jestclip.models import create_model
-    from jestclip.train import MethodConfig, run_step
-    from jestclip.train.distributed import average_gradients
+    from jestclip.train import run_step
+    from jestclip.train.distributed import data_parallel
 
     from .test_steps import synthetic_batch
 
     with process_group(rank, store):
         torch.manual_seed(0)
-        model = create_model("jest-micro")
-        full = synthetic_batch(8)
-        half = slice(rank * 4, (rank + 1) * 4)
-        shard = type(full)(full.images[half], full.tokens[half], None)
-        run_step(model, shard, MethodConfig("iid", batch_size=8), world_size=WORLD).loss.backward()
-        average_gradients(model.parameters())
-        torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, f"{out}.{rank}")
+        model = create_model("jest-micro", loss=cfg.loss)
+        learn_module = data_parallel(model, torch.device("cpu"))
+        shard = _shard(synthetic_batch(n), rank)
+        step = run_step(
+            model, shard, cfg, torch.Generator().manual_seed(3), world_size=WORLD, learn_module=learn_module
+        )
+        step.loss.backward()  # DDP averages the gradients
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        torch.save({"grads": grads, "loss": step.loss.detach(), "selected": step.selected}, f"{out}.{rank}")
 
 
-def test_data_parallel_gradients_equal_single_process_gradients(tmp_path):
-    """Two ranks with half a batch each, features gathered, gradients averaged: one process, whole batch."""
+def _run_ranks(tmp_path, cfg, n: int) -> list[dict]:
+    out = str(tmp_path / "grads")
+    mp.spawn(_grad_worker, args=(str(tmp_path / "store"), out, cfg, n), nprocs=WORLD, join=True)
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
+
+
+def _assert_single_process_gradients(results: list[dict], model, loss) -> None:
+    """Every rank's averaged gradients and reported loss equal those of one process on the whole selection."""
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert results[0]["grads"][name] is not None, name
+        torch.testing.assert_close(results[0]["grads"][name], param.grad, rtol=1e-4, atol=1e-6)
+        assert torch.equal(results[0]["grads"][name], results[1]["grads"][name])
+    for result in results:
+        torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_data_parallel_gradients_equal_single_process_gradients(tmp_path, loss):
+    """Two DDP ranks with half a batch each, each computing its share of open_clip's distributed loss: the
+    averaged gradients (and the reported loss) are those of one process on the whole batch."""
     from jestclip.models import create_model
     from jestclip.train import MethodConfig, run_step
 
     from .test_steps import synthetic_batch
 
-    out = str(tmp_path / "grads")
-    mp.spawn(_grad_worker, args=(str(tmp_path / "store"), out), nprocs=WORLD, join=True)
-    grads = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
+    cfg = MethodConfig("iid", batch_size=8, loss=loss)
+    results = _run_ranks(tmp_path, cfg, 8)
+    torch.manual_seed(0)
+    model = create_model("jest-micro", loss=loss)
+    _assert_single_process_gradients(results, model, run_step(model, synthetic_batch(8), cfg).loss)
+
+
+def test_data_parallel_jest_step_equals_single_process_step(tmp_path):
+    """A JEST step on two ranks (16 candidates each, 4 picks each) selects what one process selects with one
+    group per rank, and learns with the gradients of one process learning on that selection."""
+    from jestclip.models import create_model
+    from jestclip.train import MethodConfig, run_step
+    from jestclip.train.steps import score_embeddings
+
+    from .test_steps import synthetic_batch
+
+    cfg = MethodConfig("jest", batch_size=8, n_chunks=2, gain=1.0)
+    results = _run_ranks(tmp_path, cfg, 32)
     torch.manual_seed(0)
     model = create_model("jest-micro")
-    run_step(model, synthetic_batch(8), MethodConfig("iid", batch_size=8)).loss.backward()
-    for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        torch.testing.assert_close(grads[0][name], param.grad, rtol=1e-4, atol=1e-6)
-        assert torch.equal(grads[0][name], grads[1][name])
+    batch = synthetic_batch(32)
+    groups = CandidateGroups(torch.arange(32) // 16, [4, 4])
+    single = joint_select(
+        score_embeddings(model, batch, None),
+        batch.reference,
+        size=8,
+        n_chunks=2,
+        gain=1.0,
+        generator=torch.Generator().manual_seed(3),
+        groups=groups,
+    )
+    chosen = torch.cat([r["selected"] + rank * 16 for rank, r in enumerate(results)])  # rank order
+    assert torch.equal(torch.sort(chosen).values, torch.sort(single).values)
+    picked = type(batch)(batch.images[chosen], batch.tokens[chosen], None)
+    loss = run_step(model, picked, MethodConfig("iid", batch_size=8)).loss
+    _assert_single_process_gradients(results, model, loss)
+
+
+def _overlap_worker(rank: int, store: str, out: str, cfg) -> None:
+    """Two updates through ``build_state`` and ``learn``, recording each gradient bucket's all-reduce."""
+    from jestclip.train.loop import learn
+    from jestclip.train.setup import Placement, build_state
+
+    from .test_steps import synthetic_batch
+
+    with process_group(rank, store):
+        state = build_state(cfg, torch.device("cpu"))
+        params = list(state.model.parameters())
+        calls = [[], []]  # per step: DDP rebuilds its buckets in backward's order after the first
+
+        def recording_hook(_, bucket):
+            calls[state.counters.step].append(
+                {
+                    "in_backward": torch._C._current_autograd_node() is not None,
+                    "grads_to_compute": sum(p.grad is None for p in params),
+                    "bucket_params": len(bucket.parameters()),
+                }
+            )
+            return default_hooks.allreduce_hook(None, bucket)
+
+        state.learn_module.register_comm_hook(None, recording_hook)
+        bad = []
+        for step in range(2):
+            where = Placement(torch.device("cpu"), rank, WORLD)
+            bad.append(learn(state, _shard(synthetic_batch(4, seed=step), rank), cfg, where).bad)
+            state.counters.step += 1
+        weights = {n: p.detach() for n, p in state.model.named_parameters()}
+        torch.save({"calls": calls, "bad": bad, "weights": weights, "n": len(params)}, f"{out}.{rank}")
+
+
+def test_gradients_are_all_reduced_while_backward_runs(tmp_path):
+    """Under torchrun the training state learns through DDP: gradient buckets are all-reduced during the
+    backward pass, the first while gradients remain to be computed (communication overlaps compute), and
+    the ranks make the same update."""
+    from .test_loop import config
+
+    cfg = config(tmp_path / "run", [str(tmp_path / "shard-0.tar")], "iid")
+    out = str(tmp_path / "overlap")
+    mp.spawn(_overlap_worker, args=(str(tmp_path / "store"), out, cfg), nprocs=WORLD, join=True)
+    results = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
+    for result in results:
+        assert result["bad"] == [None, None]
+        for calls in result["calls"]:
+            assert all(c["in_backward"] for c in calls)
+            assert sum(c["bucket_params"] for c in calls) == result["n"]  # each gradient reduced once
+        second = result["calls"][1]
+        assert len(second) >= 2 and second[0]["grads_to_compute"] > 0  # all-reduced before backward ended
+    for name, weight in results[0]["weights"].items():
+        assert torch.equal(weight, results[1]["weights"][name]), name
 
 
 def _train_worker(rank: int, store: str, cfg) -> None:

@@ -199,3 +199,82 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, shards):
         config(tmp_path / "run", shards, "iid", steps=400, stop_after=stopped_at + 2), progress=False
     )
     assert resumed["step"] == stopped_at + 2
+
+
+# --- resume at the recorded data position: bitwise, reading only what was not consumed ----------------------
+
+
+def same_run(a: str, b: str) -> bool:
+    """Whether two run directories hold bitwise the same final weights and metrics (wall times aside)."""
+
+    def metrics(run_dir: str) -> list[dict]:
+        lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in x.items() if k != "wall_s"} for x in lines]
+
+    x = torch.load(Path(a) / "model.pt", weights_only=True)
+    y = torch.load(Path(b) / "model.pt", weights_only=True)
+    return all(torch.equal(x[k], y[k]) for k in x) and metrics(a) == metrics(b)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shards):
+    """The run directory of an uninterrupted 5-step JEST run, per ``num_workers`` (trained once)."""
+    runs: dict[int, str] = {}
+
+    def get(num_workers: int) -> str:
+        if num_workers not in runs:
+            cfg = config(tmp_path_factory.mktemp("whole"), shards, "jest", steps=5)
+            train(dataclasses.replace(cfg, num_workers=num_workers), progress=False)
+            runs[num_workers] = cfg.run_dir
+        return runs[num_workers]
+
+    return get
+
+
+def test_resume_mid_shard_decodes_only_what_comes_next(tmp_path, shards, uninterrupted, monkeypatch):
+    from jestclip.data import loader
+
+    cfg = config(tmp_path / "run", shards, "jest", steps=5, stop_after=2)
+    train(cfg, progress=False)
+    state = torch.load(RunDir(cfg.run_dir).latest_checkpoint(), weights_only=True)
+    (position,) = state["data"]  # one rank
+    assert position["next"] == 0
+    assert position["workers"][0]["sample"] == 4  # 16 samples read: a 12-sample shard and 4 of the next
+    decoded = []
+    real = loader.decode_sample
+    monkeypatch.setattr(loader, "decode_sample", lambda raw: decoded.append(raw["__key__"]) or real(raw))
+    train(dataclasses.replace(cfg, stop_after=None), progress=False)
+    assert len(decoded) == 3 * 8 + 1  # steps 3-5 (B = 8) and the sample after them; a replay decodes 16 more
+    assert same_run(uninterrupted(0), cfg.run_dir)
+
+
+def test_resume_with_two_loader_workers_is_bitwise(tmp_path, shards, uninterrupted):
+    cfg = dataclasses.replace(config(tmp_path / "run", shards, "jest", steps=5, stop_after=3), num_workers=2)
+    train(cfg, progress=False)
+    state = torch.load(RunDir(cfg.run_dir).latest_checkpoint(), weights_only=True)
+    assert state["data"][0]["next"] == 1  # batches 1 and 3 came from worker 0: worker 1's comes next
+    train(dataclasses.replace(cfg, stop_after=None), progress=False)
+    assert same_run(uninterrupted(2), cfg.run_dir)
+
+
+def test_a_checkpoint_without_data_position_resumes_by_replaying(tmp_path, shards, uninterrupted):
+    cfg = config(tmp_path / "run", shards, "jest", steps=5, stop_after=2)
+    train(cfg, progress=False)
+    run = RunDir(cfg.run_dir)
+    state = torch.load(run.latest_checkpoint(), weights_only=True)
+    del state["data"]  # as written before jestclip recorded it
+    torch.save(state, run.latest_checkpoint())
+    with pytest.warns(RuntimeWarning, match="records no data position .*: replaying 2 super-batches"):
+        train(dataclasses.replace(cfg, stop_after=None), progress=False)
+    assert same_run(uninterrupted(0), cfg.run_dir)
+
+
+def test_resume_refuses_a_data_position_of_another_world_size(tmp_path, shards):
+    from jestclip.models import image_transform
+    from jestclip.train.setup import Placement, open_stream, resume_batches
+
+    cfg = config(tmp_path / "run", shards, "iid")
+    stream = open_stream(cfg, shards, image_transform("jest-micro"), Placement(torch.device("cpu")))
+    position = {"workers": [None], "next": 0}
+    with pytest.raises(ValueError, match="data position is for 2 ranks but this run has 1: resume it on 2"):
+        resume_batches(stream, cfg, 3, [position, position])

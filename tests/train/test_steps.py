@@ -125,6 +125,13 @@ def test_steps_reject_wrong_batch_sizes():
         MethodConfig("random")
 
 
+def test_steps_refuse_world_size_above_one_without_ddp():
+    """Several ranks learning without a DDP module would never average their gradients."""
+    model, batch = create_model("jest-micro"), synthetic_batch(4)
+    with pytest.raises(ValueError, match="needs learn_module=data_parallel"):
+        run_step(model, batch, MethodConfig("iid", batch_size=8), world_size=2)
+
+
 @pytest.mark.parametrize("method", ["iid", "jest", "flexi-jest"])
 def test_a_few_steps_reduce_the_loss(method):
     """Training with each method lowers the contrastive loss of a fixed, learnable super-batch."""

@@ -1,4 +1,4 @@
-"""Selection over a super-batch sharded across data-parallel ranks, and data-parallel gradients.
+"""Selection over a super-batch sharded across data-parallel ranks, and data-parallel learning.
 
 Rank r of W holds ``n`` candidates, global indices ``[r·n, (r+1)·n)``, and keeps the running conditional
 sums of only those. ``DistributedExchange`` plugs this into the one chunked sampler
@@ -12,6 +12,12 @@ sums of only those. ``DistributedExchange`` plugs this into the one chunked samp
 So every rank ends with the same global selection — identical to ``joint_select`` with one group per rank
 on the concatenated super-batch — and learns on exactly its ``b / W`` examples; no image moves between ranks,
 only ``b`` embeddings per model.
+
+Learning, as open_clip trains: each rank computes its share of the loss from its own ``b / W`` examples
+(``steps.contrastive_loss``: neighbour exchange of text features for SigLIP, gathered features for CLIP; no
+rank builds the ``b × b`` logits), and ``data_parallel`` wraps the step's one learning module in
+``DistributedDataParallel``, which averages gradients bucket by bucket while backward still runs. The shares
+are normalised so that their mean is the single-process batch loss: the averaged gradient is its gradient.
 """
 
 from __future__ import annotations
@@ -21,17 +27,19 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from jestclip.selection import DEFAULT_GAIN, Embeddings, group_chunk_counts, independent_select, joint_select
 from jestclip.selection.checks import check_count
 from jestclip.selection.sampling import gumbel_noise
+from jestclip.train.steps import LearningForward
 
 __all__ = [
     "DistributedExchange",
-    "all_gather_with_grad",
-    "average_gradients",
+    "data_parallel",
     "distributed_independent_select",
     "distributed_joint_select",
+    "valued_at_rank_mean",
 ]
 
 
@@ -171,22 +179,19 @@ def distributed_independent_select(
     )
 
 
-def all_gather_with_grad(tensor: Tensor, group=None) -> Tensor:
-    """Concatenate every rank's ``[n, ...]`` tensor in rank order; gradients flow back to each owner."""
-    from torch.distributed.nn.functional import all_gather
+def data_parallel(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``LearningForward(model)`` wrapped in DDP (its parameters are the model's own): the module a step
+    learns through under torchrun. Every parameter gets a gradient in every learning step, so DDP needs no
+    search for unused ones. Buckets follow DDP's defaults: after the first step they are rebuilt in the order
+    backward produces gradients, so each bucket's all-reduce starts while the rest of backward runs."""
+    return DistributedDataParallel(
+        LearningForward(model), device_ids=[device] if device.type == "cuda" else None
+    )
 
-    return torch.cat(all_gather(tensor.contiguous(), group=group))
 
-
-def average_gradients(parameters, group=None) -> None:
-    """Average the gradients of ``parameters`` over the ranks with one all-reduce of a flat buffer."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+def valued_at_rank_mean(loss: Tensor, group=None) -> Tensor:
+    """``loss`` with its own gradient but the value of its mean over the ranks (a step's reported loss is the
+    whole batch's, while each rank back-propagates its share)."""
+    mean = loss.detach().clone()
+    dist.all_reduce(mean, group=group)
+    return loss + (mean / dist.get_world_size(group) - loss.detach())

@@ -6,10 +6,10 @@ steps (and, with ``eval_data``, an evaluation line at step 0, every ``eval_every
 TensorBoard events, a checkpoint every ``checkpoint_every`` steps, on SIGTERM and at ``stop_after`` (the
 newest ``keep_checkpoints`` are kept), the reference cache it trains with, and the final weights. Starting a
 run whose directory has a checkpoint resumes it exactly: model, optimiser, schedule, RNG states, counters and
-data position (the stream is replayed to the step reached; on CPU the result is bitwise that of an
-uninterrupted run); metrics lines past the checkpoint are dropped, so each step is logged once. Under
-torchrun every rank reads its own shards, holds B / W of each super-batch and learns on b / W of it; only
-rank 0 writes (``RunOutputs``).
+data position (every rank's and loader worker's place in its shards: a resumed run reads only what it has
+not consumed; on CPU the result is bitwise that of an uninterrupted run); metrics lines past the checkpoint
+are dropped, so each step is logged once. Under torchrun every rank reads its own shards, holds B / W of each
+super-batch and learns on b / W of it; only rank 0 writes (``RunOutputs``).
 
 How a run ends: it returns the last metrics line when it reaches ``steps`` or ``stop_after``; it raises
 ``Preempted`` on SIGTERM (checkpointed; rerun the same command to resume), ``TrainingDiverged`` after
@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +35,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from jestclip.data.loader import SuperBatch, expand_urls
+from jestclip.data.loader import ResumableBatches, SuperBatch, expand_urls
 from jestclip.data.refcache import ReferenceCache
 from jestclip.eval import evaluate, find_suites, flat_metrics
 from jestclip.models import StepFlops, image_transform, tokenizer
 from jestclip.models.factory import logit_params
 from jestclip.train.config import TrainConfig, to_dict
-from jestclip.train.distributed import average_gradients
 from jestclip.train.methods import run_step
 from jestclip.train.rundir import CheckpointWriteError, NonFiniteStateError, RunDir
 from jestclip.train.setup import (
@@ -279,7 +278,14 @@ def _step(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if where.device.type == "cuda" else nullcontext()
     try:
         with autocast:
-            learned.output = run_step(state.model, batch, cfg.method, state.generator, world_size=where.world)
+            learned.output = run_step(
+                state.model,
+                batch,
+                cfg.method,
+                state.generator,
+                world_size=where.world,
+                learn_module=state.learn_module,
+            )
     except ValueError:  # selection refuses candidates without finite scores: were they all non-finite?
         with autocast:
             if where.world > 1 or not _non_finite_scores(state.model, batch, cfg):
@@ -287,9 +293,7 @@ def _step(
         learned.bad = "non-finite learner embeddings"
         return
     state.optimizer.zero_grad(set_to_none=True)
-    learned.output.loss.backward()
-    if where.world > 1:
-        average_gradients(state.model.parameters())
+    learned.output.loss.backward()  # under torchrun DDP averages the gradients over the ranks meanwhile
     learned.grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip))
     if not math.isfinite(float(learned.output.loss.detach())):
         learned.bad = "non-finite loss"
@@ -389,7 +393,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         _check_reference(run, reference, where, resuming=state.counters.step > 0)
         cost = measure_step_flops(cfg, state.model)
         transform, tokenize = image_transform(cfg.model), tokenizer(cfg.model)
-        batches = resume_batches(open_stream(cfg, urls, transform, where), cfg, state.counters.step)
+        stream = open_stream(cfg, urls, transform, where)
+        batches = resume_batches(stream, cfg, state.counters.step, state.data)
         evaluator = Evaluator(cfg, where, transform, tokenize)
         out = RunOutputs(run, cfg, where, state.counters.step, progress)
         try:
@@ -418,7 +423,7 @@ class _Steps:
     guard: DivergenceGuard
 
     def run(
-        self, batches: Iterator[SuperBatch], on_device: Callable[[SuperBatch], SuperBatchTensors]
+        self, batches: ResumableBatches, on_device: Callable[[SuperBatch], SuperBatchTensors]
     ) -> dict[str, Any]:
         """Steps until ``cfg.steps`` (final weights written) or ``stop_after``; the last metrics line."""
         cfg, state, out, last, started = self.cfg, self.state, self.out, {}, time.perf_counter()
@@ -438,11 +443,13 @@ class _Steps:
             preempted = self.where.any_rank(self.sigterm.raised)
             stop = preempted or (cfg.stop_after is not None and step >= cfg.stop_after)
             if (step % cfg.checkpoint_every == 0 or stop) and self.guard.streak == 0:
+                state.data = batches.positions()  # every rank's, for the checkpoint
                 out.save(state)  # never in a run of bad steps: the last good checkpoint stays
             if preempted:
                 raise Preempted(preempted_message(step, out.checkpoint))
             if stop:
                 return last
+        state.data = batches.positions()
         out.save(state, final=True)
         return last
 

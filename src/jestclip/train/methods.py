@@ -37,7 +37,7 @@ class Method:
 
     name: str
     summary: str
-    step: Callable[..., StepOutput]  # step(method, model, batch, cfg, generator, world_size=) (steps.py)
+    step: Callable[..., StepOutput]  # step(method, model, batch, cfg, generator, world_size=, learn_module=)
     selector: Selector | None = None  # None: learn on the batch as drawn (no scoring, super-batch = batch)
     scores_approx: bool = False  # the learner scores candidates with its approximation ``cfg.approx``
     learns_approx: bool = False  # a ``cfg.approx_fraction`` share of the selection is learned approximately
@@ -142,12 +142,15 @@ def run_step(
     generator: torch.Generator | None = None,
     *,
     world_size: int = 1,
+    learn_module: nn.Module | None = None,
 ) -> StepOutput:
     """One training step of ``cfg.method`` on a super-batch already on the device.
 
     With ``world_size > 1`` (torch.distributed initialised), ``batch`` is this rank's shard of the super-batch
-    and ``cfg.batch_size`` the global b; each rank learns on its b / W picks and the loss covers the whole
-    selection. Counts in the output are global.
+    and ``cfg.batch_size`` the global b; each rank learns on its b / W picks through ``learn_module``, the
+    DDP-wrapped ``distributed.data_parallel(model, device)`` (required: its backward averages the gradients),
+    and back-propagates its share of the loss, whose value is that of the whole selection. Counts in the
+    output are global. On one process ``learn_module`` defaults to the model itself.
     """
     method = get_method(cfg.method)
-    return method.step(method, model, batch, cfg, generator, world_size=world_size)
+    return method.step(method, model, batch, cfg, generator, world_size=world_size, learn_module=learn_module)

@@ -6,8 +6,9 @@ its reference embeddings and what a step costs. Training (``loop.py``) and the s
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,12 +16,12 @@ import open_clip
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 
-from jestclip.data.loader import SuperBatch, SuperBatchStream
+from jestclip.data.loader import ResumableBatches, SuperBatch, SuperBatchStream
 from jestclip.data.refcache import ReferenceCache
 from jestclip.models import StepFlops, create_model, forward_flops
 from jestclip.train.config import TrainConfig, to_dict
+from jestclip.train.distributed import data_parallel
 from jestclip.train.optim import make_optimizer, make_scheduler
 from jestclip.train.steps import StepOutput, SuperBatchTensors
 
@@ -141,15 +142,20 @@ def build_model(cfg: TrainConfig, device: torch.device, checkpoint: Any = None) 
 
 @dataclass
 class TrainState:
-    """Everything a checkpoint holds: learner, optimiser, schedule, selection generator, counters."""
+    """Everything a checkpoint holds: learner, optimiser, schedule, selection generator, counters; and, under
+    torchrun, ``learn_module``: the DDP-wrapped ``LearningForward(model)`` the steps learn through (the
+    model's own parameters; not checkpointed; None on one process, where the steps use the model itself)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator
     counters: Counters
+    learn_module: nn.Module | None = None
+    data: list[dict[str, Any] | None] | None = None  # every rank's data position (ResumableBatches.positions)
 
     def state_dict(self, cfg: TrainConfig) -> dict[str, Any]:
+        """The checkpoint; ``data`` is the data position as last set (the loop sets it before each save)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -158,10 +164,12 @@ class TrainState:
             "torch_rng": torch.get_rng_state(),
             "counters": asdict(self.counters),
             "config": to_dict(cfg),
+            "data": self.data,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a checkpoint, the global torch RNG included."""
+        """Restore a checkpoint, the global torch RNG and the data position included (None in a checkpoint
+        written before jestclip recorded it)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -169,16 +177,21 @@ class TrainState:
         self.generator.set_state(state["generator"].cpu() if on_cpu else state["generator"])
         torch.set_rng_state(state["torch_rng"].cpu())
         self.counters = Counters(**state["counters"])
+        self.data = state.get("data")
 
 
 def build_state(cfg: TrainConfig, device: torch.device) -> TrainState:
-    """A fresh training state, seeded by ``cfg.seed`` (the model's init draws from the global torch RNG)."""
+    """A fresh training state, seeded by ``cfg.seed`` (the model's init draws from the global torch RNG); in a
+    process group of more than one rank its ``learn_module`` is the model wrapped in DDP."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device)
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.steps, cfg.optim)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    return TrainState(model, optimizer, scheduler, generator, Counters())
+    learn_module = None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        learn_module = data_parallel(model, device)
+    return TrainState(model, optimizer, scheduler, generator, Counters(), learn_module)
 
 
 def open_reference(cfg: TrainConfig, urls: list[str]) -> ReferenceCache | None:
@@ -227,9 +240,28 @@ def open_stream(
     )
 
 
-def resume_batches(stream: SuperBatchStream, cfg: TrainConfig, step: int) -> Iterator[SuperBatch]:
-    """The stream through ``cfg.num_workers`` loader workers, replayed to where step ``step`` left it."""
-    batches = iter(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers))
+def resume_batches(
+    stream: SuperBatchStream, cfg: TrainConfig, step: int, data: list[dict[str, Any] | None] | None = None
+) -> ResumableBatches:
+    """The stream through ``cfg.num_workers`` loader workers from where step ``step`` left it: at this rank's
+    entry of the checkpoint's data position ``data`` (reading nothing consumed before), or, for a checkpoint
+    without one, by replaying ``step`` super-batches (a warning says so). A ValueError when the position was
+    recorded with another world size or ``num_workers``."""
+    if data is not None and len(data) != stream.world_size:
+        raise ValueError(
+            f"the checkpoint's data position is for {len(data)} ranks but this run has {stream.world_size}: "
+            f"resume it on {len(data)} ranks"
+        )
+    position = data[stream.rank] if data is not None else None
+    if position is not None or step == 0:
+        return ResumableBatches(stream, cfg.num_workers, position)
+    warnings.warn(
+        f"the checkpoint of step {step} records no data position (written by an older jestclip, or a stream "
+        f"with a shuffle buffer): replaying {step} super-batches to reach it",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    batches = ResumableBatches(stream, cfg.num_workers)
     for _ in range(step):
         next(batches)
     return batches

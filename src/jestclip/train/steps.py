@@ -10,6 +10,13 @@ owns the optimiser, logging and I/O.
   learner, exact or approximate, when the scoring rule uses it), pick b with the method's selector, learn on
   them; a method that learns approximately learns a random ``approx_fraction`` of the pick with
   ``cfg.approx`` and the rest at full resolution, one loss over all of it.
+
+A step learns through one module, ``LearningForward(model)``: the features and logit parameters of the
+selected examples, every learning forward of the step in one call (scoring runs outside it, without
+gradients, on the model itself). Under torchrun it is wrapped once in ``DistributedDataParallel``
+(``distributed.data_parallel``), whose hooks all-reduce gradient buckets while backward is still running; each
+rank passes only its ``b / W`` selected examples to open_clip's distributed losses, so no rank builds the
+``b × b`` logits (see ``contrastive_loss``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 from torch import Tensor, nn
@@ -31,6 +39,7 @@ if TYPE_CHECKING:
     from jestclip.train.methods import Method
 
 __all__ = [
+    "LearningForward",
     "StepOutput",
     "SuperBatchTensors",
     "contrastive_loss",
@@ -61,12 +70,22 @@ class StepOutput:
     selected_score: float | None = None  # batch_score of the selection under the scoring embeddings
 
 
-def contrastive_loss(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, loss: str) -> Tensor:
-    """Batch loss of L2-normalised ``[b, E]`` embeddings: SigLIP's sigmoid loss or CLIP's softmax loss."""
+def contrastive_loss(
+    image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, loss: str, *, rank: int = 0, world_size: int = 1
+) -> Tensor:
+    """Batch loss of L2-normalised ``[b, E]`` embeddings: SigLIP's sigmoid loss or CLIP's softmax loss.
+
+    With ``world_size > 1`` the embeddings are rank ``rank``'s ``b / W`` of the batch and the result is this
+    rank's share, computed as open_clip does: SigLIP's loss of its images against every rank's texts
+    (exchanged with neighbours), CLIP's rows and columns of its examples (features all-gathered with
+    gradients). Each share is normalised by the local batch, so the mean over ranks is the batch loss and
+    DDP's gradient average is its gradient.
+    """
     if loss == "sigmoid":
-        return SigLipLoss()(image, text, scale, bias)
+        return SigLipLoss(rank=rank, world_size=world_size)(image, text, scale, bias)
     if loss == "softmax":
-        return ClipLoss()(image, text, scale)
+        clip = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+        return clip(image, text, scale)
     raise ValueError(f"loss must be 'sigmoid' or 'softmax', got {loss!r}")
 
 
@@ -130,33 +149,66 @@ def _select(
     )
 
 
+class LearningForward(nn.Module):
+    """Every learning forward of a step as one module (what DDP wraps): the normalised features of the
+    selected examples, the ``approx_part`` positions encoded with ``approx`` and the rest exactly (in that
+    order: exact first), and the model's logit scale and bias."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        images: Tensor,
+        tokens: Tensor,
+        approx_part: Tensor | None = None,
+        approx: Approximation | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if approx_part is None:
+            image, text = _embed(self.model, images, tokens, None)
+        else:
+            exact = torch.ones(len(images), dtype=torch.bool, device=images.device)
+            exact[approx_part] = False
+            parts = [
+                _embed(self.model, images[mask], tokens[mask], part_approx)
+                for mask, part_approx in ((exact, None), (~exact, approx))
+                if bool(mask.any())
+            ]
+            image, text = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        scale, bias = logit_params(self.model)
+        return image, text, scale, bias
+
+
+def _learning_module(model: nn.Module, learn_module: nn.Module | None, world_size: int) -> nn.Module:
+    if learn_module is not None:
+        return learn_module
+    if world_size > 1:
+        raise ValueError(
+            "world_size > 1 needs learn_module=data_parallel(model, device) (jestclip.train.distributed): "
+            "without it the ranks' gradients are not averaged"
+        )
+    return LearningForward(model)
+
+
 def _learn(
-    model: nn.Module,
+    learn_module: nn.Module,
     batch: SuperBatchTensors,
     selected: Tensor,
     cfg: MethodConfig,
     world_size: int,
     approx_part: Tensor | None = None,
 ) -> Tensor:
-    """Loss over the selection (all ranks' when distributed); ``approx_part`` positions use ``cfg.approx``."""
+    """Loss over the selection; ``approx_part`` positions use ``cfg.approx``. Distributed: this rank's share
+    (its gradient), valued at the loss over every rank's selection."""
     images, tokens = batch.images[selected], batch.tokens[selected]
-    if approx_part is None:
-        image, text = _embed(model, images, tokens, None)
-    else:
-        exact = torch.ones(len(selected), dtype=torch.bool, device=selected.device)
-        exact[approx_part] = False
-        parts = [
-            _embed(model, images[mask], tokens[mask], approx)
-            for mask, approx in ((exact, None), (~exact, cfg.approx))
-            if bool(mask.any())
-        ]
-        image, text = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    if world_size > 1:
-        from jestclip.train.distributed import all_gather_with_grad
+    image, text, scale, bias = learn_module(images, tokens, approx_part, cfg.approx)
+    if world_size == 1:
+        return contrastive_loss(image, text, scale, bias, cfg.loss)
+    from jestclip.train.distributed import valued_at_rank_mean
 
-        image, text = all_gather_with_grad(image), all_gather_with_grad(text)
-    scale, bias = logit_params(model)
-    return contrastive_loss(image, text, scale, bias, cfg.loss)
+    share = contrastive_loss(image, text, scale, bias, cfg.loss, rank=dist.get_rank(), world_size=world_size)
+    return valued_at_rank_mean(share)
 
 
 def learn_batch_step(
@@ -167,11 +219,13 @@ def learn_batch_step(
     generator: torch.Generator | None = None,
     *,
     world_size: int = 1,
+    learn_module: nn.Module | None = None,
 ) -> StepOutput:
-    """Learn on the whole batch (this rank's b / W of it)."""
+    """Learn on the whole batch (this rank's b / W of it) through ``learn_module`` (default: the model)."""
     _check_sizes(batch, cfg, world_size, exact=True)
+    learn_module = _learning_module(model, learn_module, world_size)
     selected = torch.arange(len(batch), device=batch.images.device)
-    loss = _learn(model, batch, selected, cfg, world_size)
+    loss = _learn(learn_module, batch, selected, cfg, world_size)
     return StepOutput(loss, selected, scored=0, learned=len(selected) * world_size)
 
 
@@ -183,9 +237,12 @@ def select_and_learn_step(
     generator: torch.Generator | None = None,
     *,
     world_size: int = 1,
+    learn_module: nn.Module | None = None,
 ) -> StepOutput:
-    """Score the super-batch (no grad), select b with ``method.selector``, learn on the selection."""
+    """Score the super-batch with ``model`` (no grad), select b with ``method.selector``, learn on the
+    selection through ``learn_module`` (default: the model)."""
     _check_sizes(batch, cfg, world_size, exact=False)
+    learn_module = _learning_module(model, learn_module, world_size)
     learner = None
     if method.scores_with_learner(cfg.scoring):
         learner = score_embeddings(model, batch, method.scoring_approx(cfg))
@@ -194,7 +251,7 @@ def select_and_learn_step(
     if method.learns_approx:  # a random share: selection order is not random
         order = torch.randperm(len(selected), generator=generator, device=selected.device)
         approx_part = order[: round(method.learned_approx_fraction(cfg) * len(selected))]
-    loss = _learn(model, batch, selected, cfg, world_size, approx_part)
+    loss = _learn(learn_module, batch, selected, cfg, world_size, approx_part)
     score = None
     if world_size == 1:  # the sub-batch score would need every rank's embeddings
         score = float(batch_score(learner, batch.reference, selected, scoring=cfg.scoring, loss=cfg.loss))
