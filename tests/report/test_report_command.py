@@ -111,3 +111,19 @@ def test_report_command_takes_the_reference_run(runs, tmp_path):
     )
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["reference"]["run"] == iid.name and data["reference"]["cached_samples"] == 24
+
+
+def test_reference_cost_works_in_a_fresh_process(runs):
+    """reference_cost registers jestclip's model configs itself: it once asked open_clip for 'jest-micro'
+    before anything had registered it, which worked only after a model had been built in the process."""
+    import os
+    import subprocess
+    import sys
+
+    iid, _ = runs
+    shards = iid.parent / "shards"
+    code = f"from jestclip.report import reference_cost; print(reference_cost({str(iid)!r}, {str(shards)!r}))"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "cached_samples=24" in out.stdout

@@ -48,9 +48,10 @@ def reference_cost(reference_run: str | Path, cached: str | Path | Sequence[str 
     if "flops_total" not in final:
         raise ValueError(f"reference run {run.path} has logged no FLOPs yet")
     name = run.config["model"]
+    model = create_model(name)  # first: it registers jestclip's shipped configs with open_clip
     model_cfg = open_clip.get_model_config(name)
     forward = forward_flops(
-        create_model(name),
+        model,
         image_size=model_cfg["vision_cfg"]["image_size"],
         context_length=model_cfg["text_cfg"]["context_length"],
     )
