@@ -13,10 +13,11 @@ JPEG rate of one worker it prints the workers needed to feed ViT-B/16 at 224 px,
 per step, JEST and Flexi-JEST B = b / (1 - f). The step rates are arguments; their defaults are estimates
 (see ``--iid-steps-per-s``) to be replaced by the step times ``benchmarks/gpu.py`` measures on the GPU.
 
-It also times, per image in the main process (1 torch thread), JPEG decode + 224-px transform with PIL's
-full decode (what the loader does) against PIL's draft mode (``Image.draft("RGB", (s, s))``: the JPEG is
-decoded at 1/2, 1/4 or 1/8 scale when that still covers the target), on the 256-px images and on larger
-generated ones; and ``torchvision.io.decode_jpeg(..., device="cuda")`` when CUDA is available.
+The same loader on generated 512-px JPEG shards, decoding in full (``decode_size=None``) and at reduced
+size (``decode_size=224``, PIL's draft mode: libjpeg decodes at 1/2, 1/4 or 1/8 scale when that still covers
+the target; what ``jestclip train`` does with ``draft_decode=True``). It also times, per image in the
+main process (1 torch thread), ``jestclip.data.open_image`` + the 224-px transform both ways on 256-, 512-
+and 1024-px JPEGs; and ``torchvision.io.decode_jpeg(..., device="cuda")`` when CUDA is available.
 
     python benchmarks/loader.py                  # full run, < 3 minutes on 2 cores
     python benchmarks/loader.py --quick          # generated shards only, few samples (smoke test)
@@ -39,7 +40,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from jestclip.data import Pair, SuperBatchStream, write_shard
+from jestclip.data import Pair, SuperBatchStream, open_image, write_shard
 from jestclip.models import image_transform
 
 BATCH = 512  # b of the ViT-B/16 configuration the workers are counted for
@@ -99,7 +100,12 @@ def write_jpeg_shards(root: Path, count: int, size: int, per_shard: int = 250) -
 
 
 def throughput(
-    urls: list[str], transform: Callable, workers: int, args: argparse.Namespace, threads: int | None = None
+    urls: list[str],
+    transform: Callable,
+    workers: int,
+    args: argparse.Namespace,
+    threads: int | None = None,
+    decode_size: int | None = None,
 ) -> float:
     """Images/s through a DataLoader with ``workers`` workers, start-up (2 batches per worker) excluded.
 
@@ -110,7 +116,9 @@ def throughput(
     torch.set_num_threads(threads or before)
     try:
         size = args.batch_size
-        stream = SuperBatchStream(urls, batch_size=size, transform=transform, resampled=True, seed=0)
+        stream = SuperBatchStream(
+            urls, batch_size=size, transform=transform, resampled=True, seed=0, decode_size=decode_size
+        )
         batches = iter(DataLoader(stream, batch_size=None, num_workers=workers))
         for _ in range(2 * max(1, workers)):
             next(batches)
@@ -129,24 +137,13 @@ def settings(workers: list[int]) -> list[tuple[int, int | None, str]]:
     out: list[tuple[int, int | None, str]] = []
     for w in workers:
         if w == 0:
-            out.append((0, None, f"0 (main process, {torch.get_num_threads()} torch threads)"))
+            n = torch.get_num_threads()
+            out.append((0, None, f"0 (main process, {n} torch thread{'s' if n > 1 else ''})"))
             if torch.get_num_threads() > 1:
                 out.append((0, 1, "0 (main process, 1 torch thread)"))
         else:
             out.append((w, None, str(w)))
     return out
-
-
-def decode_full(data: bytes, size: int) -> Image.Image:
-    """What the loader does: decode every pixel, then convert to RGB."""
-    return Image.open(io.BytesIO(data)).convert("RGB")
-
-
-def decode_draft(data: bytes, size: int) -> Image.Image:
-    """PIL's JPEG draft mode: libjpeg decodes at the smallest 1/2^k scale still >= ``size`` on both sides."""
-    image = Image.open(io.BytesIO(data))
-    image.draft("RGB", (size, size))
-    return image.convert("RGB")
 
 
 def per_image_ms(fns: list[Callable[[bytes], object]], blobs: list[bytes], passes: int = 3) -> list[float]:
@@ -172,14 +169,14 @@ def draft_rows(sizes: list[int], count: int, transform: Callable) -> list[str]:
         blobs = [jpeg_bytes(natural_image(rng, size)) for _ in range(count)]
         full, full_t, draft, draft_t = per_image_ms(
             [
-                lambda b: decode_full(b, TARGET),
-                lambda b: transform(decode_full(b, TARGET)),
-                lambda b: decode_draft(b, TARGET),
-                lambda b: transform(decode_draft(b, TARGET)),
+                lambda b: open_image(b),
+                lambda b: transform(open_image(b)),
+                lambda b: open_image(b, decode_size=TARGET),
+                lambda b: transform(open_image(b, decode_size=TARGET)),
             ],
             blobs,
         )
-        scale = decode_draft(blobs[0], TARGET).width / size
+        scale = open_image(blobs[0], decode_size=TARGET).width / size
         rows.append(
             f"| {size} px | {full:.2f} | {full_t:.2f} | {draft:.2f} ({scale:g}x) | {draft_t:.2f} | "
             f"{full_t / draft_t:.2f}x |"
@@ -227,6 +224,18 @@ def loader_rows(args: argparse.Namespace, jpeg_urls: list[str]) -> tuple[list[st
     return rows, jpeg_rates
 
 
+def draft_loader_rows(args: argparse.Namespace, urls: list[str]) -> list[str]:
+    """Rows: the loader on 512-px JPEGs through the 224-px transform, full vs reduced-size decoding."""
+    transform, rows = image_transform("ViT-B-16"), []
+    for workers in [w for w in args.workers if w > 0][:1] or [0]:
+        threads = 1 if workers == 0 else None
+        full = throughput(urls, transform, workers, args, threads)
+        draft = throughput(urls, transform, workers, args, threads, decode_size=TARGET)
+        rows.append(f"| {workers} | {full:,.0f} | {draft:,.0f} | {draft / full:.2f}x |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def workers_rows(args: argparse.Namespace, per_worker: float) -> list[str]:
     """Workers needed = images/s needed / images/s per worker, for ViT-B/16 at b = 512."""
     plan = [("IID", 0.0, args.iid_steps_per_s)]
@@ -262,6 +271,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jpeg-dir", type=Path, default=Path("/tmp/jestclip-loader-jpeg"))
     parser.add_argument("--jpeg-count", type=int, default=2000)
     parser.add_argument("--jpeg-size", type=int, default=256)
+    parser.add_argument("--large-jpeg-size", type=int, default=512, help="JPEGs for the loader's draft rows")
     parser.add_argument("--samples", type=int, default=1024, help="images timed per row")
     parser.add_argument("--max-seconds", type=float, default=12.0, help="time limit per row")
     parser.add_argument("--batch-size", type=int, default=64, help="super-batch size of the stream")
@@ -311,6 +321,16 @@ def main(argv: list[str] | None = None) -> None:
     print("| method | f | images per step | steps/s | images/s needed | workers needed |")
     print("|---|---:|---:|---:|---:|---:|")
     print("\n".join(workers_rows(args, per_worker)))
+    large = args.large_jpeg_size
+    large_urls = write_jpeg_shards(args.jpeg_dir / str(large), args.jpeg_count // 2, large, per_shard)
+    print(
+        f"\nThe loader on generated {large}-px JPEG q90 through the {TARGET}-px transform (images/s), "
+        "decoding "
+        f"in full vs at reduced size (decode_size={TARGET}, jestclip train's draft_decode=True):\n"
+    )
+    print("| workers | full decode | reduced-size decode | speed-up |")
+    print("|---:|---:|---:|---:|")
+    draft_loader_rows(args, large_urls)
     print(f"\nJPEG decode + {TARGET}-px transform per image, main process, 1 torch thread:\n")
     print(
         "| JPEG size | decode, ms | decode + transform, ms | draft decode, ms (scale) | draft decode + "

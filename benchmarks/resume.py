@@ -96,9 +96,9 @@ def time_resume(cfg: TrainConfig) -> tuple[float, int]:
     decoded, first = [0], []
     real_decode, real_learn = loader.decode_sample, loop.learn
 
-    def counting(raw):
+    def counting(raw, **kwargs):
         decoded[0] += 1
-        return real_decode(raw)
+        return real_decode(raw, **kwargs)
 
     def learn(*args, **kwargs):
         if not first:

@@ -58,15 +58,10 @@ def test_loader_script_quick_measures_workers_and_decoding(tmp_path):
     draft = table_rows(out, "256 px")[0]
     assert draft[3].endswith("(1x)") and number(draft[5]) > 0  # 256 px -> 224: no smaller scale fits
     assert ("skipped, no CUDA" in out) != torch.cuda.is_available()
-
-
-def test_draft_decode_uses_a_smaller_scale_for_large_jpegs():
-    loader = load_script("loader")
-    import numpy as np
-
-    blob = loader.jpeg_bytes(loader.natural_image(np.random.default_rng(0), 1024))
-    assert loader.decode_full(blob, 224).size == (1024, 1024)
-    assert loader.decode_draft(blob, 224).size == (256, 256)  # 1/4 scale still covers 224
+    large = out.split("reduced-size decode | speed-up |")[1]
+    (row,) = table_rows(large, "1")  # the loader on 512-px JPEGs, one worker, both decodes
+    assert number(row[1]) > 0 and number(row[2]) > 0
+    assert len(list((tmp_path / "jpeg" / "512").glob("*.tar"))) == 1  # 48 generated 512-px JPEGs
 
 
 def test_gpu_script_tiny_cpu_prints_and_writes_every_table(tmp_path):

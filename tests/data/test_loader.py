@@ -438,7 +438,7 @@ def test_a_resumed_stream_decodes_only_what_comes_next(tmp_path, monkeypatch):
     position = expected[29].position  # after 150 samples: 6 of the 13th shard drawn were consumed
     assert position["sample"] == 6
     decoded: list[str] = []
-    counting = lambda raw: decoded.append(raw["__key__"]) or decode_sample(raw)  # noqa: E731
+    counting = lambda raw, **kw: decoded.append(raw["__key__"]) or decode_sample(raw, **kw)  # noqa: E731
     monkeypatch.setattr(loader, "decode_sample", counting)
     resumed = ResumableBatches(SuperBatchStream(urls, **kw), 0, {"workers": [position], "next": 0})
     assert next(resumed).keys == expected[30].keys
@@ -490,3 +490,59 @@ def test_positions_are_gathered_from_every_rank(tmp_path):
         resumed = ResumableBatches(SuperBatchStream(urls, **kw), 0, position)
         assert [next(whole).keys for _ in range(3)] == [*results[rank]["keys"], next(resumed).keys]
     assert results[0]["positions"][0] != results[0]["positions"][1]  # each rank draws its own shards
+
+
+# --- reduced-size JPEG decoding (PIL's draft mode) ----------------------------------------------------------
+
+
+def jpeg(width: int, height: int) -> bytes:
+    """A smooth JPEG (gradients and a soft ring), like a photo's low frequencies."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    ring = torch.exp(-((((x - 0.4) ** 2 + (y - 0.6) ** 2).sqrt() - 0.25) ** 2) / 0.01)
+    pixels = torch.stack([200 * x + 40 * ring, 180 * y, 120 + 100 * ring], dim=-1).clamp(0, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "size, decode_size, decoded",
+    [
+        ((512, 512), 224, (256, 256)),  # 1/2: 1/4 would be 128 < 224
+        ((1000, 600), 224, (500, 300)),  # the shorter side decides
+        ((2000, 1800), 224, (250, 225)),  # 1/8 is the smallest scale libjpeg offers
+        ((300, 300), 224, (300, 300)),  # under 2x the target: decoded in full
+        ((512, 512), None, (512, 512)),
+    ],
+)
+def test_jpegs_decode_at_the_smallest_scale_covering_decode_size(size, decode_size, decoded):
+    sample = decode_sample({"__key__": "k", "jpg": jpeg(*size), "txt": b"x"}, decode_size=decode_size)
+    assert sample.image.size == decoded and sample.image.mode == "RGB"
+
+
+def test_other_formats_decode_in_full():
+    sample = decode_sample({"__key__": "k", "png": image(0, 64), "txt": b"x"}, decode_size=8)
+    assert sample.image.size == (64, 64)
+
+
+def test_a_reduced_decode_gives_nearly_the_same_model_input():
+    from jestclip.models import image_transform
+
+    transform = image_transform("ViT-B-16")  # resize the shorter side to 224, centre crop, normalise
+    data = jpeg(1024, 768)
+    full = transform(loader.open_image(data))
+    reduced = transform(loader.open_image(data, decode_size=224))
+    assert loader.open_image(data, decode_size=224).size == (512, 384)
+    assert full.shape == reduced.shape == (3, 224, 224)
+    assert (full - reduced).abs().mean() < 0.02  # normalised units (~1/255 is 0.015)
+
+
+def test_the_stream_decodes_at_its_decode_size(tmp_path):
+    url = write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg(512, 512)), ("a.txt", b"x")])
+    sizes = []
+    (batch,) = SuperBatchStream(
+        [url], batch_size=1, decode_size=100, transform=lambda im: sizes.append(im.size) or torch.zeros(1)
+    )
+    assert sizes == [(128, 128)] and batch.keys == ["a"]
+    with pytest.raises(ValueError, match="decode_size must be >= 1 or None, got 0"):
+        SuperBatchStream([url], batch_size=1, decode_size=0)

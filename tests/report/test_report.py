@@ -113,3 +113,11 @@ def test_runs_that_differ_only_in_seed_are_one_group_with_a_band():
     same_seed = seeded("iid-again", "iid", 0, [0.0, 0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="have the same config and seed"):
         group_seeds([iid[0], same_seed])
+
+    # a run written before a config key existed groups with runs that leave the key at its default
+    seed1 = iid[1]
+    newer = [
+        RunLog(seed1.name, seed1.path, {**seed1.config, "draft_decode": d}, [], seed1.evals) for d in (0, 1)
+    ]
+    assert [len(g.runs) for g in group_seeds([iid[0], newer[0]])] == [2]
+    assert [len(g.runs) for g in group_seeds([iid[0], newer[1]])] == [1, 1]

@@ -142,6 +142,28 @@ def test_resume_refuses_a_different_config(tmp_path, shards):
         train(config(tmp_path / "run", shards, "iid", seed=5), progress=False)
 
 
+def test_a_run_saved_before_a_config_key_existed_resumes_at_its_default(tmp_path, shards):
+    train(config(tmp_path / "run", shards, "iid", stop_after=1), progress=False)
+    run = RunDir(tmp_path / "run")
+    saved = run.read_config()
+    del saved["draft_decode"], saved["method"]["approx"]  # as written by an older jestclip
+    run.write_config(saved)
+    train(config(tmp_path / "run", shards, "iid", stop_after=2), progress=False)
+    saved["method"]["gain"] = 2.0  # a value that was set still has to match
+    run.write_config(saved)
+    with pytest.raises(ValueError, match=r"different config \(\['method'\]\)"):
+        train(config(tmp_path / "run", shards, "iid"), progress=False)
+
+
+def test_the_stream_decodes_jpegs_for_the_learner_input_size_unless_told_not_to(shards):
+    from jestclip.train.setup import Placement, open_stream
+
+    where = Placement(torch.device("cpu"))
+    for draft, expected in ((True, 32), (False, None)):
+        cfg = TrainConfig(model="jest-micro", data=shards[0], draft_decode=draft)
+        assert open_stream(cfg, shards, image_transform("jest-micro"), where).decode_size == expected
+
+
 def test_missing_reference_cache_fails_before_training(tmp_path, shards):
     cfg = config(tmp_path / "run", shards, "jest", reference_cache="other")
     with pytest.raises(ValueError, match="no cached 'other' embeddings for shard "):
@@ -242,7 +264,9 @@ def test_resume_mid_shard_decodes_only_what_comes_next(tmp_path, shards, uninter
     assert position["workers"][0]["sample"] == 4  # 16 samples read: a 12-sample shard and 4 of the next
     decoded = []
     real = loader.decode_sample
-    monkeypatch.setattr(loader, "decode_sample", lambda raw: decoded.append(raw["__key__"]) or real(raw))
+    monkeypatch.setattr(
+        loader, "decode_sample", lambda raw, **kw: decoded.append(raw["__key__"]) or real(raw, **kw)
+    )
     train(dataclasses.replace(cfg, stop_after=None), progress=False)
     assert len(decoded) == 3 * 8 + 1  # steps 3-5 (B = 8) and the sample after them; a replay decodes 16 more
     assert same_run(uninterrupted(0), cfg.run_dir)

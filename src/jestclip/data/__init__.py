@@ -11,6 +11,7 @@ from jestclip.data.loader import (
     SuperBatchStream,
     decode_sample,
     expand_urls,
+    open_image,
     read_shard,
 )
 from jestclip.data.shards import Pair, png_bytes, shard_name, write_shard
@@ -23,6 +24,7 @@ __all__ = [
     "SuperBatchStream",
     "decode_sample",
     "expand_urls",
+    "open_image",
     "png_bytes",
     "read_shard",
     "shard_name",

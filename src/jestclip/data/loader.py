@@ -90,6 +90,7 @@ __all__ = [
     "SuperBatchStream",
     "decode_sample",
     "expand_urls",
+    "open_image",
     "read_shard",
 ]
 
@@ -191,15 +192,18 @@ def _expand_one(item: str) -> list[str]:
     return found
 
 
-def decode_sample(raw: dict[str, Any]) -> Sample | str:
-    """Decode one raw webdataset sample; return a Sample, or the reason (a short string) it was skipped."""
+def decode_sample(raw: dict[str, Any], *, decode_size: int | None = None) -> Sample | str:
+    """Decode one raw webdataset sample; return a Sample, or the reason (a short string) it was skipped.
+
+    decode_size: see ``open_image``.
+    """
     key, url = raw.get("__key__"), raw.get("__url__", "")
     if not key:
         return "missing_key"
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     if ext is None:
         return "missing_image"
-    image = _open_image(raw[ext])
+    image = open_image(raw[ext], decode_size=decode_size)
     if isinstance(image, str):
         return image
     if "txt" not in raw:
@@ -221,14 +225,22 @@ def decode_sample(raw: dict[str, Any]) -> Sample | str:
     return Sample(key=key, url=url, image=image, text=text, meta=meta)
 
 
-def _open_image(data: bytes) -> Image.Image | str:
-    """The RGB image in ``data``, or ``bad_image`` / ``image_too_large``."""
+def open_image(data: bytes, *, decode_size: int | None = None) -> Image.Image | str:
+    """The RGB image in ``data``, or ``bad_image`` / ``image_too_large``.
+
+    decode_size: decode a JPEG at the smallest scale libjpeg offers (1/2, 1/4 or 1/8, PIL's draft mode) whose
+    width and height both stay >= ``decode_size`` — enough for a transform that resizes the shorter side to
+    ``decode_size`` — and skip most of the decoding and resizing work. Other formats, and JPEGs smaller than
+    twice ``decode_size``, decode in full. None: always in full.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 return "image_too_large"
+            if decode_size is not None and image.format in ("JPEG", "MPO"):
+                image.draft("RGB", (decode_size, decode_size))
             image.load()
             return image.convert("RGB")
     except Image.DecompressionBombError:
@@ -401,6 +413,8 @@ class SuperBatchStream(IterableDataset):
     epochs: passes over this rank's shards (None = forever); ignored when ``resampled``.
     transform: PIL image -> ``[3, H, W]`` tensor (default: float in [0, 1]; sizes must then agree).
     shuffle_buffer: shuffle samples within a buffer of this many (0 = keep shard order).
+    decode_size: decode JPEGs at a reduced scale that still covers this many pixels on both sides (PIL's
+    draft mode; see ``open_image``); set it to the transform's resize target. None: decode in full.
     rank, world_size: default to torch.distributed's when it is initialised, else 0 and 1.
     require_samples: raise ``NoReadableSampleError`` when every shard this worker can draw was opened in a
     row without a readable sample (and, for a finite pass, when it ended with none). Default: only for
@@ -422,10 +436,13 @@ class SuperBatchStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         require_samples: bool | None = None,
+        decode_size: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if decode_size is not None and decode_size < 1:
+            raise ValueError(f"decode_size must be >= 1 or None, got {decode_size}")
         self.urls = expand_urls(urls)
         self.batch_size = batch_size
         self.transform = transform or _to_tensor
@@ -433,6 +450,7 @@ class SuperBatchStream(IterableDataset):
         self.resampled = resampled
         self.shuffle_shards = shuffle_shards
         self.shuffle_buffer = shuffle_buffer
+        self.decode_size = decode_size
         self.drop_last = drop_last
         self.seed = seed
         self.require_samples = (resampled or epochs is None) if require_samples is None else require_samples
@@ -538,7 +556,7 @@ class SuperBatchStream(IterableDataset):
         watch.end()
 
     def _decode(self, raw: dict[str, Any], count: Callable[[str], None]) -> Sample | None:
-        sample = decode_sample(raw)
+        sample = decode_sample(raw, decode_size=self.decode_size)
         if isinstance(sample, str):
             count(sample)
             return None

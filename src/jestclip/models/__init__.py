@@ -5,6 +5,7 @@ from jestclip.models.embed import reference_embedder, reference_logits
 from jestclip.models.factory import (
     CONFIG_DIR,
     create_model,
+    image_size,
     image_transform,
     logit_params,
     model_fingerprint,
@@ -23,6 +24,7 @@ __all__ = [
     "create_model",
     "encode_image",
     "forward_flops",
+    "image_size",
     "image_transform",
     "logit_params",
     "model_fingerprint",

@@ -27,6 +27,7 @@ __all__ = [
     "CONFIG_DIR",
     "LOGIT_INIT",
     "create_model",
+    "image_size",
     "image_transform",
     "logit_params",
     "model_fingerprint",
@@ -153,6 +154,13 @@ def tokenizer(name: str, pretrained: str | None = None) -> Callable[[list[str]],
     return open_clip.get_tokenizer(name)
 
 
+def image_size(name: str) -> int:
+    """The side in pixels of model ``name``'s square input (the larger side, were it not square)."""
+    _check_name(name)
+    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    return max(size) if isinstance(size, (list, tuple)) else int(size)
+
+
 def image_transform(name: str, *, pretrained: str | None = None, train: bool = False) -> Callable:
     """open_clip's preprocessing for model ``name``: resize, crop, normalise (and augment if ``train``).
 
@@ -160,8 +168,7 @@ def image_transform(name: str, *, pretrained: str | None = None, train: bool = F
     center crop); with a tag it is the one those weights were trained with, as
     ``open_clip.create_model_and_transforms(name, pretrained=tag)`` returns it, built without downloading.
     """
-    _check_name(name)
-    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    size = image_size(name)
     if pretrained is None:
         return open_clip.image_transform(size, is_train=train)
     cfg = merge_preprocess_dict(PreprocessCfg(size=size), pretrained_cfg(name, pretrained))

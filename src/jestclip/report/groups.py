@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jestclip.report.runs import AVERAGE, RunLog
+from jestclip.train.config import with_defaults
 from jestclip.train.methods import Method
 
 __all__ = ["RunGroup", "as_group", "group_seeds"]
@@ -76,7 +77,9 @@ def as_group(run: RunLog | RunGroup) -> RunGroup:
 
 
 def _seedless(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in _SEED_KEYS}
+    """The config without the keys seeds may differ in; keys added to jestclip since it was written are
+    read as their defaults (what jestclip did before them)."""
+    return {k: v for k, v in with_defaults(config).items() if k not in _SEED_KEYS}
 
 
 def group_seeds(runs: Sequence[RunLog]) -> list[RunGroup]:

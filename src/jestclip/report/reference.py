@@ -10,7 +10,7 @@ from pathlib import Path
 import open_clip
 
 from jestclip.data.loader import IMAGE_EXTENSIONS, expand_urls
-from jestclip.models import create_model, forward_flops
+from jestclip.models import create_model, forward_flops, image_size
 from jestclip.report.runs import load_run
 
 __all__ = ["ReferenceCost", "count_samples", "reference_cost"]
@@ -49,11 +49,7 @@ def reference_cost(reference_run: str | Path, cached: str | Path | Sequence[str 
         raise ValueError(f"reference run {run.path} has logged no FLOPs yet")
     name = run.config["model"]
     model = create_model(name)  # first: it registers jestclip's shipped configs with open_clip
-    model_cfg = open_clip.get_model_config(name)
-    forward = forward_flops(
-        model,
-        image_size=model_cfg["vision_cfg"]["image_size"],
-        context_length=model_cfg["text_cfg"]["context_length"],
-    )
+    context = open_clip.get_model_config(name)["text_cfg"]["context_length"]
+    forward = forward_flops(model, image_size=image_size(name), context_length=context)
     samples = count_samples(cached)
     return ReferenceCost(run.name, float(final["flops_total"]), float(forward.total) * samples, samples)

@@ -238,6 +238,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available
     num_workers: int = 2
+    draft_decode: bool = (
+        False  # decode JPEGs at the smallest libjpeg scale still covering the learner's input
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -250,6 +253,22 @@ class TrainConfig:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config dict written by an older jestclip, with the defaults of the keys added since (nested too).
+
+    A key added to the config must therefore default to what jestclip did before the key existed.
+    """
+
+    def merged(default: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+        out = {**default, **values}
+        for key, value in default.items():
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                out[key] = merged(value, values[key])
+        return out
+
+    return merged(to_dict(TrainConfig()), saved)
 
 
 def _build(cls: type, data: Any, prefix: str = "") -> Any:

@@ -40,7 +40,7 @@ from jestclip.data.refcache import ReferenceCache
 from jestclip.eval import evaluate, find_suites, flat_metrics
 from jestclip.models import StepFlops, image_transform, tokenizer
 from jestclip.models.factory import logit_params
-from jestclip.train.config import TrainConfig, to_dict
+from jestclip.train.config import TrainConfig, to_dict, with_defaults
 from jestclip.train.methods import run_step
 from jestclip.train.rundir import CheckpointWriteError, NonFiniteStateError, RunDir
 from jestclip.train.setup import (
@@ -64,6 +64,7 @@ _RESUMABLE_CHANGES = {
     "run_dir",
     "stop_after",
     "num_workers",
+    "draft_decode",
     "device",
     "log_every",
     "checkpoint_every",
@@ -89,7 +90,7 @@ def _prepare_run_dir(run: RunDir, cfg: TrainConfig, where: Placement) -> bool:
     if where.is_main:
         run.clean_tmp()
         if resuming:
-            saved, current = run.read_config(), to_dict(cfg)
+            saved, current = with_defaults(run.read_config()), to_dict(cfg)
             changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
             if changed:
                 raise ValueError(

@@ -19,7 +19,7 @@ from torch import nn
 
 from jestclip.data.loader import ResumableBatches, SuperBatch, SuperBatchStream
 from jestclip.data.refcache import ReferenceCache
-from jestclip.models import StepFlops, create_model, forward_flops
+from jestclip.models import StepFlops, create_model, forward_flops, image_size
 from jestclip.train.config import TrainConfig, to_dict
 from jestclip.train.distributed import data_parallel
 from jestclip.train.optim import make_optimizer, make_scheduler
@@ -209,8 +209,8 @@ def open_reference(cfg: TrainConfig, urls: list[str]) -> ReferenceCache | None:
 
 def measure_step_flops(cfg: TrainConfig, model: nn.Module) -> StepFlops:
     """FLOPs of one step of the run (reference embeddings cached), measured on ``model``'s forward."""
-    model_cfg = open_clip.get_model_config(cfg.model)
-    size, context = model_cfg["vision_cfg"]["image_size"], model_cfg["text_cfg"]["context_length"]
+    size = image_size(cfg.model)
+    context = open_clip.get_model_config(cfg.model)["text_cfg"]["context_length"]
     method = cfg.method.description
     learner = forward_flops(model, image_size=size, context_length=context)
     approx = None
@@ -228,7 +228,8 @@ def open_stream(
     batch_size: int | None = None,
     resampled: bool = True,
 ) -> SuperBatchStream:
-    """The run's stream of super-batches (this rank's B / W of each unless ``batch_size`` says otherwise)."""
+    """The run's stream of super-batches (this rank's B / W of each unless ``batch_size`` says otherwise);
+    with ``cfg.draft_decode`` JPEGs are decoded at the smallest scale still covering the learner's input."""
     return SuperBatchStream(
         urls,
         batch_size=batch_size if batch_size is not None else cfg.super_batch // where.world,
@@ -237,6 +238,7 @@ def open_stream(
         seed=cfg.seed,
         rank=where.rank,
         world_size=where.world,
+        decode_size=image_size(cfg.model) if cfg.draft_decode else None,
     )
 
 
