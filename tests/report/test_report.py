@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from jestclip.report import RunLog, first_crossing, load_run, speedup_table
+from jestclip.report import RunLog, first_crossing, lasting_crossing, load_run, speedup_table
 
 
 def test_first_crossing_interpolates_between_evaluations():
@@ -19,6 +19,17 @@ def test_first_crossing_interpolates_between_evaluations():
         first_crossing([0, 2, 1], [0, 1, 2], 0.5)
     with pytest.raises(ValueError, match="3 x values for 2 y values"):
         first_crossing([0, 1, 2], [0, 1], 0.5)
+
+
+def test_lasting_crossing_ignores_a_touch_the_curve_falls_back_from():
+    xs = [0, 100, 200, 300, 400]
+    assert lasting_crossing(xs, [0.1, 0.5, 0.2, 0.6, 0.7], 0.4) == pytest.approx(250.0)  # not 75
+    assert first_crossing(xs, [0.1, 0.5, 0.2, 0.6, 0.7], 0.4) == pytest.approx(75.0)
+    assert lasting_crossing(xs, [0.1, 0.2, 0.3, 0.4, 0.5], 0.4) == 300.0  # equal counts as reached
+    assert lasting_crossing(xs, [0.5, 0.6, 0.5, 0.6, 0.7], 0.4) == 0.0
+    assert lasting_crossing(xs, [0.1, 0.5, 0.6, 0.7, 0.3], 0.4) is None  # ends below
+    with pytest.raises(ValueError, match="must not decrease"):
+        lasting_crossing([0, 2, 1], [0, 1, 2], 0.5)
 
 
 def synthetic_run(name: str, method: str, accuracy: list[float], per_step: float, step: int = 10) -> RunLog:
@@ -51,6 +62,15 @@ def test_speedup_to_target_on_synthetic_curves():
     target, rows = speedup_table([bumpy, jest], bumpy)
     assert target == 0.4 and rows[0].examples == 300 and rows[0].examples_speedup == 1.0
     assert rows[1].examples == pytest.approx(100) and rows[1].examples_speedup == pytest.approx(3.0)
+    # staying above: the bumpy baseline costs its run; a run that dips below after touching is charged later
+    dip = synthetic_run("dip", "jest", [0.0, 0.5, 0.3, 0.45, 0.5], per_step=1.0)
+    _, rows = speedup_table([bumpy, dip], bumpy)
+    assert rows[0].examples_lasting == 300 and rows[0].examples_lasting_speedup == 1.0
+    assert rows[1].examples == pytest.approx(80) and rows[1].examples_speedup == pytest.approx(300 / 80)
+    assert rows[1].examples_lasting == pytest.approx(267, abs=1) and rows[1].flops_lasting == pytest.approx(
+        26.7, abs=0.1
+    )
+    assert rows[1].examples_lasting_speedup == pytest.approx(300 / (200 + 100 * 0.1 / 0.15))
 
 
 def test_load_run_keeps_the_last_line_of_a_step_and_names_bad_lines(tmp_path):

@@ -12,7 +12,7 @@ from jestclip.report.groups import RunGroup, group_seeds
 from jestclip.report.plots import plot_accuracy, plot_diagnostics
 from jestclip.report.reference import ReferenceCost, count_samples, reference_cost
 from jestclip.report.runs import AVERAGE, RunLog, load_run
-from jestclip.report.speedup import SpeedupRow, first_crossing, speedup_table
+from jestclip.report.speedup import SpeedupRow, first_crossing, lasting_crossing, speedup_table
 from jestclip.report.write import choose_baseline, write_report
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "count_samples",
     "first_crossing",
     "group_seeds",
+    "lasting_crossing",
     "load_run",
     "plot_accuracy",
     "plot_diagnostics",

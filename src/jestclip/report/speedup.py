@@ -9,7 +9,7 @@ from itertools import pairwise
 from jestclip.report.groups import RunGroup, as_group
 from jestclip.report.runs import AVERAGE, RunLog
 
-__all__ = ["SpeedupRow", "first_crossing", "speedup_table"]
+__all__ = ["SpeedupRow", "first_crossing", "lasting_crossing", "speedup_table"]
 
 COSTS = ("examples_learned", "flops_total")
 
@@ -33,10 +33,26 @@ def first_crossing(xs: Sequence[float], ys: Sequence[float], target: float) -> f
     return None
 
 
+def lasting_crossing(xs: Sequence[float], ys: Sequence[float], target: float) -> float | None:
+    """The smallest x from which the piecewise-linear curve through ``(xs, ys)`` stays at or above
+    ``target`` up to its last evaluation: a noisy early touch followed by a fall doesn't count. ``None`` when
+    the last evaluation is below the target.
+    """
+    first_crossing(xs, ys, target)  # the same checks
+    below = [i for i, y in enumerate(ys) if y < target]
+    if not below:
+        return float(xs[0]) if xs else None
+    i = below[-1]
+    if i == len(ys) - 1:
+        return None
+    return first_crossing(xs[i:], ys[i:], target)
+
+
 @dataclass(frozen=True)
 class SpeedupRow:
     """One run (or seed group) against the target: the cost to reach it on its (seed-mean) curve, None when
-    not reached, and baseline cost / that cost; ``*_per_seed``: the same speed-up from each seed's own curve.
+    not reached, and baseline cost / that cost; ``*_per_seed``: the same speed-up from each seed's own curve;
+    ``*_lasting``: the cost from which the (seed-mean) curve stays at or above the target, and its speed-up.
     """
 
     run: str
@@ -50,6 +66,10 @@ class SpeedupRow:
     final_std: float = 0.0
     examples_per_seed: tuple[float | None, ...] = ()
     flops_per_seed: tuple[float | None, ...] = ()
+    examples_lasting: float | None = None
+    flops_lasting: float | None = None
+    examples_lasting_speedup: float | None = None
+    flops_lasting_speedup: float | None = None
 
 
 def _ratio(base: float, cost: float | None) -> float | None:
@@ -62,8 +82,9 @@ def speedup_table(
     """``(target, rows)``: target = the baseline's final ``metric`` (mean over its seeds); per run or seed
     group, the examples learned and total FLOPs at which its seed-mean curve first reached the target
     (interpolated between evaluations) and the speed-ups ``baseline cost / run cost``, plus the speed-up of
-    each seed's own curve. The baseline's cost is its whole run (the paper's "IID reaches this after N
-    iterations"), even where a noisy curve touched the target earlier. A speed-up is None when the run never
+    each seed's own curve, and the same from where the seed-mean curve stays at or above the target. The
+    baseline's cost is its whole run (the paper's "IID reaches this after N iterations"), even where a noisy
+    curve touched the target earlier. A speed-up is None when the run never
     reached the target or reached it before training (cost 0).
     """
     base_group = as_group(baseline)
@@ -74,9 +95,11 @@ def speedup_table(
         group = as_group(run)
         if group.runs == base_group.runs:
             cost: dict[str, float | None] = dict(base)
+            lasting: dict[str, float | None] = dict(base)
             per_seed = {c: tuple(1.0 for _ in group.runs) for c in COSTS}
         else:
             cost = {c: first_crossing(*group.curve(c, metric)[:2], target) for c in COSTS}
+            lasting = {c: lasting_crossing(*group.curve(c, metric)[:2], target) for c in COSTS}
             per_seed = {
                 c: tuple(_ratio(base[c], first_crossing(*r.curve(c, metric), target)) for r in group.runs)
                 for c in COSTS
@@ -95,6 +118,10 @@ def speedup_table(
                 final_std=final_std,
                 examples_per_seed=per_seed["examples_learned"],
                 flops_per_seed=per_seed["flops_total"],
+                examples_lasting=lasting["examples_learned"],
+                flops_lasting=lasting["flops_total"],
+                examples_lasting_speedup=_ratio(base["examples_learned"], lasting["examples_learned"]),
+                flops_lasting_speedup=_ratio(base["flops_total"], lasting["flops_total"]),
             )
         )
     return target, rows

@@ -88,18 +88,30 @@ def _speedup_section(base: RunGroup, target: float, rows: Sequence[SpeedupRow]) 
         f"{', mean of its seeds' if len(base.runs) > 1 else ''}), reached after its whole run. Cost = "
         "examples learned on (or total FLOPs) at which a run's curve — the seed mean, for several seeds — "
         "first reached the target, interpolated linearly between evaluations; speed-up = baseline cost / "
-        "run cost; [min–max] = the same speed-up from each seed's own curve.",
+        "run cost; [min–max] = the same speed-up from each seed's own curve. *Staying above*: the cost from "
+        "which the curve stays at or above the target to its end, so an early touch by a noisy curve that "
+        "then falls back does not count.",
         "",
-        "| run | method | seeds | final (%) | examples to target | speed-up | FLOPs to target | speed-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | method | seeds | final (%) | examples to target | speed-up | FLOPs to target | speed-up | "
+        "examples, staying above | speed-up | FLOPs speed-up, staying above |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row.run} | {row.method} | {row.seeds} | {_pm(row.final, row.final_std, row.seeds)} | "
             f"{_num(row.examples, ',.0f')} | {_speedup(row.examples, row.examples_speedup)}"
             f"{_spread(row.examples_per_seed)} | {_num(row.flops, '.3g')} | "
-            f"{_speedup(row.flops, row.flops_speedup)}{_spread(row.flops_per_seed)} |"
+            f"{_speedup(row.flops, row.flops_speedup)}{_spread(row.flops_per_seed)} | "
+            f"{_num(row.examples_lasting, ',.0f')} | "
+            f"{_speedup(row.examples_lasting, row.examples_lasting_speedup)} | "
+            f"{_speedup(row.flops_lasting, row.flops_lasting_speedup)} |"
         )
+    if any(row.seeds == 1 for row in rows):
+        lines += [
+            "",
+            "Rows of one seed are one noisy curve each: their speed-ups are not evidence until seeds agree "
+            "(compare with how much the baseline's own seeds differ).",
+        ]
     return lines
 
 
