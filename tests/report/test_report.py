@@ -141,3 +141,15 @@ def test_runs_that_differ_only_in_seed_are_one_group_with_a_band():
     ]
     assert [len(g.runs) for g in group_seeds([iid[0], newer[0]])] == [2]
     assert [len(g.runs) for g in group_seeds([iid[0], newer[1]])] == [1, 1]
+
+
+def test_the_curves_table_has_a_column_per_evaluation_and_a_band_for_seed_groups():
+    from jestclip.report import group_seeds
+    from jestclip.report.write import _curves_section
+
+    iid = [seeded(f"iid-s{s}", "iid", s, [0.0, 0.2 + d, 0.4 + d]) for s, d in enumerate((0.0, 0.02))]
+    longer = seeded("jest", "jest", 0, [0.0, 0.3, 0.5, 0.6])
+    lines = _curves_section(group_seeds([*iid, longer]))
+    assert lines[2] == "| run | 0 | 10 | 20 | 30 |"
+    assert lines[4] == "| iid | 0.00 ± 0.00 | 21.00 ± 1.41 | 41.00 ± 1.41 |  |"
+    assert lines[5] == "| jest | 0.00 | 30.00 | 50.00 | 60.00 |"

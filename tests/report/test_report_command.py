@@ -48,6 +48,7 @@ def test_report_writes_markdown_figures_and_numbers(runs, tmp_path, capsys):
     text = (out / "report.md").read_text()
     for heading in (
         "## Average accuracy",
+        "## Average accuracy at each evaluation",
         "## Speed-up to target",
         "## Final metrics",
         "## Selection diagnostics",

@@ -138,6 +138,28 @@ def _reference_section(groups: Sequence[RunGroup], reference: ReferenceCost) -> 
     return lines
 
 
+def _curves_section(groups: Sequence[RunGroup]) -> list[str]:
+    """The average at every evaluation step, seed mean (± sd across seeds), one row per run or group."""
+    curves: dict[str, dict[int, tuple[float, float]]] = {}
+    for g in groups:
+        xs, mean, std = g.curve("step")
+        curves[g.name] = {int(x): (m, sd) for x, m, sd in zip(xs, mean, std, strict=True)}
+    steps = sorted({step for curve in curves.values() for step in curve})
+    lines = [
+        "## Average accuracy at each evaluation (%, seed mean ± sd)",
+        "",
+        "| run | " + " | ".join(f"{step:,}" for step in steps) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
+    for g in groups:
+        cells = []
+        for step in steps:
+            mean, std = curves[g.name].get(step, (None, None))
+            cells.append("" if mean is None else _pm(mean, std, len(g.runs)))
+        lines.append(f"| {g.name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _metrics_section(groups: Sequence[RunGroup]) -> list[str]:
     metrics = sorted({k for g in groups for k in g.final_eval if k.startswith("eval/")})
     lines = [
@@ -212,6 +234,7 @@ def write_report(
         "Average accuracy = mean over the eval suites of class-balanced zero-shot and few-shot accuracy and "
         "image→text / text→image R@1 (docs/eval.md). Bands: ±1 standard deviation across seeds.",
         "",
+        *_curves_section(groups),
         *_speedup_section(base, target, rows),
     ]
     if reference is not None:
