@@ -9,6 +9,7 @@ embeddings of the pool are cached as `study-reference` before any run that score
     python benchmarks/study.py all                 # every run, then results/study/report
     python benchmarks/study.py jest-f09 hard-learner
     python benchmarks/study.py --list              # names and the exact command of each run
+    python benchmarks/study.py --summary           # finished runs: final and late-run averages vs IID
 
 Finished runs are skipped and interrupted ones resume, so the command can be repeated until it is done.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -86,14 +88,50 @@ def keep_logs(name: str) -> None:
         shutil.copy2(ROOT / "runs" / "study" / name / file, out / file)
 
 
+LATE = 2000  # the "late-run" average: mean of the evaluations at steps >= LATE (the last five)
+
+
+def late_average(name: str) -> tuple[float, float]:
+    """(final, mean of the evaluations at steps >= LATE) of the held-out average, in %, from results/."""
+    from jestclip.report import AVERAGE, load_run
+
+    evals = load_run(ROOT / "results" / "study" / name).evals
+    late = [float(e[AVERAGE]) for e in evals if e["step"] >= LATE]
+    return 100 * float(evals[-1][AVERAGE]), 100 * statistics.fmean(late)
+
+
+def summary() -> None:
+    """Per finished run: final and late-run average, and its difference from IID of the same seed."""
+    done = [n for n in RUNS if (ROOT / "results" / "study" / n / "metrics.jsonl").exists()]
+    values = {n: late_average(n) for n in done}
+    print(
+        f"| run | final (%) | mean of evaluations at steps >= {LATE:,} (%) | − IID same seed: final | late |"
+    )
+    print("|---|---|---|---|---|")
+    for name in done:
+        final, late = values[name]
+        seed = name.rsplit("-s", 1)[1] if "-s" in name else "0"
+        iid = values.get(f"iid-s{seed}")
+        diff = (
+            "| |"
+            if iid is None or name.startswith("iid")
+            else f"| {final - iid[0]:+.2f} | {late - iid[1]:+.2f} |"
+        )
+        print(f"| {name} | {final:.2f} | {late:.2f} {diff}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="*", default=["headline"], help=f"run names or {sorted(SETS)}")
     parser.add_argument("--list", action="store_true", help="print every run's command and exit")
+    parser.add_argument("--summary", action="store_true", help="final and late-run averages of finished runs")
     args = parser.parse_args()
     if args.list:
         for name in RUNS:
             print(f"{name:24s} {' '.join(command(name))}")
+        return
+    if args.summary:
+        summary()
         return
     names = [n for item in args.runs for n in SETS.get(item, [item])]
     unknown = sorted(set(names) - set(RUNS))
