@@ -113,7 +113,7 @@ def summary() -> None:
         seed = name.rsplit("-s", 1)[1] if "-s" in name else "0"
         iid = values.get(f"iid-s{seed}")
         diff = (
-            "| |"
+            "| | |"
             if iid is None or name.startswith("iid")
             else f"| {final - iid[0]:+.2f} | {late - iid[1]:+.2f} |"
         )
