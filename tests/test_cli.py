@@ -289,12 +289,12 @@ def _pretrained_standins(monkeypatch) -> dict:
     import torch
     import torch.nn.functional as F
 
-    import jestclip.data.refcache as refcache
     import jestclip.models as models
+    import jestclip.train.reference as reference
 
     seen: dict = {"images": []}
     micro, micro_tokenizer = models.create_model("jest-micro"), models.tokenizer("jest-micro")
-    real_cache_reference = refcache.cache_reference
+    real_cache_reference = reference.cache_reference
 
     class Standin(torch.nn.Module):
         def __init__(self) -> None:
@@ -320,9 +320,9 @@ def _pretrained_standins(monkeypatch) -> dict:
         seen["cache_reference"] = kwargs
         return real_cache_reference(*args, **kwargs)
 
-    monkeypatch.setattr(models, "create_model", create_model)
-    monkeypatch.setattr(models, "tokenizer", tokenizer)
-    monkeypatch.setattr(refcache, "cache_reference", cache_reference)
+    monkeypatch.setattr(reference, "create_model", create_model)
+    monkeypatch.setattr(reference, "tokenizer", tokenizer)
+    monkeypatch.setattr(reference, "cache_reference", cache_reference)
     return seen
 
 

@@ -122,31 +122,13 @@ def _train(cfg: DemoConfig, name: str, method: str) -> Path:
 
 
 def _cache(cfg: DemoConfig, reference_run: Path) -> None:
-    import torch
-
-    from jestclip.data.refcache import cache_reference
-    from jestclip.models import (
-        create_model,
-        image_transform,
-        model_fingerprint,
-        reference_embedder,
-        reference_logits,
-        tokenizer,
-    )
+    from jestclip.train.reference import cache_reference_model
     from jestclip.train.rundir import RunDir
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_model(cfg.model, checkpoint=RunDir(reference_run).weights(), device=device)
-    scale, bias = reference_logits(model)
-    summary = cache_reference(
-        reference_embedder(model, tokenizer(cfg.model), device),
-        str(Path(cfg.data) / "pool"),
-        model_name=cfg.model,
-        fingerprint=model_fingerprint(model),
-        scale=scale,
-        bias=bias,
-        transform=image_transform(cfg.model),
-        name="demo-reference",
+    weights = RunDir(reference_run).weights()
+    pool = str(Path(cfg.data) / "pool")
+    summary = cache_reference_model(
+        cfg.model, pool, name="demo-reference", checkpoint=weights, device=cfg.device
     )
     print(f"cached: {summary['written']} shards written, {summary['kept']} reused")
 

@@ -36,38 +36,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from jestclip.data.refcache import cache_reference
-    from jestclip.models import (
-        create_model,
-        image_transform,
-        model_fingerprint,
-        reference_embedder,
-        reference_logits,
-        tokenizer,
-    )
+    from jestclip.train.reference import cache_reference_model
 
     if args.checkpoint is None and args.pretrained is None:
         raise SystemExit(
             "cache-reference: give the reference model's weights with --checkpoint (or --pretrained)"
         )
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    tag = args.pretrained  # the weights' own preprocessing and tokenizer (checked before any download)
-    transform, tokenize = image_transform(args.model, pretrained=tag), tokenizer(args.model, pretrained=tag)
-    model = create_model(
-        args.model, loss=args.loss, checkpoint=args.checkpoint, pretrained=tag, device=device
-    )
-    scale, bias = reference_logits(model)
-    summary = cache_reference(
-        reference_embedder(model, tokenize, device),
+    summary = cache_reference_model(
+        args.model,
         args.shards,
-        model_name=args.model if tag is None else f"{args.model}@{tag}",
-        fingerprint=model_fingerprint(model),
-        scale=scale,
-        bias=bias,
-        transform=transform,
         name=args.name,
+        checkpoint=args.checkpoint,
+        pretrained=args.pretrained,  # the weights' own preprocessing and tokenizer (checked before download)
+        loss=args.loss,
+        device=args.device,
         batch_size=args.batch_size,
     )
     print(json.dumps(summary, indent=1))
