@@ -120,6 +120,36 @@ def summary() -> None:
         print(f"| {name} | {final:.2f} | {late:.2f} {diff}")
 
 
+def curve(name: str) -> dict[int, float]:
+    """step -> held-out average (%) of a finished run, from results/."""
+    from jestclip.report import AVERAGE, load_run
+
+    return {
+        int(e["step"]): 100 * float(e[AVERAGE]) for e in load_run(ROOT / "results" / "study" / name).evals
+    }
+
+
+def paired_curves(group: str = "jest-f08") -> None:
+    """The seeds of ``group`` minus IID of the same seed at every evaluation: mean, and seeds ahead."""
+    seeds = [n.rsplit("-s", 1)[1] for n in RUNS if n.startswith(f"{group}-s")]
+    pairs = [
+        (curve(f"{group}-s{s}"), curve(f"iid-s{s}"))
+        for s in seeds
+        if (ROOT / "results" / "study" / f"{group}-s{s}" / "metrics.jsonl").exists()
+    ]
+    if not pairs:
+        return
+    steps = sorted(set.intersection(*(set(a) & set(b) for a, b in pairs)))
+    diffs = {t: [a[t] - b[t] for a, b in pairs] for t in steps}
+    print(f"\n{group} − IID of the same seed (points), {len(pairs)} seeds:\n")
+    print("| | " + " | ".join(f"{t:,}" for t in steps) + " |")
+    print("|---|" + "---|" * len(steps))
+    print("| mean | " + " | ".join(f"{statistics.fmean(diffs[t]):+.2f}" for t in steps) + " |")
+    print(
+        "| seeds ahead | " + " | ".join(f"{sum(d > 0 for d in diffs[t])}/{len(pairs)}" for t in steps) + " |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="*", default=["headline"], help=f"run names or {sorted(SETS)}")
@@ -132,6 +162,7 @@ def main() -> None:
         return
     if args.summary:
         summary()
+        paired_curves()
         return
     names = [n for item in args.runs for n in SETS.get(item, [item])]
     unknown = sorted(set(names) - set(RUNS))
