@@ -80,6 +80,24 @@ def run(argv: list[str]) -> None:
     print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
+def report_command() -> list[str]:
+    """The `jestclip report` of the whole study (docs/results.md quotes it)."""
+    logs = [f"results/study/{name}" for name in RUNS if name != "reference"] + ["results/study/reference"]
+    return [
+        "jestclip",
+        "report",
+        *logs,
+        "--baseline",
+        "iid",
+        "--reference-run",
+        "results/study/reference",
+        "--diagnostics-run",
+        "runs/study/jest-f08-s0",
+        "--out",
+        "results/study/report",
+    ]
+
+
 def keep_logs(name: str) -> None:
     """Copy a finished run's config.json and metrics.jsonl (no weights) to results/study/NAME."""
     out = ROOT / "results" / "study" / name
@@ -176,6 +194,8 @@ def main() -> None:
         keep_logs(name)
         if name == "reference":
             run(cache_command())  # reuses every sidecar already cached by these weights
+    if "all" in args.runs:
+        run(report_command())
 
 
 if __name__ == "__main__":
