@@ -36,17 +36,23 @@ RUNS: dict[str, list[str]] = {
     **{f"jest-f08-s{s}": [*JEST, "filter_ratio=0.8"] for s in range(3)},
     "jest-f05-s0": [*JEST, "filter_ratio=0.5"],
     "jest-f09-s0": [*JEST, "filter_ratio=0.9"],
-    "easy-reference-f08-s0": [*JEST, "filter_ratio=0.8", "method.scoring=easy_reference"],
+    **{
+        f"easy-reference-f08-s{s}": [*JEST, "filter_ratio=0.8", "method.scoring=easy_reference"]
+        for s in range(3)
+    },
     "hard-learner-f08-s0": [*JEST, "filter_ratio=0.8", "method.scoring=hard_learner"],
     "independent-f08-s0": ["method.method=independent", f"reference_cache={CACHE}", "filter_ratio=0.8"],
     "independent-f09-s0": ["method.method=independent", f"reference_cache={CACHE}", "filter_ratio=0.9"],
-    "flexi-jest-f08-s0": [
-        "method.method=flexi-jest",
-        f"reference_cache={CACHE}",
-        "filter_ratio=0.8",
-        "method.approx=flexi",
-        "method.approx_fraction=0.5",
-    ],
+    **{
+        f"flexi-jest-f08-s{s}": [
+            "method.method=flexi-jest",
+            f"reference_cache={CACHE}",
+            "filter_ratio=0.8",
+            "method.approx=flexi",
+            "method.approx_fraction=0.5",
+        ]
+        for s in range(3)
+    },
 }
 SETS = {"headline": ["reference", "iid-s0", "jest-f08-s0"], "all": list(RUNS)}
 NEEDS_CACHE = {name for name, overrides in RUNS.items() if f"reference_cache={CACHE}" in overrides}
