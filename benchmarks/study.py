@@ -165,7 +165,7 @@ def paired_curves(group: str = "jest-f08") -> None:
         return
     steps = sorted(set.intersection(*(set(a) & set(b) for a, b in pairs)))
     diffs = {t: [a[t] - b[t] for a, b in pairs] for t in steps}
-    print(f"\n{group} − IID of the same seed (points), {len(pairs)} seeds:\n")
+    print(f"\n{group} minus IID of the same seed (points), {len(pairs)} seeds:\n")
     print("| | " + " | ".join(f"{t:,}" for t in steps) + " |")
     print("|---|" + "---|" * len(steps))
     print("| mean | " + " | ".join(f"{statistics.fmean(diffs[t]):+.2f}" for t in steps) + " |")
@@ -186,7 +186,8 @@ def main() -> None:
         return
     if args.summary:
         summary()
-        paired_curves()
+        for group in ("jest-f08", "flexi-jest-f08", "easy-reference-f08"):
+            paired_curves(group)
         return
     names = [n for item in args.runs for n in SETS.get(item, [item])]
     unknown = sorted(set(names) - set(RUNS))
