@@ -238,9 +238,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available
     num_workers: int = 2
-    draft_decode: bool = (
-        False  # decode JPEGs at the smallest libjpeg scale still covering the learner's input
-    )
+    # decode JPEGs at the smallest libjpeg scale still covering the learner's input (data.open_image)
+    draft_decode: bool = False
 
     def __post_init__(self) -> None:
         validate(self)
