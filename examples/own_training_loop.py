@@ -29,16 +29,15 @@ import torch
 from open_clip.loss import SigLipLoss
 
 from jestclip.data import SuperBatchStream
-from jestclip.data.refcache import ReferenceCache, cache_reference
+from jestclip.data.refcache import ReferenceCache
 from jestclip.models import (
     create_model,
     image_transform,
     model_fingerprint,
-    reference_embedder,
-    reference_logits,
     tokenizer,
 )
 from jestclip.selection import Embeddings, batch_score, joint_select
+from jestclip.train.reference import cache_model_embeddings
 
 CACHE = "example-reference"
 
@@ -59,18 +58,8 @@ transform, tokenize = image_transform(args.model), tokenizer(args.model)
 # 1. Reference embeddings, cached next to the shards (resumable: up-to-date sidecars are kept).
 torch.manual_seed(0)
 reference_model = create_model(args.model, loss="sigmoid", checkpoint=args.reference_checkpoint)
-scale, bias = reference_logits(reference_model)
 fingerprint = model_fingerprint(reference_model)
-cache_reference(
-    reference_embedder(reference_model, tokenize, device),
-    args.shards,
-    model_name=args.model,
-    fingerprint=fingerprint,
-    scale=scale,
-    bias=bias,
-    transform=transform,
-    name=CACHE,
-)
+cache_model_embeddings(reference_model, args.model, args.shards, name=CACHE, device=device)
 del reference_model  # from here on only its cached embeddings are used
 cache = ReferenceCache(args.shards, name=CACHE, fingerprint=fingerprint)
 

@@ -9,18 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from jestclip.data.refcache import cache_reference
 from jestclip.models import (
     create_model,
     forward_flops,
     image_transform,
-    model_fingerprint,
-    reference_embedder,
-    reference_logits,
-    tokenizer,
 )
 from jestclip.train.config import MethodConfig, TrainConfig, apply_overrides, load_recipe, to_dict
 from jestclip.train.loop import train
+from jestclip.train.reference import cache_model_embeddings
 from jestclip.train.rundir import RunDir
 
 from ..data.test_loader import make_shards
@@ -32,17 +28,7 @@ def cached_shards(root: Path, n_shards: int, per_shard: int) -> list[str]:
     """Generated shards with a micro reference model's embeddings cached next to them."""
     urls = make_shards(root, n_shards, per_shard)
     torch.manual_seed(1)
-    reference = create_model("jest-micro")
-    scale, bias = reference_logits(reference)
-    cache_reference(
-        reference_embedder(reference, tokenizer("jest-micro")),
-        urls,
-        model_name="jest-micro",
-        fingerprint=model_fingerprint(reference),
-        scale=scale,
-        bias=bias,
-        transform=image_transform("jest-micro"),
-    )
+    cache_model_embeddings(create_model("jest-micro"), "jest-micro", urls)
     return urls
 
 

@@ -19,17 +19,13 @@ import pytest
 import torch
 
 import jestclip.train.loop as loop
-from jestclip.data.refcache import cache_reference
 from jestclip.models import (
     create_model,
-    image_transform,
     model_fingerprint,
-    reference_embedder,
-    reference_logits,
-    tokenizer,
 )
 from jestclip.train.loop import CheckpointWriteError, Preempted, TrainingDiverged, train
 from jestclip.train.optim import OptimConfig
+from jestclip.train.reference import cache_model_embeddings
 from jestclip.train.rundir import NonFiniteStateError, RunDir, atomic_save
 
 from ..data.test_loader import image, make_shards
@@ -378,18 +374,8 @@ def recache(urls: list[str], seed: int) -> str:
     """Cache a micro reference model made with ``seed`` for ``urls``; its fingerprint."""
     torch.manual_seed(seed)
     reference = create_model("jest-micro")
-    scale, bias = reference_logits(reference)
-    fingerprint = model_fingerprint(reference)
-    cache_reference(
-        reference_embedder(reference, tokenizer("jest-micro")),
-        urls,
-        model_name="jest-micro",
-        fingerprint=fingerprint,
-        scale=scale,
-        bias=bias,
-        transform=image_transform("jest-micro"),
-    )
-    return fingerprint
+    cache_model_embeddings(reference, "jest-micro", urls)
+    return model_fingerprint(reference)
 
 
 def test_resume_refuses_a_reference_cache_of_another_model(tmp_path):

@@ -19,7 +19,38 @@ from jestclip.models import (
     tokenizer,
 )
 
-__all__ = ["cache_reference_model"]
+__all__ = ["cache_model_embeddings", "cache_reference_model"]
+
+
+def cache_model_embeddings(
+    model: torch.nn.Module,
+    model_name: str,
+    shards: str | Path | Sequence[str | Path],
+    *,
+    name: str = "reference",
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Embed every sample of ``shards`` with the frozen ``model`` (config ``model_name``, weights of open_clip
+    tag ``pretrained`` if any) and write sidecars named ``name``; returns ``cache_reference``'s counts.
+
+    Images and captions are preprocessed and tokenised as ``model_name`` (with ``pretrained``: as those
+    weights were trained); the sidecars record the model as ``NAME`` or ``NAME@TAG``, its fingerprint and its
+    logit scale and bias.
+    """
+    scale, bias = reference_logits(model)
+    return cache_reference(
+        reference_embedder(model, tokenizer(model_name, pretrained=pretrained), device),
+        shards,
+        model_name=model_name if pretrained is None else f"{model_name}@{pretrained}",
+        fingerprint=model_fingerprint(model),
+        scale=scale,
+        bias=bias,
+        transform=image_transform(model_name, pretrained=pretrained),
+        name=name,
+        batch_size=batch_size,
+    )
 
 
 def cache_reference_model(
@@ -33,28 +64,13 @@ def cache_reference_model(
     device: str = "auto",
     batch_size: int = 256,
 ) -> dict[str, Any]:
-    """Embed every sample of ``shards`` with reference ``model_name`` (weights from ``checkpoint`` and/or
-    open_clip tag ``pretrained``) and write sidecars named ``name``; returns ``cache_reference``'s counts.
-
-    With a tag, images and captions are preprocessed and tokenised as those weights were trained, and the
-    cache records the model as ``NAME@TAG``. device: "auto" is cuda when available.
-    """
+    """``cache_model_embeddings`` for reference ``model_name`` built with weights from ``checkpoint`` and/or
+    open_clip tag ``pretrained``. device: "auto" is cuda when available."""
     if checkpoint is None and pretrained is None:
         raise ValueError("the reference model needs weights: a checkpoint or a pretrained tag")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    transform = image_transform(model_name, pretrained=pretrained)
-    tokenize = tokenizer(model_name, pretrained=pretrained)
     model = create_model(model_name, loss=loss, checkpoint=checkpoint, pretrained=pretrained, device=device)
-    scale, bias = reference_logits(model)
-    return cache_reference(
-        reference_embedder(model, tokenize, device),
-        shards,
-        model_name=model_name if pretrained is None else f"{model_name}@{pretrained}",
-        fingerprint=model_fingerprint(model),
-        scale=scale,
-        bias=bias,
-        transform=transform,
-        name=name,
-        batch_size=batch_size,
+    return cache_model_embeddings(
+        model, model_name, shards, name=name, pretrained=pretrained, device=device, batch_size=batch_size
     )
