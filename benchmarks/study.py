@@ -115,13 +115,19 @@ def keep_logs(name: str) -> None:
 LATE = 2000  # the "late-run" average: mean of the evaluations at steps >= LATE (the last five)
 
 
-def late_average(name: str) -> tuple[float, float]:
-    """(final, mean of the evaluations at steps >= LATE) of the held-out average, in %, from results/."""
+def curve(name: str) -> dict[int, float]:
+    """step -> held-out average (%) of a finished run, from results/."""
     from jestclip.report import AVERAGE, load_run
 
-    evals = load_run(ROOT / "results" / "study" / name).evals
-    late = [float(e[AVERAGE]) for e in evals if e["step"] >= LATE]
-    return 100 * float(evals[-1][AVERAGE]), 100 * statistics.fmean(late)
+    return {
+        int(e["step"]): 100 * float(e[AVERAGE]) for e in load_run(ROOT / "results" / "study" / name).evals
+    }
+
+
+def late_average(name: str) -> tuple[float, float]:
+    """(final, mean of the evaluations at steps >= LATE) of the held-out average, in %, from results/."""
+    points = curve(name)
+    return points[max(points)], statistics.fmean(v for step, v in points.items() if step >= LATE)
 
 
 def summary() -> None:
@@ -142,15 +148,6 @@ def summary() -> None:
             else f"| {final - iid[0]:+.2f} | {late - iid[1]:+.2f} |"
         )
         print(f"| {name} | {final:.2f} | {late:.2f} {diff}")
-
-
-def curve(name: str) -> dict[int, float]:
-    """step -> held-out average (%) of a finished run, from results/."""
-    from jestclip.report import AVERAGE, load_run
-
-    return {
-        int(e["step"]): 100 * float(e[AVERAGE]) for e in load_run(ROOT / "results" / "study" / name).evals
-    }
 
 
 def paired_curves(group: str = "jest-f08") -> None:
