@@ -224,16 +224,15 @@ def loader_rows(args: argparse.Namespace, jpeg_urls: list[str]) -> tuple[list[st
     return rows, jpeg_rates
 
 
-def draft_loader_rows(args: argparse.Namespace, urls: list[str]) -> list[str]:
-    """Rows: the loader on 512-px JPEGs through the 224-px transform, full vs reduced-size decoding."""
-    transform, rows = image_transform("ViT-B-16"), []
-    for workers in [w for w in args.workers if w > 0][:1] or [0]:
-        threads = 1 if workers == 0 else None
-        full = throughput(urls, transform, workers, args, threads)
-        draft = throughput(urls, transform, workers, args, threads, decode_size=TARGET)
-        rows.append(f"| {workers} | {full:,.0f} | {draft:,.0f} | {draft / full:.2f}x |")
-        print(rows[-1], flush=True)
-    return rows
+def draft_loader_row(args: argparse.Namespace, urls: list[str]) -> str:
+    """A row: the loader on large JPEGs through the 224-px transform, full vs reduced-size decoding, with the
+    first worker count of ``--workers`` above 0 (or the main process, 1 thread)."""
+    workers = next((w for w in args.workers if w > 0), 0)
+    threads = 1 if workers == 0 else None
+    transform = image_transform("ViT-B-16")
+    full = throughput(urls, transform, workers, args, threads)
+    draft = throughput(urls, transform, workers, args, threads, decode_size=TARGET)
+    return f"| {workers} | {full:,.0f} | {draft:,.0f} | {draft / full:.2f}x |"
 
 
 def workers_rows(args: argparse.Namespace, per_worker: float) -> list[str]:
@@ -330,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("| workers | full decode | reduced-size decode | speed-up |")
     print("|---:|---:|---:|---:|")
-    draft_loader_rows(args, large_urls)
+    print(draft_loader_row(args, large_urls), flush=True)
     print(f"\nJPEG decode + {TARGET}-px transform per image, main process, 1 torch thread:\n")
     print(
         "| JPEG size | decode, ms | decode + transform, ms | draft decode, ms (scale) | draft decode + "
