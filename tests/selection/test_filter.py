@@ -134,6 +134,7 @@ def test_keep_fraction_one_keeps_everything_and_ties_keep_the_count():
     [
         (torch.ones(4), 0.0, r"keep fraction must be in \(0, 1\], got 0.0"),
         (torch.ones(4), 1.5, r"keep fraction must be in \(0, 1\], got 1.5"),
+        (torch.ones(4), True, r"keep fraction must be in \(0, 1\], got True"),
         (torch.ones(4), 0.1, "keep fraction 0.1 of 4 pairs keeps none"),
         (torch.tensor([0.1, float("nan"), 0.3]), 0.5, r"1 of 3 scores are not finite \(first index 1\)"),
         (torch.ones(2, 2), 0.5, "scores must be a 1-D floating-point tensor"),

@@ -152,7 +152,7 @@ def reference_scores(
 def keep_count(n: int, keep: float) -> int:
     """Pairs kept of n at keep fraction Q of the pool: ``⌊Q·n + ½⌋``; a ValueError unless 0 < Q <= 1 and at
     least one pair is kept."""
-    if not (isinstance(keep, int | float) and 0.0 < keep <= 1.0):
+    if isinstance(keep, bool) or not (isinstance(keep, int | float) and 0.0 < keep <= 1.0):
         raise ValueError(f"keep fraction must be in (0, 1], got {keep!r}")
     count = math.floor(keep * n + 0.5)
     if count < 1:
