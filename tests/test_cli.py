@@ -5,7 +5,7 @@ import pytest
 
 from jestclip.cli import main
 
-SUBCOMMANDS = ["data", "train", "cache-reference", "eval", "report", "demo"]
+SUBCOMMANDS = ["data", "train", "cache-reference", "filter", "eval", "report", "demo"]
 HEAVY = ("torch", "open_clip", "numpy", "PIL", "webdataset", "resvg_py")
 
 
@@ -125,6 +125,28 @@ USER_ERRORS = [
         "cannot load weights from {tmp}/model.pt",
     ),
     (["cache-reference", "{tmp}/shards", "--model", "jest-micro", "--device", "foo"], "'foo'"),
+    (
+        ["filter", "{tmp}/shards", "--keep", "0.5", "--out", "{tmp}/keep"],
+        "no cached 'reference' embeddings for shard {tmp}/shards/00000.tar",
+    ),
+    (["filter", "{tmp}/shards", "--keep", "1.5", "--out", "{tmp}/keep"], "1.5 is not a fraction in (0, 1]"),
+    (["filter", "{tmp}/shards", "--keep", "0.5", "--out", "{tmp}/file.txt"], "{tmp}/file.txt is a file"),
+    (["filter", "{tmp}/shards", "--keep", "0.5"], "the following arguments are required: --out"),
+    (
+        ["train", "configs/filter.py", *SAFE, "keep_list=null"],
+        "config: keep_list = None must be set for method 'filter'",
+    ),
+    (
+        [
+            "train",
+            "configs/iid.py",
+            "run_dir={tmp}/run",
+            "data={tmp}/shards",
+            "model=jest-micro",
+            "keep_list={tmp}",
+        ],
+        "keep list {tmp} holds no keep.json",
+    ),
     (["train", "{tmp}/missing.py"], "recipe {tmp}/missing.py does not exist"),
     (["train", "{tmp}/raises.py"], "recipe {tmp}/raises.py: RuntimeError: boom"),
     (["train", "{tmp}/noget.py"], "defines no get_config"),

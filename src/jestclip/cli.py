@@ -21,6 +21,7 @@ from jestclip.commands.common import exit_status
 _COMMANDS = {
     "data": "jestclip.commands.data",
     "cache-reference": "jestclip.commands.cache_reference",
+    "filter": "jestclip.commands.filter",
     "train": "jestclip.commands.train",
     "eval": "jestclip.commands.eval",
     "report": "jestclip.commands.report",

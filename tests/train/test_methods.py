@@ -19,7 +19,7 @@ b, B = 1000, 5000  # filter ratio 0.8
 
 def a4(method: str, scoring: str, fraction: float, reference: ForwardFlops | None) -> float:
     """Appendix A.4 written out per method, with jestclip's recomputed training forward."""
-    if method == "iid":
+    if method in ("iid", "filter"):  # filter: its scoring pass is the reference cache's, paid once
         return 3 * F.total * b
     learner_scores = scoring != "easy_reference"
     ref = reference.total * B if reference is not None and scoring != "hard_learner" else 0.0
@@ -59,10 +59,14 @@ def test_the_two_flop_bugs_stay_fixed():
 
 
 def test_descriptions_state_what_each_method_needs():
-    assert set(METHODS) == {"iid", "jest", "independent", "flexi-jest"}
+    assert set(METHODS) == {"iid", "filter", "jest", "independent", "flexi-jest"}
     iid, jest, independent, flexi = (METHODS[m] for m in ("iid", "jest", "independent", "flexi-jest"))
-    assert not iid.selects and iid.step is learn_batch_step
-    assert not iid.needs_reference("learnability") and not iid.scores_with_learner("learnability")
+    for m in (iid, METHODS["filter"]):
+        assert not m.selects and m.step is learn_batch_step
+        assert not m.needs_reference("learnability") and not m.scores_with_learner("learnability")
+    assert METHODS["filter"].needs_keep_list and not any(
+        m.needs_keep_list for m in (iid, jest, independent, flexi)
+    )
     assert (jest.selector, independent.selector, flexi.selector) == ("joint", "independent", "joint")
     for m in (jest, independent, flexi):
         assert m.step is select_and_learn_step

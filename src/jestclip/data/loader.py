@@ -29,6 +29,8 @@ reason                   what was skipped
 ``empty_text``           a caption that is empty or only whitespace
 ``bad_json``             a ``json`` member that is not a JSON object
 ``transform_failed:E``   the stream's transform raised exception ``E`` on the image
+``not_kept``             a sample the stream's ``keep`` predicate (a filter's keep list) does not keep;
+                         skipped before it is decoded
 =======================  ====================================================================================
 
 A shard that yields no sample at all is warned about once per stream (per worker). A stream that could loop
@@ -419,6 +421,8 @@ class SuperBatchStream(IterableDataset):
     require_samples: raise ``NoReadableSampleError`` when every shard this worker can draw was opened in a
     row without a readable sample (and, for a finite pass, when it ended with none). Default: only for
     streams that would otherwise loop forever (``resampled`` or ``epochs=None``).
+    keep: ``keep(url, key) -> bool``, whether to read sample ``key`` of shard ``url`` (e.g. a
+    ``data.keeplist.KeepList``); the others are skipped as ``not_kept`` before decoding. None: read all.
     """
 
     def __init__(
@@ -437,6 +441,7 @@ class SuperBatchStream(IterableDataset):
         world_size: int | None = None,
         require_samples: bool | None = None,
         decode_size: int | None = None,
+        keep: Callable[[str, str], bool] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -451,6 +456,7 @@ class SuperBatchStream(IterableDataset):
         self.shuffle_shards = shuffle_shards
         self.shuffle_buffer = shuffle_buffer
         self.decode_size = decode_size
+        self.keep = keep
         self.drop_last = drop_last
         self.seed = seed
         self.require_samples = (resampled or epochs is None) if require_samples is None else require_samples
@@ -547,6 +553,10 @@ class SuperBatchStream(IterableDataset):
         for url, order in self._shard_order(start):
             tally.shard, good = Counter(), 0
             for index, raw in _read_from(url, tally, offset):
+                key = raw.get("__key__")
+                if self.keep is not None and key and not self.keep(url, key):
+                    tally("not_kept")
+                    continue
                 sample = self._decode(raw, tally)
                 if sample is not None:
                     good += 1

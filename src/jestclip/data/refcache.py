@@ -513,6 +513,10 @@ class ReferenceCache:
         """Rows cached over all shards."""
         return sum(h.rows for h in self._headers)
 
+    def keys(self, shard: int) -> list[str]:
+        """The sample keys with a row in shard ``shard`` (an index into ``urls``), sorted as stored."""
+        return [key.decode("utf-8") for key in self._arrays(shard)[0].tolist()]
+
     def _arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """Shard ``shard``'s memory-mapped (sorted keys, embeddings), the least recently used unmapped."""
         arrays = self._open.get(shard)

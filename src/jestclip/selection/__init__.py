@@ -7,6 +7,8 @@ Public API::
     batch_score(learner, reference, indices, scoring=, loss=)           -> scalar
     joint_select(learner, reference, size=, n_chunks=, scoring=, loss=, gain=, generator=, groups=) -> [size]
     independent_select(learner, reference, size=, scoring=, loss=, context=, method=, gain=, generator=)
+    reference_scores(fetch, n, score=, loss=, batch_size=, seed=) -> [N]   # static filter (DataComp)
+    keep_mask(scores, keep) / score_threshold(scores, keep)
     Exchange / LocalExchange(groups)               # where candidates live: joint_select(..., exchange=)
     gibbs_select(...)                               # brute-force diagnostic (Figure 2)
     dense_* / pair_score_matrix                     # O(B²) oracle for small B
@@ -24,6 +26,16 @@ from jestclip.selection.dense import (
 )
 from jestclip.selection.diagnostics import GibbsTrace, gibbs_select
 from jestclip.selection.embeddings import Embeddings, usable_rows
+from jestclip.selection.filter import (
+    FILTER_SCORES,
+    clip_scores,
+    keep_count,
+    keep_mask,
+    loss_batches,
+    pair_losses,
+    reference_scores,
+    score_threshold,
+)
 from jestclip.selection.independent import independent_scores, independent_select
 from jestclip.selection.joint import DEFAULT_GAIN, batch_score, conditional_scores, joint_select
 from jestclip.selection.sampling import (
@@ -37,6 +49,7 @@ from jestclip.selection.scoring import SCORINGS, ConditionalScores, NonFiniteCan
 
 __all__ = [
     "DEFAULT_GAIN",
+    "FILTER_SCORES",
     "LOSSES",
     "SCORINGS",
     "CandidateGroups",
@@ -50,6 +63,7 @@ __all__ = [
     "Scoring",
     "batch_score",
     "chunk_sizes",
+    "clip_scores",
     "conditional_scores",
     "dense_batch_score",
     "dense_conditional_scores",
@@ -59,6 +73,12 @@ __all__ = [
     "independent_scores",
     "independent_select",
     "joint_select",
+    "keep_count",
+    "keep_mask",
+    "loss_batches",
+    "pair_losses",
     "pair_score_matrix",
+    "reference_scores",
+    "score_threshold",
     "usable_rows",
 ]

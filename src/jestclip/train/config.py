@@ -223,6 +223,9 @@ class TrainConfig:
     data: str = "data/bench/pool"  # shards: directory, brace pattern or path
     reference_cache: str | None = "reference"  # sidecar name of the cached reference embeddings (None: none)
     reference_fingerprint: str | None = None  # when set, the reference cache must hold this model
+    # a keep list written by `jestclip filter` (its directory): the stream reads only the pairs it keeps
+    # (any method; required by "filter"). None: every pair
+    keep_list: str | None = None
     filter_ratio: float = 0.8  # f: the super-batch is B = b / (1 - f); ignored by iid
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -243,6 +246,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.keep_list is None and self.method.description.needs_keep_list:
+            problem = (
+                f"must be set for method {self.method.method!r}: the --out directory of `jestclip filter`"
+            )
+            raise ConfigError("keep_list", None, problem)
 
     @property
     def super_batch(self) -> int:

@@ -41,6 +41,7 @@ class Method:
     selector: Selector | None = None  # None: learn on the batch as drawn (no scoring, super-batch = batch)
     scores_approx: bool = False  # the learner scores candidates with its approximation ``cfg.approx``
     learns_approx: bool = False  # a ``cfg.approx_fraction`` share of the selection is learned approximately
+    needs_keep_list: bool = False  # trains only on the pairs a static filter kept (``TrainConfig.keep_list``)
 
     @property
     def selects(self) -> bool:
@@ -104,6 +105,12 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("iid", "learn on the whole batch as drawn", steps.learn_batch_step),
+        Method(
+            "filter",
+            "learn on the whole batch as drawn from the pairs a static reference-score filter kept",
+            steps.learn_batch_step,
+            needs_keep_list=True,
+        ),
         Method(
             "jest",
             "score with the learner, select jointly, learn on the selection",

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from jestclip.data.keeplist import KeepList
 from jestclip.data.loader import ResumableBatches, SuperBatch, SuperBatchStream
 from jestclip.data.refcache import ReferenceCache
 from jestclip.models import StepFlops, create_model, forward_flops, image_size
@@ -32,6 +33,7 @@ __all__ = [
     "build_model",
     "build_state",
     "measure_step_flops",
+    "open_keep_list",
     "open_reference",
     "open_stream",
     "place",
@@ -219,6 +221,16 @@ def measure_step_flops(cfg: TrainConfig, model: nn.Module) -> StepFlops:
     return method.step_flops(cfg.method, super_batch=cfg.super_batch, learner=learner, approx_learner=approx)
 
 
+def open_keep_list(cfg: TrainConfig, urls: list[str]) -> KeepList | None:
+    """The keep list ``cfg.keep_list`` checked against the training shards ``urls`` (a ValueError, one line:
+    not a keep list, written for other shards, a shard changed since, a kept key the shard lacks), or None."""
+    if cfg.keep_list is None:
+        return None
+    keep = KeepList(cfg.keep_list)
+    keep.check(urls)
+    return keep
+
+
 def open_stream(
     cfg: TrainConfig,
     urls: list[str],
@@ -229,7 +241,8 @@ def open_stream(
     resampled: bool = True,
 ) -> SuperBatchStream:
     """The run's stream of super-batches (this rank's B / W of each unless ``batch_size`` says otherwise);
-    with ``cfg.draft_decode`` JPEGs are decoded at the smallest scale still covering the learner's input."""
+    with ``cfg.draft_decode`` JPEGs are decoded at the smallest scale still covering the learner's input;
+    with ``cfg.keep_list`` only the pairs it keeps are read (checked here: ``open_keep_list``)."""
     return SuperBatchStream(
         urls,
         batch_size=batch_size if batch_size is not None else cfg.super_batch // where.world,
@@ -239,6 +252,7 @@ def open_stream(
         rank=where.rank,
         world_size=where.world,
         decode_size=image_size(cfg.model) if cfg.draft_decode else None,
+        keep=open_keep_list(cfg, urls),
     )
 
 

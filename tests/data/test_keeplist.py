@@ -1,0 +1,197 @@
+"""The keep list of the static filter: written from a reference cache, checked, applied by the stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jestclip.data import SuperBatchStream, loader
+from jestclip.data.keeplist import HEADER, KEYS, KeepList, filter_shards
+from jestclip.data.loader import ResumableBatches
+from jestclip.data.refcache import CacheMeta, shard_keys, write_sidecar
+from jestclip.selection import Embeddings, independent_select
+
+from .test_loader import add_members, make_shards, resumed_after
+
+DIM = 8
+
+
+def unit_rows(n: int, seed: int) -> np.ndarray:
+    rows = np.random.default_rng(seed).standard_normal((n, DIM))
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
+
+
+def cached(root: Path, *, bad_image: bool = False) -> tuple[list[str], dict[str, tuple]]:
+    """3 shards of 8 with random reference embeddings cached next to them; {key: (image, text)} as stored.
+    bad_image: shard 1 also holds ``zz_bad``, whose image does not decode, cached with cosine 1 (always
+    kept by the similarity score)."""
+    urls = make_shards(root, 3, 8)
+    if bad_image:
+        add_members(Path(urls[1]), {"zz_bad.png": b"not a png", "zz_bad.txt": b"caption"})
+    rows = {}
+    for s, url in enumerate(urls):
+        keys = sorted(shard_keys(url))
+        image, text = unit_rows(len(keys), 2 * s), unit_rows(len(keys), 2 * s + 1)
+        if "zz_bad" in keys:
+            text[keys.index("zz_bad")] = image[keys.index("zz_bad")]
+        meta = CacheMeta("fp", "toy", 10.0, -5.0, DIM, os.path.getsize(url))
+        write_sidecar(url, "reference", keys, image, text, meta)
+        rows |= {k: (image[i], text[i]) for i, k in enumerate(keys)}
+    return urls, rows
+
+
+@pytest.fixture
+def pool(tmp_path) -> tuple[list[str], dict[str, tuple]]:
+    return cached(tmp_path / "pool")
+
+
+def cosine(pair: tuple) -> float:
+    return float(np.dot(pair[0].astype(np.float64), pair[1].astype(np.float64)))
+
+
+def test_the_kept_keys_are_the_pools_top_cosines(tmp_path, pool):
+    urls, rows = pool
+    header = filter_shards(urls, tmp_path / "keep", keep=0.25, progress=False)
+    assert (header["kept"], header["total"], header["score"]) == (6, 24, "similarity")
+    assert header["reference"] == {
+        "name": "reference",
+        "model": "toy",
+        "fingerprint": "fp",
+        "scale": 10.0,
+        "bias": -5.0,
+    }
+    keys = sorted(rows)
+    cosines = torch.tensor([cosine(rows[k]) for k in keys], dtype=torch.float64)
+    top = {keys[i] for i in torch.topk(cosines, 6).indices.tolist()}
+    kept = KeepList(tmp_path / "keep")
+    assert set().union(*(kept.keys(u) for u in urls)) == top
+    assert header["threshold"] == pytest.approx(float(torch.topk(cosines, 6).values[-1]), abs=1e-6)
+    # the same pairs independent easy-reference top-k selection takes from the pool as one super-batch
+    image = torch.tensor(np.stack([rows[k][0] for k in keys]), dtype=torch.float32)
+    text = torch.tensor(np.stack([rows[k][1] for k in keys]), dtype=torch.float32)
+    easy = independent_select(
+        None, Embeddings(image, text, 10.0, -5.0), size=6, scoring="easy_reference", method="topk"
+    )
+    assert {keys[i] for i in easy.tolist()} == top
+    record = json.loads((tmp_path / "keep" / "filter.json").read_text())
+    assert record["settings"]["keep"] == 0.25 and record["result"]["kept"] == 6
+    on_disk = json.loads((tmp_path / "keep" / HEADER).read_text())
+    assert [s["url"] for s in on_disk["shards"]] == [os.path.abspath(u) for u in urls]
+    assert sum(s["kept"] for s in on_disk["shards"]) == 6 and {s["total"] for s in on_disk["shards"]} == {8}
+
+
+def test_keep_fraction_one_keeps_every_pair_and_the_loss_score_is_recorded(tmp_path, pool):
+    urls, _ = pool
+    header = filter_shards(
+        urls, tmp_path / "all", keep=1.0, score="loss", batch_size=5, seed=3, progress=False
+    )
+    assert (header["kept"], header["total"]) == (24, 24)
+    assert (header["loss"], header["batch_size"], header["seed"]) == ("sigmoid", 5, 3)
+    kept = KeepList(tmp_path / "all")
+    assert all(kept.keys(u) == shard_keys(u) for u in urls)
+
+
+def test_the_stream_reads_only_kept_samples_and_counts_the_rest(tmp_path, pool, monkeypatch):
+    urls, _ = pool
+    filter_shards(urls, tmp_path / "keep", keep=0.5, progress=False)
+    kept = KeepList(tmp_path / "keep")
+    kept.check(urls)
+    decoded = []
+    real = loader.decode_sample
+    monkeypatch.setattr(
+        loader, "decode_sample", lambda raw, **kw: decoded.append(raw["__key__"]) or real(raw, **kw)
+    )
+    batches = list(SuperBatchStream(urls, batch_size=5, shuffle_shards=False, keep=kept))
+    keys = [k for b in batches for k in b.keys]
+    assert sorted(keys) == sorted(set().union(*(kept.keys(u) for u in urls))) and len(keys) == 12
+    assert decoded == keys  # the others were never decoded
+    assert sum((Counter(b.skipped) for b in batches), Counter()) == {"not_kept": 12}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_filtered_stream_equals_the_uninterrupted_one(tmp_path, workers):
+    urls, _ = cached(tmp_path / "pool", bad_image=True)
+    filter_shards(urls, tmp_path / "keep", keep=0.5, progress=False)
+    kw = {"batch_size": 3, "resampled": True, "seed": 3, "keep": KeepList(tmp_path / "keep")}
+    whole = ResumableBatches(SuperBatchStream(urls, **kw), workers)
+    expected = [next(whole) for _ in range(9)]
+    assert {reason for b in expected for reason in b.skipped} == {"not_kept", "bad_image"}
+    for stop in (1, 2, 4, 7):
+        got = resumed_after(urls, kw, workers, stop, 9)
+        assert [b.keys for b in got] == [b.keys for b in expected], stop
+        assert [b.skipped for b in got] == [b.skipped for b in expected], stop
+        assert [b.position for b in got] == [b.position for b in expected], stop
+
+
+def test_a_keep_list_pickles_without_its_loaded_keys(tmp_path, pool):
+    urls, _ = pool
+    filter_shards(urls, tmp_path / "keep", keep=0.5, progress=False)
+    kept = KeepList(tmp_path / "keep")
+    first = kept.keys(urls[0])
+    copy = pickle.loads(pickle.dumps(kept))
+    assert copy._current is None and copy.keys(urls[0]) == first
+
+
+def test_a_keep_list_for_other_shards_is_one_line(tmp_path, pool):
+    urls, _ = pool
+    filter_shards(urls[:2], tmp_path / "two", keep=0.5, progress=False)
+    with pytest.raises(ValueError, match=rf"was written for other shards: shard {urls[2]} \(1 of 3 such\)"):
+        KeepList(tmp_path / "two").check(urls)
+    filter_shards(urls, tmp_path / "three", keep=0.5, progress=False)
+    with pytest.raises(ValueError, match=rf"its shard {os.path.abspath(urls[2])} \(1 such\) is not among"):
+        KeepList(tmp_path / "three").check(urls[:2])
+    add_members(Path(urls[0]), {"late.txt": b"x" * 20000})  # past the tar record padding: a new size
+    with pytest.raises(ValueError, match=rf"shard {urls[0]} changed since keep list .* bytes then"):
+        KeepList(tmp_path / "three").check(urls)
+
+
+def test_a_kept_key_the_shard_does_not_hold_is_named(tmp_path, pool):
+    urls, _ = pool
+    filter_shards(urls, tmp_path / "keep", keep=1.0, progress=False)
+    header = json.loads((tmp_path / "keep" / HEADER).read_text())
+    keys = np.load(tmp_path / "keep" / KEYS)
+    keys[0] = b"s0_999"  # same width: the file keeps its size
+    np.save(tmp_path / "keep" / KEYS, keys)
+    assert json.loads((tmp_path / "keep" / HEADER).read_text()) == header
+    with pytest.raises(ValueError, match=rf"keeps sample key 's0_999' of shard {urls[0]} \(1 such\), which"):
+        KeepList(tmp_path / "keep").check(urls)
+
+
+def test_bad_keep_list_directories_are_named(tmp_path, pool):
+    urls, _ = pool
+    with pytest.raises(ValueError, match="is not a directory written by `jestclip filter`"):
+        KeepList(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"holds no keep\.json"):
+        KeepList(tmp_path / "empty")
+    filter_shards(urls, tmp_path / "keep", keep=0.5, progress=False)
+    shutil.copytree(tmp_path / "keep", tmp_path / "cut")
+    with open(tmp_path / "cut" / KEYS, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'cut' / KEYS} is truncated \(100 bytes, expected"):
+        KeepList(tmp_path / "cut")
+    (tmp_path / "keep" / HEADER).write_text('{"format": "jestclip-keeplist/1"}')
+    with pytest.raises(ValueError, match=r"keep.json is corrupt \(KeyError"):
+        KeepList(tmp_path / "keep")
+
+
+def test_filter_refuses_to_overwrite_or_to_keep_nothing(tmp_path, pool):
+    urls, _ = pool
+    filter_shards(urls, tmp_path / "keep", keep=0.5, progress=False)
+    before = (tmp_path / "keep" / KEYS).read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a keep list"):
+        filter_shards(urls, tmp_path / "keep", keep=0.25, progress=False)
+    assert (tmp_path / "keep" / KEYS).read_bytes() == before
+    with pytest.raises(ValueError, match=r"keep fraction 0\.01 of 24 pairs keeps none"):
+        filter_shards(urls, tmp_path / "none", keep=0.01, progress=False)
+    assert not (tmp_path / "none" / HEADER).exists()
+    with pytest.raises(ValueError, match=r"come from model fp .*not the expected other"):
+        filter_shards(urls, tmp_path / "x", keep=0.5, fingerprint="other", progress=False)
