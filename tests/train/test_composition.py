@@ -3,6 +3,7 @@ batch, the metrics-line fields of tiny trainings on labelled shards, exact resum
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -184,13 +185,12 @@ def expected_line(steps: list[tuple[list[str], list[int]]]) -> dict:
     return fields
 
 
-@pytest.mark.parametrize("method", ["iid", "jest", "flexi-jest"])
+@pytest.mark.parametrize("method", ["iid", "jest", "independent", "flexi-jest"])
 def test_the_metrics_line_gives_the_composition_of_every_step_it_reports(
     tmp_path, labelled, method, monkeypatch
 ):
     steps = record_steps(monkeypatch)
-    cfg = config(tmp_path / method, labelled, method, steps=3)
-    cfg = type(cfg)(**{**cfg.__dict__, "log_every": 2})
+    cfg = dataclasses.replace(config(tmp_path / method, labelled, method, steps=3), log_every=2)
     train(cfg, progress=False)
     lines = metrics(cfg.run_dir)
     assert [x["step"] for x in lines] == [2, 3]
@@ -217,7 +217,7 @@ def test_a_resumed_run_logs_the_lines_of_an_uninterrupted_one(tmp_path, labelled
 
     def cfg(name: str, **kw):
         c = config(tmp_path / name, labelled, "jest", steps=6, checkpoint_every=3, **kw)
-        return type(c)(**{**c.__dict__, "log_every": 2})
+        return dataclasses.replace(c, log_every=2)
 
     train(cfg("whole"), progress=False)
     train(cfg("parts", stop_after=3), progress=False)
