@@ -55,12 +55,14 @@ def test_report_writes_markdown_figures_and_numbers(runs, tmp_path, capsys):
     ):
         assert heading in text
     assert "| toy/zeroshot:colour |" in text
+    assert "What the runs learned on" not in text and not (out / "composition.png").exists()  # no labels
     data = json.loads((out / "report.json").read_text())
     assert data["baseline"] == "iid" and [r["run"] for r in data["speedup"]] == ["iid", "jest"]
     diag = data["diagnostics"]
     assert diag["super_batch"] == 20 and set(diag["filter_ratio"]) == {"0.0", "0.5", "0.8", "0.9"}
     assert len(diag["gibbs"]) == 21 and len(diag["matrix"]) == 20
     assert data["settings"]["runs"] == [str(iid), str(jest)]
+    assert data["composition"] is None
 
 
 def test_report_errors(runs, tmp_path, capsys):

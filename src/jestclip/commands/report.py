@@ -1,4 +1,5 @@
-"""``jestclip report RUN... --out DIR``: curves, speed-up to target and selection diagnostics for runs."""
+"""``jestclip report RUN... --out DIR``: curves, speed-up to target, ground-truth composition and selection
+diagnostics for runs."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="plots and speed-up-to-target tables comparing runs",
         description="Write a markdown report comparing training runs (trained with eval_data set): average "
         "accuracy against examples and FLOPs, speed-up to the baseline's final accuracy, final per-metric "
-        "table, and selection diagnostics on one super-batch of a JEST run.",
+        "table, what the runs learned on by ground-truth quality (precision, lift over the candidates, "
+        "swapped pairs; for runs whose samples carry a 'quality' entry), and selection diagnostics on one "
+        "super-batch of a JEST run.",
     )
     parser.add_argument("runs", nargs="+", type=Path, help="run directories")
     parser.add_argument("--out", type=Path, required=True, help="directory for report.md and its figures")

@@ -59,21 +59,24 @@ def quality_labels(meta: Sequence[dict[str, Any]]) -> tuple[Tensor, Tensor] | No
     """
     if not any(QUALITY_KEY in m for m in meta):
         return None
-    labels = torch.zeros(len(meta), 1 + len(NOISE_KINDS), dtype=torch.bool)
-    known = torch.zeros(len(meta), dtype=torch.bool)
+    width = 1 + len(NOISE_KINDS)
+    known = [QUALITY_KEY in m for m in meta]
+    marked: list[int] = []  # flat positions i * width + column of the set labels: one tensor write at the end
     column = {kind: 1 + k for k, kind in enumerate(NOISE_KINDS)}
     for i, m in enumerate(meta):
-        if QUALITY_KEY not in m:
+        if not known[i]:
             continue
         entry = m[QUALITY_KEY]
-        where = f"sample {m.get('__key__', i)!r}"
         if not isinstance(entry, dict) or not isinstance(entry.get(CLEAN), bool):
+            where = f"sample {m.get('__key__', i)!r}"
             raise ValueError(f"{where}: 'quality' must be an object with a bool 'clean', got {entry!r}")
         kinds = entry.get("noise", [])
-        if not isinstance(kinds, list) or any(k not in column for k in kinds):
+        if not isinstance(kinds, list) or not all(k in column for k in kinds):
+            where = f"sample {m.get('__key__', i)!r}"
             raise ValueError(f"{where}: 'quality.noise' must list kinds from {NOISE_KINDS}, got {kinds!r}")
-        known[i] = True
-        labels[i, 0] = entry[CLEAN]
-        for k in kinds:
-            labels[i, column[k]] = True
-    return labels, known
+        if entry[CLEAN]:
+            marked.append(i * width)
+        marked.extend(i * width + column[k] for k in kinds)
+    labels = torch.zeros(len(meta) * width, dtype=torch.bool)
+    labels[torch.tensor(marked, dtype=torch.long)] = True
+    return labels.view(len(meta), width), torch.tensor(known, dtype=torch.bool)

@@ -43,12 +43,18 @@ class RunGroup:
     def seeds(self) -> list[int]:
         return [int(r.config.get("seed", 0)) for r in self.runs]
 
-    def curve(self, x: str, metric: str = AVERAGE) -> tuple[list[float], list[float], list[float]]:
-        """``(xs, mean, std)`` over the seeds at the steps every seed evaluated (std 0 for one seed).
+    def curve(
+        self, x: str, metric: str = AVERAGE, *, training: bool = False
+    ) -> tuple[list[float], list[float], list[float]]:
+        """``(xs, mean, std)`` over the seeds at the steps every seed evaluated (std 0 for one seed); with
+        ``training``, at the steps every seed logged ``metric`` (not null) in a training line.
 
         ``x`` is a counter such as ``examples_learned``, averaged over seeds (equal up to skipped data).
         """
-        by_step = [{int(r["step"]): r for r in run.evals if metric in r} for run in self.runs]
+        by_step = [
+            {int(r["step"]): r for r in (run.train if training else run.evals) if r.get(metric) is not None}
+            for run in self.runs
+        ]
         steps = sorted(set.intersection(*(set(s) for s in by_step)))
         xs, mean, std = [], [], []
         for step in steps:

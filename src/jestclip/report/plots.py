@@ -8,11 +8,13 @@ from pathlib import Path
 from matplotlib.colors import CenteredNorm
 from matplotlib.figure import Figure
 
+from jestclip.data.quality import CLEAN, SWAPPED
 from jestclip.report.diagnostics import SelectionDiagnostics
 from jestclip.report.groups import RunGroup, as_group
 from jestclip.report.runs import AVERAGE, RunLog
+from jestclip.train.composition import CANDIDATES, LEARNED, composition_key
 
-__all__ = ["plot_accuracy", "plot_diagnostics"]
+__all__ = ["plot_accuracy", "plot_composition", "plot_diagnostics"]
 
 X_AXES = (
     ("examples_learned", "examples learned on"),
@@ -31,17 +33,8 @@ def plot_accuracy(
         for run in map(as_group, runs):
             xs, mean, std = run.curve(x, metric)
             seeds = f", {len(run.runs)} seeds" if len(run.runs) > 1 else ""
-            line = ax.plot(
-                xs,
-                [100 * y for y in mean],
-                marker="o",
-                markersize=3,
-                label=f"{run.name} ({run.method}{seeds})",
-            )[0]
-            if len(run.runs) > 1:
-                low = [100 * (m - s) for m, s in zip(mean, std, strict=True)]
-                high = [100 * (m + s) for m, s in zip(mean, std, strict=True)]
-                ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+            label = f"{run.name} ({run.method}{seeds})"
+            _band(ax, xs, mean, std, len(run.runs), marker="o", markersize=3, label=label)
         if target is not None:
             ax.axhline(
                 100 * target, color="grey", linestyle="--", linewidth=1, label="target (baseline final)"
@@ -50,6 +43,40 @@ def plot_accuracy(
         ax.set_ylabel(f"{metric} (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _band(ax, xs: list[float], mean: list[float], std: list[float], seeds: int, **style) -> None:
+    """A seed-mean curve in percent, with a ±1 standard deviation band when there are several seeds."""
+    line = ax.plot(xs, [100 * y for y in mean], **style)[0]
+    if seeds > 1:
+        low = [100 * (m - s) for m, s in zip(mean, std, strict=True)]
+        high = [100 * (m + s) for m, s in zip(mean, std, strict=True)]
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def plot_composition(groups: Sequence[RunGroup], path: Path, *, swapped: bool = False) -> Path:
+    """What runs learned on (``report.composition``): the share clean among the examples learned on
+    (precision, solid) beside the share among their super-batches' candidates (dashed, same colour), against
+    examples learned on, one colour per run or seed group (seed mean, ±1 sd band); with ``swapped`` a second
+    panel gives the share of swapped pairs the same way. Each point pools the steps its training line covers.
+    """
+    panels = [(CLEAN, "share clean (%)")] + ([(SWAPPED, "share swapped (%)")] if swapped else [])
+    fig = Figure(figsize=(5.5 * len(panels), 4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    colours = [f"C{i % 10}" for i in range(len(groups))]
+    for ax, (column, label) in zip(axes, panels, strict=True):
+        for group, colour in zip(groups, colours, strict=True):
+            seeds = len(group.runs)
+            name = f"{group.name} ({group.method}{f', {seeds} seeds' if seeds > 1 else ''})"
+            for row, style, what in ((LEARNED, "-", "learned"), (CANDIDATES, "--", "candidates")):
+                xs, mean, std = group.curve("examples_learned", composition_key(row, column), training=True)
+                _band(ax, xs, mean, std, seeds, color=colour, linestyle=style, label=f"{name}: {what}")
+        ax.set_xlabel("examples learned on")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     fig.savefig(path, dpi=120)
     return path
 

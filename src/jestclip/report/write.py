@@ -8,12 +8,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from jestclip.data.quality import NOISE_KINDS
+from jestclip.report.composition import CompositionRow, composition_groups, composition_table
 from jestclip.report.diagnostics import SelectionDiagnostics
 from jestclip.report.groups import RunGroup, group_seeds
-from jestclip.report.plots import plot_accuracy, plot_diagnostics
+from jestclip.report.plots import plot_accuracy, plot_composition, plot_diagnostics
 from jestclip.report.reference import ReferenceCost
 from jestclip.report.runs import RunLog
 from jestclip.report.speedup import SpeedupRow, speedup_table
+from jestclip.train.composition import CANDIDATES, LEARNED
 
 __all__ = ["choose_baseline", "write_report"]
 
@@ -175,6 +178,63 @@ def _metrics_section(groups: Sequence[RunGroup]) -> list[str]:
     return lines
 
 
+def _value(row: CompositionRow, key: str, *, percent: bool = True) -> str:
+    """A composition number: seed mean (± sd for several seeds), in % or as a ratio; — when unknown."""
+    mean, std = row.mean.get(key), row.std.get(key)
+    if mean is None:
+        return "—"
+    scale = 100 if percent else 1
+    return f"{scale * mean:.2f}" + (f" ± {scale * std:.2f}" if row.seeds > 1 else "")
+
+
+def _composition_section(rows: Sequence[CompositionRow], swapped: bool) -> list[str]:
+    head = "| run | method | seeds | labelled learned on | precision (%) | last quarter (%) | "
+    head += "candidates clean (%) | lift | lift, last quarter |"
+    rule = "|---|---|---|---|---|---|---|---|---|"
+    if swapped:
+        head, rule = head + " swapped learned (%) | swapped candidates (%) |", rule + "---|---|"
+    lines = [
+        "",
+        "## What the runs learned on (ground truth)",
+        "",
+        "![share clean among learned and among candidates](composition.png)",
+        "",
+        "From the samples whose JSON carries `quality` (labelled by the benchmark builder). Precision = "
+        "share clean among the labelled examples learned on; candidates clean = the same share among the "
+        "super-batches' candidates; lift = precision / candidates clean (1 for IID, which learns on its "
+        "candidates). Shares pool every training line of a run (*last quarter*: the lines after 3/4 of "
+        "its steps); seed mean ± sd. In the figure each point covers the steps since the previous line.",
+        "",
+        head,
+        rule,
+    ]
+    for row in rows:
+        cells = [
+            f"{row.mean['learned_labelled']:,.0f}",
+            _value(row, "precision"),
+            _value(row, "precision_last_quarter"),
+            _value(row, "candidates_clean"),
+            _value(row, "lift", percent=False),
+            _value(row, "lift_last_quarter", percent=False),
+        ]
+        if swapped:
+            cells += [_value(row, "learned_swapped"), _value(row, "candidates_swapped")]
+        lines.append(f"| {row.run} | {row.method} | {row.seeds} | " + " | ".join(cells) + " |")
+    kinds = [k for k in NOISE_KINDS if any(r.noise[k][CANDIDATES] for r in rows)]
+    if kinds:
+        lines += [
+            "",
+            "Noise kinds, share among learned / among candidates (%, over the run, seed mean):",
+            "",
+            "| noise kind | " + " | ".join(r.run for r in rows) + " |",
+            "|---|" + "---|" * len(rows),
+        ]
+        for kind in kinds:
+            cells = [f"{_pct(r.noise[kind][LEARNED])} / {_pct(r.noise[kind][CANDIDATES])}" for r in rows]
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _diagnostics_section(d: SelectionDiagnostics, run: str | None) -> list[str]:
     best = max(d.chunks)
     return [
@@ -209,7 +269,9 @@ def write_report(
     reference: ReferenceCost | None = None,
     settings: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``report.md``, ``accuracy.png``, ``diagnostics.png`` (if given) and ``report.json`` into ``out``.
+    """Write ``report.md``, ``accuracy.png``, ``diagnostics.png`` (if given), ``composition.png`` (when runs
+    logged the ground-truth composition of what they learned on: ``report.composition``) and ``report.json``
+    into ``out``.
 
     Runs whose configs differ only in seed are reported as one group (seed-mean curve with a band, mean ± std
     finals, speed-up on the mean curve with its per-seed range). Every run needs evaluation lines; group
@@ -239,6 +301,11 @@ def write_report(
     ]
     if reference is not None:
         lines += _reference_section(groups, reference)
+    composition = composition_table(groups)
+    if composition:
+        swapped = any(row.mean["candidates_swapped"] for row in composition)
+        plot_composition(composition_groups(groups), out / "composition.png", swapped=swapped)
+        lines += _composition_section(composition, swapped)
     lines += _metrics_section(groups)
     if diagnostics is not None:
         plot_diagnostics(diagnostics, out / "diagnostics.png")
@@ -252,6 +319,7 @@ def write_report(
         "speedup": [asdict(r) for r in rows],
         "final": {g.name: g.final_eval for g in groups},
         "reference": asdict(reference) if reference is not None else None,
+        "composition": [asdict(row) for row in composition] or None,
         "diagnostics": asdict(diagnostics) if diagnostics is not None else None,
     }
     (out / "report.json").write_text(json.dumps(data, indent=1), encoding="utf-8")

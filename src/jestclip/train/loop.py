@@ -9,7 +9,9 @@ run whose directory has a checkpoint resumes it exactly: model, optimiser, sched
 data position (every rank's and loader worker's place in its shards: a resumed run reads only what it has
 not consumed; on CPU the result is bitwise that of an uninterrupted run); metrics lines past the checkpoint
 are dropped, so each step is logged once. Under torchrun every rank reads its own shards, holds B / W of each
-super-batch and learns on b / W of it; only rank 0 writes (``RunOutputs``).
+super-batch and learns on b / W of it; only rank 0 writes (``RunOutputs``). When samples carry ground-truth
+quality (``data.quality``), each training line also gives the composition of the candidates and of what was
+learned over the steps since the previous line (``train.composition``).
 
 How a run ends: it returns the last metrics line when it reaches ``steps`` or ``stop_after``; it raises
 ``Preempted`` on SIGTERM (checkpointed; rerun the same command to resume), ``TrainingDiverged`` after
@@ -430,12 +432,13 @@ class _Steps:
         cfg, state, out, last, started = self.cfg, self.state, self.out, {}, time.perf_counter()
         while state.counters.step < cfg.steps:
             batch = next(batches)
-            learned = learn(state, on_device(batch), cfg, self.where)
-            self._count(learned, batch.skipped)
+            tensors = on_device(batch)
+            learned = learn(state, tensors, cfg, self.where)
+            self._count(learned, tensors, batch.skipped)
             out.bar.update(1)
             step = state.counters.step
             if step % cfg.log_every == 0 or step == cfg.steps or learned.bad:
-                last = _train_line(state.counters, learned, started)
+                last = {**_train_line(state.counters, learned, started), **state.composition.line()}
                 out.log(last)
                 out.bar.set_postfix(loss="-" if last["loss"] is None else f"{last['loss']:.3f}")
             self.guard.update(step, learned.bad, out)
@@ -454,9 +457,10 @@ class _Steps:
         out.save(state, final=True)
         return last
 
-    def _count(self, learned: Learned, skipped: dict[str, int]) -> None:
+    def _count(self, learned: Learned, batch: SuperBatchTensors, skipped: dict[str, int]) -> None:
         if learned.bad is None:
             self.state.counters.add_step(learned.output, self.cost, skipped)
+            self.state.composition.add(batch.quality, learned.output.selected, self.where.world)
         else:
             self.state.counters.skip_update(skipped)
 

@@ -21,6 +21,7 @@ from jestclip.data.keeplist import KeepList
 from jestclip.data.loader import ResumableBatches, SuperBatch, SuperBatchStream
 from jestclip.data.refcache import ReferenceCache
 from jestclip.models import StepFlops, create_model, forward_flops, image_size
+from jestclip.train.composition import Composition, batch_quality
 from jestclip.train.config import TrainConfig, to_dict
 from jestclip.train.distributed import data_parallel
 from jestclip.train.optim import make_optimizer, make_scheduler
@@ -144,9 +145,10 @@ def build_model(cfg: TrainConfig, device: torch.device, checkpoint: Any = None) 
 
 @dataclass
 class TrainState:
-    """Everything a checkpoint holds: learner, optimiser, schedule, selection generator, counters; and, under
-    torchrun, ``learn_module``: the DDP-wrapped ``LearningForward(model)`` the steps learn through (the
-    model's own parameters; not checkpointed; None on one process, where the steps use the model itself)."""
+    """Everything a checkpoint holds: learner, optimiser, schedule, selection generator, counters, the
+    composition counts since the last metrics line; and, under torchrun, ``learn_module``: the DDP-wrapped
+    ``LearningForward(model)`` the steps learn through (the model's own parameters; not checkpointed; None on
+    one process, where the steps use the model itself)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -155,6 +157,7 @@ class TrainState:
     counters: Counters
     learn_module: nn.Module | None = None
     data: list[dict[str, Any] | None] | None = None  # every rank's data position (ResumableBatches.positions)
+    composition: Composition = field(default_factory=Composition)  # since the last metrics line
 
     def state_dict(self, cfg: TrainConfig) -> dict[str, Any]:
         """The checkpoint; ``data`` is the data position as last set (the loop sets it before each save)."""
@@ -167,11 +170,12 @@ class TrainState:
             "counters": asdict(self.counters),
             "config": to_dict(cfg),
             "data": self.data,
+            "composition": self.composition.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a checkpoint, the global torch RNG and the data position included (None in a checkpoint
-        written before jestclip recorded it)."""
+        """Restore a checkpoint, the global torch RNG, the data position and the composition counts included
+        (None in a checkpoint written before jestclip recorded them)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -180,6 +184,7 @@ class TrainState:
         torch.set_rng_state(state["torch_rng"].cpu())
         self.counters = Counters(**state["counters"])
         self.data = state.get("data")
+        self.composition.load_state_dict(state.get("composition"))
 
 
 def build_state(cfg: TrainConfig, device: torch.device) -> TrainState:
@@ -289,9 +294,12 @@ def to_device(
     reference: ReferenceCache | None,
     device: torch.device,
 ) -> SuperBatchTensors:
-    """A loaded super-batch on the device: images, tokenised captions and the reference's embeddings."""
+    """A loaded super-batch on the device: images, tokenised captions, the reference's embeddings and the
+    samples' ground-truth quality labels (None when none carries them)."""
+    quality = batch_quality(batch)
     return SuperBatchTensors(
         images=batch.images.to(device, non_blocking=True),
         tokens=tokenize(batch.texts).to(device),
         reference=reference.lookup(batch.keys, batch.urls, device=device) if reference is not None else None,
+        quality=quality.to(device) if quality is not None else None,
     )

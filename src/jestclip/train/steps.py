@@ -51,11 +51,14 @@ __all__ = [
 
 @dataclass
 class SuperBatchTensors:
-    """A super-batch on the device: images ``[B, 3, H, W]``, tokens ``[B, L]``, reference embeddings."""
+    """A super-batch on the device: images ``[B, 3, H, W]``, tokens ``[B, L]``, reference embeddings, and
+    ground-truth quality labels ``[B, 1 + K]`` int8 when samples carry them (``composition.batch_quality``).
+    """
 
     images: Tensor
     tokens: Tensor
     reference: Embeddings | None = None
+    quality: Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
