@@ -9,6 +9,7 @@ Public API::
     independent_select(learner, reference, size=, scoring=, loss=, context=, method=, gain=, generator=)
     Exchange / LocalExchange(groups)               # where candidates live: joint_select(..., exchange=)
     gibbs_select(...)                               # brute-force diagnostic (Figure 2)
+    steered_loss(image, text, scale, bias, reference, loss)  # DRRho-style loss: learner minus reference
     dense_* / pair_score_matrix                     # O(B²) oracle for small B
 
 Scorings: "learnability" (learner minus reference), "easy_reference", "hard_learner".
@@ -34,6 +35,7 @@ from jestclip.selection.sampling import (
     group_chunk_counts,
 )
 from jestclip.selection.scoring import SCORINGS, ConditionalScores, NonFiniteCandidatesWarning, Scoring
+from jestclip.selection.steering import steered_loss
 
 __all__ = [
     "DEFAULT_GAIN",
@@ -60,5 +62,6 @@ __all__ = [
     "independent_select",
     "joint_select",
     "pair_score_matrix",
+    "steered_loss",
     "usable_rows",
 ]
