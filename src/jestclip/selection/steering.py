@@ -62,23 +62,23 @@ def steered_loss(
     terms) normalised by ``n``: the mean of the shares over a partition of the batch into equal parts is
     the loss of the whole batch. None: the rows are the whole batch.
 
-    A ValueError names a shape that does not match or an unknown loss.
+    A ValueError names a shape (or row count) that does not match, or an unknown loss.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     all_image, all_text, all_reference = batch if batch is not None else (image, text, reference)
     n, b = image.shape[0], all_image.shape[0]
-    shapes = {
-        "text": (text, image.shape),
-        "reference.image": (reference.image, image.shape),
-        "batch text": (all_text, all_image.shape),
-        "batch reference.image": (all_reference.image, all_image.shape),
-    }
-    for name, (tensor, shape) in shapes.items():
-        if tensor.shape != shape:
-            raise ValueError(f"steered_loss: {name} is {tuple(tensor.shape)}, expected {tuple(shape)}")
-    if all_image.shape[1] != image.shape[1] or not 0 <= offset <= b - n:
-        raise ValueError(f"steered_loss: rows [{offset}, {offset + n}) do not fit {tuple(all_image.shape)}")
+    for name, got, want in (
+        ("text", text.shape, image.shape),
+        ("batch image", all_image.shape[1:], image.shape[1:]),
+        ("batch text", all_text.shape, all_image.shape),
+        ("reference", (reference.n,), (n,)),
+        ("batch reference", (all_reference.n,), (b,)),
+    ):
+        if got != want:
+            raise ValueError(f"steered_loss: {name} has shape {tuple(got)}, expected {tuple(want)}")
+    if not 0 <= offset <= b - n:
+        raise ValueError(f"steered_loss: rows [{offset}, {offset + n}) are not rows of a batch of {b}")
     ref_image, ref_text, all_ref_image, all_ref_text = (  # the frozen reference: constants
         t.detach().to(image.dtype)
         for t in (reference.image, reference.text, all_reference.image, all_reference.text)
