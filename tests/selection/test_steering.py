@@ -165,3 +165,15 @@ def test_bad_input_is_one_clear_error():
         steered_loss(image, text[:4], scale, bias, reference, "sigmoid")
     with pytest.raises(ValueError, match=r"rows \[3, 8\) are not rows of a batch of 5"):
         steered_loss(image, text, scale, bias, reference, "softmax", batch=(image, text, reference), offset=3)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_without_a_reference_signal_it_is_open_clips_loss(loss):
+    """A reference whose cosines are all 0 steers nothing: the loss is open_clip's SigLipLoss / ClipLoss of
+    the learner (what iid learns with), so drrho differs from iid by the reference alone."""
+    from jestclip.train.steps import contrastive_loss
+
+    image, text, scale, bias, reference = leaves()
+    silent = Embeddings(torch.zeros_like(reference.image), torch.zeros_like(reference.text), 1.0)
+    got = steered_loss(image, text, scale, bias, silent, loss)
+    assert got.item() == pytest.approx(contrastive_loss(image, text, scale, bias, loss).item(), rel=1e-12)
