@@ -20,7 +20,7 @@ rank passes only its ``b / W`` selected examples to its method's learning loss: 
 ``steered_learning_loss`` (the DRRho-style loss of ``selection.steered_loss``).
 
 Steps read their method's description through ``StepMethod`` and its settings as ``MethodSettings``: they
-import neither ``methods`` nor ``config``, which name them.
+import neither ``methods`` (which names them) nor ``config``.
 """
 
 from __future__ import annotations
