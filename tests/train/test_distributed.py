@@ -132,15 +132,17 @@ def _assert_single_process_gradients(results: list[dict], model, loss) -> None:
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
-def test_data_parallel_gradients_equal_single_process_gradients(tmp_path, loss):
-    """Two DDP ranks with half a batch each, each computing its share of open_clip's distributed loss: the
+@pytest.mark.parametrize("method", ["iid", "drrho"])
+def test_data_parallel_gradients_equal_single_process_gradients(tmp_path, method, loss):
+    """Two DDP ranks with half a batch each, each computing its share of its method's loss (iid: open_clip's
+    distributed losses; drrho: the steered loss, the learner's and the reference's rows all-gathered): the
     averaged gradients (and the reported loss) are those of one process on the whole batch."""
     from jestclip.models import create_model
     from jestclip.train import MethodConfig, run_step
 
     from .test_steps import synthetic_batch
 
-    cfg = MethodConfig("iid", batch_size=8, loss=loss)
+    cfg = MethodConfig(method, batch_size=8, loss=loss)
     results = _run_ranks(tmp_path, cfg, 8)
     torch.manual_seed(0)
     model = create_model("jest-micro", loss=loss)

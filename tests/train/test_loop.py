@@ -53,7 +53,7 @@ def config(run_dir: Path, shards: list[str], method: str, **kw) -> TrainConfig:
     )
 
 
-@pytest.mark.parametrize("method", ["iid", "jest", "independent", "flexi-jest"])
+@pytest.mark.parametrize("method", ["iid", "jest", "independent", "flexi-jest", "drrho"])
 def test_every_method_trains_and_counts(tmp_path, shards, method):
     cfg = config(tmp_path / method, shards, method)
     last = train(cfg, progress=False)
@@ -61,7 +61,8 @@ def test_every_method_trains_and_counts(tmp_path, shards, method):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert last["examples_learned"] == 12
-    assert last["examples_scored"] == (0 if method == "iid" else 24)  # B = 8 per step
+    selects = method not in ("iid", "drrho")
+    assert last["examples_scored"] == (24 if selects else 0)  # B = 8 per step
     per_step = lines[0]["flops_total"]
     assert per_step > 0 and last["flops_total"] == pytest.approx(3 * per_step)
     model = create_model("jest-micro")
@@ -70,13 +71,14 @@ def test_every_method_trains_and_counts(tmp_path, shards, method):
     b, big_b = 4, 8
     expected = {  # appendix A.4, with the chosen examples' forward recomputed (jestclip's steps)
         "iid": 3 * f.total * b,
+        "drrho": 3 * f.total * b,  # the reference's embeddings are cached
         "jest": 3 * f.total * b + f.total * big_b,
         "independent": 3 * f.total * b + f.total * big_b,
         "flexi-jest": 3 * (0.5 * fa.total + 0.5 * f.total) * b + fa.total * big_b,
     }[method]
     assert per_step == pytest.approx(expected)
     assert last["flops_reference"] == 0.0  # cached
-    if method != "iid":
+    if selects:
         assert lines[0]["flops_score"] > 0 and lines[0]["selected_score"] is not None
     assert json.loads((run / "config.json").read_text())["method"]["method"] == method
     assert (run / "model.pt").exists() and list((run / "tb").iterdir())

@@ -9,7 +9,12 @@ import pytest
 from jestclip.models import ForwardFlops
 from jestclip.selection import SCORINGS
 from jestclip.train import METHODS, MethodConfig, TrainConfig, get_method
-from jestclip.train.steps import learn_batch_step, select_and_learn_step
+from jestclip.train.steps import (
+    contrastive_learning_loss,
+    learn_batch_step,
+    select_and_learn_step,
+    steered_learning_loss,
+)
 
 F = ForwardFlops(image=300, text=100)  # learner forward per example
 FA = ForwardFlops(image=75, text=100)  # approximate learner (image tower at a quarter)
@@ -21,6 +26,8 @@ def a4(method: str, scoring: str, fraction: float, reference: ForwardFlops | Non
     """Appendix A.4 written out per method, with jestclip's recomputed training forward."""
     if method in ("iid", "filter"):  # filter: its scoring pass is the reference cache's, paid once
         return 3 * F.total * b
+    if method == "drrho":  # iid's step plus, when not cached, the reference's forward over the batch
+        return 3 * F.total * b + (reference.total * b if reference is not None else 0.0)
     learner_scores = scoring != "easy_reference"
     ref = reference.total * B if reference is not None and scoring != "hard_learner" else 0.0
     if method in ("jest", "independent"):
@@ -59,14 +66,21 @@ def test_the_two_flop_bugs_stay_fixed():
 
 
 def test_descriptions_state_what_each_method_needs():
-    assert set(METHODS) == {"iid", "filter", "jest", "independent", "flexi-jest"}
+    assert set(METHODS) == {"iid", "filter", "jest", "independent", "flexi-jest", "drrho"}
     iid, jest, independent, flexi = (METHODS[m] for m in ("iid", "jest", "independent", "flexi-jest"))
     for m in (iid, METHODS["filter"]):
         assert not m.selects and m.step is learn_batch_step
         assert not m.needs_reference("learnability") and not m.scores_with_learner("learnability")
     assert METHODS["filter"].needs_keep_list and not any(
-        m.needs_keep_list for m in (iid, jest, independent, flexi)
+        m.needs_keep_list for m in METHODS.values() if m is not METHODS["filter"]
     )
+    drrho = METHODS["drrho"]  # learns on the batch as drawn, with the reference's embeddings in its loss
+    assert not drrho.selects and drrho.step is learn_batch_step
+    assert drrho.learning_loss is steered_learning_loss
+    for scoring in SCORINGS:  # the scoring rule is not used: the loss needs the reference all the same
+        assert drrho.needs_reference(scoring) and not drrho.scores_with_learner(scoring)
+    assert all(m.learning_loss is contrastive_learning_loss for m in METHODS.values() if m is not drrho)
+    assert not any(m.reference_in_loss for m in METHODS.values() if m is not drrho)
     assert (jest.selector, independent.selector, flexi.selector) == ("joint", "independent", "joint")
     for m in (jest, independent, flexi):
         assert m.step is select_and_learn_step
@@ -77,6 +91,8 @@ def test_descriptions_state_what_each_method_needs():
     assert jest.scoring_approx(MethodConfig("jest")) is None
     assert jest.learned_approx_fraction(MethodConfig("jest", approx_fraction=0.7)) == 0.0
     assert iid.super_batch(64, 0.8) == 64 and jest.super_batch(64, 0.8) == 320
+    assert drrho.super_batch(64, 0.8) == 64
+    assert TrainConfig(method=MethodConfig("drrho", batch_size=32)).super_batch == 32
     with pytest.raises(ValueError, match=r"filter_ratio must be in \[0, 1\)"):
         jest.super_batch(64, 1.0)
     with pytest.raises(ValueError, match=r"method\.method = 'random' is not one of"):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from jestclip.models import create_model
-from jestclip.selection import Embeddings
+from jestclip.selection import Embeddings, steered_loss
 from jestclip.train import (
     MethodConfig,
     OptimConfig,
@@ -115,6 +115,26 @@ def test_selection_steps_select_b_and_backpropagate(cfg):
     assert model.visual.conv1.weight.grad.abs().sum() > 0 and model.logit_scale.grad is not None
 
 
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_drrho_learns_on_the_batch_as_drawn_with_the_steered_loss(loss):
+    """Every example, no scoring, and the loss is selection.steered_loss of the learner's features against
+    the batch's reference embeddings; a batch without them is refused."""
+    from jestclip.train.forward import LearningForward
+
+    torch.manual_seed(0)
+    model = create_model("jest-micro", loss=loss)
+    batch, cfg = synthetic_batch(8), MethodConfig("drrho", batch_size=8, loss=loss)
+    out = run_step(model, batch, cfg)
+    assert torch.equal(out.selected, torch.arange(8))
+    assert (out.learned, out.scored, out.selected_score) == (8, 0, None)
+    image, text, scale, bias = LearningForward(model)(batch.images, batch.tokens)
+    assert torch.equal(out.loss, steered_loss(image, text, scale, bias, batch.reference, loss))
+    out.loss.backward()
+    assert model.visual.conv1.weight.grad.abs().sum() > 0 and model.logit_scale.grad is not None
+    with pytest.raises(ValueError, match="learns with the reference's embeddings: the batch has none"):
+        run_step(model, SuperBatchTensors(batch.images, batch.tokens), cfg)
+
+
 def test_steps_reject_wrong_batch_sizes():
     model = create_model("jest-micro")
     with pytest.raises(ValueError, match="iid learns on the whole batch"):
@@ -132,12 +152,12 @@ def test_steps_refuse_world_size_above_one_without_ddp():
         run_step(model, batch, MethodConfig("iid", batch_size=8), world_size=2)
 
 
-@pytest.mark.parametrize("method", ["iid", "jest", "flexi-jest"])
+@pytest.mark.parametrize("method", ["iid", "jest", "flexi-jest", "drrho"])
 def test_a_few_steps_reduce_the_loss(method):
     """Training with each method lowers the contrastive loss of a fixed, learnable super-batch."""
     torch.manual_seed(0)
     model = create_model("jest-micro")
-    cfg = MethodConfig(method, batch_size=32 if method == "iid" else 16, n_chunks=4, gain=1.0)
+    cfg = MethodConfig(method, batch_size=32 if method in ("iid", "drrho") else 16, n_chunks=4, gain=1.0)
     opt = make_optimizer(model, OptimConfig(lr=3e-3, warmup_fraction=0.0))
     batch = synthetic_batch(32)
     g = torch.Generator().manual_seed(0)

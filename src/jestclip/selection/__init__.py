@@ -11,6 +11,7 @@ Public API::
     keep_mask(scores, keep) / score_threshold(scores, keep)
     Exchange / LocalExchange(groups)               # where candidates live: joint_select(..., exchange=)
     gibbs_select(...)                               # brute-force diagnostic (Figure 2)
+    steered_loss(image, text, scale, bias, reference, loss)  # DRRho-style loss: learner minus reference
     dense_* / pair_score_matrix                     # O(B²) oracle for small B
 
 Scorings: "learnability" (learner minus reference), "easy_reference", "hard_learner".
@@ -46,6 +47,7 @@ from jestclip.selection.sampling import (
     group_chunk_counts,
 )
 from jestclip.selection.scoring import SCORINGS, ConditionalScores, NonFiniteCandidatesWarning, Scoring
+from jestclip.selection.steering import steered_loss
 
 __all__ = [
     "DEFAULT_GAIN",
@@ -80,5 +82,6 @@ __all__ = [
     "pair_score_matrix",
     "reference_scores",
     "score_threshold",
+    "steered_loss",
     "usable_rows",
 ]

@@ -20,11 +20,11 @@ from typing import Any, Literal
 
 import torch
 
-from jestclip.models.approx import APPROXIMATIONS, Approximation
+from jestclip.models.approx import APPROXIMATIONS
 from jestclip.selection import LOSSES, SCORINGS, independent
-from jestclip.selection.joint import DEFAULT_GAIN
 from jestclip.train.methods import METHODS, Method, get_method
 from jestclip.train.optim import OptimConfig
+from jestclip.train.settings import MethodSettings
 
 __all__ = [
     "ConfigError",
@@ -193,19 +193,9 @@ def validate(cfg: Any, prefix: str = "") -> None:
 
 
 @dataclass(frozen=True)
-class MethodConfig:
-    """Which method a run trains with (``methods.METHODS``) and its selection settings."""
-
-    method: str = "jest"
-    batch_size: int = 256  # b, the examples learned on per step
-    loss: str = "sigmoid"
-    scoring: str = "learnability"
-    n_chunks: int = 16
-    gain: float = DEFAULT_GAIN
-    approx: Approximation = "flexi"  # the approximate learner of methods that use one (flexi-jest)
-    approx_fraction: float = 0.5  # flexi-jest: share of the selected batch trained approximately
-    independent_context: str = "unconditional"  # independent: "unconditional" or "superbatch"
-    independent_method: str = "sample"  # independent: "sample" or "topk"
+class MethodConfig(MethodSettings):
+    """Which method a run trains with (``methods.METHODS``) and its selection settings: the fields of
+    ``settings.MethodSettings``, checked when built (a ``ConfigError`` names the first bad one)."""
 
     def __post_init__(self) -> None:
         validate(self, "method.")

@@ -15,7 +15,8 @@ only ``b`` embeddings per model.
 
 Learning, as open_clip trains: each rank computes its share of the loss from its own ``b / W`` examples
 (``steps.contrastive_loss``: neighbour exchange of text features for SigLIP, gathered features for CLIP; no
-rank builds the ``b × b`` logits), and ``data_parallel`` wraps the step's one learning module in
+rank builds the ``b × b`` logits; ``steps.steered_learning_loss``: the learner's and the reference's rows
+all-gathered by ``gather_rows``), and ``data_parallel`` wraps the step's one learning module in
 ``DistributedDataParallel``, which averages gradients bucket by bucket while backward still runs. The shares
 are normalised so that their mean is the single-process batch loss: the averaged gradient is its gradient.
 """
@@ -26,19 +27,21 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as differentiable
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from jestclip.selection import DEFAULT_GAIN, Embeddings, group_chunk_counts, independent_select, joint_select
 from jestclip.selection.checks import check_count
 from jestclip.selection.sampling import gumbel_noise
-from jestclip.train.steps import LearningForward
+from jestclip.train.forward import LearningForward
 
 __all__ = [
     "DistributedExchange",
     "data_parallel",
     "distributed_independent_select",
     "distributed_joint_select",
+    "gather_rows",
     "valued_at_rank_mean",
 ]
 
@@ -195,3 +198,15 @@ def valued_at_rank_mean(loss: Tensor, group=None) -> Tensor:
     mean = loss.detach().clone()
     dist.all_reduce(mean, group=group)
     return loss + (mean / dist.get_world_size(group) - loss.detach())
+
+
+def gather_rows(tensor: Tensor, *, with_grad: bool = False, group=None) -> Tensor:
+    """Every rank's ``[m, ...]`` rows concatenated in rank order, ``[W·m, ...]`` (the same ``m`` on every
+    rank). ``with_grad``: differentiable, as open_clip's ``gather_features(gather_with_grad=True)`` (backward
+    sums each rank's gradient of its rows over the ranks); otherwise a constant (for a frozen model's
+    rows)."""
+    if with_grad:
+        return torch.cat(differentiable.all_gather(tensor, group=group))
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, tensor.detach().contiguous(), group=group)
+    return torch.cat(out)

@@ -1,30 +1,28 @@
 """The training methods, one description each.
 
 A ``Method`` says what a step scores candidates with (the learner, exactly or approximately, or nothing),
-which selector it uses, whether it needs reference embeddings (per scoring rule), what part of its selection
-it learns approximately, and so what a step costs (appendix A.4). The steps, the run loop, FLOP accounting,
-config validation and the report all read these facts from here; adding a method is one ``Method`` below
-and, if no existing step composes it, its step function in ``steps.py``.
+which selector it uses, whether it needs reference embeddings (per scoring rule, or for its loss), what part
+of its selection it learns approximately, which loss it learns with, and so what a step costs (appendix
+A.4). The steps, the run loop, FLOP accounting, config validation and the report all read these facts from
+here; adding a method is one ``Method`` below and, if no existing step composes it, its step function in
+``steps.py``. This module names the step functions and loss functions; ``steps`` does not import it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
+from torch import Tensor, nn
 
+from jestclip.models.approx import Approximation
 from jestclip.models.flops import ForwardFlops, StepFlops, step_flops
 from jestclip.selection.scoring import scoring_uses
 from jestclip.train import steps
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from jestclip.models.approx import Approximation
-    from jestclip.train.config import MethodConfig
-    from jestclip.train.steps import StepOutput, SuperBatchTensors
+from jestclip.train.settings import MethodSettings
+from jestclip.train.steps import StepOutput, SuperBatchTensors
 
 __all__ = ["METHODS", "Method", "Selector", "get_method", "run_step"]
 
@@ -42,6 +40,9 @@ class Method:
     scores_approx: bool = False  # the learner scores candidates with its approximation ``cfg.approx``
     learns_approx: bool = False  # a ``cfg.approx_fraction`` share of the selection is learned approximately
     needs_keep_list: bool = False  # trains only on the pairs a static filter kept (``TrainConfig.keep_list``)
+    # the loss it learns with (this rank's share): steps.contrastive_learning_loss's signature
+    learning_loss: Callable[..., Tensor] = steps.contrastive_learning_loss
+    reference_in_loss: bool = False  # the loss takes the reference's embeddings (whether it selects or not)
 
     @property
     def selects(self) -> bool:
@@ -52,14 +53,15 @@ class Method:
         return self.selects and scoring_uses(scoring)[0]
 
     def needs_reference(self, scoring: str) -> bool:
-        """Whether a step needs the reference model's embeddings of the super-batch."""
-        return self.selects and scoring_uses(scoring)[1]
+        """Whether a step needs the reference model's embeddings of the super-batch: to score it, or to
+        learn with them."""
+        return self.reference_in_loss or (self.selects and scoring_uses(scoring)[1])
 
-    def scoring_approx(self, cfg: MethodConfig) -> Approximation | None:
+    def scoring_approx(self, cfg: MethodSettings) -> Approximation | None:
         """The approximation the learner scores with (None: the exact learner)."""
         return cfg.approx if self.scores_approx else None
 
-    def learned_approx_fraction(self, cfg: MethodConfig) -> float:
+    def learned_approx_fraction(self, cfg: MethodSettings) -> float:
         """Share λ of the selected batch learned with the approximate learner."""
         return cfg.approx_fraction if self.learns_approx else 0.0
 
@@ -77,7 +79,7 @@ class Method:
 
     def step_flops(
         self,
-        cfg: MethodConfig,
+        cfg: MethodSettings,
         *,
         super_batch: int,
         learner: ForwardFlops,
@@ -131,6 +133,13 @@ METHODS: dict[str, Method] = {
             scores_approx=True,
             learns_approx=True,
         ),
+        Method(
+            "drrho",
+            "learn on the whole batch as drawn with the DRRho-style loss: learner minus reference",
+            steps.learn_batch_step,
+            learning_loss=steps.steered_learning_loss,
+            reference_in_loss=True,
+        ),
     )
 }
 
@@ -145,7 +154,7 @@ def get_method(name: str) -> Method:
 def run_step(
     model: nn.Module,
     batch: SuperBatchTensors,
-    cfg: MethodConfig,
+    cfg: MethodSettings,
     generator: torch.Generator | None = None,
     *,
     world_size: int = 1,

@@ -5,47 +5,58 @@ Every step takes its method's description, the learner, a super-batch already on
 method's settings, and returns the loss to back-propagate with what it selected and counted; the trainer
 owns the optimiser, logging and I/O.
 
-- ``learn_batch_step`` (iid): learn on the whole batch (its super-batch is the batch).
+- ``learn_batch_step`` (iid, drrho): learn on the whole batch (its super-batch is the batch).
 - ``select_and_learn_step`` (jest, independent, flexi-jest): score the B candidates without gradients (the
   learner, exact or approximate, when the scoring rule uses it), pick b with the method's selector, learn on
   them; a method that learns approximately learns a random ``approx_fraction`` of the pick with
   ``cfg.approx`` and the rest at full resolution, one loss over all of it.
 
-A step learns through one module, ``LearningForward(model)``: the features and logit parameters of the
-selected examples, every learning forward of the step in one call (scoring runs outside it, without
+A step learns through one module, ``forward.LearningForward(model)``: the features and logit parameters of
+the selected examples, every learning forward of the step in one call (scoring runs outside it, without
 gradients, on the model itself). Under torchrun it is wrapped once in ``DistributedDataParallel``
 (``distributed.data_parallel``), whose hooks all-reduce gradient buckets while backward is still running; each
-rank passes only its ``b / W`` selected examples to open_clip's distributed losses, so no rank builds the
-``b × b`` logits (see ``contrastive_loss``).
+rank passes only its ``b / W`` selected examples to its method's learning loss: ``contrastive_learning_loss``
+(open_clip's distributed losses, so no rank builds the ``b × b`` logits; see ``contrastive_loss``) or
+``steered_learning_loss`` (the DRRho-style loss of ``selection.steered_loss``).
+
+Steps read their method's description through ``StepMethod`` and its settings as ``MethodSettings``: they
+import neither ``methods`` (which names them) nor ``config``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 from torch import Tensor, nn
 
-from jestclip.models.approx import Approximation, encode_image
+from jestclip.models.approx import Approximation
 from jestclip.models.factory import logit_params
-from jestclip.selection import Embeddings, batch_score, independent_select, joint_select
-
-if TYPE_CHECKING:
-    from jestclip.train.config import MethodConfig
-    from jestclip.train.methods import Method
+from jestclip.selection import Embeddings, batch_score, independent_select, joint_select, steered_loss
+from jestclip.train.distributed import (
+    distributed_independent_select,
+    distributed_joint_select,
+    gather_rows,
+    valued_at_rank_mean,
+)
+from jestclip.train.forward import LearningForward, embed
+from jestclip.train.settings import MethodSettings
 
 __all__ = [
     "LearningForward",
+    "StepMethod",
     "StepOutput",
     "SuperBatchTensors",
+    "contrastive_learning_loss",
     "contrastive_loss",
     "learn_batch_step",
     "score_embeddings",
     "select_and_learn_step",
+    "steered_learning_loss",
 ]
 
 
@@ -73,6 +84,21 @@ class StepOutput:
     selected_score: float | None = None  # batch_score of the selection under the scoring embeddings
 
 
+class StepMethod(Protocol):
+    """What a step reads from its method's description (``methods.Method``, which names the step)."""
+
+    selector: str | None
+    learns_approx: bool
+    reference_in_loss: bool
+    learning_loss: Callable[..., Tensor]
+
+    def scores_with_learner(self, scoring: str) -> bool: ...
+
+    def scoring_approx(self, cfg: MethodSettings) -> Approximation | None: ...
+
+    def learned_approx_fraction(self, cfg: MethodSettings) -> float: ...
+
+
 def contrastive_loss(
     image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, loss: str, *, rank: int = 0, world_size: int = 1
 ) -> Tensor:
@@ -92,12 +118,50 @@ def contrastive_loss(
     raise ValueError(f"loss must be 'sigmoid' or 'softmax', got {loss!r}")
 
 
-def _embed(
-    model: nn.Module, images: Tensor, tokens: Tensor, approx: Approximation | None
-) -> tuple[Tensor, Tensor]:
-    image = encode_image(model, images, approx, normalize=True)
-    text = F.normalize(model.encode_text(tokens), dim=-1)
-    return image, text
+def contrastive_learning_loss(
+    image: Tensor,
+    text: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+    reference: Embeddings | None,
+    loss: str,
+    *,
+    world_size: int = 1,
+) -> Tensor:
+    """A learning loss (``Method.learning_loss``): the learner's own ``contrastive_loss``; under torchrun
+    this rank's share. ``reference`` is not used."""
+    rank = dist.get_rank() if world_size > 1 else 0
+    return contrastive_loss(image, text, scale, bias, loss, rank=rank, world_size=world_size)
+
+
+def steered_learning_loss(
+    image: Tensor,
+    text: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+    reference: Embeddings | None,
+    loss: str,
+    *,
+    world_size: int = 1,
+) -> Tensor:
+    """A learning loss (``Method.learning_loss``): the DRRho-style ``selection.steered_loss`` of the
+    learned examples, ``reference`` their reference embeddings (required).
+
+    Under torchrun, this rank's share: its rows against every rank's, the learner's rows all-gathered with
+    gradients (as open_clip's ``ClipLoss(gather_with_grad=True)``) and the reference's without
+    (``distributed.gather_rows``); the mean of the shares is the batch loss and DDP's gradient average its
+    gradient. Each rank holds the ``[b, D]`` gathered features and builds ``[b / W, b]`` logits.
+    """
+    if reference is None:
+        raise ValueError("the steered loss needs the reference's embeddings of the learned examples")
+    if world_size == 1:
+        return steered_loss(image, text, scale, bias, reference, loss)
+    reference_rows = Embeddings(
+        gather_rows(reference.image), gather_rows(reference.text), reference.scale, reference.bias
+    )
+    whole = (gather_rows(image, with_grad=True), gather_rows(text, with_grad=True), reference_rows)
+    offset = dist.get_rank() * image.shape[0]
+    return steered_loss(image, text, scale, bias, reference, loss, batch=whole, offset=offset)
 
 
 @torch.no_grad()
@@ -106,38 +170,36 @@ def score_embeddings(model: nn.Module, batch: SuperBatchTensors, approx: Approxi
     was_training = model.training
     model.eval()
     try:
-        image, text = _embed(model, batch.images, batch.tokens, approx)
+        image, text = embed(model, batch.images, batch.tokens, approx)
     finally:
         model.train(was_training)
     scale, bias = logit_params(model)
     return Embeddings(image.float(), text.float(), scale.detach(), bias.detach())
 
 
-def _check_sizes(batch: SuperBatchTensors, cfg: MethodConfig, world_size: int, *, exact: bool) -> None:
+def _check_sizes(batch: SuperBatchTensors, cfg: MethodSettings, world_size: int, *, exact: bool) -> None:
     if cfg.batch_size % world_size:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {world_size}")
     local = cfg.batch_size // world_size
     if exact and len(batch) != local:
         raise ValueError(
-            f"iid learns on the whole batch: got {len(batch)} examples, batch_size {cfg.batch_size}"
+            f"{cfg.method} learns on the whole batch: got {len(batch)} examples, batch_size {cfg.batch_size}"
         )
     if len(batch) < local:
         raise ValueError(f"super-batch of {len(batch)} is smaller than batch_size {cfg.batch_size}")
 
 
 def _select(
-    method: Method,
+    method: StepMethod,
     learner: Embeddings | None,
     batch: SuperBatchTensors,
-    cfg: MethodConfig,
+    cfg: MethodSettings,
     generator: torch.Generator | None,
     world_size: int,
 ) -> Tensor:
     """``[b / W]`` indices into this rank's candidates, chosen by the method's selector."""
     common = dict(size=cfg.batch_size, scoring=cfg.scoring, loss=cfg.loss, gain=cfg.gain, generator=generator)
     if world_size > 1:
-        from jestclip.train.distributed import distributed_independent_select, distributed_joint_select
-
         if method.selector == "joint":
             return distributed_joint_select(learner, batch.reference, n_chunks=cfg.n_chunks, **common)[0]
         if cfg.independent_context != "unconditional":
@@ -152,37 +214,6 @@ def _select(
     )
 
 
-class LearningForward(nn.Module):
-    """Every learning forward of a step as one module (what DDP wraps): the normalised features of the
-    selected examples, the ``approx_part`` positions encoded with ``approx`` and the rest exactly (in that
-    order: exact first), and the model's logit scale and bias."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self,
-        images: Tensor,
-        tokens: Tensor,
-        approx_part: Tensor | None = None,
-        approx: Approximation | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if approx_part is None:
-            image, text = _embed(self.model, images, tokens, None)
-        else:
-            exact = torch.ones(len(images), dtype=torch.bool, device=images.device)
-            exact[approx_part] = False
-            parts = [
-                _embed(self.model, images[mask], tokens[mask], part_approx)
-                for mask, part_approx in ((exact, None), (~exact, approx))
-                if bool(mask.any())
-            ]
-            image, text = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        scale, bias = logit_params(self.model)
-        return image, text, scale, bias
-
-
 def _learning_module(model: nn.Module, learn_module: nn.Module | None, world_size: int) -> nn.Module:
     if learn_module is not None:
         return learn_module
@@ -195,30 +226,32 @@ def _learning_module(model: nn.Module, learn_module: nn.Module | None, world_siz
 
 
 def _learn(
+    method: StepMethod,
     learn_module: nn.Module,
     batch: SuperBatchTensors,
     selected: Tensor,
-    cfg: MethodConfig,
+    cfg: MethodSettings,
     world_size: int,
     approx_part: Tensor | None = None,
 ) -> Tensor:
-    """Loss over the selection; ``approx_part`` positions use ``cfg.approx``. Distributed: this rank's share
-    (its gradient), valued at the loss over every rank's selection."""
+    """The method's learning loss over the selection; ``approx_part`` positions use ``cfg.approx``.
+    Distributed: this rank's share (its gradient), valued at the loss over every rank's selection."""
     images, tokens = batch.images[selected], batch.tokens[selected]
     image, text, scale, bias = learn_module(images, tokens, approx_part, cfg.approx)
-    if world_size == 1:
-        return contrastive_loss(image, text, scale, bias, cfg.loss)
-    from jestclip.train.distributed import valued_at_rank_mean
-
-    share = contrastive_loss(image, text, scale, bias, cfg.loss, rank=dist.get_rank(), world_size=world_size)
-    return valued_at_rank_mean(share)
+    reference = None
+    if method.reference_in_loss:
+        if batch.reference is None:
+            raise ValueError("this method learns with the reference's embeddings: the batch has none")
+        reference = batch.reference.take(selected)
+    share = method.learning_loss(image, text, scale, bias, reference, cfg.loss, world_size=world_size)
+    return share if world_size == 1 else valued_at_rank_mean(share)
 
 
 def learn_batch_step(
-    method: Method,
+    method: StepMethod,
     model: nn.Module,
     batch: SuperBatchTensors,
-    cfg: MethodConfig,
+    cfg: MethodSettings,
     generator: torch.Generator | None = None,
     *,
     world_size: int = 1,
@@ -228,15 +261,15 @@ def learn_batch_step(
     _check_sizes(batch, cfg, world_size, exact=True)
     learn_module = _learning_module(model, learn_module, world_size)
     selected = torch.arange(len(batch), device=batch.images.device)
-    loss = _learn(learn_module, batch, selected, cfg, world_size)
+    loss = _learn(method, learn_module, batch, selected, cfg, world_size)
     return StepOutput(loss, selected, scored=0, learned=len(selected) * world_size)
 
 
 def select_and_learn_step(
-    method: Method,
+    method: StepMethod,
     model: nn.Module,
     batch: SuperBatchTensors,
-    cfg: MethodConfig,
+    cfg: MethodSettings,
     generator: torch.Generator | None = None,
     *,
     world_size: int = 1,
@@ -254,7 +287,7 @@ def select_and_learn_step(
     if method.learns_approx:  # a random share: selection order is not random
         order = torch.randperm(len(selected), generator=generator, device=selected.device)
         approx_part = order[: round(method.learned_approx_fraction(cfg) * len(selected))]
-    loss = _learn(learn_module, batch, selected, cfg, world_size, approx_part)
+    loss = _learn(method, learn_module, batch, selected, cfg, world_size, approx_part)
     score = None
     if world_size == 1:  # the sub-batch score would need every rank's embeddings
         score = float(batch_score(learner, batch.reference, selected, scoring=cfg.scoring, loss=cfg.loss))
