@@ -185,7 +185,7 @@ def expected_line(steps: list[tuple[list[str], list[int]]]) -> dict:
     return fields
 
 
-@pytest.mark.parametrize("method", ["iid", "jest", "independent", "flexi-jest"])
+@pytest.mark.parametrize("method", ["iid", "jest", "independent", "flexi-jest", "drrho"])
 def test_the_metrics_line_gives_the_composition_of_every_step_it_reports(
     tmp_path, labelled, method, monkeypatch
 ):
@@ -197,7 +197,7 @@ def test_the_metrics_line_gives_the_composition_of_every_step_it_reports(
     for line, covered in zip(lines, (steps[:2], steps[2:]), strict=True):
         want = expected_line(covered)
         assert {k: line[k] for k in want} == pytest.approx(want)
-        if method == "iid":  # learned on the batch as drawn
+        if method in ("iid", "drrho"):  # learned on the batch as drawn
             assert all(line[k] == line[k.replace("learned/", "candidates/")] for k in want if "learned/" in k)
 
 
