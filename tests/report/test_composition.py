@@ -113,3 +113,21 @@ def test_a_report_of_runs_without_composition_has_no_such_section(runs, tmp_path
     write_report([load_run(runs[3])], out, baseline="old")
     assert "What the runs learned on" not in (out / "report.md").read_text()
     assert json.loads((out / "report.json").read_text())["composition"] is None
+
+
+def test_the_baseline_is_the_first_run_trained_without_curation(tmp_path):
+    """A filter, drrho or keep-list run listed before IID is not the IID baseline."""
+    from jestclip.report import choose_baseline
+
+    paths = [
+        write_run(tmp_path, "filter", "filter", 0, IID),
+        write_run(tmp_path, "drrho", "drrho", 0, IID),
+        write_run(tmp_path, "iid-kept", "iid", 1, IID),
+        write_run(tmp_path, "iid", "iid", 0, IID),
+    ]
+    kept = json.loads((paths[2] / "config.json").read_text())
+    (paths[2] / "config.json").write_text(json.dumps({**kept, "keep_list": "some/keep"}))
+    groups = group_seeds([load_run(p) for p in paths])
+    assert choose_baseline(groups).name == "iid"
+    with pytest.raises(ValueError, match="no IID run"):
+        choose_baseline(groups[:3])

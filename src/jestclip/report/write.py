@@ -22,19 +22,26 @@ __all__ = ["choose_baseline", "write_report"]
 
 
 def choose_baseline(groups: Sequence[RunGroup], name: str | None = None) -> RunGroup:
-    """The group (or run) called ``name``, else the first whose method does not select (IID); a ValueError
-    when there is none."""
+    """The group (or run) called ``name``, else the first that trains without curation (IID: its method
+    neither selects, nor uses the reference in its loss, nor needs a keep list, and the run has no keep list);
+    a ValueError when there is none."""
     if name is not None:
         match = [g for g in groups if name == g.name or any(name in (r.name, str(r.path)) for r in g.runs)]
         if not match:
             raise ValueError(f"baseline {name!r} is not among the runs {[g.name for g in groups]}")
         return match[0]
-    iid = [g for g in groups if not g.description.selects]
+    iid = [g for g in groups if _uncurated(g)]
     if not iid:
         raise ValueError(
             f"no IID run among {[g.name for g in groups]}; name the baseline run with --baseline"
         )
     return iid[0]
+
+
+def _uncurated(group: RunGroup) -> bool:
+    method = group.description
+    curates = method.selects or method.reference_in_loss or method.needs_keep_list
+    return not curates and group.config.get("keep_list") is None
 
 
 def _num(value: float | None, fmt: str) -> str:
