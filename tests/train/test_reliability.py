@@ -398,3 +398,74 @@ def test_resume_refuses_a_reference_cache_of_another_model(tmp_path):
     assert train(
         dataclasses.replace(cfg, stop_after=None, reference_fingerprint=trained_with), progress=False
     )
+
+
+# --- resume is bitwise for every method and approximation ---------------------------------------------------
+
+RESUMABLE = [
+    ("iid", None),
+    ("jest", None),
+    ("independent", None),
+    ("flexi-jest", "flexi"),
+    ("flexi-jest", "resolution"),
+    ("flexi-jest", "patch_drop"),
+]
+
+
+@pytest.mark.parametrize(("method", "approx"), RESUMABLE, ids=[f"{m}-{a}" if a else m for m, a in RESUMABLE])
+def test_every_method_resumes_bitwise_and_draws_only_from_its_generator(
+    tmp_path, shards, monkeypatch, method, approx
+):
+    extra = {"approx": approx} if approx else {}
+
+    def cfg_of(name: str, **kw):
+        cfg = config(tmp_path / name, shards, method, steps=4, **kw)
+        return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, **extra))
+
+    whole = cfg_of("whole")
+    train(whole, progress=False)
+    parts = cfg_of("parts", stop_after=2)
+    train(parts, progress=False)
+
+    def unchanged_global_rng(state, *args, **kw):  # a step draws only from the run's own generator
+        before = torch.get_rng_state()
+        learned = learn(state, *args, **kw)
+        assert torch.equal(before, torch.get_rng_state()), "a step drew from the global torch RNG"
+        return learned
+
+    learn = loop.learn
+    monkeypatch.setattr(loop, "learn", unchanged_global_rng)
+    train(dataclasses.replace(parts, stop_after=None), progress=False)
+    a = torch.load(Path(whole.run_dir) / "model.pt", weights_only=True)
+    b = torch.load(Path(parts.run_dir) / "model.pt", weights_only=True)
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ after resuming, e.g. {differ[:3]}"
+    strip = [{k: v for k, v in x.items() if k != "wall_s"} for x in metrics(whole.run_dir)]
+    assert strip == [{k: v for k, v in x.items() if k != "wall_s"} for x in metrics(parts.run_dir)]
+
+
+def test_a_resume_restores_the_global_rng_after_startup_draws(tmp_path, shards, monkeypatch):
+    """A model that draws from the global RNG while training (dropout) resumes bitwise, whatever startup
+    draws after the checkpoint is restored (a DataLoader's base seed, a FLOP count's forward)."""
+    real = loop.learn
+
+    def dropout_in_the_model(state, *args, **kw):  # stands in for dropout: a global draw in each step
+        with torch.no_grad():
+            state.model.logit_bias.add_(1e-3 * torch.rand(()))
+        return real(state, *args, **kw)
+
+    def startup_draw(*args, **kw):
+        torch.rand(3)
+        return measure(*args, **kw)
+
+    measure = loop.measure_step_flops
+    monkeypatch.setattr(loop, "learn", dropout_in_the_model)
+    monkeypatch.setattr(loop, "measure_step_flops", startup_draw)
+    whole = config(tmp_path / "whole", shards, "iid", steps=4)
+    train(whole, progress=False)
+    parts = config(tmp_path / "parts", shards, "iid", steps=4, stop_after=2)
+    train(parts, progress=False)
+    train(dataclasses.replace(parts, stop_after=None), progress=False)
+    a = torch.load(Path(whole.run_dir) / "model.pt", weights_only=True)
+    b = torch.load(Path(parts.run_dir) / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -312,7 +312,8 @@ def _non_finite_scores(model: torch.nn.Module, batch: SuperBatchTensors, cfg: Tr
     method = cfg.method.description
     if not method.scores_with_learner(cfg.method.scoring):
         return False
-    scores = score_embeddings(model, batch, method.scoring_approx(cfg.method))
+    generator = torch.Generator(batch.images.device).manual_seed(0)  # a diagnosis: the run's draws untouched
+    scores = score_embeddings(model, batch, method.scoring_approx(cfg.method), generator)
     return not bool(torch.isfinite(scores.image).all() and torch.isfinite(scores.text).all())
 
 
@@ -389,6 +390,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     with _Sigterm(run) as sigterm:  # first of all: a SIGTERM while starting stops the run at once
         where = place(cfg)
         state = _start_state(run, cfg, where)
+        rng = torch.get_rng_state()  # the checkpoint's (or seeded init's), set again after startup
         urls = expand_urls(cfg.data)
         reference = open_reference(cfg, urls)  # validates every sidecar before training
         _check_reference(run, reference, where, resuming=state.counters.step > 0)
@@ -402,6 +404,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             if state.counters.step == 0 and evaluator.due(0):
                 evaluator(state.model, state.counters, out)  # the untrained model: where every curve starts
             sigterm.defer()
+            torch.set_rng_state(rng)  # startup drew from it (loader seeds): the steps start where the run was
             steps = _Steps(
                 cfg, where, state, out, evaluator, sigterm, cost, DivergenceGuard(cfg.max_bad_steps)
             )

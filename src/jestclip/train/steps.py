@@ -90,20 +90,30 @@ def contrastive_loss(
 
 
 def _embed(
-    model: nn.Module, images: Tensor, tokens: Tensor, approx: Approximation | None
+    model: nn.Module,
+    images: Tensor,
+    tokens: Tensor,
+    approx: Approximation | None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    image = encode_image(model, images, approx, normalize=True)
+    image = encode_image(model, images, approx, normalize=True, generator=generator)
     text = F.normalize(model.encode_text(tokens), dim=-1)
     return image, text
 
 
 @torch.no_grad()
-def score_embeddings(model: nn.Module, batch: SuperBatchTensors, approx: Approximation | None) -> Embeddings:
-    """The model's ``[B, D]`` embeddings of the super-batch in eval mode, without gradients (for scoring)."""
+def score_embeddings(
+    model: nn.Module,
+    batch: SuperBatchTensors,
+    approx: Approximation | None,
+    generator: torch.Generator | None = None,
+) -> Embeddings:
+    """The model's ``[B, D]`` embeddings of the super-batch in eval mode, without gradients (for scoring);
+    ``generator`` draws the patches ``"patch_drop"`` keeps (the run's own: a resume stays bitwise)."""
     was_training = model.training
     model.eval()
     try:
-        image, text = _embed(model, batch.images, batch.tokens, approx)
+        image, text = _embed(model, batch.images, batch.tokens, approx, generator)
     finally:
         model.train(was_training)
     scale, bias = logit_params(model)
@@ -152,7 +162,8 @@ def _select(
 class LearningForward(nn.Module):
     """Every learning forward of a step as one module (what DDP wraps): the normalised features of the
     selected examples, the ``approx_part`` positions encoded with ``approx`` and the rest exactly (in that
-    order: exact first), and the model's logit scale and bias."""
+    order: exact first; ``generator`` draws ``"patch_drop"``'s patches), and the model's logit scale and
+    bias."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -164,6 +175,7 @@ class LearningForward(nn.Module):
         tokens: Tensor,
         approx_part: Tensor | None = None,
         approx: Approximation | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if approx_part is None:
             image, text = _embed(self.model, images, tokens, None)
@@ -171,7 +183,7 @@ class LearningForward(nn.Module):
             exact = torch.ones(len(images), dtype=torch.bool, device=images.device)
             exact[approx_part] = False
             parts = [
-                _embed(self.model, images[mask], tokens[mask], part_approx)
+                _embed(self.model, images[mask], tokens[mask], part_approx, generator)
                 for mask, part_approx in ((exact, None), (~exact, approx))
                 if bool(mask.any())
             ]
@@ -198,11 +210,12 @@ def _learn(
     cfg: MethodConfig,
     world_size: int,
     approx_part: Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Loss over the selection; ``approx_part`` positions use ``cfg.approx``. Distributed: this rank's share
     (its gradient), valued at the loss over every rank's selection."""
     images, tokens = batch.images[selected], batch.tokens[selected]
-    image, text, scale, bias = learn_module(images, tokens, approx_part, cfg.approx)
+    image, text, scale, bias = learn_module(images, tokens, approx_part, cfg.approx, generator)
     if world_size == 1:
         return contrastive_loss(image, text, scale, bias, cfg.loss)
     from jestclip.train.distributed import valued_at_rank_mean
@@ -245,13 +258,13 @@ def select_and_learn_step(
     learn_module = _learning_module(model, learn_module, world_size)
     learner = None
     if method.scores_with_learner(cfg.scoring):
-        learner = score_embeddings(model, batch, method.scoring_approx(cfg))
+        learner = score_embeddings(model, batch, method.scoring_approx(cfg), generator)
     selected = _select(method, learner, batch, cfg, generator, world_size)
     approx_part = None
     if method.learns_approx:  # a random share: selection order is not random
         order = torch.randperm(len(selected), generator=generator, device=selected.device)
         approx_part = order[: round(method.learned_approx_fraction(cfg) * len(selected))]
-    loss = _learn(learn_module, batch, selected, cfg, world_size, approx_part)
+    loss = _learn(learn_module, batch, selected, cfg, world_size, approx_part, generator)
     score = None
     if world_size == 1:  # the sub-batch score would need every rank's embeddings
         score = float(batch_score(learner, batch.reference, selected, scoring=cfg.scoring, loss=cfg.loss))
