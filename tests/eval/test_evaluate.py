@@ -141,3 +141,77 @@ def test_eval_command_writes_json_and_prints_a_table(tmp_path, micro, capsys):
     assert "say which model it holds with --model" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "bench"), "--data", str(tmp_path / "bench")]) == 2
     assert "is not a training run: config.json is missing" in capsys.readouterr().err
+
+
+# --- whatever reads a run takes the run's config ------------------------------------------------------------
+
+
+def fake_run(root: Path, loss: str) -> Path:
+    """A run directory as ``jestclip train`` leaves it (config.json and model.pt) for a ``loss`` model."""
+    root.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(create_model("jest-micro", loss=loss).state_dict(), root / "model.pt")
+    config = {"run_dir": str(root), "model": "jest-micro", "method": {"method": "iid", "loss": loss}}
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_eval_reads_a_run_with_its_own_loss_and_a_weights_file_with_flags(tmp_path, capsys, loss):
+    from jestclip.cli import main
+
+    make_suite(tmp_path / "bench" / "eval", "toy")
+    run_dir = fake_run(tmp_path / "run", loss)
+    data = ["--data", str(tmp_path / "bench"), "--device", "cpu", "--limit", "8", "--shots", "1"]
+    assert main(["eval", str(run_dir), *data]) == 0, capsys.readouterr().err  # softmax: missing logit_bias
+    config = json.loads((run_dir / "eval.json").read_text())["config"]
+    assert (config["model"], config["loss"]) == ("jest-micro", loss)
+    weights = str(run_dir / "model.pt")
+    assert main(["eval", weights, "--model", "jest-micro", *data]) == 0  # the loss read from the weights
+    assert json.loads(Path(f"{weights}.eval.json").read_text())["config"]["loss"] == loss
+    other = {"softmax": "sigmoid", "sigmoid": "softmax"}[loss]
+    capsys.readouterr()
+    assert main(["eval", weights, "--model", "jest-micro", "--loss", other, *data]) == 2
+    assert "does not fit model 'jest-micro'" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--loss", other, *data]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"jestclip eval: --loss '{other}' contradicts run {run_dir}, trained with loss '{loss}'; "
+        "leave --loss out"
+    )
+    assert main(["eval", str(run_dir), "--model", "jest-tiny", *data]) == 2
+    assert "--model 'jest-tiny' contradicts run" in capsys.readouterr().err
+
+
+def test_every_reader_of_a_run_loads_it_through_load_trained(tmp_path, monkeypatch):
+    """The selection diagnostics, the demo's reference cache and the benchmarks build a run's model with its
+    config: a softmax run loads in each (before, the demo and eval_noise.py built a sigmoid model)."""
+    import importlib.util
+
+    import jestclip.train.trained as trained
+    from jestclip.eval import find_suites
+
+    run_dir = fake_run(tmp_path / "run", "softmax")
+    loaded = trained.load_trained(run_dir)
+    assert loaded.loss == "softmax" and getattr(loaded.model, "logit_bias", None) is None
+    assert trained.weights_loss(run_dir / "model.pt") == "softmax"
+    make_suite(tmp_path / "bench" / "eval", "toy", per_class=3)
+    spec = importlib.util.spec_from_file_location(
+        "eval_noise", Path(__file__).parents[2] / "benchmarks" / "eval_noise.py"
+    )
+    eval_noise = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_noise)
+    ((suite, feats, _),) = eval_noise.encode_run(str(run_dir), str(tmp_path / "bench"))
+    assert suite.name == find_suites(tmp_path / "bench")[0].name and feats.image.shape == (12, 64)
+
+    from jestclip import demo
+
+    calls = []
+    monkeypatch.setattr(
+        "jestclip.train.reference.cache_model_embeddings",
+        lambda model, model_name, pool, **kw: (
+            calls.append((model_name, model.logit_bias is None)) or {"written": 0, "kept": 0}
+        ),
+    )
+    demo._cache(demo.DemoConfig(data=str(tmp_path), device="cpu"), run_dir)
+    assert calls == [("jest-micro", True)]
