@@ -1,6 +1,7 @@
 """Evaluating a model on generated suites: every task runs, bad labels are named, limits hold."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,7 @@ def test_suite_errors(tmp_path):
         EvalSuite("s", ["x.tar"], tasks=["zeroshot"])
     with pytest.raises(ValueError, match="needs class names for 'k'"):
         EvalSuite("s", ["x.tar"], tasks=["zeroshot:k"])
-    with pytest.raises(ValueError, match="have no '\\{\\}'"):
+    with pytest.raises(ValueError, match="prompt template 'a photo' has no '\\{\\}'"):
         EvalSuite("s", ["x.tar"], tasks=["retrieval"], templates=["a photo"])
 
 
@@ -215,3 +216,73 @@ def test_every_reader_of_a_run_loads_it_through_load_trained(tmp_path, monkeypat
     )
     demo._cache(demo.DemoConfig(data=str(tmp_path), device="cpu"), run_dir)
     assert calls == [("jest-micro", True)]
+
+
+TEMPLATES = [
+    ("a {} in {style} style.", "has field(s) ['style'] besides the class name's '{}'"),
+    ("a {} of {}.", "has 2 '{}' fields for the one class name (repeat it as '{0}')"),
+    ("a {0.upper}.", "has field(s) ['0.upper'] besides the class name's '{}'"),
+    ("{} and {0}", "cannot be filled in (ValueError: cannot switch from automatic field numbering"),
+    ("a {:{width}}", "cannot be filled in (KeyError: 'width')"),
+    ("a {.", "is not a format string ("),
+    ("a photo.", "has no '{}' for the class name"),
+]
+
+
+@pytest.mark.parametrize(("template", "problem"), TEMPLATES)
+def test_a_template_that_cannot_be_filled_is_refused_when_the_suite_is_built(template, problem):
+    from jestclip.eval import template_problem
+
+    assert template_problem(template).startswith(problem)
+    with pytest.raises(ValueError, match=f"^suite 's': prompt template {re.escape(repr(template))} "):
+        EvalSuite("s", ["x.tar"], tasks=["zeroshot:k"], classes={"k": ["a", "b"]}, templates=[template])
+    for good in ("a {}.", "{0}, a {0}", "a {{literal}} {}", "{!r}"):
+        assert template_problem(good) is None
+
+
+@pytest.mark.parametrize(
+    ("manifest", "expected"),
+    [
+        ({"classes": {"colour": "red"}}, "classes of 'colour' must be a list of non-empty class names"),
+        ({"classes": {"colour": ["red", ""]}}, "classes of 'colour' must be a list of non-empty class names"),
+        ({"templates": "a {}."}, "templates must be a list of strings"),
+        ({"templates": ["a {} in {style} style."]}, "prompt template 'a {} in {style} style.' has field"),
+    ],
+)
+def test_eval_refuses_a_bad_suite_in_one_line_before_encoding_anything(
+    tmp_path, micro, capsys, monkeypatch, manifest, expected
+):
+    import sys
+
+    from jestclip.cli import main
+
+    evaluate_module = sys.modules["jestclip.eval.evaluate"]  # the module, not the function
+
+    suite = make_suite(tmp_path / "bench" / "eval", "toy")
+    manifest_path = suite / "manifest.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), **manifest}))
+    run_dir = fake_run(tmp_path / "run", "sigmoid")
+    encoded = []
+    monkeypatch.setattr(evaluate_module, "encode_suite", lambda *a, **kw: encoded.append(1))
+    assert main(["eval", str(run_dir), "--data", str(tmp_path / "bench"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jestclip eval: suite 'toy': ") and expected in err[0], err
+    assert encoded == []
+    shards = ["--shards", str(suite), "--classes", str(tmp_path / "classes.txt")]
+    (tmp_path / "classes.txt").write_text("red\ngreen\n")
+    assert main(["eval", str(run_dir), *shards, "--template", "a {} in {style} style."]) == 2
+    assert "prompt template 'a {} in {style} style.' has field(s) ['style']" in capsys.readouterr().err
+    assert encoded == []
+
+
+def test_labels_are_checked_from_the_json_alone(tmp_path):
+    from jestclip.eval import check_labels
+
+    good = EvalSuite.from_dir(make_suite(tmp_path, "good", per_class=3))
+    assert check_labels(good) == 12 and check_labels(good, limit=5) == 5
+    bad = EvalSuite.from_dir(make_suite(tmp_path, "bad", per_class=3, bad_label=True))
+    with pytest.raises(
+        ValueError, match=r"^suite 'bad': sample 'bad_005' in .*00000.tar has label colour=99; "
+    ):
+        check_labels(bad)
+    assert check_labels(bad, limit=5) == 5  # the bad sample is the sixth
