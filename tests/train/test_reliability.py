@@ -563,3 +563,12 @@ def test_sigterm_at_the_last_step_saves_the_weights_and_a_rerun_only_evaluates(
     monkeypatch.setattr(loop, "learn", lambda *args, **kw: pytest.fail("a finished run trained again"))
     assert train(cfg, progress=False)["step"] == 3
     assert "eval/average" in metrics(cfg.run_dir)[-1]
+
+
+def test_progress_in_a_log_file_is_plain_lines(tmp_path, shards, capsys):
+    cfg = config(tmp_path / "run", shards, "iid", steps=4)
+    train(cfg)  # progress on, stderr captured: not a terminal
+    err = capsys.readouterr().err
+    assert "\r" not in err  # before: one line rewritten at every step
+    lines = [line for line in err.splitlines() if line.startswith(f"{RunDir(cfg.run_dir).name}:")]
+    assert len(lines) == 2 and " 4/4 " in lines[-1] and "loss=" in lines[-1]  # the start and the end

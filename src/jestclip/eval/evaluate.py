@@ -18,9 +18,9 @@ import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from jestclip.data.loader import SuperBatchStream, read_shard
+from jestclip.data.progress import progress as progress_bar
 from jestclip.eval.metrics import (
     balanced_accuracy,
     fewshot_predict,
@@ -133,7 +133,7 @@ def encode_suite(
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
     images, texts, keys, concept_names = [], [], [], []
     labels: dict[str, list[int]] = {f: [] for f in suite.label_fields}
-    bar = tqdm(total=limit, desc=f"eval {suite.name}", unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=limit, desc=f"eval {suite.name}", unit="img", disable=not progress, leave=False)
     for batch in loader:
         take = len(batch) if limit is None else min(len(batch), limit - len(keys))
         with _autocast(device):

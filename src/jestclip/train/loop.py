@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from jestclip.data.loader import ResumableBatches, SuperBatch, expand_urls
+from jestclip.data.progress import progress as progress_bar
 from jestclip.data.refcache import ReferenceCache
 from jestclip.eval import check_labels, evaluate, find_suites, flat_metrics
 from jestclip.models import StepFlops, image_transform, tokenizer
@@ -171,7 +172,7 @@ class RunOutputs:
 
             self.writer = SummaryWriter(str(run.tensorboard_dir))
         show = progress and where.is_main
-        self.bar = tqdm(total=cfg.steps, initial=step, desc=run.name, unit="step", disable=not show)
+        self.bar = progress_bar(total=cfg.steps, initial=step, desc=run.name, unit="step", disable=not show)
 
     def log(self, line: dict[str, Any]) -> None:
         if self.metrics is None:
@@ -263,7 +264,7 @@ class Evaluator:
                         limit=self.cfg.eval_limit,
                     )  # in a forked RNG: evaluating must not change the training run
                 out.log({**counters.fields(), **flat_metrics(results)})
-                out.bar.set_postfix(eval=f"{results['average']:.3f}")
+                out.bar.set_postfix(eval=f"{results['average']:.3f}", refresh=False)
             except Exception as exn:
                 error = exn
         if self.where.any_rank(error is not None):
