@@ -286,3 +286,22 @@ def test_labels_are_checked_from_the_json_alone(tmp_path):
     ):
         check_labels(bad)
     assert check_labels(bad, limit=5) == 5  # the bad sample is the sixth
+
+
+def test_eval_refuses_a_bad_label_before_encoding_anything(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from jestclip.cli import main
+
+    make_suite(tmp_path / "bench" / "eval", "toy", bad_label=True)
+    encoded = []
+    monkeypatch.setattr(
+        sys.modules["jestclip.eval.evaluate"], "encode_suite", lambda *a, **kw: encoded.append(1)
+    )
+    run_dir = fake_run(tmp_path / "run", "sigmoid")
+    assert main(["eval", str(run_dir), "--data", str(tmp_path / "bench"), "--device", "cpu"]) == 2
+    assert "sample 'toy_005' in " in capsys.readouterr().err and encoded == []
+    monkeypatch.undo()
+    assert (
+        main(["eval", str(run_dir), "--data", str(tmp_path / "bench"), "--limit", "5", "--shots", "1"]) == 0
+    )

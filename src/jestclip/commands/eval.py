@@ -63,7 +63,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jestclip.eval import custom_suite, evaluate, find_suites, format_table
+    from jestclip.eval import check_labels, custom_suite, evaluate, find_suites, format_table
     from jestclip.train.trained import find_weights, load_trained
 
     _check_inputs(args)
@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         ]
     else:
         suites = find_suites(args.data, args.suite)
+    for suite in suites:  # label ids from the samples' JSON: a bad one fails now, not after encoding
+        check_labels(suite, limit=args.limit)
     with loading_weights(source.weights):  # the suites are checked (templates too) before anything loads
         trained = load_trained(source, device=device)
     results = evaluate(
