@@ -17,8 +17,7 @@ import statistics
 import torch
 
 from jestclip.eval import encode_suite, find_suites, is_averaged, suite_metrics, zero_shot_classifiers
-from jestclip.models import create_model, image_transform, tokenizer
-from jestclip.train.rundir import RunDir
+from jestclip.train.trained import load_trained
 
 
 def subset(feats, fraction: float, generator: torch.Generator):
@@ -37,10 +36,8 @@ def subset(feats, fraction: float, generator: torch.Generator):
 
 def encode_run(path: str, data: str) -> list:
     """(suite, features, zero-shot classifiers) per suite under ``data``, for ``path``'s final weights."""
-    run = RunDir(path)
-    name = run.read_config()["model"]
-    model = create_model(name, checkpoint=run.weights()).eval()
-    tokenize, transform = tokenizer(name), image_transform(name)
+    trained = load_trained(path)  # the run's own model, loss and preprocessing
+    model, tokenize, transform = trained.model, trained.tokenize, trained.transform
     with torch.no_grad():
         return [
             (

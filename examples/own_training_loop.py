@@ -38,6 +38,7 @@ from jestclip.models import (
 )
 from jestclip.selection import Embeddings, batch_score, joint_select
 from jestclip.train.reference import cache_model_embeddings
+from jestclip.train.trained import load_trained
 
 CACHE = "example-reference"
 
@@ -47,7 +48,11 @@ parser.add_argument("--steps", type=int, default=100)
 parser.add_argument("--batch-size", type=int, default=32, help="b: examples learned on per step")
 parser.add_argument("--filter-ratio", type=float, default=0.5, help="f: share of the super-batch dropped")
 parser.add_argument("--model", default="jest-micro", help="open_clip config (jestclip ships jest-*)")
-parser.add_argument("--reference-checkpoint", help="weights of the reference model (default: random)")
+parser.add_argument(
+    "--reference-checkpoint",
+    help="the reference model: a jestclip run directory or a weights file of --model, either loss "
+    "(default: a random one)",
+)
 parser.add_argument("--log-every", type=int, default=5)
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 args = parser.parse_args()
@@ -57,7 +62,10 @@ transform, tokenize = image_transform(args.model), tokenizer(args.model)
 
 # 1. Reference embeddings, cached next to the shards (resumable: up-to-date sidecars are kept).
 torch.manual_seed(0)
-reference_model = create_model(args.model, loss="sigmoid", checkpoint=args.reference_checkpoint)
+if args.reference_checkpoint:  # a run's own config (model, loss), or the loss the weights were trained with
+    reference_model = load_trained(args.reference_checkpoint, model=args.model).model
+else:
+    reference_model = create_model(args.model, loss="sigmoid")
 fingerprint = model_fingerprint(reference_model)
 cache_model_embeddings(reference_model, args.model, args.shards, name=CACHE, device=device)
 del reference_model  # from here on only its cached embeddings are used

@@ -405,3 +405,59 @@ def test_cache_reference_with_an_unknown_tag_downloads_nothing(tmp_path, monkeyp
     )
     assert status == 2 and len(lines) == 1
     assert lines[0].startswith("jestclip cache-reference: unknown pretrained tag 'nope' for model 'ViT-B-32'")
+
+
+# --- SIGTERM at any moment ------------------------------------------------------------------------------
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a SIGTERM handler installed (Linux: SigCgt of /proc/PID/status)."""
+    import re
+    import signal
+    from pathlib import Path
+
+    status = Path(f"/proc/{pid}/status").read_text()
+    return bool(int(re.search(r"SigCgt:\s*([0-9a-f]+)", status)[1], 16) >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status")
+def test_sigterm_at_any_moment_exits_143_with_its_line(tmp_path):
+    """SIGTERM from the command's first line on: while importing torch, building the run, training."""
+    import os
+    import signal
+    import time
+
+    from .data.test_loader import make_shards
+
+    make_shards(tmp_path / "shards", 2, 8)
+    overrides = [
+        f"data={tmp_path / 'shards'}",
+        "model=jest-micro",
+        "steps=100000",
+        "method.batch_size=4",
+        "num_workers=0",
+        "device=cpu",
+        "eval_data=null",
+        "checkpoint_every=100000",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    endings = []
+    for delay in (0.0, 0.2, 1.0, 4.0):  # after the handler is in place: imports, imports, setup, steps
+        argv = ["train", "configs/iid.py", "--quick", f"run_dir={tmp_path / f'run{delay}'}", *overrides]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jestclip.cli", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        deadline = time.monotonic() + 60
+        while not catches_sigterm(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        lines = [line for line in err.decode().splitlines() if line.strip()]
+        assert proc.returncode == 143, (delay, proc.returncode, lines[-5:])
+        assert lines[-1].startswith("jestclip") and ": preempted " in lines[-1], (delay, lines[-5:])
+        endings.append(lines[-1].split(": ", 1)[1])
+    assert endings[0] == "preempted by SIGTERM; rerun the same command"  # inside imports, before the run

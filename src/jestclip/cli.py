@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
 
-from jestclip.commands.common import exit_status
+from jestclip.commands.common import Terminated, exit_status, terminate
 
 # subcommand -> its module in jestclip.commands (add_parser(sub) and run(args) -> exit status). Command
 # modules import only the standard library at top level and resolve defaults such as the device in run(),
@@ -55,7 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand; its exit status (2 and one line on stderr for a user's mistake)."""
+    """Run one subcommand; its exit status (2 and one line on stderr for a user's mistake; 143 and one line
+    for SIGTERM, from this function's first line on: during imports and parsing too)."""
+    previous = signal.signal(signal.SIGTERM, terminate(os.getpid()))  # first: `jestclip train` replaces it
+    try:
+        return _main(argv)
+    except Terminated as exn:  # before the subcommand was known
+        print(f"jestclip: {exn}", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return importlib.import_module(_COMMANDS[args.command]).run(args)

@@ -122,14 +122,15 @@ def _train(cfg: DemoConfig, name: str, method: str) -> Path:
 
 
 def _cache(cfg: DemoConfig, reference_run: Path) -> None:
-    from jestclip.train.reference import cache_reference_model
-    from jestclip.train.rundir import RunDir
+    import torch
 
-    weights = RunDir(reference_run).weights()
+    from jestclip.train.reference import cache_model_embeddings
+    from jestclip.train.trained import load_trained
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    trained = load_trained(reference_run, device=device)  # the reference run's own model, loss, preprocessing
     pool = str(Path(cfg.data) / "pool")
-    summary = cache_reference_model(
-        cfg.model, pool, name="demo-reference", checkpoint=weights, device=cfg.device
-    )
+    summary = cache_model_embeddings(trained.model, trained.name, pool, name="demo-reference", device=device)
     print(f"cached: {summary['written']} shards written, {summary['kept']} reused")
 
 

@@ -1,6 +1,7 @@
 """Evaluating a model on generated suites: every task runs, bad labels are named, limits hold."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,7 @@ def test_suite_errors(tmp_path):
         EvalSuite("s", ["x.tar"], tasks=["zeroshot"])
     with pytest.raises(ValueError, match="needs class names for 'k'"):
         EvalSuite("s", ["x.tar"], tasks=["zeroshot:k"])
-    with pytest.raises(ValueError, match="have no '\\{\\}'"):
+    with pytest.raises(ValueError, match="prompt template 'a photo' has no '\\{\\}'"):
         EvalSuite("s", ["x.tar"], tasks=["retrieval"], templates=["a photo"])
 
 
@@ -141,3 +142,166 @@ def test_eval_command_writes_json_and_prints_a_table(tmp_path, micro, capsys):
     assert "say which model it holds with --model" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "bench"), "--data", str(tmp_path / "bench")]) == 2
     assert "is not a training run: config.json is missing" in capsys.readouterr().err
+
+
+# --- whatever reads a run takes the run's config ------------------------------------------------------------
+
+
+def fake_run(root: Path, loss: str) -> Path:
+    """A run directory as ``jestclip train`` leaves it (config.json and model.pt) for a ``loss`` model."""
+    root.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(create_model("jest-micro", loss=loss).state_dict(), root / "model.pt")
+    config = {"run_dir": str(root), "model": "jest-micro", "method": {"method": "iid", "loss": loss}}
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_eval_reads_a_run_with_its_own_loss_and_a_weights_file_with_flags(tmp_path, capsys, loss):
+    from jestclip.cli import main
+
+    make_suite(tmp_path / "bench" / "eval", "toy")
+    run_dir = fake_run(tmp_path / "run", loss)
+    data = ["--data", str(tmp_path / "bench"), "--device", "cpu", "--limit", "8", "--shots", "1"]
+    assert main(["eval", str(run_dir), *data]) == 0, capsys.readouterr().err  # softmax: missing logit_bias
+    config = json.loads((run_dir / "eval.json").read_text())["config"]
+    assert (config["model"], config["loss"]) == ("jest-micro", loss)
+    weights = str(run_dir / "model.pt")
+    assert main(["eval", weights, "--model", "jest-micro", *data]) == 0  # the loss read from the weights
+    assert json.loads(Path(f"{weights}.eval.json").read_text())["config"]["loss"] == loss
+    other = {"softmax": "sigmoid", "sigmoid": "softmax"}[loss]
+    capsys.readouterr()
+    assert main(["eval", weights, "--model", "jest-micro", "--loss", other, *data]) == 2
+    assert "does not fit model 'jest-micro'" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--loss", other, *data]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"jestclip eval: --loss '{other}' contradicts run {run_dir}, trained with loss '{loss}'; "
+        "leave --loss out"
+    )
+    assert main(["eval", str(run_dir), "--model", "jest-tiny", *data]) == 2
+    assert "--model 'jest-tiny' contradicts run" in capsys.readouterr().err
+
+
+def test_every_reader_of_a_run_loads_it_through_load_trained(tmp_path, monkeypatch):
+    """The selection diagnostics, the demo's reference cache and the benchmarks build a run's model with its
+    config: a softmax run loads in each (before, the demo and eval_noise.py built a sigmoid model)."""
+    import importlib.util
+
+    import jestclip.train.trained as trained
+    from jestclip.eval import find_suites
+
+    run_dir = fake_run(tmp_path / "run", "softmax")
+    loaded = trained.load_trained(run_dir)
+    assert loaded.loss == "softmax" and getattr(loaded.model, "logit_bias", None) is None
+    assert trained.weights_loss(run_dir / "model.pt") == "softmax"
+    make_suite(tmp_path / "bench" / "eval", "toy", per_class=3)
+    spec = importlib.util.spec_from_file_location(
+        "eval_noise", Path(__file__).parents[2] / "benchmarks" / "eval_noise.py"
+    )
+    eval_noise = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_noise)
+    ((suite, feats, _),) = eval_noise.encode_run(str(run_dir), str(tmp_path / "bench"))
+    assert suite.name == find_suites(tmp_path / "bench")[0].name and feats.image.shape == (12, 64)
+
+    from jestclip import demo
+
+    calls = []
+    monkeypatch.setattr(
+        "jestclip.train.reference.cache_model_embeddings",
+        lambda model, model_name, pool, **kw: (
+            calls.append((model_name, model.logit_bias is None)) or {"written": 0, "kept": 0}
+        ),
+    )
+    demo._cache(demo.DemoConfig(data=str(tmp_path), device="cpu"), run_dir)
+    assert calls == [("jest-micro", True)]
+
+
+TEMPLATES = [
+    ("a {} in {style} style.", "has field(s) ['style'] besides the class name's '{}'"),
+    ("a {} of {}.", "has 2 '{}' fields for the one class name (repeat it as '{0}')"),
+    ("a {0.upper}.", "has field(s) ['0.upper'] besides the class name's '{}'"),
+    ("{} and {0}", "cannot be filled in (ValueError: cannot switch from automatic field numbering"),
+    ("a {:{width}}", "cannot be filled in (KeyError: 'width')"),
+    ("a {.", "is not a format string ("),
+    ("a photo.", "has no '{}' for the class name"),
+]
+
+
+@pytest.mark.parametrize(("template", "problem"), TEMPLATES)
+def test_a_template_that_cannot_be_filled_is_refused_when_the_suite_is_built(template, problem):
+    from jestclip.eval import template_problem
+
+    assert template_problem(template).startswith(problem)
+    with pytest.raises(ValueError, match=f"^suite 's': prompt template {re.escape(repr(template))} "):
+        EvalSuite("s", ["x.tar"], tasks=["zeroshot:k"], classes={"k": ["a", "b"]}, templates=[template])
+    for good in ("a {}.", "{0}, a {0}", "a {{literal}} {}", "{!r}"):
+        assert template_problem(good) is None
+
+
+@pytest.mark.parametrize(
+    ("manifest", "expected"),
+    [
+        ({"classes": {"colour": "red"}}, "classes of 'colour' must be a list of non-empty class names"),
+        ({"classes": {"colour": ["red", ""]}}, "classes of 'colour' must be a list of non-empty class names"),
+        ({"templates": "a {}."}, "templates must be a list of strings"),
+        ({"templates": ["a {} in {style} style."]}, "prompt template 'a {} in {style} style.' has field"),
+    ],
+)
+def test_eval_refuses_a_bad_suite_in_one_line_before_encoding_anything(
+    tmp_path, micro, capsys, monkeypatch, manifest, expected
+):
+    import sys
+
+    from jestclip.cli import main
+
+    evaluate_module = sys.modules["jestclip.eval.evaluate"]  # the module, not the function
+
+    suite = make_suite(tmp_path / "bench" / "eval", "toy")
+    manifest_path = suite / "manifest.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), **manifest}))
+    run_dir = fake_run(tmp_path / "run", "sigmoid")
+    encoded = []
+    monkeypatch.setattr(evaluate_module, "encode_suite", lambda *a, **kw: encoded.append(1))
+    assert main(["eval", str(run_dir), "--data", str(tmp_path / "bench"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jestclip eval: suite 'toy': ") and expected in err[0], err
+    assert encoded == []
+    shards = ["--shards", str(suite), "--classes", str(tmp_path / "classes.txt")]
+    (tmp_path / "classes.txt").write_text("red\ngreen\n")
+    assert main(["eval", str(run_dir), *shards, "--template", "a {} in {style} style."]) == 2
+    assert "prompt template 'a {} in {style} style.' has field(s) ['style']" in capsys.readouterr().err
+    assert encoded == []
+
+
+def test_labels_are_checked_from_the_json_alone(tmp_path):
+    from jestclip.eval import check_labels
+
+    good = EvalSuite.from_dir(make_suite(tmp_path, "good", per_class=3))
+    assert check_labels(good) == 12 and check_labels(good, limit=5) == 5
+    bad = EvalSuite.from_dir(make_suite(tmp_path, "bad", per_class=3, bad_label=True))
+    with pytest.raises(
+        ValueError, match=r"^suite 'bad': sample 'bad_005' in .*00000.tar has label colour=99; "
+    ):
+        check_labels(bad)
+    assert check_labels(bad, limit=5) == 5  # the bad sample is the sixth
+
+
+def test_eval_refuses_a_bad_label_before_encoding_anything(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from jestclip.cli import main
+
+    make_suite(tmp_path / "bench" / "eval", "toy", bad_label=True)
+    encoded = []
+    monkeypatch.setattr(
+        sys.modules["jestclip.eval.evaluate"], "encode_suite", lambda *a, **kw: encoded.append(1)
+    )
+    run_dir = fake_run(tmp_path / "run", "sigmoid")
+    assert main(["eval", str(run_dir), "--data", str(tmp_path / "bench"), "--device", "cpu"]) == 2
+    assert "sample 'toy_005' in " in capsys.readouterr().err and encoded == []
+    monkeypatch.undo()
+    assert (
+        main(["eval", str(run_dir), "--data", str(tmp_path / "bench"), "--limit", "5", "--shots", "1"]) == 0
+    )

@@ -398,3 +398,177 @@ def test_resume_refuses_a_reference_cache_of_another_model(tmp_path):
     assert train(
         dataclasses.replace(cfg, stop_after=None, reference_fingerprint=trained_with), progress=False
     )
+
+
+# --- resume is bitwise for every method and approximation ---------------------------------------------------
+
+RESUMABLE = [
+    ("iid", None),
+    ("jest", None),
+    ("independent", None),
+    ("flexi-jest", "flexi"),
+    ("flexi-jest", "resolution"),
+    ("flexi-jest", "patch_drop"),
+]
+
+
+@pytest.mark.parametrize(("method", "approx"), RESUMABLE, ids=[f"{m}-{a}" if a else m for m, a in RESUMABLE])
+def test_every_method_resumes_bitwise_and_draws_only_from_its_generator(
+    tmp_path, shards, monkeypatch, method, approx
+):
+    extra = {"approx": approx} if approx else {}
+
+    def cfg_of(name: str, **kw):
+        cfg = config(tmp_path / name, shards, method, steps=4, **kw)
+        return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, **extra))
+
+    whole = cfg_of("whole")
+    train(whole, progress=False)
+    parts = cfg_of("parts", stop_after=2)
+    train(parts, progress=False)
+
+    def unchanged_global_rng(state, *args, **kw):  # a step draws only from the run's own generator
+        before = torch.get_rng_state()
+        learned = learn(state, *args, **kw)
+        assert torch.equal(before, torch.get_rng_state()), "a step drew from the global torch RNG"
+        return learned
+
+    learn = loop.learn
+    monkeypatch.setattr(loop, "learn", unchanged_global_rng)
+    train(dataclasses.replace(parts, stop_after=None), progress=False)
+    a = torch.load(Path(whole.run_dir) / "model.pt", weights_only=True)
+    b = torch.load(Path(parts.run_dir) / "model.pt", weights_only=True)
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ after resuming, e.g. {differ[:3]}"
+    strip = [{k: v for k, v in x.items() if k != "wall_s"} for x in metrics(whole.run_dir)]
+    assert strip == [{k: v for k, v in x.items() if k != "wall_s"} for x in metrics(parts.run_dir)]
+
+
+def test_a_resume_restores_the_global_rng_after_startup_draws(tmp_path, shards, monkeypatch):
+    """A model that draws from the global RNG while training (dropout) resumes bitwise, whatever startup
+    draws after the checkpoint is restored (a DataLoader's base seed, a FLOP count's forward)."""
+    real = loop.learn
+
+    def dropout_in_the_model(state, *args, **kw):  # stands in for dropout: a global draw in each step
+        with torch.no_grad():
+            state.model.logit_bias.add_(1e-3 * torch.rand(()))
+        return real(state, *args, **kw)
+
+    def startup_draw(*args, **kw):
+        torch.rand(3)
+        return measure(*args, **kw)
+
+    measure = loop.measure_step_flops
+    monkeypatch.setattr(loop, "learn", dropout_in_the_model)
+    monkeypatch.setattr(loop, "measure_step_flops", startup_draw)
+    whole = config(tmp_path / "whole", shards, "iid", steps=4)
+    train(whole, progress=False)
+    parts = config(tmp_path / "parts", shards, "iid", steps=4, stop_after=2)
+    train(parts, progress=False)
+    train(dataclasses.replace(parts, stop_after=None), progress=False)
+    a = torch.load(Path(whole.run_dir) / "model.pt", weights_only=True)
+    b = torch.load(Path(parts.run_dir) / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the run's end: final checkpoint and weights before the final evaluation -----------------------------
+
+
+def bench_with(root: Path, *, template: str | None = None, bad_label: bool = False) -> str:
+    """A benchmark root whose one eval suite has ``template`` (and a bad label id when asked)."""
+    from ..eval.test_evaluate import make_suite
+
+    suite = make_suite(root / "eval", "toy", per_class=3, bad_label=bad_label)
+    if template is not None:
+        manifest = json.loads((suite / "manifest.json").read_text())
+        (suite / "manifest.json").write_text(json.dumps({**manifest, "templates": ["a {}.", template]}))
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    ("template", "bad_label", "expected"),
+    [
+        (
+            "a {} in {style} style.",
+            False,
+            "suite 'toy': prompt template 'a {} in {style} style.' has field(s) ['style'] besides the class "
+            "name's '{}'",
+        ),
+        (None, True, "suite 'toy': sample 'toy_005' in "),
+    ],
+    ids=["second-placeholder", "label-out-of-range"],
+)
+def test_eval_inputs_are_checked_before_the_first_step(
+    tmp_path, shards, monkeypatch, template, bad_label, expected
+):
+    steps = []
+    monkeypatch.setattr(loop, "learn", lambda *args, **kw: steps.append(1))
+    eval_data = bench_with(tmp_path / "bench", template=template, bad_label=bad_label)
+    cfg = config(tmp_path / "run", shards, "iid", steps=3, eval_data=eval_data)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        train(cfg, progress=False)
+    assert steps == [] and RunDir(cfg.run_dir).checkpoints() == []
+
+
+def test_a_failing_final_evaluation_keeps_the_training_and_a_rerun_only_evaluates(
+    tmp_path, shards, monkeypatch
+):
+    cfg = config(tmp_path / "run", shards, "iid", steps=3, eval_data=bench_with(tmp_path / "bench"))
+    run = RunDir(cfg.run_dir)
+    real_evaluate = loop.evaluate
+
+    def broken(*args, **kw):
+        raise KeyError("style")  # what a template with a second placeholder raised inside open_clip
+
+    monkeypatch.setattr(loop, "evaluate", broken)
+    expected = (
+        f"final evaluation failed: KeyError: 'style'; the training is complete and saved ({run.model_file}; "
+        f"{run.checkpoint_path(3)} (step 3)); rerun the same command to evaluate again without training"
+    )
+    with pytest.raises(loop.FinalEvaluationFailed, match=f"^{re.escape(expected)}$"):
+        train(cfg, progress=False)
+    assert run.finished and run.checkpoints() == [run.checkpoint_path(3)]
+    weights = torch.load(run.model_file, weights_only=True)
+    assert [x["step"] for x in metrics(cfg.run_dir)] == [1, 2, 3]
+
+    evaluated = []
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **kw: evaluated.append(1) or real_evaluate(*a, **kw))
+    monkeypatch.setattr(loop, "learn", lambda *args, **kw: pytest.fail("a finished run trained again"))
+    last = train(cfg, progress=False)  # the rerun: no step, the final evaluation only
+    assert last["step"] == 3 and "loss" in last and evaluated == [1]
+    lines = metrics(cfg.run_dir)
+    assert [x["step"] for x in lines] == [1, 2, 3, 3] and "eval/average" in lines[-1]
+    assert all(torch.equal(weights[k], v) for k, v in torch.load(run.model_file, weights_only=True).items())
+    assert train(cfg, progress=False) == last and evaluated == [1]  # finished and evaluated: nothing to do
+    assert len(metrics(cfg.run_dir)) == 4
+
+
+def test_sigterm_at_the_last_step_saves_the_weights_and_a_rerun_only_evaluates(
+    tmp_path, shards, monkeypatch, sigterm_guard
+):
+    def sigterm_at_the_last_step(state, *args, **kw):
+        if state.counters.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return learn(state, *args, **kw)
+
+    learn = loop.learn
+    monkeypatch.setattr(loop, "learn", sigterm_at_the_last_step)
+    cfg = config(tmp_path / "run", shards, "iid", steps=3, eval_data=bench_with(tmp_path / "bench"))
+    run = RunDir(cfg.run_dir)
+    with pytest.raises(
+        Preempted, match=re.escape(f"preempted at step 3; checkpoint {run.checkpoint_path(3)};")
+    ):
+        train(cfg, progress=False)
+    assert run.finished and "eval/average" not in metrics(cfg.run_dir)[-1]
+    monkeypatch.setattr(loop, "learn", lambda *args, **kw: pytest.fail("a finished run trained again"))
+    assert train(cfg, progress=False)["step"] == 3
+    assert "eval/average" in metrics(cfg.run_dir)[-1]
+
+
+def test_progress_in_a_log_file_is_plain_lines(tmp_path, shards, capsys):
+    cfg = config(tmp_path / "run", shards, "iid", steps=4)
+    train(cfg)  # progress on, stderr captured: not a terminal
+    err = capsys.readouterr().err
+    assert "\r" not in err  # before: one line rewritten at every step
+    lines = [line for line in err.splitlines() if line.startswith(f"{RunDir(cfg.run_dir).name}:")]
+    assert len(lines) == 2 and " 4/4 " in lines[-1] and "loss=" in lines[-1]  # the start and the end

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from jestclip.benchmark.catalog import (
     Drawing,
@@ -38,6 +37,7 @@ from jestclip.benchmark.catalog import (
 )
 from jestclip.benchmark.render import RenderError, ink_fraction
 from jestclip.benchmark.sources import SourcePaths, missing_sources
+from jestclip.data.progress import progress
 from jestclip.data.shards import Pair, png_bytes, shard_name, write_shard
 
 __all__ = ["SOURCES", "BuildConfig", "Entry", "Plan", "build", "plan", "write_plan"]
@@ -366,7 +366,7 @@ def plan(cfg: BuildConfig, paths: SourcePaths) -> Plan:
         "emoji": lambda cat, ds: _plan_emoji(cat, ds, cfg, out),
         "tuxpaint": lambda cat, ds: _plan_tuxpaint(cat, ds, cfg, out),
     }
-    for source in tqdm(cfg.sources, desc="catalog", unit="source"):
+    for source in progress(cfg.sources, desc="catalog", unit="source"):
         # corpus statistics (boilerplate titles, semantic names, classes) always come from the whole catalog;
         # `limit` only chooses which drawings are written
         catalog = list(_drawings(source, paths))
@@ -458,7 +458,7 @@ def _write_part(
             tasks.append((part, path, chunk, cfg.size))
     results = list(done)
     remaining = sum(len(t[2]) for t in tasks)
-    bar = tqdm(total=len(entries), desc=part, unit="img", initial=len(entries) - remaining)
+    bar = progress(total=len(entries), desc=part, unit="img", initial=len(entries) - remaining)
     if tasks:
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(eval_hashes,)) as pool:

@@ -1,7 +1,8 @@
 """What the commands share: the ``--device`` argument, loading weights, and how an error ends a command.
 
 A user's mistake (a bad path, value or file) ends a command with one line and exit status 2; the training
-run's own endings (``jestclip.train.loop``: ``Preempted``, ``TrainingDiverged``, ``CheckpointWriteError``)
+run's own endings (``jestclip.train.loop``: ``Preempted``, ``TrainingDiverged``, ``CheckpointWriteError``,
+``FinalEvaluationFailed``)
 with their message and the status a scheduler expects; anything else is a bug and shows its traceback.
 Standard library only at top level (``jestclip --help`` imports no torch).
 """
@@ -10,19 +11,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 
 __all__ = [
     "RUN_EXITS",
     "USER_ERRORS",
+    "Terminated",
     "device_arg",
     "exit_status",
     "loading_weights",
     "one_line",
     "resolve_device",
+    "terminate",
     "weights_load_failure",
 ]
 
@@ -37,9 +41,34 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 # the training run's own exceptions, by name, and the exit status each ends the command with: 143 = 128 +
 # SIGTERM, what schedulers read as "killed by SIGTERM, requeue"
-RUN_EXITS: dict[str, int] = {"Preempted": 143, "TrainingDiverged": 1, "CheckpointWriteError": 1}
+RUN_EXITS: dict[str, int] = {
+    "Preempted": 143,
+    "TrainingDiverged": 1,
+    "CheckpointWriteError": 1,
+    "FinalEvaluationFailed": 1,  # the training is saved; a rerun evaluates only
+}
 # where they are defined or exported; looked up only once loaded (a run that raised one has loaded them)
 _RUN_MODULES = ("jestclip.train.loop", "jestclip.train.rundir", "jestclip.train")
+
+
+class Terminated(BaseException):
+    """SIGTERM outside a training run's own handling (interpreter imports, argument parsing, any other
+    command): the command stops at once and exits 143. A BaseException, as KeyboardInterrupt is, so that no
+    ``except Exception`` on the way (a loader counting a bad shard, say) takes it for an ordinary error."""
+
+    def __init__(self, message: str = "preempted by SIGTERM; rerun the same command") -> None:
+        super().__init__(message)
+
+
+def terminate(pid: int) -> Callable[[int, FrameType | None], None]:
+    """A SIGTERM handler raising ``Terminated`` in process ``pid`` only: forked loader workers, which inherit
+    it, ignore the signal (their parent stops them)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() == pid:
+            raise Terminated()
+
+    return handler
 
 
 def one_line(exn: BaseException) -> str:
@@ -88,7 +117,7 @@ def loading_weights(path: str | Path) -> Iterator[None]:
 def exit_status(exn: BaseException) -> tuple[int, str] | None:
     """(exit status, one-line message) of an exception that ends a command without a traceback; None for a
     bug (or a ``SystemExit`` with a status rather than a message), which propagates."""
-    status = _run_exit(exn)
+    status = 143 if isinstance(exn, Terminated) else _run_exit(exn)
     if status is not None:
         return status, one_line(exn)
     if isinstance(exn, SystemExit):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from jestclip.commands.common import device_arg, loading_weights, resolve_device
 
-__all__ = ["add_parser", "resolve_checkpoint", "run"]
+__all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +20,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "JSON (default: RUN/eval.json for a run directory, CHECKPOINT.eval.json for a weights file).",
     )
     parser.add_argument("checkpoint", type=Path, help="a run directory (jestclip train) or a weights file")
-    parser.add_argument("--model", help="model config name (read from the run's config.json if omitted)")
+    parser.add_argument(
+        "--model", help="with a weights file: its model config name (a run directory's config.json says it)"
+    )
+    parser.add_argument(
+        "--loss",
+        choices=["sigmoid", "softmax"],
+        help="with a weights file: the loss it was trained with (default: read from the weights; a run "
+        "directory's config.json says it)",
+    )
     parser.add_argument(
         "--data",
         default="data/bench",
@@ -46,21 +54,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, help="where to write the JSON results")
 
 
-def resolve_checkpoint(path: Path, model: str | None) -> tuple[Path, str]:
-    """(weights file, model name) of a run directory or a weights file."""
-    if path.is_dir():
-        from jestclip.train.rundir import RunDir
-
-        run = RunDir(path)
-        config = run.read_config()  # first: a directory that is no run says so
-        return run.weights(), model or config["model"]
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if model is None:
-        raise ValueError(f"{path} is a weights file; say which model it holds with --model")
-    return path, model
-
-
 def _check_inputs(args: argparse.Namespace) -> None:
     """Refuse argument combinations and missing files before loading anything."""
     if not args.shards and (args.classes or args.template):
@@ -70,11 +63,11 @@ def _check_inputs(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jestclip.eval import custom_suite, evaluate, find_suites, format_table
-    from jestclip.models import create_model, image_transform, tokenizer
+    from jestclip.eval import check_labels, custom_suite, evaluate, find_suites, format_table
+    from jestclip.train.trained import find_weights, load_trained
 
     _check_inputs(args)
-    weights, model_name = resolve_checkpoint(args.checkpoint, args.model)
+    source = find_weights(args.checkpoint, model=args.model, loss=args.loss)  # reads no weights yet
     device = resolve_device(args.device)
     if args.shards:
         suites = [
@@ -84,13 +77,15 @@ def run(args: argparse.Namespace) -> int:
         ]
     else:
         suites = find_suites(args.data, args.suite)
-    with loading_weights(weights):
-        model = create_model(model_name, checkpoint=weights, device=device)
+    for suite in suites:  # label ids from the samples' JSON: a bad one fails now, not after encoding
+        check_labels(suite, limit=args.limit)
+    with loading_weights(source.weights):  # the suites are checked (templates too) before anything loads
+        trained = load_trained(source, device=device)
     results = evaluate(
-        model,
+        trained.model,
         suites,
-        tokenize=tokenizer(model_name),
-        transform=image_transform(model_name),
+        tokenize=trained.tokenize,
+        transform=trained.transform,
         batch_size=args.batch_size,
         device=device,
         limit=args.limit,
@@ -98,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
         progress=True,
     )
     results["config"] = {
-        "checkpoint": str(weights),
-        "model": model_name,
+        "checkpoint": str(trained.weights),
+        "model": trained.name,
+        "loss": trained.loss,
         "suites": {s.name: s.urls for s in suites},
         "limit": args.limit,
         "shots": args.shots,

@@ -50,6 +50,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from jestclip.data.loader import SuperBatchStream, expand_urls
+from jestclip.data.progress import progress
 from jestclip.selection import Embeddings
 
 __all__ = [
@@ -368,7 +369,7 @@ def cache_reference(
     urls = expand_urls(shards)
     summary: dict[str, Any] = {"written": 0, "repaired": 0, "kept": 0, "samples": 0, "skipped": Counter()}
     template = CacheMeta(fingerprint, model_name, float(scale), float(bias), 0, 0)
-    for url in tqdm(urls, desc=f"cache {name}", unit="shard"):
+    for url in progress(urls, desc=f"cache {name}", unit="shard"):
         state, problem = _existing(url, name, fingerprint, model_name)
         if state == "ok":
             summary["kept"] += 1

@@ -7,6 +7,7 @@ linear probes on eval suites.
 
 from jestclip.eval.evaluate import (
     SuiteFeatures,
+    check_labels,
     encode_suite,
     evaluate,
     evaluate_suite,
@@ -24,13 +25,14 @@ from jestclip.eval.metrics import (
     top1_accuracy,
     zeroshot_top1,
 )
-from jestclip.eval.suites import DEFAULT_TEMPLATES, EvalSuite, custom_suite, find_suites
+from jestclip.eval.suites import DEFAULT_TEMPLATES, EvalSuite, custom_suite, find_suites, template_problem
 
 __all__ = [
     "DEFAULT_TEMPLATES",
     "EvalSuite",
     "SuiteFeatures",
     "balanced_accuracy",
+    "check_labels",
     "custom_suite",
     "encode_suite",
     "evaluate",
@@ -43,6 +45,7 @@ __all__ = [
     "is_averaged",
     "retrieval_recall",
     "suite_metrics",
+    "template_problem",
     "top1_accuracy",
     "zero_shot_classifiers",
     "zeroshot_top1",

@@ -7,6 +7,7 @@ the paper plots.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -17,9 +18,9 @@ import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from jestclip.data.loader import SuperBatchStream
+from jestclip.data.loader import SuperBatchStream, read_shard
+from jestclip.data.progress import progress as progress_bar
 from jestclip.eval.metrics import (
     balanced_accuracy,
     fewshot_predict,
@@ -32,6 +33,7 @@ from jestclip.eval.suites import EvalSuite
 
 __all__ = [
     "SuiteFeatures",
+    "check_labels",
     "encode_suite",
     "evaluate",
     "evaluate_suite",
@@ -74,6 +76,38 @@ def _label(meta: dict[str, Any], field: str) -> Any:
     return meta.get(field, -1)
 
 
+def _label_error(suite: EvalSuite, key: str, url: str, field: str, value: Any) -> ValueError | None:
+    """The error of a sample whose ``field`` label is no class id of the suite (-1: no label), else None."""
+    n_classes = len(suite.classes.get(field, ())) or None  # None: ids are not checked against names
+    if isinstance(value, int) and not isinstance(value, bool) and -1 <= value < (n_classes or value + 1):
+        return None
+    return ValueError(
+        f"suite {suite.name!r}: sample {key!r} in {url} has label {field}={value!r}; expected an integer "
+        f"class id in [0, {n_classes or 'C'})"
+    )
+
+
+def check_labels(suite: EvalSuite, *, limit: int | None = None) -> int:
+    """Check the label ids of the suite's first ``limit`` samples (all when None) as ``encode_suite`` will,
+    reading only their JSON (no image is decoded): a ValueError names the first bad sample, so that a run
+    fails before its first step, not at its final evaluation. Returns the number of samples read."""
+    read = 0
+    for url in suite.urls:
+        for raw in read_shard(url, lambda reason: None):  # unreadable samples: encode_suite skips them too
+            if limit is not None and read >= limit:
+                return read
+            read += 1
+            try:
+                meta = json.loads(raw.get("json", b"{}").decode("utf-8"))
+            except (ValueError, RecursionError):
+                continue
+            for field in suite.label_fields if isinstance(meta, dict) else ():
+                error = _label_error(suite, raw["__key__"], url, field, _label(meta, field))
+                if error is not None:
+                    raise error
+    return read
+
+
 def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
@@ -99,8 +133,7 @@ def encode_suite(
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
     images, texts, keys, concept_names = [], [], [], []
     labels: dict[str, list[int]] = {f: [] for f in suite.label_fields}
-    class_counts = {f: len(suite.classes.get(f, ())) or None for f in labels}  # None: ids are not checked
-    bar = tqdm(total=limit, desc=f"eval {suite.name}", unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=limit, desc=f"eval {suite.name}", unit="img", disable=not progress, leave=False)
     for batch in loader:
         take = len(batch) if limit is None else min(len(batch), limit - len(keys))
         with _autocast(device):
@@ -113,12 +146,9 @@ def encode_suite(
             concept_names.append(str(meta.get("concept", text)))
             for field, values in labels.items():
                 value = _label(meta, field)
-                n_classes = class_counts[field]
-                if not isinstance(value, int) or value < -1 or (n_classes and value >= n_classes):
-                    raise ValueError(
-                        f"suite {suite.name!r}: sample {key!r} in {url} has label "
-                        f"{field}={value!r}; expected an integer class id in [0, {n_classes or 'C'})"
-                    )
+                error = _label_error(suite, key, url, field, value)
+                if error is not None:
+                    raise error
                 values.append(value)
         bar.update(take)
         if limit is not None and len(keys) >= limit:

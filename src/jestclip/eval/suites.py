@@ -10,19 +10,48 @@ and images of the same concept count as matches (without one, identical captions
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jestclip.data.loader import expand_urls
 
-__all__ = ["DEFAULT_TEMPLATES", "EvalSuite", "custom_suite", "find_suites"]
+__all__ = ["DEFAULT_TEMPLATES", "EvalSuite", "custom_suite", "find_suites", "template_problem"]
 
 DEFAULT_TEMPLATES = ("a photo of {}.", "a picture of {}.", "an image of {}.")
 TASK_KINDS = ("zeroshot", "fewshot", "retrieval")
 
 
+def template_problem(template: object) -> str | None:
+    """Why ``template`` cannot turn a class name into a prompt, or None when it can: it must be a string
+    whose only ``str.format`` field is the class name, ``{}`` (or ``{0}``, any number of times; ``{{``
+    and ``}}`` are literal braces), as open_clip's zero-shot classifier fills it with ``template.format(c)``.
+    """
+    if not isinstance(template, str):
+        return f"is a {type(template).__name__}, not a string"
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exn:  # a lone brace
+        return f"is not a format string ({exn})"
+    if not fields:
+        return "has no '{}' for the class name"
+    others = sorted({name for name in fields if name not in ("", "0")})
+    if others:
+        return f"has field(s) {others} besides the class name's '{{}}'"
+    if fields.count("") > 1:
+        return f"has {fields.count('')} '{{}}' fields for the one class name (repeat it as '{{0}}')"
+    try:
+        template.format("class name")
+    except (ValueError, IndexError, KeyError) as exn:  # '{}' mixed with '{0}', a field in a format spec
+        return f"cannot be filled in ({type(exn).__name__}: {exn})"
+    return None
+
+
 @dataclass(frozen=True)
 class EvalSuite:
+    """Shards and what to measure on them; checked when built (tasks, class names, prompt templates), so a
+    suite that would fail at its evaluation fails before any sample is encoded or any step is trained."""
+
     name: str
     urls: list[str]
     tasks: list[str]
@@ -30,6 +59,19 @@ class EvalSuite:
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
 
     def __post_init__(self) -> None:
+        for what, value in (("tasks", self.tasks), ("templates", self.templates)):
+            if not isinstance(value, list | tuple) or not all(isinstance(x, str) for x in value):
+                raise ValueError(f"suite {self.name!r}: {what} must be a list of strings, got {value!r}")
+        if not isinstance(self.classes, dict):
+            raise ValueError(f"suite {self.name!r}: classes must map label fields to class names")
+        for label, names in self.classes.items():
+            if not isinstance(names, list | tuple) or not all(
+                isinstance(n, str) and n.strip() for n in names
+            ):
+                raise ValueError(
+                    f"suite {self.name!r}: classes of {label!r} must be a list of non-empty class names, "
+                    f"got {names!r}"
+                )
         for task in self.tasks:
             kind, _, label = task.partition(":")
             if kind not in TASK_KINDS or (kind == "retrieval") != (label == ""):
@@ -41,9 +83,10 @@ class EvalSuite:
                 raise ValueError(f"suite {self.name!r}: task {task!r} needs class names for {label!r}")
         if any(t.startswith("zeroshot:") for t in self.tasks) and not self.templates:
             raise ValueError(f"suite {self.name!r}: zero-shot tasks need at least one prompt template")
-        bad = [t for t in self.templates if "{}" not in t]
-        if bad:
-            raise ValueError(f"suite {self.name!r}: templates {bad} have no '{{}}' for the class name")
+        for template in self.templates:
+            problem = template_problem(template)
+            if problem is not None:
+                raise ValueError(f"suite {self.name!r}: prompt template {template!r} {problem}")
 
     @property
     def label_fields(self) -> list[str]:
@@ -71,10 +114,10 @@ class EvalSuite:
         return cls(
             name=directory.name,
             urls=expand_urls(directory),
-            tasks=list(manifest["tasks"]),
-            classes={k: list(v) for k, v in manifest["classes"].items()},
-            templates=list(manifest["templates"]),
-        )
+            tasks=manifest["tasks"],
+            classes=manifest["classes"],
+            templates=manifest["templates"],
+        )  # checked as they are (a string is no list of class names)
 
 
 def find_suites(path: str | Path, names: list[str] | None = None) -> list[EvalSuite]:

@@ -4,7 +4,8 @@
   embeddings resampled to the coarser grid (timm's ``resample_patch_embed`` / ``resample_abs_pos_embed``);
   a quarter of the tokens.
 - ``"resolution"``: the image downsampled by 2 with the same patch size and resampled position embeddings.
-- ``"patch_drop"``: a random ``keep`` fraction of the patch tokens (the class token always stays).
+- ``"patch_drop"``: a random ``keep`` fraction of the patch tokens (the class token always stays), drawn
+  from the ``generator`` given.
 
 All three are differentiable in the original parameters, so training on approximate forward passes updates
 the full-resolution model (multi-resolution training, section 3.3).
@@ -83,7 +84,9 @@ def encode_image(
 ) -> Tensor:
     """Image embeddings ``[N, E]`` of ``images`` (``[N, 3, H, W]``), exact or approximate.
 
-    keep: fraction of patch tokens kept by ``"patch_drop"``; generator: its random choice of tokens.
+    keep: fraction of patch tokens kept by ``"patch_drop"``; generator: its random choice of tokens (on the
+    images' device; None draws from the global torch RNG, which a training run must not do: its resume would
+    depend on every other draw from it — ``train.steps`` passes the run's own generator).
     """
     if approx is None:
         features = model.encode_image(images)

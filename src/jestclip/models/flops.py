@@ -62,7 +62,8 @@ def forward_flops(
         return counter.get_total_flops()
 
     def image_pass(n: int) -> None:
-        encode_image(model, torch.zeros(n, 3, image_size, image_size, device=device), approx)
+        images = torch.zeros(n, 3, image_size, image_size, device=device)
+        encode_image(model, images, approx, generator=torch.Generator(device).manual_seed(0))  # not global
 
     def text_pass(n: int) -> None:
         model.encode_text(torch.zeros(n, context_length, dtype=torch.long, device=device))

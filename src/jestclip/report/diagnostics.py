@@ -23,8 +23,7 @@ from jestclip.selection import (
     pair_score_matrix,
 )
 from jestclip.selection.scoring import scoring_uses
-from jestclip.train.config import TrainConfig, from_dict
-from jestclip.train.rundir import RunDir
+from jestclip.train.config import TrainConfig
 
 __all__ = ["SelectionDiagnostics", "run_diagnostics", "run_embeddings", "selection_diagnostics"]
 
@@ -163,21 +162,20 @@ def run_embeddings(
     reference its cached embeddings (None when its method needs none).
     """
     from jestclip.data.loader import expand_urls
-    from jestclip.models import image_transform, tokenizer
-    from jestclip.train.setup import Placement, build_model, open_reference, open_stream, to_device
+    from jestclip.train.setup import Placement, open_reference, open_stream, to_device
     from jestclip.train.steps import score_embeddings
+    from jestclip.train.trained import load_trained
 
-    run = RunDir(run_dir)
-    cfg = from_dict(run.read_config())
     where = Placement(torch.device(device))
-    model = build_model(cfg, where.device, checkpoint=run.weights())
+    trained = load_trained(run_dir, device=where.device)  # the run's config: model, loss, preprocessing
+    cfg, model = trained.config, trained.model
     urls = expand_urls(cfg.data)
-    stream = open_stream(cfg, urls, image_transform(cfg.model), where, batch_size=size, resampled=False)
+    stream = open_stream(cfg, urls, trained.transform, where, batch_size=size, resampled=False)
     batch = next(iter(stream))
     if len(batch) < size:
-        raise ValueError(f"run {run.path}: its data {cfg.data} holds only {len(batch)} samples, not {size}")
+        raise ValueError(f"run {run_dir}: its data {cfg.data} holds only {len(batch)} samples, not {size}")
     reference = open_reference(cfg, urls)
-    tensors = to_device(batch, tokenizer(cfg.model), reference, where.device)
+    tensors = to_device(batch, trained.tokenize, reference, where.device)
     return score_embeddings(model, tensors, None), tensors.reference, cfg
 
 

@@ -19,10 +19,15 @@ __all__ = ["LearningForward", "embed"]
 
 
 def embed(
-    model: nn.Module, images: Tensor, tokens: Tensor, approx: Approximation | None
+    model: nn.Module,
+    images: Tensor,
+    tokens: Tensor,
+    approx: Approximation | None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """L2-normalised ``[n, D]`` image (encoded with ``approx``; None: exactly) and text features."""
-    image = encode_image(model, images, approx, normalize=True)
+    """L2-normalised ``[n, D]`` image (encoded with ``approx``; None: exactly) and text features;
+    ``generator`` draws the patches ``"patch_drop"`` keeps (the run's own: a resume stays bitwise)."""
+    image = encode_image(model, images, approx, normalize=True, generator=generator)
     text = F.normalize(model.encode_text(tokens), dim=-1)
     return image, text
 
@@ -30,7 +35,8 @@ def embed(
 class LearningForward(nn.Module):
     """Every learning forward of a step as one module (what DDP wraps): the normalised features of the
     selected examples, the ``approx_part`` positions encoded with ``approx`` and the rest exactly (in that
-    order: exact first), and the model's logit scale and bias."""
+    order: exact first; ``generator`` draws ``"patch_drop"``'s patches), and the model's logit scale and
+    bias."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -42,6 +48,7 @@ class LearningForward(nn.Module):
         tokens: Tensor,
         approx_part: Tensor | None = None,
         approx: Approximation | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if approx_part is None:
             image, text = embed(self.model, images, tokens, None)
@@ -49,7 +56,7 @@ class LearningForward(nn.Module):
             exact = torch.ones(len(images), dtype=torch.bool, device=images.device)
             exact[approx_part] = False
             parts = [
-                embed(self.model, images[mask], tokens[mask], part_approx)
+                embed(self.model, images[mask], tokens[mask], part_approx, generator)
                 for mask, part_approx in ((exact, None), (~exact, approx))
                 if bool(mask.any())
             ]

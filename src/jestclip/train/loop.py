@@ -13,8 +13,11 @@ super-batch and learns on b / W of it; only rank 0 writes (``RunOutputs``). When
 quality (``data.quality``), each training line also gives the composition of the candidates and of what was
 learned over the steps since the previous line (``train.composition``).
 
-How a run ends: it returns the last metrics line when it reaches ``steps`` or ``stop_after``; it raises
-``Preempted`` on SIGTERM (checkpointed; rerun the same command to resume), ``TrainingDiverged`` after
+How a run ends: it returns the last metrics line when it reaches ``steps`` or ``stop_after``. At ``steps`` the
+final checkpoint and ``model.pt`` are written first, then the final evaluation runs: a failure there raises
+``FinalEvaluationFailed`` with the training saved, and rerunning the same command evaluates without
+training again (a finished run whose final evaluation is logged does nothing). It raises ``Preempted`` on
+SIGTERM (checkpointed; rerun the same command to resume), ``TrainingDiverged`` after
 ``max_bad_steps`` steps in a row with a non-finite loss or gradient norm (their updates are skipped; the last
 good checkpoint is untouched) and ``CheckpointWriteError`` when a checkpoint cannot be written (disk full;
 the previous checkpoint is kept).
@@ -38,8 +41,9 @@ import torch
 from tqdm import tqdm
 
 from jestclip.data.loader import ResumableBatches, SuperBatch, expand_urls
+from jestclip.data.progress import progress as progress_bar
 from jestclip.data.refcache import ReferenceCache
-from jestclip.eval import evaluate, find_suites, flat_metrics
+from jestclip.eval import check_labels, evaluate, find_suites, flat_metrics
 from jestclip.models import StepFlops, image_transform, tokenizer
 from jestclip.models.factory import logit_params
 from jestclip.train.config import TrainConfig, to_dict, with_defaults
@@ -59,7 +63,14 @@ from jestclip.train.setup import (
 )
 from jestclip.train.steps import StepOutput, SuperBatchTensors, score_embeddings
 
-__all__ = ["CheckpointWriteError", "Preempted", "RunOutputs", "TrainingDiverged", "train"]
+__all__ = [
+    "CheckpointWriteError",
+    "FinalEvaluationFailed",
+    "Preempted",
+    "RunOutputs",
+    "TrainingDiverged",
+    "train",
+]
 
 # config keys that may differ between the run that wrote a checkpoint and the one resuming it
 _RESUMABLE_CHANGES = {
@@ -83,6 +94,11 @@ class TrainingDiverged(RuntimeError):
 
 class Preempted(RuntimeError):
     """The run stopped on SIGTERM (after checkpointing); rerunning the same command resumes it."""
+
+
+class FinalEvaluationFailed(RuntimeError):
+    """The run trained to ``steps`` and wrote its final checkpoint and weights, then its final evaluation
+    failed; rerunning the same command evaluates again without training."""
 
 
 def _prepare_run_dir(run: RunDir, cfg: TrainConfig, where: Placement) -> bool:
@@ -158,7 +174,7 @@ class RunOutputs:
 
             self.writer = SummaryWriter(str(run.tensorboard_dir))
         show = progress and where.is_main
-        self.bar = tqdm(total=cfg.steps, initial=step, desc=run.name, unit="step", disable=not show)
+        self.bar = progress_bar(total=cfg.steps, initial=step, desc=run.name, unit="step", disable=not show)
 
     def log(self, line: dict[str, Any]) -> None:
         if self.metrics is None:
@@ -168,6 +184,18 @@ class RunOutputs:
         for key, value in line.items():
             if key != "step" and isinstance(value, int | float):
                 self.writer.add_scalar(key, value, line["step"])
+
+    def evaluated(self, step: int) -> bool:
+        """Whether the metrics file holds an evaluation line of ``step`` (rank 0's answer, on every rank)."""
+        logged = self.where.is_main and any(
+            line["step"] == step and "eval/average" in line for line in self.run.read_metrics()
+        )
+        return self.where.any_rank(logged)
+
+    def last_logged(self) -> dict[str, Any]:
+        """The last training line of the metrics file (what a finished run's rerun returns; {} off rank 0)."""
+        lines = self.run.read_metrics() if self.where.is_main else []
+        return next((line for line in reversed(lines) if "eval/average" not in line), {})
 
     def say(self, message: str) -> None:
         """One line on stderr from rank 0 (above the progress bar)."""
@@ -212,27 +240,37 @@ class Evaluator:
 
     def __init__(self, cfg: TrainConfig, where: Placement, transform, tokenize) -> None:
         self.cfg, self.where, self.transform, self.tokenize = cfg, where, transform, tokenize
-        self.suites = find_suites(cfg.eval_data) if cfg.eval_data is not None else []  # errors up front
+        # every suite checked before the first step (manifest, class names, templates, label ids): an eval
+        # that cannot succeed must not cost the training run that comes before it
+        self.suites = find_suites(cfg.eval_data) if cfg.eval_data is not None else []
+        for suite in self.suites:
+            check_labels(suite, limit=cfg.eval_limit)
 
     def due(self, step: int) -> bool:
         every = self.cfg.eval_every
         return bool(self.suites) and (bool(every and step % every == 0) or step == self.cfg.steps)
 
     def __call__(self, model: torch.nn.Module, counters: Counters, out: RunOutputs) -> None:
+        """Evaluate and log; an error on rank 0 is raised on every rank (the others do not wait forever)."""
+        error: Exception | None = None
         if self.where.is_main:
             device = self.where.device
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                results = evaluate(
-                    model,
-                    self.suites,
-                    tokenize=self.tokenize,
-                    transform=self.transform,
-                    device=device,
-                    limit=self.cfg.eval_limit,
-                )  # in a forked RNG: evaluating must not change the training run
-            out.log({**counters.fields(), **flat_metrics(results)})
-            out.bar.set_postfix(eval=f"{results['average']:.3f}")
-        self.where.barrier()
+            try:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    results = evaluate(
+                        model,
+                        self.suites,
+                        tokenize=self.tokenize,
+                        transform=self.transform,
+                        device=device,
+                        limit=self.cfg.eval_limit,
+                    )  # in a forked RNG: evaluating must not change the training run
+                out.log({**counters.fields(), **flat_metrics(results)})
+                out.bar.set_postfix(eval=f"{results['average']:.3f}", refresh=False)
+            except Exception as exn:
+                error = exn
+        if self.where.any_rank(error is not None):
+            raise error or RuntimeError("the evaluation failed on rank 0")
 
 
 @dataclass
@@ -314,7 +352,8 @@ def _non_finite_scores(model: torch.nn.Module, batch: SuperBatchTensors, cfg: Tr
     method = cfg.method.description
     if not method.scores_with_learner(cfg.method.scoring):
         return False
-    scores = score_embeddings(model, batch, method.scoring_approx(cfg.method))
+    generator = torch.Generator(batch.images.device).manual_seed(0)  # a diagnosis: the run's draws untouched
+    scores = score_embeddings(model, batch, method.scoring_approx(cfg.method), generator)
     return not bool(torch.isfinite(scores.image).all() and torch.isfinite(scores.text).all())
 
 
@@ -350,6 +389,7 @@ class _Sigterm:
 
     def __init__(self, run: RunDir) -> None:
         self.run, self.raised, self.deferred, self.pid = run, False, False, os.getpid()
+        self.during = "starting"  # what a SIGTERM that stops the run at once interrupts
 
     def __enter__(self) -> _Sigterm:
         self.previous = signal.signal(signal.SIGTERM, self._handle)
@@ -365,7 +405,7 @@ class _Sigterm:
     def _stop(self) -> None:
         checkpoint = self.run.latest_checkpoint()
         step = (self.run.checkpoint_step(checkpoint) or 0) if checkpoint else 0
-        raise Preempted(preempted_message(step, checkpoint, starting=True))
+        raise Preempted(preempted_message(step, checkpoint, during=self.during))
 
     def defer(self) -> None:
         """From here on a SIGTERM only sets ``raised`` (one that came before stops the run now)."""
@@ -373,24 +413,32 @@ class _Sigterm:
         if self.raised:
             self._stop()
 
+    def stop_at_once(self, during: str) -> None:
+        """From here on (the final evaluation: the training is saved) a SIGTERM stops the run at once."""
+        self.deferred, self.during = False, during
+        if self.raised:
+            self._stop()
+
     def __exit__(self, *_: Any) -> None:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-def preempted_message(step: int, checkpoint: Path | None, *, starting: bool = False) -> str:
-    """``preempted at step N; checkpoint RUN/checkpoint-00000N.pt; rerun the same command to resume``."""
-    when = f"at step {step}" + (" while starting" if starting else "")
+def preempted_message(step: int, checkpoint: Path | None, *, during: str | None = None) -> str:
+    """``preempted at step N; checkpoint RUN/checkpoint-00000N.pt; rerun the same command to resume`` (with
+    ``during``: ``preempted at step N while DURING; ...``)."""
+    when = f"at step {step}" + (f" while {during}" if during else "")
     saved = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint yet"
     return f"preempted {when}; {saved}; rerun the same command to resume"
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run ``cfg`` describes; return the last metrics line. Raises ``Preempted``,
-    ``TrainingDiverged`` or ``CheckpointWriteError`` (see the module docstring)."""
+    ``TrainingDiverged``, ``CheckpointWriteError`` or ``FinalEvaluationFailed`` (see the module docstring)."""
     run = RunDir(cfg.run_dir)
     with _Sigterm(run) as sigterm:  # first of all: a SIGTERM while starting stops the run at once
         where = place(cfg)
         state = _start_state(run, cfg, where)
+        rng = torch.get_rng_state()  # the checkpoint's (or seeded init's), set again after startup
         urls = expand_urls(cfg.data)
         reference = open_reference(cfg, urls)  # validates every sidecar before training
         _check_reference(run, reference, where, resuming=state.counters.step > 0)
@@ -404,6 +452,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             if state.counters.step == 0 and evaluator.due(0):
                 evaluator(state.model, state.counters, out)  # the untrained model: where every curve starts
             sigterm.defer()
+            torch.set_rng_state(rng)  # startup drew from it (loader seeds): the steps start where the run was
             steps = _Steps(
                 cfg, where, state, out, evaluator, sigterm, cost, DivergenceGuard(cfg.max_bad_steps)
             )
@@ -428,9 +477,11 @@ class _Steps:
     def run(
         self, batches: ResumableBatches, on_device: Callable[[SuperBatch], SuperBatchTensors]
     ) -> dict[str, Any]:
-        """Steps until ``cfg.steps`` (final weights written) or ``stop_after``; the last metrics line."""
+        """Steps until ``cfg.steps`` (then ``finish``) or ``stop_after``; the last metrics line."""
         cfg, state, out, last, started = self.cfg, self.state, self.out, {}, time.perf_counter()
+        trained = False
         while state.counters.step < cfg.steps:
+            trained = True
             batch = next(batches)
             tensors = on_device(batch)
             learned = learn(state, tensors, cfg, self.where)
@@ -440,8 +491,12 @@ class _Steps:
             if step % cfg.log_every == 0 or step == cfg.steps or learned.bad:
                 last = {**_train_line(state.counters, learned, started), **state.composition.line()}
                 out.log(last)
-                out.bar.set_postfix(loss="-" if last["loss"] is None else f"{last['loss']:.3f}")
+                out.bar.set_postfix(
+                    loss="-" if last["loss"] is None else f"{last['loss']:.3f}", refresh=False
+                )
             self.guard.update(step, learned.bad, out)
+            if step == cfg.steps:
+                break  # the final checkpoint and weights come before the final evaluation (finish)
             if self.evaluator.due(step):
                 self.evaluator(state.model, state.counters, out)
             preempted = self.where.any_rank(self.sigterm.raised)
@@ -453,9 +508,30 @@ class _Steps:
                 raise Preempted(preempted_message(step, out.checkpoint))
             if stop:
                 return last
-        state.data = batches.positions()
-        out.save(state, final=True)
-        return last
+        return self.finish(batches, trained, last)
+
+    def finish(self, batches: ResumableBatches, trained: bool, last: dict[str, Any]) -> dict[str, Any]:
+        """At ``cfg.steps``: the final checkpoint and ``model.pt`` (unless a finished run is rerun), then the
+        final evaluation unless it is logged already; a failure there is ``FinalEvaluationFailed``."""
+        state, out, step = self.state, self.out, self.state.counters.step
+        if self.where.any_rank(trained or (self.where.is_main and not out.run.finished)):
+            state.data = batches.positions()
+            out.save(state, final=True)
+        if self.where.any_rank(self.sigterm.raised):
+            raise Preempted(preempted_message(step, out.checkpoint))
+        if self.evaluator.due(step) and not out.evaluated(step):
+            self.sigterm.stop_at_once("evaluating")  # nothing left to save
+            try:
+                self.evaluator(state.model, state.counters, out)
+            except Preempted:
+                raise
+            except Exception as exn:
+                raise FinalEvaluationFailed(
+                    f"final evaluation failed: {type(exn).__name__}: {_one_line(exn)}; the training is "
+                    f"complete and saved ({out.run.model_file}; {out.last_good}); rerun the same command to "
+                    "evaluate again without training"
+                ) from exn
+        return last or out.last_logged()
 
     def _count(self, learned: Learned, batch: SuperBatchTensors, skipped: dict[str, int]) -> None:
         if learned.bad is None:
@@ -463,6 +539,10 @@ class _Steps:
             self.state.composition.add(batch.quality, learned.output.selected, self.where.world)
         else:
             self.state.counters.skip_update(skipped)
+
+
+def _one_line(exn: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exn).splitlines() if line.strip()) or "no message"
 
 
 def _finite(value: float | None) -> float | None:

@@ -165,12 +165,18 @@ def steered_learning_loss(
 
 
 @torch.no_grad()
-def score_embeddings(model: nn.Module, batch: SuperBatchTensors, approx: Approximation | None) -> Embeddings:
-    """The model's ``[B, D]`` embeddings of the super-batch in eval mode, without gradients (for scoring)."""
+def score_embeddings(
+    model: nn.Module,
+    batch: SuperBatchTensors,
+    approx: Approximation | None,
+    generator: torch.Generator | None = None,
+) -> Embeddings:
+    """The model's ``[B, D]`` embeddings of the super-batch in eval mode, without gradients (for scoring);
+    ``generator`` draws the patches ``"patch_drop"`` keeps (the run's own: a resume stays bitwise)."""
     was_training = model.training
     model.eval()
     try:
-        image, text = embed(model, batch.images, batch.tokens, approx)
+        image, text = embed(model, batch.images, batch.tokens, approx, generator)
     finally:
         model.train(was_training)
     scale, bias = logit_params(model)
@@ -233,11 +239,12 @@ def _learn(
     cfg: MethodSettings,
     world_size: int,
     approx_part: Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """The method's learning loss over the selection; ``approx_part`` positions use ``cfg.approx``.
     Distributed: this rank's share (its gradient), valued at the loss over every rank's selection."""
     images, tokens = batch.images[selected], batch.tokens[selected]
-    image, text, scale, bias = learn_module(images, tokens, approx_part, cfg.approx)
+    image, text, scale, bias = learn_module(images, tokens, approx_part, cfg.approx, generator)
     reference = None
     if method.reference_in_loss:
         if batch.reference is None:
@@ -281,13 +288,13 @@ def select_and_learn_step(
     learn_module = _learning_module(model, learn_module, world_size)
     learner = None
     if method.scores_with_learner(cfg.scoring):
-        learner = score_embeddings(model, batch, method.scoring_approx(cfg))
+        learner = score_embeddings(model, batch, method.scoring_approx(cfg), generator)
     selected = _select(method, learner, batch, cfg, generator, world_size)
     approx_part = None
     if method.learns_approx:  # a random share: selection order is not random
         order = torch.randperm(len(selected), generator=generator, device=selected.device)
         approx_part = order[: round(method.learned_approx_fraction(cfg) * len(selected))]
-    loss = _learn(method, learn_module, batch, selected, cfg, world_size, approx_part)
+    loss = _learn(method, learn_module, batch, selected, cfg, world_size, approx_part, generator)
     score = None
     if world_size == 1:  # the sub-batch score would need every rank's embeddings
         score = float(batch_score(learner, batch.reference, selected, scoring=cfg.scoring, loss=cfg.loss))
