@@ -409,6 +409,7 @@ RESUMABLE = [
     ("flexi-jest", "flexi"),
     ("flexi-jest", "resolution"),
     ("flexi-jest", "patch_drop"),
+    ("drrho", None),  # filter: tests/train/test_filter.py resumes it bitwise (it needs a keep list)
 ]
 
 
