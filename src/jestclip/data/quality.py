@@ -140,7 +140,7 @@ def tally(meta: Iterable[dict[str, Any]]) -> dict[str, dict[str, int]]:
                 c[CLEAN] += bool(entry.get(CLEAN))
                 c["unclean_unnamed"] += not entry.get(CLEAN) and not entry.get("noise")
                 c.update(entry.get("noise", []))
-    return {group: _ordered(c) for group, c in counts.items()}
+    return _grouped(counts)
 
 
 def merge_tallies(tallies: Iterable[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
@@ -149,13 +149,17 @@ def merge_tallies(tallies: Iterable[dict[str, dict[str, int]]]) -> dict[str, dic
     for t in tallies:
         for group, counts in t.items():
             total.setdefault(group, Counter()).update(counts)
-    groups = sorted(total, key=lambda g: (g != "all", g))
-    return {g: _ordered(total[g]) for g in groups}
+    return _grouped(total)
 
 
-def _ordered(counts: Counter[str]) -> dict[str, int]:
+def _grouped(counts: dict[str, Counter[str]]) -> dict[str, dict[str, int]]:
+    """ "all" first, then the sources by name; in each, the head counts, then the kinds carried."""
     head = ["pairs", "labelled", CLEAN, "unclean_unnamed"]
-    return {k: counts[k] for k in head} | {k: counts[k] for k in NOISE_KINDS if counts[k]}
+    groups = sorted(counts, key=lambda g: (g != "all", g))
+    return {
+        g: {k: counts[g][k] for k in head} | {k: counts[g][k] for k in NOISE_KINDS if counts[g][k]}
+        for g in groups
+    }
 
 
 def quality_labels(meta: Sequence[dict[str, Any]]) -> tuple[Tensor, Tensor] | None:
