@@ -377,3 +377,15 @@ def test_near_blank_pool_renders_are_marked_and_counted(tmp_path, capsys):
     assert rows["near_blank"] == ["2", "66.7%", "2", "66.7%"]
     assert rows["unclean_unnamed"] == ["0", "0.0%", "0", "0.0%"]
     assert "swapped" not in rows  # kinds nobody carries are left out
+
+
+def test_a_build_written_before_ground_truth_is_not_resumed(tmp_path):
+    from dataclasses import asdict
+
+    from jestclip.benchmark import SourcePaths, build
+
+    cfg, paths = BuildConfig(limit=5), SourcePaths()
+    config = {**asdict(cfg), "paths": {k: str(v) for k, v in asdict(paths).items()}}  # no "format": 1
+    (tmp_path / "build.json").write_text(json.dumps({"config": config, "complete": False}))
+    with pytest.raises(ValueError, match=r"different config \(\['format'\]\)"):
+        build(tmp_path, cfg, paths)

@@ -10,6 +10,12 @@
 
 Eval images are rendered first; any training image with the same pixels is dropped, so nothing held out
 leaks into ``pool`` or ``curated``.
+
+Every pool sample's JSON carries its ground truth, ``quality`` (``jestclip.data.quality``): the caption the
+curated filters give its drawing (``clean_caption``, None when they reject it), every noise kind its pair
+carries, and ``clean`` = a clean caption exists and no kind is named. The quality filters judge every
+training drawing; that ``curated`` holds only some icon themes and only Noto's emoji is a size choice, not a
+filter. The pool manifest (and so ``build.json``) has the pool's ``composition`` (``tally``).
 """
 
 from __future__ import annotations
