@@ -14,6 +14,7 @@ from jestclip.benchmark.builder import (
     EnglishWords,
     Entry,
     Plan,
+    _plan_emoji,
     _plan_icons,
     _plan_openclipart,
     _plan_tuxpaint,
@@ -21,9 +22,10 @@ from jestclip.benchmark.builder import (
 )
 from jestclip.benchmark.catalog import Drawing
 from jestclip.benchmark.render import render_svg
+from jestclip.cli import main
 from jestclip.data import SuperBatchStream
 
-WORDS = "red apple fruit food a drawing of the blue bird animal cut edit icon sun moon water ski"
+WORDS = "red apple fruit food a drawing of the blue bird animal cut edit icon sun moon water ski mail sent"
 
 
 @pytest.fixture
@@ -182,3 +184,208 @@ def test_svg_with_physical_units_renders(tmp_path):
     assert image.size == (32, 32)
     assert image.getpixel((16, 16))[:3] == (255, 0, 0)  # the wide rectangle fills the middle band
     assert image.getpixel((16, 2)) == (255, 255, 255)  # white above it (aspect kept)
+
+
+def quality_of(entries: list[Entry]) -> dict[str, tuple[bool, str | None, list[str]]]:
+    """The last part of each pool entry's uid -> its (clean, clean_caption, noise)."""
+    return {e.drawing.uid.split("/")[-1]: tuple(e.meta["quality"].values()) for e in entries}
+
+
+def test_openclipart_pool_quality(english):
+    drawings = [
+        clipart("a", "Red apple", ["fruit", "unsorted", "red apple"]),  # passes, nothing named: clean
+        clipart("b", "Mela rossa", ["fruit"]),  # Italian title
+        clipart("c", "Tigre01", ["animal"]),  # file-name-like title
+        clipart("d", "Red apple", []),  # no keyword at all
+        clipart(
+            "e", "gramastar", ["fruit"], description="a blue bird"
+        ),  # passes, but the title is boilerplate
+        clipart("f", "Red apple", ["mela"]),  # its only specific keyword is not English
+        clipart("h", "Red apple", ["fruit"], description="una mela rossa"),  # passes; Italian description
+        clipart("i", "", ["fruit"]),  # no title, no description: fails, no kind names why
+    ] + [clipart(f"g{i}", "gramastar", ["food"]) for i in range(10)]
+    out = new_plan()
+    _plan_openclipart(
+        drawings, drawings, BuildConfig(heldout_fraction=0.0, generic_keyword=0.5), english, out
+    )
+    q = quality_of(out.parts["pool"])
+    assert q["a"] == (True, "Red apple, fruit", [])
+    assert q["b"] == (False, None, ["non_english"])
+    assert q["c"] == (False, None, ["filename_title"])
+    assert q["d"] == (False, None, ["generic_keywords"])
+    assert q["e"] == (False, "a blue bird, fruit", ["boilerplate_title"])
+    assert q["f"] == (False, None, ["non_english"])
+    assert q["h"] == (False, "Red apple, fruit", ["non_english"])
+    assert q["i"] == (False, None, [])
+    assert q["g0"] == (False, None, ["boilerplate_title", "generic_keywords"])  # "food" is generic here
+    curated = {e.drawing.uid.split("/")[1]: e.text for e in out.parts["curated"]}
+    assert all(q[uid][1] == text for uid, text in curated.items())  # the clean caption is the curated one
+
+
+def test_icon_pool_quality(english):
+    themes = ["Papirus", "Numix", "Moka", "Faba", "Paper"]
+    drawings = [icon(t, "edit-cut", aliases=["gtk-cut"]) for t in themes]
+    drawings += [icon(t, "amarok-clock") for t in themes]  # semantic, not English
+    drawings += [icon(t, "gnome-mailer", aliases=["mail-sent"]) for t in themes]  # semantic alias
+    drawings += [icon("Papirus", "nm-vpn-connecting06"), icon("Papirus", "application-x-foo")]
+    drawings += [icon("Numix", "cut-edit")]  # English words, one theme: not a semantic name
+    out = new_plan()
+    _plan_icons(
+        drawings, drawings, BuildConfig(semantic_themes=5, curated_icon_themes=("Papirus",)), english, out
+    )
+    q = {(e.drawing.style, e.text): e.meta["quality"] for e in out.parts["pool"]}
+    assert len(q) == len(out.parts["pool"])
+
+    def row(theme, name):
+        entry = q[(theme, name)]
+        return entry["clean"], entry["clean_caption"], entry["noise"]
+
+    # every training theme is judged by the quality filters, not only the curated themes
+    for theme in ("Papirus", "Numix"):
+        assert row(theme, "edit-cut") == (True, "edit cut icon", [])
+        assert row(theme, "gtk-cut") == (False, "edit cut icon", ["legacy_prefix", "alias_repeat"])
+        assert row(theme, "mail-sent") == (True, "mail sent icon", [])
+        assert row(theme, "gnome-mailer") == (False, "mail sent icon", ["legacy_prefix", "alias_repeat"])
+        assert row(theme, "amarok-clock") == (False, None, ["non_english"])
+    assert row("Papirus", "nm-vpn-connecting06") == (False, None, ["numbered_name"])
+    assert row("Papirus", "application-x-foo") == (False, None, ["mime_type"])
+    assert row("Numix", "cut-edit") == (False, None, ["rare_name"])
+    assert sorted(e.text for e in out.parts["curated"]) == ["edit cut icon", "mail sent icon"]
+
+
+def emoji(style: str, name: str, cldr: str, skin_tone: bool = False, shortname: str | None = None):
+    fields = {
+        "unicode_name": name,
+        "cldr_name": cldr,
+        "cldr_keywords": [cldr, "face"],
+        "group": "g",
+        "subgroup": "s",
+        "skin_tone": skin_tone,
+    }
+    if shortname is not None:
+        fields["shortname"] = shortname
+    return Drawing("emoji", f"emoji/{style}/{cldr}", ("glyph", "f", "x"), style, cldr, "OFL", fields)
+
+
+def test_emoji_pool_quality():
+    drawings = [
+        emoji("noto", "GRINNING FACE", "grinning face"),  # the Unicode name is the CLDR name: clean
+        emoji("noto", "MAN ZERO WIDTH JOINER PERSONAL COMPUTER", "man technologist"),
+        emoji(
+            "noto",
+            "WAVING HAND SIGN EMOJI MODIFIER FITZPATRICK TYPE-3",
+            "waving hand: medium-light skin tone",
+            True,
+        ),
+        emoji("emojione", "GHOST", "ghost", shortname=":ghost:"),
+        emoji("emojione", "HOT DOG", "hot dog", shortname=":hotdog:"),
+    ]
+    out = new_plan()
+    _plan_emoji(drawings, drawings, BuildConfig(), out)
+    q = {e.text: tuple(e.meta["quality"].values()) for e in out.parts["pool"]}
+    assert q == {
+        "GRINNING FACE": (True, "grinning face emoji, face", []),
+        "MAN ZERO WIDTH JOINER PERSONAL COMPUTER": (
+            False,
+            "man technologist emoji, face",
+            ["raw_unicode_name"],
+        ),
+        "WAVING HAND SIGN EMOJI MODIFIER FITZPATRICK TYPE-3": (
+            False,
+            None,
+            ["raw_unicode_name", "skin_tone_repeat"],
+        ),
+        ":ghost:": (True, "ghost emoji, face", []),
+        ":hotdog:": (False, "hot dog emoji, face", ["shortname"]),
+    }
+
+
+def test_tuxpaint_pool_quality():
+    captions = {"en": "A frog.", "en_GB": "A frog.", "fr": "Une grenouille."}
+    drawings = [
+        Drawing(
+            "tuxpaint",
+            f"tuxpaint/s{i}",
+            ("bitmap", "x.png"),
+            "tuxpaint",
+            "s",
+            "GPL-2",
+            {"captions": captions},
+        )
+        for i in range(40)
+    ]
+    out = new_plan()
+    _plan_tuxpaint(drawings, drawings, BuildConfig(heldout_fraction=0.0), out)
+    by_language = {e.meta["language"]: tuple(e.meta["quality"].values()) for e in out.parts["pool"]}
+    assert by_language == {
+        "en": (True, "A frog.", []),
+        "en_GB": (True, "A frog.", []),  # an English locale is English
+        "fr": (False, "A frog.", ["non_english"]),
+    }
+
+
+def test_near_blank_pool_renders_are_marked_and_counted(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    blank, inked = png_drawing(src, "blank", (255, 255, 255)), png_drawing(src, "inked", (10, 10, 10))
+    clean = {"clean": True, "clean_caption": "A frog.", "noise": []}
+    foreign = {"clean": False, "clean_caption": "A frog.", "noise": ["non_english"]}
+    plan = Plan(
+        parts={
+            "pool": [
+                Entry("p0", blank, "A frog.", {"source": "tuxpaint", "quality": clean}),
+                Entry("p1", blank, "Une grenouille.", {"source": "tuxpaint", "quality": foreign}),
+                Entry("p2", inked, "A frog.", {"source": "tuxpaint", "quality": clean}),
+            ],
+            "curated": [Entry("c0", blank, "A frog.", {})],
+        },
+        suites={},
+    )
+    out = tmp_path / "out"
+    manifests = write_plan(out, BuildConfig(size=16, shard_size=2, workers=1), plan)
+    (batch,) = SuperBatchStream(out / "pool", batch_size=10, shuffle_shards=False)
+    written = {k: m["quality"] for k, m in zip(batch.keys, batch.meta, strict=True)}
+    assert written == {
+        "p0": {"clean": False, "clean_caption": None, "noise": ["near_blank"]},
+        "p1": {"clean": False, "clean_caption": None, "noise": ["non_english", "near_blank"]},
+        "p2": clean,
+    }
+    assert manifests["curated"]["skipped"] == {"blank": 1} and "composition" not in manifests["curated"]
+    assert manifests["pool"]["composition"] == {
+        "all": {
+            "pairs": 3,
+            "labelled": 3,
+            "clean": 1,
+            "unclean_unnamed": 0,
+            "non_english": 1,
+            "near_blank": 2,
+        },
+        "tuxpaint": {
+            "pairs": 3,
+            "labelled": 3,
+            "clean": 1,
+            "unclean_unnamed": 0,
+            "non_english": 1,
+            "near_blank": 2,
+        },
+    }
+    assert main(["data", "inspect", str(out / "pool"), "--examples", "0"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1] == "composition of " + str(out / "pool") + ": 3 of 3 pairs labelled"
+    rows = {line.split()[0]: line.split()[1:] for line in printed[3:]}
+    assert rows["clean"] == ["1", "33.3%", "1", "33.3%"]
+    assert rows["near_blank"] == ["2", "66.7%", "2", "66.7%"]
+    assert rows["unclean_unnamed"] == ["0", "0.0%", "0", "0.0%"]
+    assert "swapped" not in rows  # kinds nobody carries are left out
+
+
+def test_a_build_written_before_ground_truth_is_not_resumed(tmp_path):
+    from dataclasses import asdict
+
+    from jestclip.benchmark import SourcePaths, build
+
+    cfg, paths = BuildConfig(limit=5), SourcePaths()
+    config = {**asdict(cfg), "paths": {k: str(v) for k, v in asdict(paths).items()}}  # no "format": 1
+    (tmp_path / "build.json").write_text(json.dumps({"config": config, "complete": False}))
+    with pytest.raises(ValueError, match=r"different config \(\['format'\]\)"):
+        build(tmp_path, cfg, paths)

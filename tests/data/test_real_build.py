@@ -18,6 +18,7 @@ import pytest
 from jestclip.benchmark import SOURCES, BuildConfig, SourcePaths, build, missing_sources
 from jestclip.cli import main
 from jestclip.data import SuperBatchStream
+from jestclip.data.quality import quality_labels, tally
 
 MISSING = missing_sources(SourcePaths(), list(SOURCES))
 if MISSING and not os.environ.get("CI"):
@@ -72,6 +73,28 @@ def test_eval_labels_index_the_suite_classes(built):
                 assert 0 <= label < len(manifest["classes"][task])
 
 
+def test_pool_samples_carry_ground_truth_consistent_with_curated(built):
+    out, _, summary = built
+    pool, _ = read_part(out / "pool")
+    metas = [meta for _, _, meta in pool]
+    _, known = quality_labels(metas)
+    assert known.all()  # every pool sample is labelled, with known kinds
+    assert summary["parts"]["pool"]["composition"] == tally(metas)
+    assert 0 < summary["parts"]["pool"]["composition"]["all"]["clean"] < len(pool)
+    for source in SOURCES:
+        assert summary["parts"]["pool"]["composition"][source]["labelled"] > 0
+    # the clean caption of a pool pair is the caption `curated` gives its drawing
+    curated = {meta["uid"]: text for _, text, meta in read_part(out / "curated")[0]}
+    assert curated
+    for _, _, meta in pool:
+        if meta["uid"] in curated:
+            assert meta["quality"]["clean_caption"] == curated[meta["uid"]], meta["uid"]
+    for _, _, meta in pool:  # a clean TuxPaint pool caption is in an English locale (en_GB: "coloured")
+        if meta["source"] == "tuxpaint":
+            english = meta["language"] == "en" or meta["language"].startswith("en_")
+            assert meta["quality"]["clean"] == english, meta["uid"]
+
+
 def test_rebuild_resumes_without_rewriting(built):
     out, cfg, summary = built
     shard = next((out / "pool").glob("*.tar"))
@@ -102,4 +125,7 @@ def test_inspect_command(built, capsys):
     out, _, _ = built
     assert main(["data", "inspect", str(out / "curated"), "--examples", "3"]) == 0
     printed = capsys.readouterr().out
-    assert "pairs" in printed and len(printed.strip().splitlines()) == 4
+    assert "pairs" in printed and len(printed.strip().splitlines()) == 4  # curated samples are unlabelled
+    assert main(["data", "inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "composition of pool" in printed and "\nclean " in printed

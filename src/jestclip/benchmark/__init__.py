@@ -2,12 +2,14 @@
 
 ``sources`` says where the raw material lives and installs it, ``catalog`` enumerates the drawings each
 source ships, ``render`` draws them as square RGB images, and ``builder`` plans the ``pool`` / ``curated`` /
-``eval`` parts and writes them as webdataset shards (with ``jestclip.data``'s shard writer). Training only
+``eval`` parts and writes them as webdataset shards (with ``jestclip.data``'s shard writer); ``corrupt``
+derives a noisier pool from a built one (a seeded share of captions swapped). Training only
 reads the shards, through ``jestclip.data``; nothing in the library imports this package.
 """
 
 from jestclip.benchmark.builder import SOURCES, BuildConfig, Entry, Plan, build, plan, write_plan
 from jestclip.benchmark.catalog import Drawing
+from jestclip.benchmark.corrupt import corrupt_captions
 from jestclip.benchmark.render import RenderError
 from jestclip.benchmark.sources import SourcePaths, install_sources, missing_sources
 
@@ -20,6 +22,7 @@ __all__ = [
     "RenderError",
     "SourcePaths",
     "build",
+    "corrupt_captions",
     "install_sources",
     "missing_sources",
     "plan",

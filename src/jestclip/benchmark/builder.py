@@ -10,6 +10,12 @@
 
 Eval images are rendered first; any training image with the same pixels is dropped, so nothing held out
 leaks into ``pool`` or ``curated``.
+
+Every pool sample's JSON carries its ground truth, ``quality`` (``jestclip.data.quality``): the caption the
+curated filters give its drawing (``clean_caption``, None when they reject it), every noise kind its pair
+carries, and ``clean`` = a clean caption exists and no kind is named. The quality filters judge every
+training drawing; that ``curated`` holds only some icon themes and only Noto's emoji is a size choice, not a
+filter. The pool manifest (and so ``build.json``) has the pool's ``composition`` (``tally``).
 """
 
 from __future__ import annotations
@@ -38,12 +44,34 @@ from jestclip.benchmark.catalog import (
 from jestclip.benchmark.render import RenderError, ink_fraction
 from jestclip.benchmark.sources import SourcePaths, missing_sources
 from jestclip.data.progress import progress
+from jestclip.data.quality import (
+    ALIAS_REPEAT,
+    BOILERPLATE_TITLE,
+    FILENAME_TITLE,
+    GENERIC_KEYWORDS,
+    LEGACY_PREFIX,
+    MIME_TYPE,
+    NEAR_BLANK,
+    NON_ENGLISH,
+    NUMBERED_NAME,
+    QUALITY_KEY,
+    RARE_NAME,
+    RAW_UNICODE_NAME,
+    SHORTNAME,
+    SKIN_TONE_REPEAT,
+    merge_tallies,
+    quality_entry,
+    tally,
+)
 from jestclip.data.shards import Pair, png_bytes, shard_name, write_shard
 
 __all__ = ["SOURCES", "BuildConfig", "Entry", "Plan", "build", "plan", "write_plan"]
 
 SOURCES: tuple[str, ...] = ("openclipart", "icons", "emoji", "tuxpaint")
 BLANK_INK = 0.005  # renders with less than 0.5% non-white pixels count as blank
+# The layout of what a build writes; a directory written in another format is not resumed. Format 2: pool
+# samples carry a ``quality`` entry (jestclip.data.quality) and the pool manifest its ``composition``.
+BUILD_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -151,30 +179,40 @@ def _plan_openclipart(
             )
             out.parts["eval/openclipart"].append(entry)
             continue
-        raw = " ".join(x for x in (title, desc, " ".join(keywords)) if x)
-        if raw:
-            out.parts["pool"].append(Entry(_key("pool", d.uid), d, raw, _meta(d)))
-        else:
-            checks["pool_no_text"] += 1
         specific = bool(title) and titles[title.casefold()] < cfg.boilerplate_title
         plain = specific and not _FILENAME_LIKE.search(title)
         title_ok = plain and english.is_english(title)
-        desc_ok = bool(desc) and len(desc) <= 300 and english.is_english(desc)
-        good_keywords = [
-            k.replace("_", " ") for k in keywords if k.casefold() not in generic and english.is_english(k)
-        ]
+        desc_english = bool(desc) and english.is_english(desc)
+        desc_ok = desc_english and len(desc) <= 300
+        specific_keywords = [k for k in keywords if k.casefold() not in generic]
+        good_keywords = [k.replace("_", " ") for k in specific_keywords if english.is_english(k)]
         checks["seen"] += 1
         checks["specific_title"] += specific
         checks["not_filename_like"] += plain
         checks["english_title"] += title_ok
         checks["english_description"] += desc_ok
         checks["non_generic_keyword"] += bool(good_keywords)
+        curated = None
         if (title_ok or desc_ok) and good_keywords:
             checks["curated"] += 1
             main = title if title_ok else desc
             extra = [k for k in dict.fromkeys(k.casefold() for k in good_keywords) if k != main.casefold()]
-            text = ", ".join([main, *extra[:6]])
-            out.parts["curated"].append(Entry(_key("curated", d.uid), d, text, _meta(d)))
+            curated = ", ".join([main, *extra[:6]])
+            out.parts["curated"].append(Entry(_key("curated", d.uid), d, curated, _meta(d)))
+        raw = " ".join(x for x in (title, desc, " ".join(keywords)) if x)
+        if not raw:
+            checks["pool_no_text"] += 1
+            continue
+        noise = {
+            BOILERPLATE_TITLE: bool(title) and not specific,
+            FILENAME_TITLE: specific and not plain,
+            NON_ENGLISH: (plain and not title_ok)
+            or (bool(desc) and not desc_english)
+            or (bool(specific_keywords) and not good_keywords),
+            GENERIC_KEYWORDS: not specific_keywords,
+        }
+        quality = quality_entry(curated, [kind for kind, carried in noise.items() if carried])
+        out.parts["pool"].append(Entry(_key("pool", d.uid), d, raw, _meta(d, **{QUALITY_KEY: quality})))
     out.suites["openclipart"] = {
         "classes": {"folder": classes},
         "templates": ["a drawing of {}.", "clip art of {}.", "an illustration of {}."],
@@ -215,6 +253,27 @@ def _words(name: str) -> str:
     return " ".join(re.split(r"[-_.\s]+", name)).strip()
 
 
+def _icon_caption(name: str | None, english: EnglishWords) -> str | None:
+    """The curated caption of an icon whose semantic name is ``name``: "edit cut icon"; None unless every
+    word of the name is English (or without a semantic name)."""
+    if name is None or not english.is_english(_words(name), threshold=1.0):
+        return None
+    return f"{_words(name)} icon"
+
+
+def _icon_noise(name: str, themes: int, cfg: BuildConfig, english: EnglishWords) -> list[str]:
+    """The caption-borne noise kinds of the icon name ``name``, found in ``themes`` themes."""
+    noise = {
+        LEGACY_PREFIX: bool(_LEGACY.search(name)),
+        MIME_TYPE: bool(_MIME.search(name)),
+        NUMBERED_NAME: bool(_FRAME.search(name)),
+    }
+    if _is_semantic_form(name):
+        noise[RARE_NAME] = themes < cfg.semantic_themes
+        noise[NON_ENGLISH] = not english.is_english(_words(name), threshold=1.0)
+    return [kind for kind, carried in noise.items() if carried]
+
+
 def _plan_icons(
     catalog: list[Drawing], drawings: list[Drawing], cfg: BuildConfig, english: EnglishWords, out: Plan
 ) -> None:
@@ -239,16 +298,21 @@ def _plan_icons(
                 meta = _meta(d, labels={"name": class_id[name]}, name=name)
                 out.parts["eval/icons"].append(Entry(_key("eval", d.uid), d, text, meta))
             continue
+        # the quality filters (a semantic English name) judge every training theme's drawing; only the
+        # curated themes' drawings are written to `curated` (a size choice, not a quality filter)
+        caption = _icon_caption(name, english)
+        representative = name or d.fields["name"]  # the pair a curator keeps; the others repeat its image
         for alias in (d.fields["name"], *d.fields["aliases"]):
-            out.parts["pool"].append(Entry(_key("pool", d.uid, alias), d, alias, _meta(d, name=alias)))
+            noise = _icon_noise(alias, len(themes_of[alias]), cfg, english)
+            noise += [ALIAS_REPEAT] if alias != representative else []
+            meta = _meta(d, name=alias, **{QUALITY_KEY: quality_entry(caption, noise)})
+            out.parts["pool"].append(Entry(_key("pool", d.uid, alias), d, alias, meta))
         if d.style in cfg.curated_icon_themes:
             checks["seen"] += 1
             checks["semantic_name"] += name is not None
-            if name is not None and english.is_english(_words(name), threshold=1.0):
+            if caption is not None:
                 checks["curated"] += 1
-                out.parts["curated"].append(
-                    Entry(_key("curated", d.uid), d, f"{_words(name)} icon", _meta(d))
-                )
+                out.parts["curated"].append(Entry(_key("curated", d.uid), d, caption, _meta(d)))
     names = [n for d in catalog for n in (d.fields["name"], *d.fields["aliases"])]
     out.suites["icons"] = {
         "classes": {"name": [_words(n) for n in classes]},
@@ -268,6 +332,19 @@ def _plan_icons(
 
 
 # ------------------------------------------------------------------------------------------------- emoji
+def _emoji_caption(f: dict[str, Any]) -> str | None:
+    """The curated caption of an emoji: "unicorn emoji, face" (CLDR name and keywords); None for a
+    skin-tone variant."""
+    if f["skin_tone"]:
+        return None
+    keywords = [k for k in f["cldr_keywords"] if k != f["cldr_name"]]
+    return ", ".join([f"{f['cldr_name']} emoji", *keywords])
+
+
+def _shortname_words(shortname: str) -> str:
+    return " ".join(shortname.strip(":").replace("_", " ").split())
+
+
 def _plan_emoji(catalog: list[Drawing], drawings: list[Drawing], cfg: BuildConfig, out: Plan) -> None:
     heldout_styles = ("twemoji", "openmoji")
     evaluated = [d for d in catalog if d.style in heldout_styles and not d.fields["skin_tone"]]
@@ -287,16 +364,25 @@ def _plan_emoji(catalog: list[Drawing], drawings: list[Drawing], cfg: BuildConfi
                     Entry(_key("eval", d.uid), d, f["cldr_name"], _meta(d, labels=labels))
                 )
             continue
-        raw = f["unicode_name"] if d.style == "noto" else f.get("shortname", "")
+        # the quality filter (no skin-tone modifier) judges both training styles; only Noto's drawings are
+        # written to `curated` (a size choice). Text that reads as the CLDR name, case aside, is no noise.
+        caption = _emoji_caption(f)
+        cldr = f["cldr_name"].casefold()
+        if d.style == "noto":
+            raw = f["unicode_name"]
+            noise = [RAW_UNICODE_NAME] if raw.casefold() != cldr else []
+        else:
+            raw = f.get("shortname", "")
+            noise = [SHORTNAME] if _shortname_words(raw).casefold() != cldr else []
+        noise += [SKIN_TONE_REPEAT] if f["skin_tone"] else []
         if raw:
-            out.parts["pool"].append(Entry(_key("pool", d.uid), d, raw, _meta(d)))
+            meta = _meta(d, **{QUALITY_KEY: quality_entry(caption, noise)})
+            out.parts["pool"].append(Entry(_key("pool", d.uid), d, raw, meta))
         if d.style == "noto":
             checks["seen"] += 1
-            if not f["skin_tone"]:
+            if caption is not None:
                 checks["curated"] += 1
-                keywords = [k for k in f["cldr_keywords"] if k != f["cldr_name"]]
-                text = ", ".join([f"{f['cldr_name']} emoji", *keywords])
-                out.parts["curated"].append(Entry(_key("curated", d.uid), d, text, _meta(d)))
+                out.parts["curated"].append(Entry(_key("curated", d.uid), d, caption, _meta(d)))
     out.suites["emoji"] = {
         "classes": label_sets,
         "templates": ["{} emoji.", "an emoji of {}.", "a {} icon."],
@@ -323,7 +409,9 @@ def _plan_tuxpaint(catalog: list[Drawing], drawings: list[Drawing], cfg: BuildCo
         langs = sorted(captions)
         lang = langs[int(_unit(cfg.seed, "language", d.uid) * len(langs))]
         languages[lang] += 1
-        out.parts["pool"].append(Entry(_key("pool", d.uid), d, captions[lang], _meta(d, language=lang)))
+        noise = [] if lang == "en" or lang.startswith("en_") else [NON_ENGLISH]  # en_GB, en_AU are English
+        meta = _meta(d, language=lang, **{QUALITY_KEY: quality_entry(english, noise)})
+        out.parts["pool"].append(Entry(_key("pool", d.uid), d, captions[lang], meta))
         out.parts["curated"].append(Entry(_key("curated", d.uid), d, english, _meta(d, language="en")))
     out.suites["tuxpaint"] = {"classes": {}, "templates": [], "tasks": ["retrieval"]}
     out.stats["tuxpaint"] = {
@@ -396,6 +484,7 @@ def _write_shard_task(args: tuple[str, Path, list[Entry], int]) -> dict[str, Any
     skipped: Counter[str] = Counter()
     hashes: list[str] = []
     written: Counter[str] = Counter()
+    metas: list[dict[str, Any]] = []
     renders: dict[str, tuple[bytes, str, float] | None] = {}
 
     def pairs() -> Iterable[Pair]:
@@ -424,10 +513,16 @@ def _write_shard_task(args: tuple[str, Path, list[Entry], int]) -> dict[str, Any
                 continue
             hashes.append(digest)
             written[entry.drawing.source] += 1
-            yield Pair(entry.key, png, entry.text, {**entry.meta, "image_sha1": digest})
+            meta = {**entry.meta, "image_sha1": digest}
+            if QUALITY_KEY in meta and ink < BLANK_INK:  # a pool render the curated filters would drop
+                meta[QUALITY_KEY] = quality_entry(None, [*meta[QUALITY_KEY]["noise"], NEAR_BLANK])
+            metas.append(meta)
+            yield Pair(entry.key, png, entry.text, meta)
 
     count = write_shard(path, pairs())
     stats = {"shard": path.name, "count": count, "by_source": dict(written), "skipped": dict(skipped)}
+    if any(QUALITY_KEY in m for m in metas):
+        stats["composition"] = tally(metas)
     _atomic_json(path.with_suffix(".json"), {**stats, "image_sha1": hashes})
     return stats
 
@@ -476,6 +571,8 @@ def _write_part(
         "image_size": cfg.size,
         **extra,
     }
+    if any("composition" in r for r in results):
+        manifest["composition"] = merge_tallies(r.get("composition", {}) for r in results)
     _atomic_json(root / "manifest.json", manifest)
     return manifest
 
@@ -492,7 +589,8 @@ def build(out: Path, cfg: BuildConfig, paths: SourcePaths) -> dict[str, Any]:
     """Build (or finish building) the benchmark under ``out``; return the build summary (also build.json)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = json.loads(json.dumps({**asdict(cfg), "paths": {k: str(v) for k, v in asdict(paths).items()}}))
+    config = {**asdict(cfg), "paths": {k: str(v) for k, v in asdict(paths).items()}, "format": BUILD_FORMAT}
+    config = json.loads(json.dumps(config))
     record = out / "build.json"
     if record.exists():
         old = json.loads(record.read_text(encoding="utf-8"))["config"]

@@ -1,4 +1,4 @@
-"""``jestclip data``: install the benchmark's sources, build it, inspect shards."""
+"""``jestclip data``: install the benchmark's sources, build it, derive a noisier pool, inspect shards."""
 
 from __future__ import annotations
 
@@ -41,6 +41,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--shard-size", type=int, default=1000)
     build.add_argument("--npm-root", type=Path)
 
+    corrupt = actions.add_parser(
+        "corrupt",
+        help="write a derived pool with a seeded share of captions swapped between pairs (a noise dial)",
+        description="Copy the shard directory SRC to OUT (same keys, same images) with a share P of its "
+        "pairs taking another chosen pair's caption (none keeps its own), marked 'swapped' in their quality "
+        "entry.",
+    )
+    corrupt.add_argument("src", type=Path, help="a shard directory with manifest.json (e.g. data/bench/pool)")
+    corrupt.add_argument("out", type=Path, help="a new directory (or one this command began: it resumes)")
+    corrupt.add_argument(
+        "--swap-captions",
+        type=float,
+        required=True,
+        metavar="P",
+        help="share of pairs whose caption is swapped, in [0, 1] (floor(P*N + 0.5) pairs)",
+    )
+    corrupt.add_argument("--seed", type=int, default=0, help="which pairs swap, and with whom (default 0)")
+
     inspect = actions.add_parser(
         "inspect", help="counts and random examples of shards (a part or a whole build)"
     )
@@ -57,7 +75,8 @@ def _paths(npm_root: Path | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"sources": _sources, "build": _build, "inspect": _inspect}[args.action](args)
+    actions = {"sources": _sources, "build": _build, "corrupt": _corrupt, "inspect": _inspect}
+    return actions[args.action](args)
 
 
 def _sources(args: argparse.Namespace) -> int:
@@ -98,14 +117,30 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _corrupt(args: argparse.Namespace) -> int:
+    from jestclip.benchmark.corrupt import corrupt_captions
+
+    manifest = corrupt_captions(args.src, args.out, swap_captions=args.swap_captions, seed=args.seed)
+    record = manifest["corrupt"]
+    print(f"\nwrote {args.out}: {record['swapped']:,} of {record['pairs']:,} pairs swapped")
+    if manifest["composition"]["all"]["labelled"]:
+        _print_composition(str(args.out), manifest["composition"])
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from jestclip.data.loader import SuperBatchStream, expand_urls
+    from jestclip.data.quality import tally
 
     path = args.path
     if (path / "build.json").exists():
         summary = json.loads((path / "build.json").read_text(encoding="utf-8"))
         for part, manifest in summary.get("parts", {}).items():
             print(f"{part:18s} {manifest['count']:7,d} pairs  {manifest['by_source']}")
+        composition = summary.get("parts", {}).get("pool", {}).get("composition")
+        if composition:
+            print()
+            _print_composition("pool", composition)
         return 0
     from collections import Counter
 
@@ -114,6 +149,9 @@ def _inspect(args: argparse.Namespace) -> int:
     stream = SuperBatchStream(urls, batch_size=1, shuffle_shards=False)
     samples = [(s.key, s.url, s.text, s.meta) for s in stream.samples(skipped)]
     print(f"{len(urls)} shards, {len(samples):,} pairs, skipped: {dict(skipped) or 'none'}")
+    composition = tally(meta for _, _, _, meta in samples)
+    if composition["all"]["labelled"]:
+        _print_composition(str(path), composition)
     chosen = random.Random(args.seed).sample(samples, min(args.examples, len(samples)))
     if args.markdown:
         print("\n| key | source | style | text |\n|---|---|---|---|")
@@ -124,3 +162,22 @@ def _inspect(args: argparse.Namespace) -> int:
         else:
             print(f"{key}  [{meta.get('source', '')}/{meta.get('style', '')}]  {text}")
     return 0
+
+
+def _print_composition(name: str, composition: dict[str, dict[str, int]]) -> None:
+    """A table of ``jestclip.data.quality.tally`` counts: rows clean, each noise kind and the unclean pairs
+    no kind names; columns all and each source; each cell the count and its share of the column's labelled
+    pairs (a pair can carry several kinds, so kind shares need not sum to 100%)."""
+    from jestclip.data.quality import CLEAN, NOISE_KINDS
+
+    groups = list(composition)
+    rows = [CLEAN, *(k for k in NOISE_KINDS if any(composition[g].get(k) for g in groups)), "unclean_unnamed"]
+    labelled = composition["all"]["labelled"]
+    print(f"composition of {name}: {labelled:,} of {composition['all']['pairs']:,} pairs labelled")
+    print(f"{'':18s}" + "".join(f"{g:>18s}" for g in groups))
+    for row in rows:
+        cells = []
+        for g in groups:
+            count, total = composition[g].get(row, 0), composition[g]["labelled"]
+            cells.append(f"{count:>10,d} {count / total:6.1%}" if total else f"{'-':>18s}")
+        print(f"{row:18s}" + "".join(cells))

@@ -1,0 +1,248 @@
+"""A noise dial: derive a pool in which a seeded share of the pairs carry another pair's caption.
+
+``corrupt_captions(src, out, swap_captions=p, seed=s)`` reads the shard directory ``src`` (a ``pool`` from
+``jestclip data build``, or any directory of ``.tar`` shards with a ``manifest.json``) and writes ``out``
+with the same shard names, the same samples in the same order under the same keys and the same image
+bytes. ``k = floor(p * N + 0.5)`` of the ``N`` pairs (round half up) are drawn without replacement from
+``random.Random(seed)``; each drawn pair takes the caption of the next drawn pair in the draw order, the
+last the first's (a cycle: no pair keeps its own caption), and draws whose new caption has the same text as
+their own are exchanged with others until none has (so no pair keeps its own caption as text either).
+
+A swapped pair's ``quality`` entry (``jestclip.data.quality``): ``clean`` false, ``clean_caption`` the image's
+own, ``noise`` = ``swapped`` + the image-borne kinds the pair had (``near_blank``, ``skin_tone_repeat``,
+``alias_repeat``) + the caption-borne kinds (``CAPTION_KINDS``) its new caption had at its donor: the kinds
+describing a text travel with it. The JSON also names the donor (``caption_of``: its key). Unswapped
+samples are copied byte for byte. In an unlabelled source a swapped pair gets
+``{"clean": false, "clean_caption": null, "noise": ["swapped"]}`` and the others stay unlabelled.
+
+``out`` is its own shard directory (a reference cache written beside it is its own); its ``manifest.json``
+records the source directory, the SHA-256 of the source's ``manifest.json``, ``swap_captions``, ``seed``,
+the counts and the composition, and says ``complete`` once every shard is written. Writes are atomic and
+resumable as the builder's: a shard with its ``.json`` sidecar is finished and kept; rerunning with the same
+arguments finishes the rest and writes byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from jestclip.data.progress import progress
+from webdataset.tariterators import base_plus_ext
+
+from jestclip.data.quality import CAPTION_KINDS, QUALITY_KEY, SWAPPED, merge_tallies, quality_entry, tally
+
+__all__ = ["CORRUPT_FORMAT", "corrupt_captions", "swap_plan"]
+
+CORRUPT_FORMAT = 1  # the layout of what ``corrupt_captions`` writes (a directory in another is not resumed)
+
+
+def swap_plan(texts: list[str], swap_captions: float, seed: int) -> dict[int, int]:
+    """Which pair takes which pair's caption: ``{receiver index: donor index}`` over ``len(texts)`` pairs.
+
+    ``k = floor(swap_captions * N + 0.5)`` receivers, drawn with ``random.Random(seed)``; donors are the
+    receivers themselves (a derangement: no receiver is its own donor, and no donor's text equals the
+    receiver's own text). Raises ValueError when ``swap_captions`` is outside [0, 1], when ``k`` is 1 (one
+    pair cannot swap), or when the drawn pairs' texts leave no such derangement.
+    """
+    if not 0.0 <= swap_captions <= 1.0:  # also rejects NaN
+        raise ValueError(f"swap_captions must be in [0, 1], got {swap_captions}")
+    n = len(texts)
+    k = math.floor(swap_captions * n + 0.5)
+    if k == 0:
+        return {}
+    if k == 1:
+        raise ValueError(f"swap_captions {swap_captions} of {n} pairs is 1 pair, and one pair cannot swap")
+    rng = random.Random(seed)
+    order = rng.sample(range(n), k)
+    donor = {order[t]: order[(t + 1) % k] for t in range(k)}
+    # exchange donors until no receiver gets its own text: i and j swap donors when both then differ
+    for i in order:
+        if texts[donor[i]] != texts[i]:
+            continue
+        start = rng.randrange(k)
+        for j in (order[(start + t) % k] for t in range(k)):
+            if texts[donor[j]] != texts[i] and texts[donor[i]] != texts[j]:
+                donor[i], donor[j] = donor[j], donor[i]
+                break
+        else:
+            raise ValueError(
+                f"cannot swap {k} captions so that none keeps its own text: too few distinct captions"
+            )
+    return donor
+
+
+def _samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {extension: bytes})`` of every sample of a tar shard, in order (members grouped by key)."""
+    key, members = None, {}
+    try:
+        with tarfile.open(shard, "r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base, ext = base_plus_ext(member.name)
+                if base is None:
+                    continue
+                if base != key and key is not None:
+                    yield key, members
+                    members = {}
+                key = base
+                members[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError) as exn:
+        raise ValueError(f"{shard}: not a readable tar shard ({exn})") from exn
+    if key is not None:
+        yield key, members
+
+
+def _meta(key: str, members: dict[str, bytes], shard: Path) -> dict[str, Any]:
+    if "txt" not in members:
+        raise ValueError(f"{shard}: sample {key!r} has no caption (txt member)")
+    if "json" not in members:
+        return {}
+    try:
+        meta = json.loads(members["json"])
+    except ValueError as exn:
+        raise ValueError(f"{shard}: sample {key!r} has a bad json member ({exn})") from exn
+    if not isinstance(meta, dict):
+        raise ValueError(f"{shard}: sample {key!r}: its json member is not an object")
+    return meta
+
+
+def _swapped_meta(own: dict[str, Any], donor: dict[str, Any], donor_key: str) -> dict[str, Any]:
+    mine, theirs = own.get(QUALITY_KEY) or {}, donor.get(QUALITY_KEY) or {}
+    image_kinds = [k for k in mine.get("noise", []) if k not in CAPTION_KINDS and k != SWAPPED]
+    caption_kinds = [k for k in theirs.get("noise", []) if k in CAPTION_KINDS]
+    quality = quality_entry(mine.get("clean_caption"), [SWAPPED, *image_kinds, *caption_kinds])
+    return {**own, QUALITY_KEY: quality, "caption_of": donor_key}
+
+
+def _write(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """Write a tar shard atomically (temp file, fsync, rename), members as given; mtime 0 (deterministic)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as stream:
+        with wds.TarWriter(stream, mtime=0.0) as writer:
+            for key, members in samples:
+                writer.write({"__key__": key, **members})
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def corrupt_captions(src: Path, out: Path, swap_captions: float, seed: int = 0) -> dict[str, Any]:
+    """Write ``out``, ``src`` with a seeded share ``swap_captions`` of its captions swapped; return (and
+    write) ``out/manifest.json``. See the module docstring for what is written.
+
+    Raises ValueError (one line, naming the path or value) when ``swap_captions`` is outside [0, 1], ``src``
+    is not a directory of ``.tar`` shards with a ``manifest.json``, a source shard is unreadable or has a
+    sample without a caption, a key repeats, ``out`` is ``src``, or ``out`` exists holding anything but a
+    corrupt output of the same arguments.
+    """
+    src, out = Path(src), Path(out)
+    if not 0.0 <= swap_captions <= 1.0:
+        raise ValueError(f"swap_captions must be in [0, 1], got {swap_captions}")
+    shards = sorted(src.glob("*.tar")) if src.is_dir() else []
+    if not shards:
+        raise ValueError(f"{src} is not a shard directory (no .tar shards in it)")
+    if not (src / "manifest.json").is_file():
+        raise ValueError(f"{src} has no manifest.json: not a shard directory written by jestclip")
+    if out.resolve() == src.resolve():
+        raise ValueError(f"the output {out} is the source directory; choose a new one")
+    source_manifest = (src / "manifest.json").read_bytes()
+    config = {
+        "format": CORRUPT_FORMAT,
+        "source": str(src.resolve()),
+        "source_manifest_sha256": hashlib.sha256(source_manifest).hexdigest(),
+        "swap_captions": swap_captions,
+        "seed": seed,
+    }
+    record = out / "manifest.json"
+    if record.exists():
+        old = json.loads(record.read_text(encoding="utf-8")).get("corrupt")
+        if not isinstance(old, dict):
+            raise ValueError(f"{out} holds shards not written by jestclip data corrupt; use a new directory")
+        changed = sorted(k for k in config if old.get(k) != config[k])
+        if changed:
+            changes = ", ".join(changed)
+            raise ValueError(f"{out} was written with another config ({changes}); use a new directory")
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not the output of jestclip data corrupt; use a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_json(record, {"corrupt": config, "complete": False})
+
+    # pass 1: every caption and JSON, to draw the swaps over the whole pool
+    keys: list[str] = []
+    texts: list[str] = []
+    metas: list[dict[str, Any]] = []
+    bounds = [0]
+    for shard in progress(shards, desc="read", unit="shard"):
+        for key, members in _samples(shard):
+            metas.append(_meta(key, members, shard))
+            keys.append(key)
+            texts.append(members["txt"].decode("utf-8", errors="replace"))
+        bounds.append(len(keys))
+    if len(set(keys)) != len(keys):
+        seen: set[str] = set()
+        repeated = next(k for k in keys if k in seen or seen.add(k))
+        raise ValueError(f"{src}: key {repeated!r} appears more than once; keys must be unique")
+    donor = swap_plan(texts, swap_captions, seed)
+
+    # pass 2: write each unfinished shard, its sidecar after it
+    results = []
+    bar = progress(total=len(keys), desc="write", unit="pair")
+    for s, shard in enumerate(shards):
+        path, sidecar = out / shard.name, (out / shard.name).with_suffix(".json")
+        if path.exists() and sidecar.exists():
+            results.append(json.loads(sidecar.read_text(encoding="utf-8")))
+            bar.update(bounds[s + 1] - bounds[s])
+            continue
+        written, shard_metas, swapped = [], [], 0
+        for i, (key, members) in enumerate(_samples(shard), start=bounds[s]):
+            meta = metas[i]
+            if i in donor:
+                j = donor[i]
+                meta = _swapped_meta(metas[i], metas[j], keys[j])
+                members = {
+                    **members,
+                    "txt": texts[j].encode("utf-8"),
+                    "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode(),
+                }
+                swapped += 1
+            written.append((key, members))
+            shard_metas.append(meta)
+        _write(path, written)
+        stats = {"shard": path.name, "count": len(written), "swapped": swapped}
+        stats["composition"] = tally(shard_metas)
+        _atomic_json(sidecar, stats)
+        results.append(stats)
+        bar.update(len(written))
+    bar.close()
+
+    source = json.loads(source_manifest)
+    composition = merge_tallies(r["composition"] for r in results)
+    manifest = {
+        "part": source.get("part"),
+        "count": sum(r["count"] for r in results),
+        "shards": [r["shard"] for r in results],
+        "by_source": {g: c["pairs"] for g, c in composition.items() if g != "all"},
+        "skipped": {},
+        "image_size": source.get("image_size"),
+        "composition": composition,
+        "corrupt": {**config, "pairs": len(keys), "swapped": sum(r["swapped"] for r in results)},
+        "complete": True,
+    }
+    _atomic_json(record, manifest)
+    return manifest
