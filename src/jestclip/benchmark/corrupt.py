@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import webdataset as wds
-from jestclip.data.progress import progress
 from webdataset.tariterators import base_plus_ext
 
+from jestclip.data.progress import progress
 from jestclip.data.quality import CAPTION_KINDS, QUALITY_KEY, SWAPPED, merge_tallies, quality_entry, tally
 
 __all__ = ["CORRUPT_FORMAT", "corrupt_captions", "swap_plan"]

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from jestclip.data.loader import expand_urls
+from jestclip.data.progress import progress as progress_bar
 from jestclip.data.refcache import ReferenceCache, shard_keys
 from jestclip.selection import Embeddings
 from jestclip.selection.filter import keep_mask, reference_scores, score_threshold
@@ -84,7 +84,8 @@ def filter_shards(
         rows = indices.numpy()
         return cache.lookup([flat[i] for i in rows], [cache.urls[s] for s in shard_of[rows]])
 
-    with tqdm(total=len(flat), desc=f"filter: {score} scores", unit="pair", disable=not progress) as bar:
+    bar = progress_bar(total=len(flat), desc=f"filter: {score} scores", unit="pair", disable=not progress)
+    with bar:
         scores = reference_scores(
             fetch, len(flat), score=score, loss=loss, batch_size=batch_size, seed=seed, progress=bar.update
         )
