@@ -223,6 +223,7 @@ class TrainConfig:
     data: str = "data/bench/pool"  # shards: directory, brace pattern or path
     reference_cache: str | None = "reference"  # sidecar name of the cached reference embeddings (None: none)
     reference_fingerprint: str | None = None  # when set, the reference cache must hold this model
+    reference_cache_dir: str | None = None  # the sidecars' directory (None: beside each local shard)
     filter_ratio: float = 0.8  # f: the super-batch is B = b / (1 - f); ignored by iid
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
