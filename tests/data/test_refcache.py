@@ -3,6 +3,7 @@ from headers, with one-line errors naming the file when missing, stale, corrupt 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -598,3 +599,23 @@ def test_training_opens_the_cache_directory_of_its_config(tmp_path):
         ValueError, match="is not a local file, so its 'reference' sidecars cannot sit beside"
     ):
         open_reference(TrainConfig(data=urls[0]), urls)
+
+
+def test_jest_trains_on_shards_behind_a_url(tmp_path):
+    """The README's example: cache-reference and JEST training on ``pipe:`` shards with a cache directory."""
+    from jestclip.train.loop import train
+    from jestclip.train.reference import cache_model_embeddings
+
+    from ..train.test_loop import config
+
+    local = make_shards(tmp_path / "pool", 2, 12)
+    pattern = f"pipe:cat {tmp_path}/pool/{{00000..00001}}.tar"
+    torch.manual_seed(1)
+    summary = cache_model_embeddings(
+        create_model("jest-micro"), "jest-micro", pattern, cache_dir=tmp_path / "c"
+    )
+    assert (summary["written"], summary["samples"]) == (2, 24)
+    cfg = config(tmp_path / "run", local, "jest", steps=2, reference_cache_dir=str(tmp_path / "c"))
+    train(dataclasses.replace(cfg, data=pattern))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "loss" in line] == [1, 2]
