@@ -308,7 +308,7 @@ def to_rgb(image: Image.Image) -> Image.Image | str:
     What each form a web crawl delivers becomes (``docs/reliability.md``, "Reliability II — data", lists
     them with their tests):
 
-    - EXIF orientation: the image is rotated / mirrored upright (``ImageOps.exif_transpose``).
+    - EXIF orientation: the image is rotated / mirrored upright, in place (``ImageOps.exif_transpose``).
     - 16-bit gray (``I;16``, ``I;16B``, ``I;16L``, ``I``: PNG bit depth 16): scaled to 8 bits,
       ``round(v * 255 / 65535)``; PIL's own conversion clips at 255 and makes them almost white. 16-bit RGB
       PNGs PIL already reads as 8-bit ``RGB`` (the high byte of each sample).
@@ -323,7 +323,7 @@ def to_rgb(image: Image.Image) -> Image.Image | str:
     - palette (``P``), 1-bit, ``L``: expanded to RGB.
     - animated GIF / WebP / APNG and MPO: the first frame (what PIL opens and what a static viewer shows).
     """
-    image = ImageOps.exif_transpose(image)
+    ImageOps.exif_transpose(image, in_place=True)  # (no copy when upright)
     profile = image.info.get("icc_profile")
     if image.mode in _SIXTEEN_BIT:
         wide = np.asarray(image).astype(np.int64).clip(0, 65535)
