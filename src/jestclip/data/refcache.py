@@ -245,14 +245,15 @@ def _check_header(shard: str, name: str, header: _Header, cache_dir: str | Path 
         "emb": header.rows * 2 * header.meta.dim * 2,
         "digest": header.rows * 8,
     }
+    base = str(_base(shard, name, cache_dir))
     for kind, expected in header.file_bytes.items():
-        array = _array_path(shard, name, kind, cache_dir)
+        array = f"{base}.{kind}.npy"
         if not 0 < expected - data[kind] <= 65536:  # the .npy header: 64 bytes to 64 KiB
             raise SidecarError(
                 f"{path} is corrupt: a {kind} file of {expected} bytes cannot hold {header.rows} rows of "
                 f"dim {header.meta.dim}"
             )
-        size = array.stat().st_size if array.exists() else None
+        size = os.stat(array).st_size if os.path.exists(array) else None
         if size != expected:
             found = "missing" if size is None else f"{size} bytes, expected {expected}"
             raise SidecarError(f"{array} is truncated ({found})")
