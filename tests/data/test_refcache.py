@@ -27,6 +27,7 @@ from jestclip.data.refcache import (
     SidecarError,
     cache_reference,
     shard_content,
+    shard_keys,
     sidecar_path,
     write_sidecar,
 )
@@ -619,3 +620,18 @@ def test_jest_trains_on_shards_behind_a_url(tmp_path):
     train(dataclasses.replace(cfg, data=pattern))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "loss" in line] == [1, 2]
+
+
+def test_write_sidecar_reads_the_digests_from_the_shard_when_not_given(tmp_path):
+    (url,) = make_shards(tmp_path, 1, 3)
+    keys = sorted(shard_keys(url))
+    write_sidecar(
+        url, "reference", keys, unit_rows(3), unit_rows(3), toy_meta(shard_bytes=Path(url).stat().st_size)
+    )
+    batch = batch_of([url])
+    cache = ReferenceCache([url], check_keys=True)
+    assert cache.lookup(batch.keys, batch.urls, digests=batch.digests).image.shape == (3, 3)
+    with pytest.raises(
+        ValueError, match=r"shard .*00000\.tar lacks sample key 'zz': pass the content digests"
+    ):
+        write_sidecar(url, "reference", ["zz"], unit_rows(1), unit_rows(1), toy_meta())

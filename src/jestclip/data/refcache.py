@@ -51,6 +51,7 @@ import os
 import re
 import resource
 import sys
+import tarfile
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -61,6 +62,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
+from webdataset.tariterators import base_plus_ext
 
 from jestclip.data.loader import SuperBatchStream, content_digest, expand_urls, read_shard
 from jestclip.selection import Embeddings
@@ -74,6 +76,7 @@ __all__ = [
     "cache_reference",
     "shard_content",
     "shard_identity",
+    "shard_keys",
     "sidecar_path",
     "write_sidecar",
 ]
@@ -259,6 +262,24 @@ def _check_header(shard: str, name: str, header: _Header, cache_dir: str | Path 
             raise SidecarError(f"{array} is truncated ({found})")
 
 
+def shard_keys(url: str | Path) -> set[str]:
+    """The sample keys of a local tar shard from its member names (headers only, as webdataset groups them);
+    members after a corrupt header are unreadable to the loader too and are left out."""
+    keys: set[str] = set()
+    try:
+        with tarfile.open(url, "r:*") as tar:
+            while (member := tar.next()) is not None:
+                name = member.name
+                if not member.isreg() or re.match(r"__[^/]*__($|/)", name):
+                    continue
+                key, _ = base_plus_ext(name)
+                if key is not None:
+                    keys.add(key)
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return keys
+
+
 def shard_content(url: str | Path) -> dict[str, int]:
     """Every sample of a shard, as the loader groups it: key -> ``content_digest`` (image and caption bytes).
 
@@ -276,14 +297,15 @@ def write_sidecar(
     text: np.ndarray,
     meta: CacheMeta,
     *,
-    digests: Sequence[int],
+    digests: Sequence[int] | None = None,
     skipped: dict[str, int] | None = None,
     cache_dir: str | Path | None = None,
 ) -> None:
     """Write ``shard``'s sidecar: rows sorted by key, float16, finite (ValueError naming the key if not).
 
     keys: n distinct sample keys; image, text: ``[n, D]``; meta.dim must be D (0 when n = 0).
-    digests: the n samples' ``content_digest``s. skipped: key -> content digest of the shard's samples that
+    digests: the n samples' ``content_digest``s (None: read from the shard, which must hold every key; a
+    ValueError names one it lacks). skipped: key -> content digest of the shard's samples that
     have no row (undecodable), recorded in the header. cache_dir: see ``sidecar_path``.
     """
     encoded = _encode(keys)
@@ -299,6 +321,12 @@ def write_sidecar(
             f"expected [{len(encoded)}, {meta.dim}] each"
         )
     emb = np.stack([image, text], axis=1)[order]
+    if digests is None:
+        content = shard_content(shard)
+        lacking = [k for k in keys if k not in content]
+        if lacking:
+            raise ValueError(f"shard {shard} lacks sample key {lacking[0]!r}: pass the content digests")
+        digests = [content[k] for k in keys]
     digest = np.asarray(list(digests), np.uint64)
     if digest.shape != (len(encoded),):
         raise ValueError(
