@@ -415,7 +415,7 @@ def test_the_training_loop_passes_shard_urls(monkeypatch):
             seen.append((keys, urls, digests))
 
     batch = SimpleNamespace(
-        keys=["k"], urls=["u.tar"], images=torch.zeros(1, 3, 2, 2), texts=["t"], digests=[7]
+        keys=["k"], urls=["u.tar"], images=torch.zeros(1, 3, 2, 2), texts=["t"], digests=[7], meta=[{}]
     )
     setup.to_device(batch, lambda texts: torch.zeros(1, 2, dtype=torch.long), Recorder(), torch.device("cpu"))
     assert seen == [(["k"], ["u.tar"], [7])]  # the content digests too: a changed sample is caught
