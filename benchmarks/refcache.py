@@ -11,6 +11,11 @@ Prints a markdown table; deletes ROOT afterwards unless --keep.
 
     python benchmarks/refcache.py --root /tmp/refcache-bench --shards 1000 --rows 10000 --old-shards 100
 
+What the checks for changed shards cost (open, lookup with and without content digests, the loader's
+digest per sample), at 10^4 shards of small sidecars:
+
+    python benchmarks/refcache.py --staleness --root /tmp/refcache-stale --shards 10000 --rows 4096 --dim 64
+
 The old implementation is imported from a file: ``git show HEAD:src/jestclip/data/refcache.py >
 /tmp/old_refcache.py`` (commit f4a05e3) and pass ``--old /tmp/old_refcache.py``.
 """
@@ -59,12 +64,14 @@ def generate(root: Path, shards: int, rows: int, dim: int, old_shards: int) -> d
     template = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
     template = (template / np.linalg.norm(template, axis=1, keepdims=True)).astype(np.float16)
     meta = CacheMeta("bench", "bench", 10.0, -10.0, dim, 0)
+    digests = list(range(rows))
     seconds = {}
     start = time.perf_counter()
     for shard in range(shards):
         Path(shard_url(root, shard)).touch()
         image = shard_rows(template, shard)
-        write_sidecar(shard_url(root, shard), NAME, shard_keys(shard, rows), image, -image, meta)
+        keys = shard_keys(shard, rows)
+        write_sidecar(shard_url(root, shard), NAME, keys, image, -image, meta, digests=digests)
     seconds["new"] = time.perf_counter() - start
     start = time.perf_counter()
     for shard in range(old_shards):
@@ -128,7 +135,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     else:
         from jestclip.data import refcache as module
     urls = [shard_url(args.root, s) for s in range(args.n)]
-    kind = "npz" if args.measure == "old" else "emb.npy"
+    kind = "npz" if args.measure == "old" else "emb.npy"  # (the keys and digests are small beside them)
     files = [args.root / f"{s:05d}.{NAME}.{kind}" for s in range(args.n)]
     plan = batches(args.pattern, args.n, args.rows, args.batch, args.lookups)
     queries = [
@@ -185,6 +192,62 @@ def run_measure(args: argparse.Namespace, impl: str, n: int, pattern: str, cache
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def staleness(args: argparse.Namespace) -> None:
+    """What checking for changed shards costs at ``--shards`` shards (10^4): opening (one header and three
+    ``stat``s per shard, plus the local shard's size), a lookup with and without content digests, and the
+    loader's content digest per sample (a 30 KB image and its caption)."""
+    from jestclip.data.loader import content_digest
+    from jestclip.data.refcache import CacheMeta, ReferenceCache, write_sidecar
+
+    root, rows, dim = args.root, args.rows, args.dim
+    root.mkdir(parents=True, exist_ok=True)
+    meta = CacheMeta("bench", "bench", 10.0, -10.0, dim, 0)
+    unit = np.full((rows, dim), dim**-0.5, np.float16)
+    start = time.perf_counter()
+    for shard in range(args.shards):
+        Path(shard_url(root, shard)).touch()
+        write_sidecar(
+            shard_url(root, shard), NAME, shard_keys(shard, rows), unit, unit, meta, digests=range(rows)
+        )
+    written = time.perf_counter() - start
+    urls = [shard_url(root, s) for s in range(args.shards)]
+    files = [p for p in root.iterdir() if p.name.endswith((".json", ".npy"))]
+    opens = {}
+    for state in ("cold", "warm"):
+        page_cache(files, state)
+        start = time.perf_counter()
+        cache = ReferenceCache(urls, name=NAME)
+        opens[state] = time.perf_counter() - start
+    per = args.batch // 4
+    keys = [k for s in range(4) for k in shard_keys(s * 997 % args.shards, rows)[:per]]
+    shard_of = [urls[s * 997 % args.shards] for s in range(4) for _ in range(min(per, rows))]
+    digests = [int(k[5:]) for k in keys]
+    lookups = {}
+    for label, kw in (("without digests", {}), ("with digests", {"digests": digests})):
+        cache.lookup(keys, shard_of, **kw)  # maps the four shards
+        times = []
+        for _ in range(args.lookups):
+            start = time.perf_counter()
+            cache.lookup(keys, shard_of, **kw)
+            times.append(time.perf_counter() - start)
+        lookups[label] = 1000 * statistics.median(times)
+    raw = {
+        "__key__": "k",
+        "jpg": np.random.default_rng(0).bytes(30_000),
+        "txt": b"a caption of sixty bytes" * 2,
+    }
+    start = time.perf_counter()
+    for _ in range(10_000):
+        content_digest(raw)
+    digest_us = (time.perf_counter() - start) / 10_000 * 1e6
+    shutil.rmtree(root, ignore_errors=True)
+    print(f"wrote {args.shards:,} sidecars of {rows} rows (dim {dim}) in {written:.0f} s")
+    print(f"open {args.shards:,} shards: {opens['cold']:.2f} s cold, {opens['warm']:.2f} s warm")
+    for label, ms in lookups.items():
+        print(f"lookup of {len(keys):,} keys (4 shards), {label}: {ms:.2f} ms (median of {args.lookups})")
+    print(f"content_digest of a 30 KB image + caption: {digest_us:.1f} us per sample")
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.0f} MiB"
 
@@ -200,6 +263,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16384)
     parser.add_argument("--lookups", type=int, default=20)
     parser.add_argument("--keep", action="store_true", help="keep the generated cache")
+    parser.add_argument(
+        "--staleness", action="store_true", help="measure what the changed-shard checks cost instead"
+    )
     parser.add_argument("--measure", choices=["old", "new"], help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--pattern", default="random", help=argparse.SUPPRESS)
@@ -207,6 +273,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args)))
+        return
+    if args.staleness:
+        staleness(args)
         return
     need = args.shards * args.rows * 4 * args.dim * 1.05 + args.old_shards * args.rows * 4 * args.dim
     free = shutil.disk_usage(args.root.parent).free

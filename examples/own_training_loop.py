@@ -88,7 +88,7 @@ for step, batch in enumerate(stream, start=1):
         image, text, logit_scale, logit_bias = model(images, tokens)  # L2-normalised, exp(scale), bias
     model.train()
     learner = Embeddings(image, text, logit_scale, logit_bias)
-    reference = cache.lookup(batch.keys, batch.urls, device=device)  # joined by shard and key
+    reference = cache.lookup(batch.keys, batch.urls, digests=batch.digests, device=device)  # by shard and key
     chosen = joint_select(
         learner,
         reference,

@@ -120,7 +120,7 @@ def test_the_stream_reads_only_kept_samples_and_counts_the_rest(tmp_path, pool, 
 def test_a_resumed_filtered_stream_equals_the_uninterrupted_one(tmp_path, workers):
     urls, _ = cached(tmp_path / "pool", bad_image=True)
     filter_shards(urls, tmp_path / "keep", keep=0.5, progress=False)
-    kw = {"batch_size": 3, "resampled": True, "seed": 3, "keep": KeepList(tmp_path / "keep")}
+    kw = {"batch_size": 2, "resampled": True, "seed": 3, "keep": KeepList(tmp_path / "keep")}
     whole = ResumableBatches(SuperBatchStream(urls, **kw), workers)
     expected = [next(whole) for _ in range(9)]
     assert {reason for b in expected for reason in b.skipped} == {"not_kept", "bad_image"}

@@ -328,14 +328,14 @@ def test_no_readable_sample_reaches_the_main_process_from_a_worker(tmp_path):
 
 
 def test_a_few_good_shards_among_bad_ones_never_raise(tmp_path):
-    (good_url,) = make_shards(tmp_path, 1, 1)
+    (good_url,) = make_shards(tmp_path, 1, 2)
     urls = [good_url, *junk_shards(tmp_path, 8)]
     stream = iter(SuperBatchStream(urls, batch_size=2, resampled=True, seed=5))
     with pytest.warns(RuntimeWarning):
-        assert all(next(stream).keys == ["s0_000", "s0_000"] for _ in range(20))
-    finite = SuperBatchStream(urls, batch_size=2, shuffle_shards=False)  # finite passes only warn by default
+        assert all(next(stream).keys == ["s0_000", "s0_001"] for _ in range(20))
+    finite = SuperBatchStream(urls, batch_size=3, shuffle_shards=False)  # finite passes only warn by default
     with pytest.warns(RuntimeWarning):
-        assert [b.keys for b in finite] == [["s0_000"]]
+        assert [b.keys for b in finite] == [["s0_000", "s0_001"]]
 
 
 def test_a_worker_without_shards_ends_instead_of_spinning(tmp_path):
@@ -459,8 +459,12 @@ def test_positions_that_cannot_resume_are_refused_by_name(tmp_path):
     position = two.position()
     with pytest.raises(ValueError, match=r"recorded with num_workers=2; resuming with num_workers=0 .*use"):
         ResumableBatches(SuperBatchStream(urls, batch_size=2, resampled=True), 0, position)
+    wrong_worker = {"worker": 1, "url": urls[0], "sample": 0, "epoch": 0, "shard": 0}
     with pytest.raises(ValueError, match="rank 0's loader worker 0 is not this stream's"):
-        SuperBatchStream(urls, batch_size=2).resumed(position)  # a resampled stream's position
+        SuperBatchStream(urls, batch_size=2).resumed({"workers": [wrong_worker], "next": 0})
+    drawn = {"worker": 0, "url": urls[0], "sample": 1, "rng": [3, [0] * 625, None]}  # before disjoint shards
+    with pytest.raises(ValueError, match=r"drew shards with replacement .* cannot be continued: start"):
+        SuperBatchStream(urls, batch_size=2, resampled=True).resumed({"workers": [drawn], "next": 0})
     (tmp_path / "more").mkdir()
     reading = position["workers"][0]["url"]
     other = [u for u in urls if u != reading] + make_shards(tmp_path / "more", 2, 1)  # its shard is gone

@@ -3,8 +3,13 @@ from headers, with one-line errors naming the file when missing, stale, corrupt 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
 import json
 import mmap
+import os
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,14 +17,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
-from jestclip.data import SuperBatchStream, refcache
+from jestclip.data import SuperBatchStream, png_bytes, refcache
 from jestclip.data.refcache import (
     CacheMeta,
     ReferenceCache,
     SidecarError,
     cache_reference,
+    shard_content,
     shard_keys,
     sidecar_path,
     write_sidecar,
@@ -128,8 +135,13 @@ def test_sidecar_format_is_sorted_keys_and_memory_mappable_float16(tmp_path):
     assert keys.tolist() == [b"s0_000", b"s0_001", b"s0_002"] and isinstance(emb, np.memmap)
     assert emb.dtype == np.float16 and emb.shape == (3, 2, 3)
     header = json.loads(sidecar_path(url, "reference").read_text())
-    assert header["format"] == "jestclip-refcache/2" and header["finite"] is True and header["rows"] == 3
+    assert header["format"] == "jestclip-refcache/3" and header["finite"] is True and header["rows"] == 3
     assert sidecar_path(url, "reference").name == "00000.reference.json"
+    assert header["shard"] == str(Path(url).resolve())
+    # row i's content digest is that of keys[i]'s image and caption bytes as the loader reads them
+    digest = np.load(refcache._array_path(url, "reference", "digest"), allow_pickle=False)
+    content = shard_content(url)
+    assert digest.dtype == np.uint64 and digest.tolist() == [content[k.decode()] for k in keys.tolist()]
 
 
 def test_any_embedding_function_can_be_cached(tmp_path):
@@ -200,10 +212,15 @@ def test_undecodable_samples_are_recorded_as_skipped_and_named_at_lookup(tmp_pat
 
 def test_shard_keys_without_a_row_are_found_by_the_key_check(tmp_path):
     (url,) = make_shards(tmp_path, 1, 3)
-    assert shard_keys(url) == {"s0_000", "s0_001", "s0_002"}
+    assert set(shard_content(url)) == {"s0_000", "s0_001", "s0_002"}
     size = Path(url).stat().st_size
     write_sidecar(
-        url, "reference", ["s0_000", "s0_001"], unit_rows(2), unit_rows(2), toy_meta(shard_bytes=size)
+        url,
+        "reference",
+        ["s0_000", "s0_001"],
+        *[unit_rows(2)] * 2,
+        toy_meta(shard_bytes=size),
+        digests=[0, 0],
     )
     ReferenceCache([url])  # headers only: the shard's size is unchanged
     with pytest.raises(
@@ -216,6 +233,7 @@ def test_shard_keys_without_a_row_are_found_by_the_key_check(tmp_path):
         ["s0_000", "s0_001", "s0_002", "zz"],
         *[unit_rows(4)] * 2,
         toy_meta(shard_bytes=size),
+        digests=[0] * 4,
     )
     with pytest.raises(SidecarError, match=r"has a row for sample key 'zz' .* that shard"):
         ReferenceCache([url], check_keys=True)
@@ -240,7 +258,7 @@ def test_non_finite_embeddings_are_refused_when_written(tmp_path):
     image = unit_rows(2)
     image[1, 0] = np.inf
     with pytest.raises(ValueError, match=r"non-finite embedding for sample key 'b' of shard"):
-        write_sidecar(url, "reference", ["a", "b"], image, unit_rows(2), toy_meta())
+        write_sidecar(url, "reference", ["a", "b"], image, unit_rows(2), toy_meta(), digests=[0, 0])
     assert not sidecar_path(url, "reference").exists()
     # a header that does not record the check is refused without reading the arrays
     toy_cache([url])
@@ -259,8 +277,9 @@ def test_sidecars_must_agree_on_model_dim_scale_and_bias(tmp_path):
     ):
         ReferenceCache(urls)
     size = Path(urls[1]).stat().st_size
+    keys = ["s1_000", "s1_001"]
     write_sidecar(
-        urls[1], "reference", ["s1_000", "s1_001"], unit_rows(2, 4), unit_rows(2, 4), toy_meta(4, size)
+        urls[1], "reference", keys, unit_rows(2, 4), unit_rows(2, 4), toy_meta(4, size), digests=[0, 0]
     )
     with pytest.raises(ValueError, match="dim 4, scale 5, bias -1\\) differ from those of"):
         ReferenceCache(urls)
@@ -308,8 +327,8 @@ def test_cache_reference_repairs_corrupt_and_truncated_sidecars(tmp_path, capsys
     assert (summary["written"], summary["repaired"], summary["kept"]) == (2, 1 + 1, 1)
     err = capsys.readouterr().err
     assert (
-        f"repairing {sidecar_path(urls[0], 'reference')} is corrupt" in err
-        and f"repairing {emb} is truncated" in err
+        f"rewriting: {sidecar_path(urls[0], 'reference')} is corrupt" in err
+        and f"rewriting: {emb} is truncated" in err
     )
     after = ReferenceCache(urls, check_keys=True).lookup(["s1_001", "s2_002"], [urls[1], urls[2]])
     torch.testing.assert_close(after.image, before.image, atol=0, rtol=0)
@@ -359,7 +378,7 @@ def test_opening_reads_headers_only_and_maps_shards_lazily(tmp_path, monkeypatch
     reference = ReferenceCache(urls, max_open=1)
     assert loads == [] and len(reference) == 6
     reference.lookup(["s2_001", "s2_000"], [urls[2], urls[2]])
-    assert loads == ["00002.reference.keys.npy", "00002.reference.emb.npy"]
+    assert loads == ["00002.reference.keys.npy", "00002.reference.emb.npy", "00002.reference.digest.npy"]
     reference.lookup(["s0_001"], [urls[0]])
     assert list(reference._open) == [0]  # at most max_open shards stay mapped
 
@@ -369,8 +388,11 @@ def test_lookup_joins_by_shard_and_key(tmp_path):
     sizes = [Path(u).stat().st_size for u in urls]
     image = unit_rows(6, 4, seed=1)
     # the same key in both shards with different rows; shard 1's keys are written unsorted
-    write_sidecar(urls[0], "reference", ["same", "a"], image[:2], image[:2], toy_meta(4, sizes[0]))
-    write_sidecar(urls[1], "reference", ["zz", "same", "b", "c"], image[2:], image[2:], toy_meta(4, sizes[1]))
+    write_sidecar(
+        urls[0], "reference", ["same", "a"], *[image[:2]] * 2, toy_meta(4, sizes[0]), digests=[0] * 2
+    )
+    keys = ["zz", "same", "b", "c"]
+    write_sidecar(urls[1], "reference", keys, *[image[2:]] * 2, toy_meta(4, sizes[1]), digests=[0] * 4)
     reference = ReferenceCache(urls)
     keys, shards = ["same", "c", "same", "zz", "a"], [urls[1], urls[1], urls[0], urls[1], urls[0]]
     emb = reference.lookup(keys, shards)
@@ -389,12 +411,14 @@ def test_the_training_loop_passes_shard_urls(monkeypatch):
     seen = []
 
     class Recorder:
-        def lookup(self, keys, urls=None, *, device="cpu"):
-            seen.append((keys, urls))
+        def lookup(self, keys, urls=None, *, digests=None, device="cpu"):
+            seen.append((keys, urls, digests))
 
-    batch = SimpleNamespace(keys=["k"], urls=["u.tar"], images=torch.zeros(1, 3, 2, 2), texts=["t"])
+    batch = SimpleNamespace(
+        keys=["k"], urls=["u.tar"], images=torch.zeros(1, 3, 2, 2), texts=["t"], digests=[7], meta=[{}]
+    )
     setup.to_device(batch, lambda texts: torch.zeros(1, 2, dtype=torch.long), Recorder(), torch.device("cpu"))
-    assert seen == [(["k"], ["u.tar"])]
+    assert seen == [(["k"], ["u.tar"], [7])]  # the content digests too: a changed sample is caught
 
 
 def test_memory_maps_read_only_the_pages_asked_for(tmp_path, monkeypatch):
@@ -403,7 +427,8 @@ def test_memory_maps_read_only_the_pages_asked_for(tmp_path, monkeypatch):
     (url,) = make_shards(tmp_path, 1, 2)
     size = Path(url).stat().st_size
     keys = [f"k{i:03d}" for i in range(100)]
-    write_sidecar(url, "reference", keys, unit_rows(100), unit_rows(100), toy_meta(shard_bytes=size))
+    meta = toy_meta(shard_bytes=size)
+    write_sidecar(url, "reference", keys, unit_rows(100), unit_rows(100), meta, digests=[0] * 100)
     advised = []
     real = refcache._advise
     monkeypatch.setattr(
@@ -426,3 +451,187 @@ def test_a_sidecar_of_the_same_weights_under_another_preprocessing_is_rewritten(
     again = toy_cache(urls)
     other = toy_cache(urls, model_name="toy@tag")
     assert (first["written"], again["kept"], other["written"]) == (1, 1, 1)
+
+
+# -- 4. a shard rewritten in place: caught at lookup by content digest, re-cached by cache-reference -------
+
+
+def rewrite_same_keys_and_size(url: str) -> None:
+    """The issue's case: the shard re-rendered and re-captioned, same keys, same byte size."""
+    with tarfile.open(url) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    size = Path(url).stat().st_size
+    with tarfile.open(url, "w") as tar:
+        for member, data in members:
+            if member.name.endswith(".png"):
+                data = png_bytes(Image.new("RGB", (8, 8), (250, 250, 250)))  # a new image (512-byte blocks)
+            elif member.name.endswith(".txt"):
+                data = data.decode().upper().encode()  # a new caption of the same length
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    assert Path(url).stat().st_size == size
+
+
+def batch_of(urls: list[str]):
+    (batch,) = list(SuperBatchStream(urls, batch_size=100, transform=TRANSFORM, shuffle_shards=False))
+    return batch
+
+
+def test_a_shard_rewritten_with_the_same_keys_and_size_is_caught_and_recached(tmp_path, capsys):
+    urls = make_shards(tmp_path, 2, 3)
+    assert toy_cache(urls)["written"] == 2
+    rewrite_same_keys_and_size(urls[0])
+    batch = batch_of(urls)
+    reference = ReferenceCache(urls)  # headers only: keys and size are unchanged
+    with pytest.raises(SidecarError) as info:
+        reference.lookup(batch.keys, batch.urls, digests=batch.digests)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"shard {urls[0]} changed since its 'reference' embeddings were cached: sample key 's0_000' (3 of 3 "
+        "in this batch) has other image or caption bytes"
+    )
+    assert message.endswith("; run cache-reference")
+    with pytest.raises(SidecarError, match=r"shard .*00000\.tar changed since .* 's0_000' \(3 of 3\)"):
+        ReferenceCache(urls, check_keys=True)  # the full check reads the shard
+    # cache-reference rewrote nothing before ("kept": 2); now it re-embeds the changed shard only
+    summary = toy_cache(urls)
+    assert (summary["written"], summary["changed"], summary["kept"]) == (1, 1, 1)
+    assert "rewriting: shard" in capsys.readouterr().err
+    fresh = ReferenceCache(urls).lookup(batch.keys, batch.urls, digests=batch.digests)
+    image, text = toy_embed(batch.images, batch.texts)
+    torch.testing.assert_close(fresh.image, image.half().float(), atol=0, rtol=0)
+    torch.testing.assert_close(fresh.text, text.half().float(), atol=0, rtol=0)
+
+
+def test_a_skipped_sample_that_became_readable_is_a_change(tmp_path):
+    (url,) = make_shards(tmp_path, 1, 2)
+    add_members(Path(url), {"late.png": b"not yet a png", "late.txt": b"caption"})
+    toy_cache([url])
+    data = Path(url).read_bytes()
+    fixed = png_bytes(Image.new("RGB", (8, 8), (1, 2, 3)))
+    with tarfile.open(url) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(url, "w") as tar:
+        for member, body in members:
+            body = fixed if member.name == "late.png" else body
+            member.size = len(body)
+            tar.addfile(member, io.BytesIO(body))
+    assert Path(url).read_bytes() != data and len(Path(url).read_bytes()) == len(data)
+    summary = toy_cache([url])
+    assert summary["changed"] == 1 and len(ReferenceCache([url])) == 3
+
+
+def test_a_sidecar_without_content_digests_is_refused_and_rewritten(tmp_path):
+    (url,) = make_shards(tmp_path, 1, 3)
+    toy_cache([url])
+    path = sidecar_path(url, "reference")
+    path.write_text(path.read_text().replace("jestclip-refcache/3", "jestclip-refcache/2"))
+    with pytest.raises(SidecarError) as info:
+        ReferenceCache([url])
+    assert str(info.value) == (
+        f"{path} is a 'reference' cache of format jestclip-refcache/2, without the content digests that show "
+        "a changed shard; re-run `jestclip cache-reference` to rewrite it (format jestclip-refcache/3)"
+    )
+    summary = toy_cache([url])
+    assert (summary["written"], summary["repaired"]) == (1, 0)
+    assert len(ReferenceCache([url])) == 3
+
+
+# -- 5. shards behind a URL: a cache directory keyed by the shard's identity ------------------------------
+
+
+def test_shards_behind_a_url_are_cached_in_a_cache_directory(tmp_path):
+    local = make_shards(tmp_path, 2, 3)
+    pattern = f"pipe:cat {tmp_path}/{{00000..00001}}.tar"
+    with pytest.raises(ValueError) as info:  # the issue's "No such file or directory", now said up front
+        toy_cache([pattern])
+    assert str(info.value) == (
+        f"shard pipe:cat {local[0]} is not a local file, so its 'reference' sidecars cannot sit beside it; "
+        "name a cache directory that every rank can read (cache-reference --cache-dir DIR; in training "
+        "reference_cache_dir=DIR)"
+    )
+    cache_dir = tmp_path / "cache"
+    summary = toy_cache([pattern], cache_dir=cache_dir)
+    assert (summary["written"], summary["samples"]) == (2, 6)
+    urls = [f"pipe:cat {u}" for u in local]
+    digest = hashlib.sha256(urls[0].encode()).hexdigest()[:16]
+    assert sidecar_path(urls[0], "reference", cache_dir) == cache_dir / f"00000-{digest}.reference.json"
+    assert len(list(cache_dir.iterdir())) == 8 and not list(Path(local[0]).parent.glob("*.reference.*"))
+    assert toy_cache([pattern], cache_dir=cache_dir)["kept"] == 2  # resumable: the shards are re-read
+    # training reads them through the same URLs
+    batch = batch_of(urls)
+    assert batch.urls[0] == urls[0]
+    emb = ReferenceCache(urls, cache_dir=cache_dir).lookup(batch.keys, batch.urls, digests=batch.digests)
+    image, _ = toy_embed(batch.images, batch.texts)
+    torch.testing.assert_close(emb.image, image.half().float(), atol=0, rtol=0)
+    # a URL shard rewritten is caught by its digests like a local one
+    rewrite_same_keys_and_size(local[1])
+    batch = batch_of(urls)
+    with pytest.raises(SidecarError, match=r"shard pipe:cat .*00001\.tar changed since"):
+        ReferenceCache(urls, cache_dir=cache_dir).lookup(batch.keys, batch.urls, digests=batch.digests)
+    assert toy_cache(urls, cache_dir=cache_dir)["changed"] == 1
+
+
+def test_local_shards_may_use_a_cache_directory_too(tmp_path):
+    urls = make_shards(tmp_path, 2, 2)
+    cache_dir = tmp_path / "elsewhere"
+    toy_cache(urls, cache_dir=cache_dir)
+    assert not sidecar_path(urls[0], "reference").exists()
+    relative = [os.path.relpath(u) for u in urls]  # the same shards, named otherwise
+    assert len(ReferenceCache(relative, cache_dir=cache_dir)) == 4
+    # a sidecar copied to another shard's name is not taken for it
+    other = sidecar_path(urls[1], "reference", cache_dir)
+    header = json.loads(sidecar_path(urls[0], "reference", cache_dir).read_text())
+    other.write_text(json.dumps(header))
+    with pytest.raises(SidecarError, match=r"holds the 'reference' embeddings of shard .*00000\.tar, not of"):
+        ReferenceCache(urls, cache_dir=cache_dir)
+
+
+def test_training_opens_the_cache_directory_of_its_config(tmp_path):
+    from jestclip.train.config import TrainConfig
+    from jestclip.train.setup import open_reference
+
+    urls = [f"pipe:cat {u}" for u in make_shards(tmp_path, 1, 2)]
+    toy_cache(urls, cache_dir=tmp_path / "cache")
+    cfg = TrainConfig(data=urls[0], reference_cache_dir=str(tmp_path / "cache"))
+    assert len(open_reference(cfg, urls)) == 2
+    with pytest.raises(
+        ValueError, match="is not a local file, so its 'reference' sidecars cannot sit beside"
+    ):
+        open_reference(TrainConfig(data=urls[0]), urls)
+
+
+def test_jest_trains_on_shards_behind_a_url(tmp_path):
+    """The README's example: cache-reference and JEST training on ``pipe:`` shards with a cache directory."""
+    from jestclip.train.loop import train
+    from jestclip.train.reference import cache_model_embeddings
+
+    from ..train.test_loop import config
+
+    local = make_shards(tmp_path / "pool", 2, 12)
+    pattern = f"pipe:cat {tmp_path}/pool/{{00000..00001}}.tar"
+    torch.manual_seed(1)
+    summary = cache_model_embeddings(
+        create_model("jest-micro"), "jest-micro", pattern, cache_dir=tmp_path / "c"
+    )
+    assert (summary["written"], summary["samples"]) == (2, 24)
+    cfg = config(tmp_path / "run", local, "jest", steps=2, reference_cache_dir=str(tmp_path / "c"))
+    train(dataclasses.replace(cfg, data=pattern))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "loss" in line] == [1, 2]
+
+
+def test_write_sidecar_reads_the_digests_from_the_shard_when_not_given(tmp_path):
+    (url,) = make_shards(tmp_path, 1, 3)
+    keys = sorted(shard_keys(url))
+    write_sidecar(
+        url, "reference", keys, unit_rows(3), unit_rows(3), toy_meta(shard_bytes=Path(url).stat().st_size)
+    )
+    batch = batch_of([url])
+    cache = ReferenceCache([url], check_keys=True)
+    assert cache.lookup(batch.keys, batch.urls, digests=batch.digests).image.shape == (3, 3)
+    with pytest.raises(
+        ValueError, match=r"shard .*00000\.tar lacks sample key 'zz': pass the content digests"
+    ):
+        write_sidecar(url, "reference", ["zz"], unit_rows(1), unit_rows(1), toy_meta())

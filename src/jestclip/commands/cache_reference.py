@@ -16,8 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "cache-reference",
         help="embed shards with a frozen reference model and store the embeddings next to them",
         description="Embed every sample of the shards with a frozen reference model; write sidecars "
-        "SHARD.NAME.{json,keys.npy,emb.npy} (a header, sorted keys, float16 embeddings) that training joins "
-        "by shard and key. Resumable; corrupt or truncated sidecars are rewritten.",
+        "SHARD.NAME.{json,keys.npy,emb.npy,digest.npy} (a header, sorted keys, float16 embeddings, content "
+        "digests) beside each shard or in --cache-dir, that training joins by shard and key. Resumable; "
+        "sidecars of changed shards and corrupt or truncated ones are rewritten.",
     )
     parser.add_argument("shards", nargs="+", help="shard paths, brace patterns or directories")
     parser.add_argument("--model", required=True, help="model config name, e.g. jest-tiny or ViT-B-16")
@@ -29,6 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--loss", default="sigmoid", choices=["sigmoid", "softmax"])
     parser.add_argument("--name", default="reference", help="cache name, part of the sidecar file name")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="write the sidecars into this directory (one every rank can read) instead of beside each shard; "
+        "needed for shards behind a URL (pipe:, http://); train with reference_cache_dir=DIR",
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
         "--device", default="auto", type=device_arg, help="cpu, cuda, ... (auto: cuda when available)"
@@ -51,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         loss=args.loss,
         device=args.device,
         batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
     )
     print(json.dumps(summary, indent=1))
     return 0

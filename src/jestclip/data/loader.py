@@ -4,8 +4,14 @@ Works on any img2dataset-style shards (``KEY.{png,jpg,jpeg,webp}``, ``KEY.txt``,
 local paths, brace patterns (``data/{00000..00041}.tar``) or a directory of ``.tar`` files. Every sample keeps
 its ``__key__`` and shard URL end to end, so reference embeddings can be joined by key later.
 
-Splitting: shards are dealt to ranks (``shards[rank::world_size]``) and then to DataLoader workers; with
-``resampled=True`` every (rank, worker) instead draws shards at random forever, from its own seed.
+Splitting: the shard list (shuffled once by ``seed``) is dealt to ranks (``shards[rank::world_size]``) and
+then to DataLoader workers, and each (rank, worker) keeps its own shards for the whole run: every epoch reads
+them in a new order (seeded by seed, rank, worker and epoch); ``resampled=True`` repeats epochs forever.
+So no two ranks or workers ever read the same shard, in any step, and a worker reads each of its samples once
+per epoch. A super-batch never holds the same (shard, key) twice: a sample already in the super-batch being
+filled (possible only where one epoch ends and the next begins) is skipped as ``repeat_in_batch``; a worker
+whose shards hold fewer distinct samples than a super-batch raises ``TooFewSamplesError``. A shard listed
+twice is read once (``duplicate_shard``).
 
 Bad data never ends the stream; it is skipped and counted. ``SuperBatch.skipped`` holds the skips this worker
 made since its previous super-batch (a finite pass's trailing skips go with its last batch), so the sum over
@@ -19,10 +25,16 @@ reason                   what was skipped
 ``truncated_shard``      a shard that ends early (cut mid-member, no end-of-archive marker, a corrupt header);
                          its members after the cut are lost, uncounted, and the rest of the stream goes on
 ``truncated_sample``     the sample being read when its shard ended early
+``duplicate_shard``      a shard URL listed more than once (read once; counted by rank 0, worker 0)
 ``duplicate_key``        a sample whose key already appeared earlier in the same shard (the first one is kept)
+``repeat_in_batch``      a sample already in the super-batch being filled (an epoch ended inside it), left out
+``dotted_key``           a pair whose key holds a dot (``img_v1.3.jpg`` + ``img_v1.3.txt``): webdataset's key
+                         is the name up to the first dot, so such pairs merge into one sample (key ``img_v1``,
+                         members ``3.jpg``, ``3.txt``) that has no ``jpg``; each such pair counts once
 ``missing_key``          a sample without a key
 ``missing_image``        no ``png``/``jpg``/``jpeg``/``webp`` member
 ``bad_image``            image bytes that do not decode (or decode to a format outside ``IMAGE_FORMATS``)
+``unsupported_image_mode`` pixels of a kind no web format holds (float ``F``, ``LAB``, ...); see ``to_rgb``
 ``image_too_large``      an image over ``MAX_IMAGE_PIXELS`` pixels (a decompression bomb or a mistake)
 ``missing_text``         no ``txt`` member
 ``bad_text``             a ``txt`` member that is not UTF-8
@@ -40,17 +52,19 @@ the same of a finite pass (and also that the pass yields something). ``expand_ur
 patterns naming files that do not exist before any stream starts.
 
 Resuming: every super-batch carries its worker's ``position`` after it (where that worker's next batch starts:
-for a ``resampled`` stream the shard-choice RNG state, else the epoch and shard index, and in both the shard
-and how many of its raw samples were consumed). ``ResumableBatches`` runs a stream through DataLoader workers
-and records these as batches are consumed; started from a recorded position it re-reads only the tar members
-of the current shard up to the offset (none decoded, their skips already counted) and continues exactly as
-the uninterrupted stream would, skips included. A stream with a shuffle buffer records no position (the
-buffer's contents are not recorded) and refuses to resume at one.
+the epoch, the index in that epoch's shard order, the shard and how many of its raw samples were consumed).
+``ResumableBatches`` runs a stream through DataLoader workers and records these as batches are consumed;
+started from a recorded position it re-reads only the tar members of the current shard up to the offset (none
+decoded, their skips already counted) and continues exactly as the uninterrupted stream would, skips included.
+A stream with a shuffle buffer records no position (the buffer's contents are not recorded) and refuses to
+resume at one.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import io
 import json
 import random
@@ -64,11 +78,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import (
     BmpImagePlugin,
     GifImagePlugin,
     Image,
+    ImageCms,
+    ImageOps,
     JpegImagePlugin,
     PngImagePlugin,
     WebPImagePlugin,
@@ -90,10 +107,14 @@ __all__ = [
     "Sample",
     "SuperBatch",
     "SuperBatchStream",
+    "TooFewSamplesError",
+    "content_digest",
     "decode_sample",
+    "dotted_pairs",
     "expand_urls",
     "open_image",
     "read_shard",
+    "to_rgb",
 ]
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -107,7 +128,7 @@ _PLUGINS = (BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, Web
 # PIL's own process-wide Image.MAX_IMAGE_PIXELS is left alone.
 MAX_IMAGE_PIXELS = 8192 * 8192
 # Shard-level skip reasons; every other reason counts one sample.
-SHARD_REASONS = ("bad_shard", "truncated_shard")
+SHARD_REASONS = ("bad_shard", "truncated_shard", "duplicate_shard")
 
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, not samples
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # pipe:, http://, s3://, file:: not checked up front
@@ -128,15 +149,22 @@ class NoReadableSampleError(ValueError):
         super().__init__(message)
 
 
+class TooFewSamplesError(NoReadableSampleError):
+    """A worker's shards hold fewer distinct samples than one super-batch: it cannot be filled without
+    repeating a sample (bad input for the batch size)."""
+
+
 @dataclass(frozen=True)
 class Sample:
-    """One decoded pair: ``image`` is an RGB PIL image, or whatever the stream's transform made of it."""
+    """One decoded pair: ``image`` is an RGB PIL image, or whatever the stream's transform made of it;
+    ``digest``: the ``content_digest`` of the image and caption bytes it was decoded from."""
 
     key: str
     url: str
     image: Any
     text: str
     meta: dict[str, Any]
+    digest: int = 0
 
 
 @dataclass
@@ -146,9 +174,10 @@ class SuperBatch:
     images: ``[B, 3, H, W]`` (stacked output of the transform); keys, urls, texts, meta: B entries each.
     skipped: samples (and shards) this worker skipped since its previous super-batch, by reason (see the
     module docstring); summed over all batches it is every skip.
+    digests: B ``content_digest``s of the image and caption bytes (the reference cache checks them).
     position: where the worker that made this batch stands after it (``worker``: its index; ``end``: it has
     nothing more; else ``url`` and ``sample``, the shard it reads and how many of its raw samples it consumed,
-    and ``rng`` or ``epoch`` and ``shard``, its shard order); None for a stream with a shuffle buffer.
+    and ``epoch`` and ``shard``, its place in its shard order); None for a stream with a shuffle buffer.
     """
 
     keys: list[str]
@@ -158,6 +187,7 @@ class SuperBatch:
     meta: list[dict[str, Any]]
     skipped: dict[str, int] = field(default_factory=dict)
     position: dict[str, Any] | None = None
+    digests: list[int] = field(default_factory=list)  # B ``content_digest``s, checked by the reference cache
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -224,11 +254,33 @@ def decode_sample(raw: dict[str, Any], *, decode_size: int | None = None) -> Sam
             return "bad_json"
         if not isinstance(meta, dict):
             return "bad_json"
-    return Sample(key=key, url=url, image=image, text=text, meta=meta)
+    return Sample(key=key, url=url, image=image, text=text, meta=meta, digest=content_digest(raw))
+
+
+def content_digest(raw: dict[str, Any]) -> int:
+    """A 64-bit digest (BLAKE2b) of what a sample's embedding depends on: the bytes of the image member the
+    loader decodes (the first of ``IMAGE_EXTENSIONS`` present) and of its caption (``txt``). Metadata
+    (``json``) is left out. Two samples differ in image or caption bytes, except with probability 2^-64, iff
+    their digests differ. Costs about 1 µs per KB (a 30 KB sample: ~30 µs against milliseconds to decode)."""
+    h = hashlib.blake2b(digest_size=8)
+    ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+    for name in (ext, "txt"):
+        data = raw.get(name) if name is not None else None
+        h.update(b"-" if data is None else b"%d:" % len(data) + data)
+    return int.from_bytes(h.digest(), "little")
+
+
+def dotted_pairs(raw: dict[str, Any]) -> int:
+    """How many image-text pairs with a dotted key webdataset's grouping merged into ``raw``: members
+    ``MIDDLE.EXT`` (``img_v1.3.jpg`` is key ``img_v1``, member ``3.jpg``) with EXT an image extension or
+    ``txt``, counted by distinct MIDDLE."""
+    wanted = (*IMAGE_EXTENSIONS, "txt")
+    return len({name.rpartition(".")[0] for name in raw if "." in name and name.rpartition(".")[2] in wanted})
 
 
 def open_image(data: bytes, *, decode_size: int | None = None) -> Image.Image | str:
-    """The RGB image in ``data``, or ``bad_image`` / ``image_too_large``.
+    """The image in ``data`` as an 8-bit sRGB ``RGB`` image, as an image viewer shows it (``to_rgb``), or the
+    reason it is skipped: ``bad_image`` / ``image_too_large`` / ``unsupported_image_mode``.
 
     decode_size: decode a JPEG at the smallest scale libjpeg offers (1/2, 1/4 or 1/8, PIL's draft mode) whose
     width and height both stay >= ``decode_size`` — enough for a transform that resizes the shorter side to
@@ -244,11 +296,97 @@ def open_image(data: bytes, *, decode_size: int | None = None) -> Image.Image | 
             if decode_size is not None and image.format in ("JPEG", "MPO"):
                 image.draft("RGB", (decode_size, decode_size))
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
     except Image.DecompressionBombError:
         return "image_too_large"
     except Exception:  # a third-party decoder on untrusted bytes: any failure means a bad image
         return "bad_image"
+
+
+def to_rgb(image: Image.Image) -> Image.Image | str:
+    """A decoded image as an image viewer displays it on a white page, as 8-bit sRGB ``RGB``; or
+    ``unsupported_image_mode`` for a pixel format no web format delivers (``F``, ``LAB``, ``HSV``, ...).
+
+    What each form a web crawl delivers becomes (``docs/reliability.md``, "Reliability II — data", lists
+    them with their tests):
+
+    - EXIF orientation: the image is rotated / mirrored upright, in place (``ImageOps.exif_transpose``).
+    - 16-bit gray (``I;16``, ``I;16B``, ``I;16L``, ``I``: PNG bit depth 16): scaled to 8 bits,
+      ``round(v * 255 / 65535)``; PIL's own conversion clips at 255 and makes them almost white. 16-bit RGB
+      PNGs PIL already reads as 8-bit ``RGB`` (the high byte of each sample).
+    - an embedded ICC profile (Adobe RGB, Display P3, a CMYK press profile, a gray gamma): the colours are
+      converted to sRGB with it (``PIL.ImageCms``, perceptual intent); an unreadable profile is ignored, as
+      viewers do (the pixels are taken as sRGB).
+    - CMYK JPEGs (Adobe-inverted ones and YCCK, which libjpeg turns into CMYK): PIL's CMYK to RGB
+      conversion, or the ICC profile when there is one.
+    - transparency (``RGBA``, ``LA``, ``PA``, ``P`` or ``L``/``RGB`` with a ``tRNS`` colour): composited over
+      white, ``out = a * colour + (1 - a) * 255``, as a browser shows it on a white page. Dropping the alpha
+      channel would show whatever colour the transparent pixels happen to store (often black).
+    - palette (``P``), 1-bit, ``L``: expanded to RGB.
+    - animated GIF / WebP / APNG and MPO: the first frame (what PIL opens and what a static viewer shows).
+    """
+    ImageOps.exif_transpose(image, in_place=True)  # (no copy when upright)
+    profile = image.info.get("icc_profile")
+    if image.mode in _SIXTEEN_BIT:
+        wide = np.asarray(image).astype(np.int64).clip(0, 65535)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    alpha = None
+    if image.mode in _ALPHA or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        image = image.convert("L" if image.mode in ("L", "LA", "La") else "RGB")
+    elif image.mode not in _COLOUR:
+        return "unsupported_image_mode"
+    if image.mode not in ("RGB", "L", "CMYK"):  # 1-bit, palette, YCbCr
+        image = image.convert("RGB")
+    rgb = _to_srgb(image, profile) if profile else None
+    rgb = rgb or image.convert("RGB")
+    if alpha is not None and alpha.getextrema()[0] < 255:
+        rgb = Image.composite(rgb, Image.new("RGB", rgb.size, (255, 255, 255)), alpha)
+    return rgb
+
+
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
+_COLOUR = ("RGB", "L", "1", "P", "CMYK", "YCbCr")
+
+
+def _to_srgb(image: Image.Image, profile: bytes) -> Image.Image | None:
+    """``image`` (``RGB``, ``L`` or ``CMYK``) converted to sRGB with its embedded ICC ``profile``; None when
+    the profile is sRGB already, unreadable or of another colour space than the pixels."""
+    transform = _icc_transform(hashlib.blake2b(profile, digest_size=16).digest(), profile, image.mode)
+    return None if transform is None else ImageCms.applyTransform(image, transform)
+
+
+@functools.lru_cache(maxsize=64)
+def _icc_transform(digest: bytes, profile: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The ICC transform from ``profile`` to sRGB for ``mode`` pixels, built once per profile (``digest``
+    keys the cache; building one costs about a millisecond); None for an RGB profile that maps a probe of
+    colours onto themselves (sRGB, whatever its name), so most web images skip the conversion."""
+    del digest
+    if mode not in ("RGB", "L", "CMYK"):
+        return None
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        transform = ImageCms.buildTransform(source, _srgb(), mode, "RGB", ImageCms.Intent.PERCEPTUAL)
+        if mode == "RGB":
+            probe = Image.fromarray(_PROBE)
+            moved = np.abs(np.asarray(ImageCms.applyTransform(probe, transform), np.int16) - _PROBE).max()
+            if moved <= 1:
+                return None
+        return transform
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
+
+
+# Every combination of 0, 64, 128, 192, 255 per channel (125 colours) as a 5 x 25 RGB image.
+_PROBE = np.stack(np.meshgrid(*[[0, 64, 128, 192, 255]] * 3, indexing="ij"), -1).reshape(5, 25, 3)
+_PROBE = _PROBE.astype(np.uint8)
+
+
+@functools.cache
+def _srgb() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 class _TarInfo(tarfile.TarInfo):
@@ -412,7 +550,8 @@ def _reasons(skips: Counter[str]) -> str:
 class SuperBatchStream(IterableDataset):
     """Iterable of ``SuperBatch``es of ``batch_size`` pairs; use with ``DataLoader(batch_size=None)``.
 
-    epochs: passes over this rank's shards (None = forever); ignored when ``resampled``.
+    epochs: passes over this worker's shards (None = forever); ignored when ``resampled``.
+    resampled: epochs forever, each in a new shard order (shuffled even with ``shuffle_shards=False``).
     transform: PIL image -> ``[3, H, W]`` tensor (default: float in [0, 1]; sizes must then agree).
     shuffle_buffer: shuffle samples within a buffer of this many (0 = keep shard order).
     decode_size: decode JPEGs at a reduced scale that still covers this many pixels on both sides (PIL's
@@ -448,7 +587,9 @@ class SuperBatchStream(IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if decode_size is not None and decode_size < 1:
             raise ValueError(f"decode_size must be >= 1 or None, got {decode_size}")
-        self.urls = expand_urls(urls)
+        listed = expand_urls(urls)
+        self.urls = list(dict.fromkeys(listed))  # a shard listed twice is read once
+        self._duplicate_shards = len(listed) - len(self.urls)
         self.batch_size = batch_size
         self.transform = transform or _to_tensor
         self.epochs = epochs
@@ -468,10 +609,10 @@ class SuperBatchStream(IterableDataset):
             world_size = torch.distributed.get_world_size() if dist else 1
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if not resampled and len(self.urls) < world_size:
+        if len(self.urls) < world_size:
             raise ValueError(
-                f"{len(self.urls)} shards cannot be split over {world_size} ranks; use more shards or "
-                "resampled=True"
+                f"{len(self.urls)} shards cannot be split over {world_size} ranks (ranks read disjoint "
+                "shards); use at least as many shards as ranks"
             )
         self.rank, self.world_size = rank, world_size
 
@@ -492,34 +633,31 @@ class SuperBatchStream(IterableDataset):
         return None if self._resume is None else self._resume["workers"][self._worker()[0]]
 
     def _pool(self) -> list[str]:
-        """Every shard this worker can draw: all of them, unless the deal is fixed (no shuffling)."""
+        """Every shard this worker reads, in any epoch: its own part of the shard list."""
         worker, n_workers = self._worker()
-        mine = self.urls[self.rank :: self.world_size][worker::n_workers]
-        if self.resampled:
-            return list(self.urls)
-        return list(self.urls) if mine and self.shuffle_shards else mine
+        return self._epoch_shards(0, worker, n_workers)
 
     def _epoch_shards(self, epoch: int, worker: int, n_workers: int) -> list[str]:
+        """This worker's shards in epoch ``epoch``'s order. The deal is fixed (epoch 0's, the shard list
+        shuffled by ``seed``, dealt to ranks then workers), so ranks and workers never share a shard; later
+        epochs reorder a worker's own shards."""
         urls = list(self.urls)
-        if self.shuffle_shards:
-            random.Random(f"{self.seed}/epoch{epoch}").shuffle(urls)
-        return urls[self.rank :: self.world_size][worker::n_workers]
+        shuffle = self.shuffle_shards or self.resampled
+        if shuffle:
+            random.Random(f"{self.seed}/epoch0").shuffle(urls)
+        mine = urls[self.rank :: self.world_size][worker::n_workers]
+        if shuffle and epoch > 0:
+            random.Random(f"{self.seed}/{self.rank}/{worker}/epoch{epoch}").shuffle(mine)
+        return mine
 
     def _shard_order(self, start: dict[str, Any] | None) -> Iterator[tuple[str, dict[str, Any]]]:
-        """This worker's shards from ``start`` on, each with what reproduces the order from it (``rng``: the
-        shard-choice RNG state before drawing it; or its ``epoch`` and index ``shard``)."""
+        """This worker's shards from ``start`` on, each with what reproduces the order from it: its ``epoch``
+        and index ``shard`` in that epoch's order."""
         worker, n_workers = self._worker()
-        if self.resampled:
-            rng = random.Random(f"{self.seed}/{self.rank}/{worker}")
-            if start is not None:
-                rng.setstate(_unpack_rng(start["rng"]))
-            while True:
-                state = rng.getstate()
-                yield rng.choice(self.urls), {"rng": state}
         if not self._pool():  # more workers than shards: this one has none (and must not spin)
             return
         epoch, first = (start["epoch"], start["shard"]) if start is not None else (0, 0)
-        while self.epochs is None or epoch < self.epochs:
+        while self.resampled or self.epochs is None or epoch < self.epochs:
             shards = self._epoch_shards(epoch, worker, n_workers)
             for index in range(first, len(shards)):
                 yield shards[index], {"epoch": epoch, "shard": index}
@@ -550,6 +688,9 @@ class SuperBatchStream(IterableDataset):
         watch = _ShardWatch(self._pool(), self.require_samples, self._warned)
         offset = start["sample"] if start is not None else 0  # raw samples of the first shard consumed
         worker, _ = self._worker()
+        if start is None and self.rank == 0 and worker == 0:
+            for _ in range(self._duplicate_shards):
+                tally("duplicate_shard")
         for url, order in self._shard_order(start):
             tally.shard, good = Counter(), 0
             for index, raw in _read_from(url, tally, offset):
@@ -566,32 +707,59 @@ class SuperBatchStream(IterableDataset):
         watch.end()
 
     def _decode(self, raw: dict[str, Any], count: Callable[[str], None]) -> Sample | None:
+        dotted = dotted_pairs(raw)
+        for _ in range(dotted):
+            count("dotted_key")
         sample = decode_sample(raw, decode_size=self.decode_size)
         if isinstance(sample, str):
-            count(sample)
+            if not (dotted and sample == "missing_image"):  # else the sample is those pairs, counted above
+                count(sample)
             return None
         try:
             image = self.transform(sample.image)
         except Exception as exn:  # a user transform failing on one image must not end the stream
             count(f"transform_failed:{type(exn).__name__}")
             return None
-        return Sample(sample.key, sample.url, image, sample.text, sample.meta)
+        return Sample(sample.key, sample.url, image, sample.text, sample.meta, sample.digest)
 
     def __iter__(self) -> Iterator[SuperBatch]:
         # A full batch is held until the next sample arrives, so skips read after it (a bad tail) still go
         # into a batch; ``skipped`` is the one counter the sample generator writes into, emptied per batch.
         # The batch's position is the one before that next sample (whose skips go to the next batch).
+        # A sample already in the batch being filled is left out (``repeat_in_batch``); 2B of them in a row
+        # prove that fewer than B distinct samples exist: within one epoch every sample comes once, so a run
+        # of repeats longer than 2(B - 1) spans a whole epoch of samples all in the batch.
         skipped: Counter[str] = Counter()
         buffer: list[Sample] = []
+        inside: set[tuple[str, str]] = set()
+        repeats = 0
         for sample, before in self._positioned(skipped):
             if len(buffer) == self.batch_size:
-                yield _collate(buffer, skipped, _packed(before))
+                yield _collate(buffer, skipped, before)
                 buffer = []
+                inside.clear()
                 skipped.clear()
+            if (sample.url, sample.key) in inside:
+                skipped["repeat_in_batch"] += 1
+                repeats += 1
+                if repeats >= 2 * self.batch_size:
+                    raise TooFewSamplesError(self._too_few(len(inside)))
+                continue
+            repeats = 0
+            inside.add((sample.url, sample.key))
             buffer.append(sample)
         if len(buffer) == self.batch_size or (buffer and not self.drop_last):
             end = None if self.shuffle_buffer > 1 else {"worker": self._worker()[0], "end": True}
             yield _collate(buffer, skipped, end)
+
+    def _too_few(self, distinct: int) -> str:
+        worker, n_workers = self._worker()
+        return (
+            f"a super-batch of {self.batch_size} cannot be filled without repeating a sample: rank "
+            f"{self.rank}'s loader worker {worker} reads {len(self._pool())} of {len(self.urls)} shards, "
+            f"which hold only {distinct} readable samples; use more shards, fewer ranks or workers "
+            f"({self.world_size} x {n_workers}), or a smaller batch"
+        )
 
     def resumed(self, position: dict[str, Any]) -> SuperBatchStream:
         """A copy of this stream that starts where ``position`` (a ``ResumableBatches.position()``) left it;
@@ -613,16 +781,16 @@ class SuperBatchStream(IterableDataset):
         if start is None or start.get("end"):
             return
         where = f"rank {self.rank}'s loader worker {worker}"
-        kind = "rng" if self.resampled else "epoch"
-        if start.get("worker") != worker or kind not in start:
+        if "rng" in start:
+            raise ValueError(
+                f"the position recorded for {where} comes from a resampled stream that drew shards with "
+                "replacement (jestclip before each worker kept its own shards); it cannot be continued: "
+                "start the run again"
+            )
+        if start.get("worker") != worker or "epoch" not in start:
             raise ValueError(f"the position recorded for {where} is not this stream's: {_brief(start)}")
-        if self.resampled:
-            rng = random.Random()
-            rng.setstate(_unpack_rng(start["rng"]))
-            url: str | None = rng.choice(self.urls)
-        else:
-            shards = self._epoch_shards(start["epoch"], worker, n_workers)
-            url = shards[start["shard"]] if start["shard"] < len(shards) else None
+        shards = self._epoch_shards(start["epoch"], worker, n_workers)
+        url = shards[start["shard"]] if start["shard"] < len(shards) else None
         if url != start["url"]:
             raise ValueError(
                 f"cannot resume {where}: it was reading shard {start['url']}, but the shard list "
@@ -647,21 +815,8 @@ def _read_from(url: str, tally: _Tally, offset: int) -> Iterator[tuple[int, dict
             yield index, raw
 
 
-def _packed(position: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A position as plain lists (the RNG state as ``[version, [state ...], gauss]``), for checkpoints."""
-    if position is None or "rng" not in position:
-        return position
-    version, state, gauss = position["rng"]
-    return {**position, "rng": [version, list(state), gauss]}
-
-
-def _unpack_rng(packed: Sequence[Any]) -> tuple[Any, ...]:
-    version, state, gauss = packed
-    return (version, tuple(state), gauss)
-
-
 def _brief(position: dict[str, Any]) -> str:
-    return str({k: v for k, v in position.items() if k != "rng"})
+    return str(position)
 
 
 def _shuffled(items: Iterator[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
@@ -694,6 +849,7 @@ def _collate(samples: list[Sample], skipped: Counter[str], position: dict[str, A
         meta=[s.meta for s in samples],
         skipped=dict(skipped),
         position=position,
+        digests=[s.digest for s in samples],
     )
 
 

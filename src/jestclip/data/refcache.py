@@ -1,16 +1,33 @@
-"""The reference-embedding cache: a frozen reference model's embeddings stored next to each shard, by key.
+"""The reference-embedding cache: a frozen reference model's embeddings of each shard's samples, by key.
 
-Format (``jestclip-refcache/2``), for shard ``dir/00000.tar`` and cache name ``reference``, three files:
+Format (``jestclip-refcache/3``), for shard ``dir/00000.tar`` and cache name ``reference``, four files:
 
 - ``dir/00000.reference.keys.npy``: the sample keys with a row, UTF-8 as fixed-width bytes (``S<w>``),
   sorted, so a key's row is ``np.searchsorted(keys, key)``;
 - ``dir/00000.reference.emb.npy``: float16 ``[n, 2, D]``, L2-normalised, row i the image (``[:, 0]``) and
   text (``[:, 1]``) embedding of ``keys[i]``: one contiguous 4·D-byte read per sample, one memory map
   for both;
-- ``dir/00000.reference.json``: the header, written last (it marks the sidecar complete): model
-  fingerprint, name, logit scale and bias, dim, the shard's byte size when cached, rows, key width, that
-  every embedding was checked finite when written, the keys of samples the loader skipped as undecodable
-  (they have no row), and the byte size of both arrays (a truncated array shows in its size).
+- ``dir/00000.reference.digest.npy``: uint64 ``[n]``, row i the ``content_digest`` of ``keys[i]``'s image
+  and caption bytes when it was embedded;
+- ``dir/00000.reference.json``: the header, written last (it marks the sidecar complete): the shard's
+  identity, model fingerprint, name, logit scale and bias, dim, the shard's byte size when cached (None for a
+  shard behind a URL), rows, key width, that every embedding was checked finite when written, the keys and
+  content digests of samples the loader skipped as undecodable (they have no row), and the byte size of the
+  three arrays (a truncated array shows in its size).
+
+Where: beside each local shard by default; with ``cache_dir`` every sidecar lives in that directory as
+``STEM-ID.NAME.*`` (``STEM`` the shard's file name without ``.tar``, ``ID`` 16 hex digits of the SHA-256 of
+its identity: the absolute path of a local shard, else the URL exactly as given, e.g.
+``pipe:curl -s https://host/pool/00000.tar``). That is how shards behind a URL (``pipe:``, ``http(s)://``,
+``s3://`` through ``pipe:``) get a cache: every rank reads the same directory (a shared filesystem); cache
+and train must name the shards by the same URL.
+
+Staleness: a changed shard is detected before training uses its embeddings. Opening checks the headers (and
+a local shard's byte size); ``lookup(keys, urls, digests=...)`` compares each sample's content digest, which
+the loader computes from the bytes it read (``SuperBatch.digests``), with the digest cached for its row, and
+a mismatch is a ``SidecarError`` naming the shard and key: a re-rendered or re-captioned sample never gets
+the old sample's embedding, at the cost of one 64-bit compare per sample. ``cache_reference`` re-reads each
+shard it would keep (no decoding) and rewrites the sidecar when any sample's key, image or caption differs.
 
 Files are written to ``*.tmp``, fsynced and renamed, the header removed first and written last, so a
 killed writer leaves no header and the shard is cached again. ``ReferenceCache`` reads headers only and
@@ -19,18 +36,15 @@ it is looked up (at most ``max_open`` shards at once). ``lookup(keys, urls)`` gr
 loader's ``SuperBatch.urls``) and locates them with ``np.searchsorted`` in that shard's sorted keys: no
 per-key Python dict, and no memory beyond the pages read. Embedding maps are advised ``MADV_RANDOM`` (a page
 fault reads one page, not the device's read-ahead window) and a dense run of rows ``MADV_WILLNEED`` (read
-ahead in bulk); see docs/benchmarks.md, "Reference cache at scale". Old ``SHARD.NAME.npz`` sidecars are
-refused with a message to re-run ``jestclip cache-reference``.
-
-Keys: ``cache_reference`` lists each shard's sample keys from its tar headers and records those the loader
-skipped, and compares them again with the sidecar when it resumes (rewriting a mis-keyed one);
-``ReferenceCache`` checks them only when asked (``check_keys=True``: it reads every shard's tar headers and
-key list, too much for 10^9 pairs at every start) and otherwise relies on the shard's byte size.
+ahead in bulk); see docs/benchmarks.md, "Reference cache at scale". Sidecars of earlier formats (``.npz``,
+``jestclip-refcache/2`` without digests) are refused with a message to re-run ``jestclip cache-reference``,
+which rewrites them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import mmap
 import os
@@ -39,7 +53,7 @@ import resource
 import sys
 import tarfile
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +62,9 @@ import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
+from webdataset.tariterators import base_plus_ext
 
-from jestclip.data.loader import SuperBatchStream, expand_urls
+from jestclip.data.loader import SuperBatchStream, content_digest, expand_urls, read_shard
 from jestclip.data.progress import progress
 from jestclip.selection import Embeddings
 
@@ -60,12 +75,17 @@ __all__ = [
     "ReferenceCache",
     "SidecarError",
     "cache_reference",
+    "shard_content",
+    "shard_identity",
     "shard_keys",
     "sidecar_path",
     "write_sidecar",
 ]
 
-FORMAT = "jestclip-refcache/2"
+FORMAT = "jestclip-refcache/3"
+_OLD_FORMATS = ("jestclip-refcache/2",)  # without content digests: refused, rewritten by cache-reference
+_KINDS = ("keys", "emb", "digest")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # pipe:, http://, s3://, file: (not a plain local path)
 
 # images [n, 3, H, W], n captions -> L2-normalised (image [n, D], text [n, D]), any device and float dtype
 Embedder = Callable[[Tensor, list[str]], tuple[Tensor, Tensor]]
@@ -88,20 +108,46 @@ def _one_line(exn: BaseException) -> str:
     return f"{type(exn).__name__}: {' '.join(str(exn).split())}"
 
 
-def sidecar_path(shard: str | Path, name: str) -> Path:
-    """The header of cache ``name`` of ``shard``: ``dir/00000.tar`` -> ``dir/00000.NAME.json``."""
-    shard = Path(shard)
-    return shard.with_name(f"{shard.stem}.{name}.json")
+def _is_local(shard: str | Path) -> bool:
+    return not _URL.match(str(shard))
 
 
-def _array_path(shard: str | Path, name: str, kind: str) -> Path:
-    shard = Path(shard)
-    return shard.with_name(f"{shard.stem}.{name}.{kind}.npy")
+def shard_identity(shard: str | Path) -> str:
+    """What names a shard in a cache directory: a local shard's absolute path, else the URL as given."""
+    return os.path.abspath(shard) if _is_local(shard) else str(shard)
 
 
-def _old_path(shard: str | Path, name: str) -> Path:
-    shard = Path(shard)
-    return shard.with_name(f"{shard.stem}.{name}.npz")
+def _base(shard: str | Path, name: str, cache_dir: str | Path | None) -> Path:
+    """Every sidecar file of ``shard`` is this path plus a suffix (``.json``, ``.keys.npy``, ...)."""
+    if cache_dir is None:
+        if not _is_local(shard):
+            raise ValueError(
+                f"shard {shard} is not a local file, so its {name!r} sidecars cannot sit beside it; name a "
+                "cache directory that every rank can read (cache-reference --cache-dir DIR; in training "
+                "reference_cache_dir=DIR)"
+            )
+        shard = Path(shard)
+        return shard.with_name(f"{shard.stem}.{name}")
+    identity = shard_identity(shard)
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", re.split(r"[/\\\s]", identity.rstrip("/ '\""))[-1])
+    stem = stem.removesuffix(".tar")[:64] or "shard"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{stem}-{digest}.{name}"
+
+
+def sidecar_path(shard: str | Path, name: str, cache_dir: str | Path | None = None) -> Path:
+    """The header of cache ``name`` of ``shard``: ``dir/00000.tar`` -> ``dir/00000.NAME.json``, or in
+    ``cache_dir``: ``cache_dir/00000-ID.NAME.json`` (see the module docstring). A shard behind a URL needs a
+    ``cache_dir`` (ValueError otherwise)."""
+    return Path(f"{_base(shard, name, cache_dir)}.json")
+
+
+def _array_path(shard: str | Path, name: str, kind: str, cache_dir: str | Path | None = None) -> Path:
+    return Path(f"{_base(shard, name, cache_dir)}.{kind}.npy")
+
+
+def _old_path(shard: str | Path, name: str, cache_dir: str | Path | None = None) -> Path:
+    return Path(f"{_base(shard, name, cache_dir)}.npz")
 
 
 @dataclass(frozen=True)
@@ -113,84 +159,112 @@ class CacheMeta:
     scale: float
     bias: float
     dim: int
-    shard_bytes: int
+    shard_bytes: int | None  # None: a shard behind a URL (no size to compare)
 
 
 @dataclass(frozen=True)
 class _Header:
     """A sidecar's header: the meta, the rows it holds, and what was checked when it was written."""
 
+    shard: str  # shard_identity of the shard it was cached from
     meta: CacheMeta
     rows: int
     key_width: int
     finite: bool
-    skipped_keys: tuple[str, ...]
-    file_bytes: dict[str, int]  # "keys", "emb" -> byte size of the .npy file
+    skipped: dict[str, int]  # keys of samples without a row -> their content digests
+    file_bytes: dict[str, int]  # "keys", "emb", "digest" -> byte size of the .npy file
+
+    @property
+    def skipped_keys(self) -> tuple[str, ...]:
+        return tuple(self.skipped)
 
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, **asdict(self.meta), **_fields_of(self)})
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "shard": self.shard,
+                **asdict(self.meta),
+                "rows": self.rows,
+                "key_width": self.key_width,
+                "finite": self.finite,
+                "skipped_keys": list(self.skipped),
+                "skipped_digests": [f"{d:016x}" for d in self.skipped.values()],
+                "file_bytes": self.file_bytes,
+            }
+        )
 
 
-def _fields_of(header: _Header) -> dict[str, Any]:
-    return {
-        "rows": header.rows,
-        "key_width": header.key_width,
-        "finite": header.finite,
-        "skipped_keys": list(header.skipped_keys),
-        "file_bytes": header.file_bytes,
-    }
-
-
-def _read_header(shard: str, name: str) -> _Header:
+def _read_header(shard: str, name: str, cache_dir: str | Path | None = None) -> _Header:
     """The header of ``shard``'s sidecar; SidecarError (one line) if missing, old-format or unreadable."""
-    path = sidecar_path(shard, name)
+    path = sidecar_path(shard, name, cache_dir)
+    rerun = "re-run `jestclip cache-reference` to rewrite it"
     if not path.exists():
-        if _old_path(shard, name).exists():
+        if _old_path(shard, name, cache_dir).exists():
             raise SidecarError(
-                f"{_old_path(shard, name)} is an old-format {name!r} cache (.npz)",
-                "re-run `jestclip cache-reference` to rewrite it as memory-mappable files",
+                f"{_old_path(shard, name, cache_dir)} is an old-format {name!r} cache (.npz)",
+                f"{rerun} as memory-mappable files",
             )
         raise SidecarError(
             f"no cached {name!r} embeddings for shard {shard} (expected {path})", "run cache-reference"
         )
     try:
         raw = json.loads(path.read_bytes())
+        if raw.get("format") in _OLD_FORMATS:
+            raise SidecarError(
+                f"{path} is a {name!r} cache of format {raw['format']}, without the content digests that "
+                "show a changed shard",
+                f"{rerun} (format {FORMAT})",
+            )
         if raw.get("format") != FORMAT:
             raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT!r}")
         meta = CacheMeta(**{k: raw[k] for k in CacheMeta.__dataclass_fields__})
-        files = {k: int(raw["file_bytes"][k]) for k in ("keys", "emb")}
-        skipped = tuple(str(k) for k in raw["skipped_keys"])
-        header = _Header(meta, int(raw["rows"]), int(raw["key_width"]), raw["finite"] is True, skipped, files)
+        files = {k: int(raw["file_bytes"][k]) for k in _KINDS}
+        digests = [int(d, 16) for d in raw["skipped_digests"]]
+        skipped = dict(zip((str(k) for k in raw["skipped_keys"]), digests, strict=True))
+        rows, width = int(raw["rows"]), int(raw["key_width"])
+        header = _Header(str(raw["shard"]), meta, rows, width, raw["finite"] is True, skipped, files)
+    except SidecarError:
+        raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exn:
         raise SidecarError(f"{path} is corrupt ({_one_line(exn)})") from None
     return header
 
 
-def _check_header(shard: str, name: str, header: _Header) -> None:
-    """SidecarError unless the shard is unchanged, every row was finite and both arrays have their size."""
-    path = sidecar_path(shard, name)
-    if header.meta.shard_bytes != os.path.getsize(shard):
-        raise SidecarError(
-            f"shard {shard} changed since its {name!r} embeddings were cached ({path})", "run cache-reference"
-        )
+def _check_header(shard: str, name: str, header: _Header, cache_dir: str | Path | None = None) -> None:
+    """SidecarError unless the header is this shard's, the (local) shard kept its size, every row was finite
+    and the arrays have their size."""
+    path = sidecar_path(shard, name, cache_dir)
+    if header.shard != shard_identity(shard) and cache_dir is not None:
+        raise SidecarError(f"{path} holds the {name!r} embeddings of shard {header.shard}, not of {shard}")
+    if header.meta.shard_bytes is not None and _is_local(shard):
+        if header.meta.shard_bytes != os.path.getsize(shard):
+            raise SidecarError(
+                f"shard {shard} changed since its {name!r} embeddings were cached ({path})",
+                "run cache-reference",
+            )
     if not header.finite:
         raise SidecarError(f"{path} does not record its embeddings as checked finite")
-    data = {"keys": header.rows * header.key_width, "emb": header.rows * 2 * header.meta.dim * 2}
+    data = {
+        "keys": header.rows * header.key_width,
+        "emb": header.rows * 2 * header.meta.dim * 2,
+        "digest": header.rows * 8,
+    }
+    base = str(_base(shard, name, cache_dir))
     for kind, expected in header.file_bytes.items():
-        array = _array_path(shard, name, kind)
+        array = f"{base}.{kind}.npy"
         if not 0 < expected - data[kind] <= 65536:  # the .npy header: 64 bytes to 64 KiB
             raise SidecarError(
                 f"{path} is corrupt: a {kind} file of {expected} bytes cannot hold {header.rows} rows of "
                 f"dim {header.meta.dim}"
             )
-        size = array.stat().st_size if array.exists() else None
+        size = os.stat(array).st_size if os.path.exists(array) else None
         if size != expected:
             found = "missing" if size is None else f"{size} bytes, expected {expected}"
             raise SidecarError(f"{array} is truncated ({found})")
 
 
 def shard_keys(url: str | Path) -> set[str]:
-    """The sample keys of a tar shard from its member names (headers only, as webdataset groups them);
+    """The sample keys of a local tar shard from its member names (headers only, as webdataset groups them);
     members after a corrupt header are unreadable to the loader too and are left out."""
     keys: set[str] = set()
     try:
@@ -199,12 +273,21 @@ def shard_keys(url: str | Path) -> set[str]:
                 name = member.name
                 if not member.isreg() or re.match(r"__[^/]*__($|/)", name):
                     continue
-                match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
-                if match:
-                    keys.add(match.group(1))
+                key, _ = base_plus_ext(name)
+                if key is not None:
+                    keys.add(key)
     except (tarfile.TarError, OSError, EOFError):
         pass
     return keys
+
+
+def shard_content(url: str | Path) -> dict[str, int]:
+    """Every sample of a shard, as the loader groups it: key -> ``content_digest`` (image and caption bytes).
+
+    Reads the whole shard (local path or any URL the loader reads), decodes nothing; duplicate keys keep
+    their first sample, as the loader does; a truncated shard gives the samples before the cut.
+    """
+    return {raw["__key__"]: content_digest(raw) for raw in read_shard(str(url), lambda _: None)}
 
 
 def write_sidecar(
@@ -214,12 +297,17 @@ def write_sidecar(
     image: np.ndarray,
     text: np.ndarray,
     meta: CacheMeta,
-    skipped_keys: Iterable[str] = (),
+    *,
+    digests: Sequence[int] | None = None,
+    skipped: dict[str, int] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> None:
     """Write ``shard``'s sidecar: rows sorted by key, float16, finite (ValueError naming the key if not).
 
     keys: n distinct sample keys; image, text: ``[n, D]``; meta.dim must be D (0 when n = 0).
-    skipped_keys: keys of the shard's samples that have no row (undecodable), recorded in the header.
+    digests: the n samples' ``content_digest``s (None: read from the shard, which must hold every key; a
+    ValueError names one it lacks). skipped: key -> content digest of the shard's samples that
+    have no row (undecodable), recorded in the header. cache_dir: see ``sidecar_path``.
     """
     encoded = _encode(keys)
     order = np.argsort(encoded, kind="stable")
@@ -234,16 +322,30 @@ def write_sidecar(
             f"expected [{len(encoded)}, {meta.dim}] each"
         )
     emb = np.stack([image, text], axis=1)[order]
+    if digests is None:
+        content = shard_content(shard)
+        lacking = [k for k in keys if k not in content]
+        if lacking:
+            raise ValueError(f"shard {shard} lacks sample key {lacking[0]!r}: pass the content digests")
+        digests = [content[k] for k in keys]
+    digest = np.asarray(list(digests), np.uint64)
+    if digest.shape != (len(encoded),):
+        raise ValueError(
+            f"sidecar of shard {shard}: {digest.shape[0]} content digests for {len(encoded)} keys"
+        )
+    digest = digest[order]
     bad = np.flatnonzero(~np.isfinite(emb).all(axis=(1, 2)))
     if bad.size:
         raise ValueError(f"non-finite embedding for sample key {encoded[bad[0]].decode()!r} of shard {shard}")
-    header_path = sidecar_path(shard, name)
+    header_path = sidecar_path(shard, name, cache_dir)
+    header_path.parent.mkdir(parents=True, exist_ok=True)
     header_path.unlink(missing_ok=True)  # the header marks a complete sidecar: gone until all is written
     files = {
-        kind: _write_atomic(_array_path(shard, name, kind), a)
-        for kind, a in (("keys", encoded), ("emb", emb))
+        kind: _write_atomic(_array_path(shard, name, kind, cache_dir), a)
+        for kind, a in (("keys", encoded), ("emb", emb), ("digest", digest))
     }
-    header = _Header(meta, len(encoded), encoded.dtype.itemsize, True, tuple(sorted(skipped_keys)), files)
+    skipped = dict(sorted((skipped or {}).items()))
+    header = _Header(shard_identity(shard), meta, len(encoded), encoded.dtype.itemsize, True, skipped, files)
     _write_atomic(header_path, header.to_json().encode())
     dir_fd = os.open(header_path.parent, os.O_RDONLY)
     try:
@@ -267,13 +369,17 @@ def _write_atomic(path: Path, data: np.ndarray | bytes) -> int:
     return size
 
 
-def _open_arrays(shard: str, name: str, header: _Header) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-map ``shard``'s sorted keys ``[n]`` and embeddings ``[n, 2, D]``; SidecarError if unreadable."""
+def _open_arrays(
+    shard: str, name: str, header: _Header, cache_dir: str | Path | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Memory-map ``shard``'s sorted keys ``[n]``, embeddings ``[n, 2, D]`` and content digests ``[n]``;
+    SidecarError if unreadable."""
     arrays = []
     want = (("keys", np.dtype(f"S{header.key_width}"), (header.rows,)),)
     want += (("emb", np.dtype(np.float16), (header.rows, 2, header.meta.dim)),)
+    want += (("digest", np.dtype(np.uint64), (header.rows,)),)
     for kind, dtype, shape in want:
-        path = _array_path(shard, name, kind)
+        path = _array_path(shard, name, kind, cache_dir)
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, EOFError) as exn:
@@ -284,7 +390,7 @@ def _open_arrays(shard: str, name: str, header: _Header) -> tuple[np.ndarray, np
             )
         arrays.append(array)
     _advise(arrays[1], getattr(mmap, "MADV_RANDOM", None))  # no read-around: a fault reads one page
-    return arrays[0], arrays[1]
+    return arrays[0], arrays[1], arrays[2]
 
 
 def _advise(emb: np.ndarray, advice: int | None, rows: tuple[int, int] | None = None) -> None:
@@ -304,42 +410,56 @@ def _advise(emb: np.ndarray, advice: int | None, rows: tuple[int, int] | None = 
         mm.madvise(advice, aligned, base + last * emb.strides[0] - aligned)
 
 
-def _compare_keys(shard: str, name: str, header: _Header, keys: np.ndarray) -> None:
-    """SidecarError unless the sidecar's rows and skipped keys are exactly the shard's sample keys."""
-    cached = {k.decode("utf-8") for k in keys.tolist()}
-    in_shard = shard_keys(shard)
-    missing = sorted(in_shard - cached - set(header.skipped_keys))
+def _compare_content(
+    shard: str, name: str, header: _Header, keys: np.ndarray, digests: np.ndarray, where: Path
+) -> None:
+    """SidecarError unless the sidecar's rows and skipped samples are exactly the shard's samples, with the
+    same image and caption bytes (reads the whole shard, decodes nothing)."""
+    cached = dict(zip((k.decode("utf-8") for k in keys.tolist()), digests.tolist(), strict=True))
+    cached.update(header.skipped)
+    in_shard = shard_content(shard)
+    missing = sorted(in_shard.keys() - cached.keys())
     if missing:
         raise SidecarError(
             f"shard {shard} holds sample key {missing[0]!r} ({len(missing)} such) that its {name!r} sidecar "
-            f"{sidecar_path(shard, name)} has no row for and does not record as skipped"
+            f"{where} has no row for and does not record as skipped"
         )
-    extra = sorted(cached - in_shard)
+    extra = sorted(cached.keys() - in_shard.keys())
     if extra:
         raise SidecarError(
-            f"{name!r} sidecar {sidecar_path(shard, name)} has a row for sample key {extra[0]!r} "
-            f"({len(extra)} such) that shard {shard} does not hold"
+            f"{name!r} sidecar {where} has a row for sample key {extra[0]!r} ({len(extra)} such) that shard "
+            f"{shard} does not hold"
+        )
+    changed = sorted(k for k, d in in_shard.items() if cached[k] != d)
+    if changed:
+        raise SidecarError(
+            f"shard {shard} changed since its {name!r} embeddings were cached: sample key {changed[0]!r} "
+            f"({len(changed)} of {len(in_shard)}) has other image or caption bytes ({where})"
         )
 
 
-def _existing(url: str, name: str, fingerprint: str, model: str) -> tuple[str, str]:
-    """The state of ``url``'s sidecar for ``cache_reference``: ("ok" | "missing" | "old" | "stale" | "broken",
-    what is wrong); "ok" means complete, up to date, readable and keyed like the shard (tar headers read)."""
+def _existing(
+    url: str, name: str, fingerprint: str, model: str, cache_dir: str | Path | None
+) -> tuple[str, str]:
+    """The state of ``url``'s sidecar for ``cache_reference``: ("ok" | "missing" | "old" | "stale" | "changed"
+    | "broken", what is wrong); "ok" means complete, up to date, readable and holding the shard's samples as
+    they are now (the shard is read, not decoded)."""
     try:
-        header = _read_header(url, name)
+        header = _read_header(url, name, cache_dir)
     except SidecarError as exn:
-        if sidecar_path(url, name).exists():
+        old = _old_path(url, name, cache_dir).exists() or "without the content digests" in exn.problem
+        if sidecar_path(url, name, cache_dir).exists() and not old:
             return "broken", exn.problem
-        return ("old" if _old_path(url, name).exists() else "missing"), exn.problem
+        return ("old" if old else "missing"), exn.problem
     same_model = (header.meta.fingerprint, header.meta.model) == (fingerprint, model)  # model: NAME@TAG
-    if not same_model or header.meta.shard_bytes != os.path.getsize(url):  # (the tag sets the preprocessing)
+    if not same_model:  # (the tag sets the preprocessing)
         return "stale", ""
     try:
-        _check_header(url, name, header)
-        keys, _ = _open_arrays(url, name, header)
-        _compare_keys(url, name, header, keys)
+        _check_header(url, name, header, cache_dir)
+        keys, _, digests = _open_arrays(url, name, header, cache_dir)
+        _compare_content(url, name, header, keys, digests, sidecar_path(url, name, cache_dir))
     except SidecarError as exn:
-        return "broken", exn.problem
+        return ("changed" if "changed since" in exn.problem else "broken"), exn.problem
     return "ok", ""
 
 
@@ -354,6 +474,7 @@ def cache_reference(
     transform: Callable,
     name: str = "reference",
     batch_size: int = 256,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Embed every decodable sample of every shard with ``embed``; write one sidecar per shard.
 
@@ -361,28 +482,34 @@ def cache_reference(
     device and in any float dtype (``jestclip.models.reference_embedder`` makes one from an open_clip model).
     model_name, fingerprint, scale, bias: what the sidecars record about the reference model (``scale`` is
     the logit multiplier ``exp(logit_scale)``). transform: image preprocessing of the model.
-    Resumable and repairing: a shard whose sidecar is complete, holds this ``fingerprint``, matches the
-    shard's size and keys (tar headers) is kept; a corrupt, truncated or mis-keyed one is rewritten and
-    counted as repaired; an old ``.npz`` sidecar is replaced. Returns counts: sidecars written (repaired
-    among them) and kept, samples embedded, decode skips by reason.
+    cache_dir: where the sidecars go (see ``sidecar_path``); needed for shards behind a URL.
+    Resumable and repairing: a shard whose sidecar is complete, holds this ``fingerprint`` and the shard's
+    samples as they are now (keys, image and caption bytes: each kept shard is read again, not decoded) is
+    kept; one of a shard that changed is rewritten and counted as changed; a corrupt, truncated or mis-keyed
+    one is rewritten and counted as repaired; one of an earlier format is replaced. Returns counts: sidecars
+    written (changed and repaired among them) and kept, samples embedded, decode skips by reason.
     """
     urls = expand_urls(shards)
-    summary: dict[str, Any] = {"written": 0, "repaired": 0, "kept": 0, "samples": 0, "skipped": Counter()}
-    template = CacheMeta(fingerprint, model_name, float(scale), float(bias), 0, 0)
+    for url in urls:
+        _base(url, name, cache_dir)  # a shard behind a URL without a cache directory: say so before any work
+    summary: dict[str, Any] = {"written": 0, "changed": 0, "repaired": 0, "kept": 0, "samples": 0}
+    summary["skipped"] = Counter()
+    template = CacheMeta(fingerprint, model_name, float(scale), float(bias), 0, None)
     for url in progress(urls, desc=f"cache {name}", unit="shard"):
-        state, problem = _existing(url, name, fingerprint, model_name)
+        state, problem = _existing(url, name, fingerprint, model_name, cache_dir)
         if state == "ok":
             summary["kept"] += 1
             continue
-        if state == "broken":
-            tqdm.write(f"cache-reference: repairing {problem}", file=sys.stderr)
+        if state in ("broken", "changed"):
+            tqdm.write(f"cache-reference: rewriting: {problem}", file=sys.stderr)
         summary["samples"] += _cache_shard(
-            embed, url, name, template, transform, batch_size, summary["skipped"]
+            embed, url, name, template, transform, batch_size, summary["skipped"], cache_dir
         )
         summary["written"] += 1
         summary["repaired"] += state == "broken"
+        summary["changed"] += state == "changed"
         if state == "old":
-            _old_path(url, name).unlink()
+            _old_path(url, name, cache_dir).unlink(missing_ok=True)
     summary["skipped"] = dict(summary["skipped"])
     return summary
 
@@ -395,10 +522,13 @@ def _cache_shard(
     transform: Callable,
     batch_size: int,
     skipped: Counter[str],
+    cache_dir: str | Path | None,
 ) -> int:
-    """Embed the decodable samples of shard ``url`` and write its sidecar; the number embedded."""
-    size = os.path.getsize(url)
+    """Embed the decodable samples of shard ``url`` and write its sidecar; the number embedded. The shard is
+    read twice: to embed its samples, then (no decoding) for the digests of those it skipped."""
+    size = os.path.getsize(url) if _is_local(url) else None
     keys: list[str] = []
+    digests: list[int] = []
     images: list[np.ndarray] = []
     texts: list[np.ndarray] = []
     stream = SuperBatchStream([url], batch_size=batch_size, shuffle_shards=False, transform=transform)
@@ -407,6 +537,7 @@ def _cache_shard(
             image, text = embed(batch.images, batch.texts)
         _check_embeddings(image, text, batch.keys, url)
         keys += batch.keys
+        digests += batch.digests
         images.append(image.to("cpu", torch.float16).numpy())
         texts.append(text.to("cpu", torch.float16).numpy())
         skipped.update(batch.skipped)
@@ -414,7 +545,19 @@ def _cache_shard(
     image_rows = np.concatenate(images) if images else np.zeros((0, 0), np.float16)
     text_rows = np.concatenate(texts) if texts else np.zeros((0, 0), np.float16)
     meta = CacheMeta(template.fingerprint, template.model, template.scale, template.bias, dim, size)
-    write_sidecar(url, name, keys, image_rows, text_rows, meta, shard_keys(url) - set(keys))
+    rows = set(keys)
+    skipped_samples = {k: d for k, d in shard_content(url).items() if k not in rows}
+    write_sidecar(
+        url,
+        name,
+        keys,
+        image_rows,
+        text_rows,
+        meta,
+        digests=digests,
+        skipped=skipped_samples,
+        cache_dir=cache_dir,
+    )
     return len(keys)
 
 
@@ -439,9 +582,9 @@ def _check_embeddings(image: Tensor, text: Tensor, keys: Sequence[str], url: str
 
 
 def _default_max_open() -> int:
-    """How many shards' arrays stay memory-mapped at once: 2 file descriptors each, an eighth of the limit."""
+    """How many shards' arrays stay memory-mapped at once: 3 file descriptors each, an eighth of the limit."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return 4096 if soft == resource.RLIM_INFINITY else max(16, min(4096, soft // 8))
+    return 4096 if soft == resource.RLIM_INFINITY else max(16, min(4096, soft // 24))
 
 
 class ReferenceCache:
@@ -457,16 +600,20 @@ class ReferenceCache:
         dim: int | None = None,
         check_keys: bool = False,
         max_open: int | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         """Read every shard's sidecar header; ValueError (one line, naming the file) if one is missing,
         old-format, corrupt, truncated, stale, or disagrees with the others. Arrays are not read.
 
         fingerprint, dim: what the caller expects (e.g. the reference model it was told to use).
-        check_keys: also compare each shard's sample keys (tar headers) with its sidecar's rows and
-        skipped keys (reads every shard's key list: ``cache-reference`` does this when it resumes).
+        check_keys: also compare each shard's samples (keys, image and caption bytes) with its sidecar's
+        rows and skipped keys (reads every shard: ``cache-reference`` does this when it resumes; training
+        relies on ``lookup``'s per-sample digests instead).
         max_open: shards kept memory-mapped at once (default: an eighth of the open-file limit).
+        cache_dir: the directory the sidecars are in (None: beside each local shard); see ``sidecar_path``.
         """
         self.name = name
+        self.cache_dir = cache_dir
         self.urls = expand_urls(shards)
         self._headers = [self._header(url) for url in self.urls]
         self.meta = self._common_meta(fingerprint, dim)
@@ -477,11 +624,13 @@ class ReferenceCache:
         self._everywhere: tuple[np.ndarray, np.ndarray] | None = None  # all keys sorted, their shards
         if check_keys:
             for i, url in enumerate(self.urls):
-                _compare_keys(url, name, self._headers[i], self._arrays(i)[0])
+                keys, _, digests = self._arrays(i)
+                where = sidecar_path(url, name, cache_dir)
+                _compare_content(url, name, self._headers[i], keys, digests, where)
 
     def _header(self, url: str) -> _Header:
-        header = _read_header(url, self.name)
-        _check_header(url, self.name, header)
+        header = _read_header(url, self.name, self.cache_dir)
+        _check_header(url, self.name, header, self.cache_dir)
         return header
 
     def _common_meta(self, fingerprint: str | None, dim: int | None) -> CacheMeta:
@@ -518,30 +667,41 @@ class ReferenceCache:
         """The sample keys with a row in shard ``shard`` (an index into ``urls``), sorted as stored."""
         return [key.decode("utf-8") for key in self._arrays(shard)[0].tolist()]
 
-    def _arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        """Shard ``shard``'s memory-mapped (sorted keys, embeddings), the least recently used unmapped."""
+    def _arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Shard ``shard``'s memory-mapped (sorted keys, embeddings, content digests), the least recently used
+        unmapped."""
         arrays = self._open.get(shard)
         if arrays is not None:
             self._open.move_to_end(shard)
             return arrays
-        arrays = _open_arrays(self.urls[shard], self.name, self._headers[shard])
+        arrays = _open_arrays(self.urls[shard], self.name, self._headers[shard], self.cache_dir)
         self._open[shard] = arrays
         if len(self._open) > self.max_open:
             self._open.popitem(last=False)
         return arrays
 
     def lookup(
-        self, keys: Sequence[str], urls: Sequence[str] | None = None, *, device: str | torch.device = "cpu"
+        self,
+        keys: Sequence[str],
+        urls: Sequence[str] | None = None,
+        *,
+        digests: Sequence[int] | None = None,
+        device: str | torch.device = "cpu",
     ) -> Embeddings:
         """Cached embeddings of the samples ``keys`` of shards ``urls`` (a ``SuperBatch``'s ``keys`` and
         ``urls``), in order, float32 on ``device``; a ValueError names a missing key and its shard.
 
+        digests: the samples' ``content_digest``s as read now (``SuperBatch.digests``); a sample whose image
+        or caption bytes differ from those embedded is a ``SidecarError`` naming its shard and key. None
+        skips the check (training always passes them).
         Without ``urls`` each key is searched in every shard (an index of all keys, built once: for small
         caches; pass ``urls`` at scale).
         """
         encoded = _encode(keys)
+        if digests is not None and len(digests) != len(keys):
+            raise ValueError(f"lookup got {len(keys)} keys but {len(digests)} content digests")
         shards = self._find(keys, encoded) if urls is None else self._shard_ids(keys, urls)
-        rows = self._gather(keys, encoded, shards)  # [2, n, D] float16
+        rows = self._gather(keys, encoded, shards, digests)  # [2, n, D] float16
         if torch.device(device).type == "cpu":  # numpy converts float16 several times faster than torch
             both = torch.from_numpy(rows.astype(np.float32))
         else:
@@ -583,25 +743,42 @@ class ReferenceCache:
             )
         return shards[at]
 
-    def _gather(self, keys: Sequence[str], encoded: np.ndarray, shards: np.ndarray) -> np.ndarray:
-        """Rows ``[2, n, D]`` float16 (image, text) of the keys: per shard a searchsorted, a fancy index."""
+    def _gather(
+        self, keys: Sequence[str], encoded: np.ndarray, shards: np.ndarray, digests: Sequence[int] | None
+    ) -> np.ndarray:
+        """Rows ``[2, n, D]`` float16 (image, text) of the keys: per shard a searchsorted, a fancy index;
+        with ``digests``, each row's cached content digest must equal the sample's."""
         out = np.empty((2, len(keys), self.meta.dim), np.float16)
+        want = None if digests is None else np.fromiter(digests, np.uint64, count=len(keys))
         order = np.argsort(shards, kind="stable")
         starts = np.flatnonzero(np.diff(shards[order])) + 1
         for group in np.split(order, starts) if len(order) else []:
             shard = int(shards[group[0]])
-            shard_keys_, emb = self._arrays(shard)
+            shard_keys_, emb, cached = self._arrays(shard)
             wanted = encoded[group]
             at = np.minimum(np.searchsorted(shard_keys_, wanted), max(len(shard_keys_) - 1, 0))
             found = shard_keys_[at] == wanted if len(shard_keys_) else np.zeros(len(group), bool)
             if not found.all():
                 raise self._missing(keys[int(group[np.flatnonzero(~found)[0]])], shard)
+            if want is not None:
+                changed = np.flatnonzero(cached[at] != want[group])
+                if changed.size:
+                    raise self._changed(keys[int(group[changed[0]])], shard, changed.size, len(group))
             by_row = np.argsort(at)  # read the file front to back
             first, last = int(at[by_row[0]]), int(at[by_row[-1]]) + 1
             if len(group) >= 64 and last - first <= 4 * len(group):  # dense: read the span ahead, in bulk
                 _advise(emb, getattr(mmap, "MADV_WILLNEED", None), (first, last))
             out[:, group[by_row]] = emb[at[by_row]].swapaxes(0, 1)
         return out
+
+    def _changed(self, key: str, shard: int, count: int, of: int) -> SidecarError:
+        url = self.urls[shard]
+        where = sidecar_path(url, self.name, self.cache_dir)
+        return SidecarError(
+            f"shard {url} changed since its {self.name!r} embeddings were cached: sample key {key!r} "
+            f"({count} of {of} in this batch) has other image or caption bytes ({where})",
+            "run cache-reference",
+        )
 
     def _missing(self, key: str, shard: int) -> ValueError:
         url = self.urls[shard]
@@ -610,7 +787,7 @@ class ReferenceCache:
         )
         return ValueError(
             f"sample key {key!r} of shard {url} has no cached {self.name!r} embedding "
-            f"({sidecar_path(url, self.name)}){why}"
+            f"({sidecar_path(url, self.name, self.cache_dir)}){why}"
         )
 
 

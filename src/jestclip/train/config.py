@@ -216,6 +216,7 @@ class TrainConfig:
     # a keep list written by `jestclip filter` (its directory): the stream reads only the pairs it keeps
     # (any method; required by "filter"). None: every pair
     keep_list: str | None = None
+    reference_cache_dir: str | None = None  # the sidecars' directory (None: beside each local shard)
     filter_ratio: float = 0.8  # f: the super-batch is B = b / (1 - f); ignored by iid
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -84,6 +84,7 @@ _RESUMABLE_CHANGES = {
     "keep_checkpoints",
     "max_bad_steps",
     "reference_fingerprint",
+    "reference_cache_dir",
 }
 
 

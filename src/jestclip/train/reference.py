@@ -1,5 +1,6 @@
 """The reference model's cache: a frozen open_clip model, built from its name and weights, embeds the pool
-with its own preprocessing and tokenizer; ``data.refcache`` stores the embeddings next to each shard."""
+with its own preprocessing and tokenizer; ``data.refcache`` stores the embeddings next to each shard (or in a
+cache directory, for shards behind a URL)."""
 
 from __future__ import annotations
 
@@ -31,13 +32,15 @@ def cache_model_embeddings(
     pretrained: str | None = None,
     device: str | torch.device = "cpu",
     batch_size: int = 256,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Embed every sample of ``shards`` with the frozen ``model`` (config ``model_name``, weights of open_clip
     tag ``pretrained`` if any) and write sidecars named ``name``; returns ``cache_reference``'s counts.
 
     Images and captions are preprocessed and tokenised as ``model_name`` (with ``pretrained``: as those
     weights were trained); the sidecars record the model as ``NAME`` or ``NAME@TAG``, its fingerprint and its
-    logit scale and bias.
+    logit scale and bias. cache_dir: where the sidecars go (None: beside each local shard; needed for shards
+    behind a URL).
     """
     scale, bias = reference_logits(model)
     return cache_reference(
@@ -50,6 +53,7 @@ def cache_model_embeddings(
         transform=image_transform(model_name, pretrained=pretrained),
         name=name,
         batch_size=batch_size,
+        cache_dir=cache_dir,
     )
 
 
@@ -63,6 +67,7 @@ def cache_reference_model(
     loss: str = "sigmoid",
     device: str = "auto",
     batch_size: int = 256,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """``cache_model_embeddings`` for reference ``model_name`` built with weights from ``checkpoint`` and/or
     open_clip tag ``pretrained``. device: "auto" is cuda when available."""
@@ -72,5 +77,12 @@ def cache_reference_model(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = create_model(model_name, loss=loss, checkpoint=checkpoint, pretrained=pretrained, device=device)
     return cache_model_embeddings(
-        model, model_name, shards, name=name, pretrained=pretrained, device=device, batch_size=batch_size
+        model,
+        model_name,
+        shards,
+        name=name,
+        pretrained=pretrained,
+        device=device,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
     )

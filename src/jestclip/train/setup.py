@@ -211,7 +211,12 @@ def open_reference(cfg: TrainConfig, urls: list[str]) -> ReferenceCache | None:
         raise ValueError(
             f"method {cfg.method.method!r} with scoring {cfg.method.scoring!r} needs reference_cache"
         )
-    return ReferenceCache(urls, name=cfg.reference_cache, fingerprint=cfg.reference_fingerprint)
+    return ReferenceCache(
+        urls,
+        name=cfg.reference_cache,
+        fingerprint=cfg.reference_fingerprint,
+        cache_dir=cfg.reference_cache_dir,
+    )
 
 
 def measure_step_flops(cfg: TrainConfig, model: nn.Module) -> StepFlops:
@@ -300,6 +305,10 @@ def to_device(
     return SuperBatchTensors(
         images=batch.images.to(device, non_blocking=True),
         tokens=tokenize(batch.texts).to(device),
-        reference=reference.lookup(batch.keys, batch.urls, device=device) if reference is not None else None,
+        reference=(
+            reference.lookup(batch.keys, batch.urls, digests=batch.digests, device=device)
+            if reference is not None
+            else None
+        ),
         quality=quality.to(device) if quality is not None else None,
     )
