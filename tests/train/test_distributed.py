@@ -125,7 +125,8 @@ def _assert_single_process_gradients(results: list[dict], model, loss) -> None:
     loss.backward()
     for name, param in model.named_parameters():
         assert results[0]["grads"][name] is not None, name
-        torch.testing.assert_close(results[0]["grads"][name], param.grad, rtol=1e-4, atol=1e-6)
+        # float32 sums in another order (two ranks, thread counts): an element near zero was seen 1.8e-6 off
+        torch.testing.assert_close(results[0]["grads"][name], param.grad, rtol=1e-4, atol=1e-5)
         assert torch.equal(results[0]["grads"][name], results[1]["grads"][name])
     for result in results:
         torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
