@@ -42,6 +42,7 @@ check counts the ranks on this machine (``LOCAL_WORLD_SIZE``). Decoding runs in 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -64,7 +65,7 @@ from tqdm import tqdm
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from jestclip.data.loader import IMAGE_EXTENSIONS, SuperBatch, SuperBatchStream
+from jestclip.data.loader import IMAGE_EXTENSIONS, Sample, SuperBatch, SuperBatchStream, _collate
 
 __all__ = [
     "MEMORY_FRACTION",
@@ -224,19 +225,17 @@ class MemoryPool:
     them as super-batches (see the module docstring). Build with ``from_stream``.
 
     images: ``[N, ...]`` what ``split.store`` kept (uint8 ``[N, 3, H, W]`` for open_clip's transforms);
-    keys, texts: N each; url_index: ``[N]`` into ``urls``; meta: N JSON strings; skips: sample index -> the
-    skips counted with it (see the module docstring); batch_size: this rank's share ``B / W``.
+    samples: the N decoded ``Sample``s in shard order, their ``image`` None (it is row ``i`` of ``images``);
+    skips: sample index -> the skips counted with it (see the module docstring); batch_size: this rank's share
+    ``B / W`` of a super-batch.
     """
 
     def __init__(
         self,
         *,
         images: Tensor,
-        keys: list[str],
+        samples: list[Sample],
         urls: list[str],
-        url_index: list[int],
-        texts: list[str],
-        meta: list[str],
         skips: dict[int, dict[str, int]],
         split: SplitTransform,
         batch_size: int,
@@ -244,16 +243,15 @@ class MemoryPool:
         rank: int,
         world_size: int,
     ) -> None:
-        self.images, self.keys, self.urls, self.url_index = images, keys, urls, url_index
-        self.texts, self.meta, self.skips, self.split = texts, meta, skips, split
+        self.images, self.samples, self.urls, self.skips, self.split = images, samples, urls, skips, split
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.super_batch = batch_size * world_size
-        check_pool_size(len(keys), self.super_batch)
-        self.fingerprint = keys_fingerprint(keys)
+        check_pool_size(len(samples), self.super_batch)
+        self.fingerprint = keys_fingerprint([s.key for s in samples])
         self._orders: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.samples)
 
     @classmethod
     def from_stream(
@@ -273,7 +271,7 @@ class MemoryPool:
         ``available_memory()``. ``progress``: a bar while decoding and a one-line summary (stderr).
         """
         split = split_transform(stream.transform)
-        reader = copy.copy(stream)  # the stream's own reading and decoding: one pass, in shard order
+        reader = copy.copy(stream)  # the stream's own reading, filtering, decoding: one pass, in shard order
         reader.batch_size, reader.transform, reader.epochs, reader.resampled = 1, split.store, 1, False
         reader.shuffle_shards, reader.shuffle_buffer, reader.drop_last = False, 0, False
         reader.rank, reader.world_size, reader.require_samples = 0, 1, True
@@ -282,11 +280,11 @@ class MemoryPool:
         capacity = sum(_image_members(url) for url in stream.urls)
         started = time.perf_counter()
         skipped: Counter[str] = Counter()
-        samples = reader.samples(skipped)
-        first = next(samples, None)
+        decoded = reader.samples(skipped)
+        first = next(decoded, None)
         if first is None:  # require_samples raised unless the pass ended without one
             raise ValueError(f"no readable sample in the {len(stream.urls)} shards of the pool")
-        per_sample = first.image.nbytes + _text_bytes(first.key, first.text, first.meta)
+        per_sample = first.image.nbytes + _record_bytes(first)
         need = max(capacity, 1) * per_sample * local
         budget = memory_fraction * available_memory()
         if need > budget:
@@ -297,38 +295,28 @@ class MemoryPool:
                 f"the {_gib(budget / memory_fraction)} available); stream it (data_in_memory=false)"
             )
         images = torch.empty((max(capacity, 1), *first.image.shape), dtype=first.image.dtype)
-        keys: list[str] = []
-        texts: list[str] = []
-        meta: list[str] = []
-        url_index: list[int] = []
-        where = {url: i for i, url in enumerate(stream.urls)}
+        samples: list[Sample] = []
         skips: dict[int, dict[str, int]] = {}
         bar = tqdm(total=capacity, desc="pool", unit="img", disable=not progress, leave=False)
         sample = first
         while sample is not None:
-            n = len(keys)
+            n = len(samples)
             if n == len(images):  # more readable samples than image members counted: cannot happen
                 images = torch.cat([images, torch.empty_like(images[: n // 2 + 1])])
             images[n] = sample.image
-            keys.append(sample.key)
-            texts.append(sample.text)
-            meta.append(json.dumps(sample.meta))
-            url_index.append(where[sample.url])
+            samples.append(dataclasses.replace(sample, image=None))
             if skipped:
                 skips[n] = dict(skipped)
                 skipped.clear()
             bar.update(1)
-            sample = next(samples, None)
+            sample = next(decoded, None)
         bar.close()
         if skipped:  # read after the last sample
-            skips[len(keys) - 1] = dict(Counter(skips.get(len(keys) - 1, {})) + skipped)
+            skips[len(samples) - 1] = dict(Counter(skips.get(len(samples) - 1, {})) + skipped)
         pool = cls(
-            images=images[: len(keys)],
-            keys=keys,
+            images=images[: len(samples)],
+            samples=samples,
             urls=list(stream.urls),
-            url_index=url_index,
-            texts=texts,
-            meta=meta,
             skips=skips,
             split=split,
             batch_size=stream.batch_size,
@@ -340,10 +328,14 @@ class MemoryPool:
             tqdm.write(pool.summary(time.perf_counter() - started), file=sys.stderr)
         return pool
 
+    @property
+    def keys(self) -> list[str]:
+        return [s.key for s in self.samples]
+
     def memory_bytes(self) -> int:
-        """Bytes the pool holds: images, plus keys, captions and metadata (Python strings)."""
-        strings = sum(_text_bytes(k, t, m) for k, t, m in zip(self.keys, self.texts, self.meta, strict=True))
-        return self.images.nbytes + strings
+        """Bytes the pool holds (an estimate beyond the images: ``sys.getsizeof`` of each sample's record,
+        key, caption and metadata, the latter by its JSON text)."""
+        return self.images.nbytes + sum(_record_bytes(s) for s in self.samples)
 
     def skipped(self) -> dict[str, int]:
         """The decode's skips by reason (what one epoch counts)."""
@@ -428,8 +420,8 @@ class MemoryPool:
             raise ValueError(f"the pool's data position (epoch, index) is out of range: {position!r}")
 
     def take(self, epoch: int, index: int) -> SuperBatch:
-        """This rank's share of the super-batch starting at ``index`` of epoch ``epoch``; its position is the
-        next super-batch's."""
+        """This rank's share of the super-batch starting at ``index`` of epoch ``epoch``, built as the stream
+        builds its batches (``loader._collate``); its position is the next super-batch's."""
         start = index + self.rank * self.batch_size
         picks: list[int] = []
         while len(picks) < self.batch_size:  # at most one epoch boundary (B <= N)
@@ -439,25 +431,21 @@ class MemoryPool:
             start += len(run)
         skipped: Counter[str] = Counter()
         for i in picks:
-            if i in self.skips:
-                skipped.update(self.skips[i])
-        rows = torch.tensor(picks, dtype=torch.long)
+            skipped.update(self.skips.get(i, {}))
+        samples = [
+            dataclasses.replace(self.samples[i], image=self.images[i], meta=dict(self.samples[i].meta))
+            for i in picks
+        ]
         after = divmod(epoch * len(self) + index + self.super_batch, len(self))
-        return SuperBatch(
-            keys=[self.keys[i] for i in picks],
-            urls=[self.urls[self.url_index[i]] for i in picks],
-            images=self.split.finish(self.images[rows]),
-            texts=[self.texts[i] for i in picks],
-            meta=[json.loads(self.meta[i]) for i in picks],
-            skipped=dict(skipped),
-            position=self._position(*after),
-        )
+        batch = _collate(samples, skipped, self._position(*after))
+        batch.images = self.split.finish(batch.images)
+        return batch
 
 
-def _text_bytes(key: str, text: str, meta: Any) -> int:
-    """Bytes of a sample's strings as Python holds them, and its list slots."""
-    serialised = meta if isinstance(meta, str) else json.dumps(meta)
-    return sum(sys.getsizeof(s) for s in (key, text, serialised)) + 4 * 8
+def _record_bytes(sample: Sample) -> int:
+    """Bytes of a sample's record beyond its image, as Python holds it (metadata estimated by its JSON)."""
+    parts = (sample, sample.key, sample.text, json.dumps(sample.meta))
+    return sum(sys.getsizeof(x) for x in parts) + sys.getsizeof({}) + 8
 
 
 class PoolBatches(Iterator[SuperBatch]):
