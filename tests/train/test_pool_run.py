@@ -68,3 +68,25 @@ def test_a_pool_run_on_two_ranks_records_one_position_and_resumes_only_on_two(tm
         join=True,
     )
     assert lines(cfg.run_dir)[-1]["step"] == 4 and (Path(cfg.run_dir) / "model.pt").exists()
+
+
+def test_open_stream_picks_the_pool_and_a_checkpoint_without_position_starts_where_its_steps_end(
+    tmp_path, shards, capsys
+):
+    from jestclip.data import SuperBatchStream
+    from jestclip.data.pool import MemoryPool
+    from jestclip.models import image_transform
+    from jestclip.train.setup import Placement, open_stream, resume_batches
+
+    cfg, where = pool_config(tmp_path / "run", shards, "jest"), Placement(torch.device("cpu"))
+    transform = image_transform("jest-micro")
+    pool = open_stream(cfg, shards, transform, where, progress=True)
+    assert isinstance(pool, MemoryPool) and (len(pool), pool.batch_size) == (21, 8)
+    assert "pool: 21 samples from 3 shards in memory (" in capsys.readouterr().err  # the summary line
+    finite = open_stream(cfg, shards, transform, where, batch_size=5, resampled=False)  # diagnostics' pass
+    assert isinstance(finite, SuperBatchStream)
+    expected = [next(b) for b in [pool.batches()] for _ in range(7)]
+    with pytest.warns(RuntimeWarning, match=r"records no data position .*: starting the pool after 5 "):
+        batches = resume_batches(pool, cfg, 5)
+    assert batches.position() == pool.position_after(5) == expected[4].position
+    assert [next(batches).keys for _ in range(2)] == [b.keys for b in expected[5:]]
