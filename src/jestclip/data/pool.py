@@ -268,7 +268,9 @@ class MemoryPool:
         Before decoding, the pool's size is estimated from the shards' tar headers (image members) and the
         first sample; a ValueError names it when the ``local_ranks`` pools of this machine (default:
         torchrun's ``LOCAL_WORLD_SIZE``, else 1) would take more than ``memory_fraction`` of
-        ``available_memory()``. ``progress``: a bar while decoding and a one-line summary (stderr).
+        ``available_memory()``. The images tensor is allocated once for the image members counted (the rows
+        of samples the decode skips stay allocated). ``progress``: a bar while decoding and a one-line summary
+        (stderr).
         """
         split = split_transform(stream.transform)
         reader = copy.copy(stream)  # the stream's own reading, filtering, decoding: one pass, in shard order
@@ -431,10 +433,12 @@ class MemoryPool:
             start += len(run)
         skipped: Counter[str] = Counter()
         for i in picks:
-            skipped.update(self.skips.get(i, {}))
+            if i in self.skips:
+                skipped.update(self.skips[i])
+        rows = self.images[torch.tensor(picks, dtype=torch.long)].unbind(0)
         samples = [
-            dataclasses.replace(self.samples[i], image=self.images[i], meta=dict(self.samples[i].meta))
-            for i in picks
+            dataclasses.replace(self.samples[i], image=row, meta=dict(self.samples[i].meta))
+            for i, row in zip(picks, rows, strict=True)
         ]
         after = divmod(epoch * len(self) + index + self.super_batch, len(self))
         batch = _collate(samples, skipped, self._position(*after))
