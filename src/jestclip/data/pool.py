@@ -74,7 +74,9 @@ __all__ = [
     "PoolBatches",
     "SplitTransform",
     "available_memory",
+    "check_pool_size",
     "epoch_order",
+    "keys_fingerprint",
     "split_transform",
 ]
 
