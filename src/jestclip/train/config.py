@@ -234,6 +234,9 @@ class TrainConfig:
     num_workers: int = 2
     # decode JPEGs at the smallest libjpeg scale still covering the learner's input (data.open_image)
     draft_decode: bool = False
+    # decode the shards once and train from memory (data.pool.MemoryPool; refused when it would not fit)
+    # instead of streaming them; the same guarantees, another sample order
+    data_in_memory: bool = False
 
     def __post_init__(self) -> None:
         validate(self)

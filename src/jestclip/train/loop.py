@@ -445,7 +445,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         _check_reference(run, reference, where, resuming=state.counters.step > 0)
         cost = measure_step_flops(cfg, state.model)
         transform, tokenize = image_transform(cfg.model), tokenizer(cfg.model)
-        stream = open_stream(cfg, urls, transform, where)
+        stream = open_stream(cfg, urls, transform, where, progress=progress)
         batches = resume_batches(stream, cfg, state.counters.step, state.data)
         evaluator = Evaluator(cfg, where, transform, tokenize)
         out = RunOutputs(run, cfg, where, state.counters.step, progress)

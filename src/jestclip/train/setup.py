@@ -19,6 +19,7 @@ from torch import nn
 
 from jestclip.data.keeplist import KeepList
 from jestclip.data.loader import ResumableBatches, SuperBatch, SuperBatchStream
+from jestclip.data.pool import MemoryPool, PoolBatches
 from jestclip.data.refcache import ReferenceCache
 from jestclip.models import StepFlops, create_model, forward_flops, image_size
 from jestclip.train.composition import Composition, batch_quality
@@ -249,11 +250,15 @@ def open_stream(
     *,
     batch_size: int | None = None,
     resampled: bool = True,
-) -> SuperBatchStream:
+    progress: bool = False,
+) -> SuperBatchStream | MemoryPool:
     """The run's stream of super-batches (this rank's B / W of each unless ``batch_size`` says otherwise);
     with ``cfg.draft_decode`` JPEGs are decoded at the smallest scale still covering the learner's input;
-    with ``cfg.keep_list`` only the pairs it keeps are read (checked here: ``open_keep_list``)."""
-    return SuperBatchStream(
+    with ``cfg.keep_list`` only the pairs it keeps are read (checked here: ``open_keep_list``).
+    With ``cfg.data_in_memory`` (and ``resampled``: a training run) the shards are decoded once into a
+    ``MemoryPool`` (a ValueError when it would not fit in memory); ``progress``: its decoding bar and summary
+    line on rank 0."""
+    stream = SuperBatchStream(
         urls,
         batch_size=batch_size if batch_size is not None else cfg.super_batch // where.world,
         transform=transform,
@@ -264,15 +269,22 @@ def open_stream(
         decode_size=image_size(cfg.model) if cfg.draft_decode else None,
         keep=open_keep_list(cfg, urls),
     )
+    if cfg.data_in_memory and resampled:
+        return MemoryPool.from_stream(stream, progress=progress and where.is_main)
+    return stream
 
 
 def resume_batches(
-    stream: SuperBatchStream, cfg: TrainConfig, step: int, data: list[dict[str, Any] | None] | None = None
-) -> ResumableBatches:
-    """The stream through ``cfg.num_workers`` loader workers from where step ``step`` left it: at this rank's
-    entry of the checkpoint's data position ``data`` (reading nothing consumed before), or, for a checkpoint
-    without one, by replaying ``step`` super-batches (a warning says so). A ValueError when the position was
-    recorded with another world size or ``num_workers``."""
+    stream: SuperBatchStream | MemoryPool,
+    cfg: TrainConfig,
+    step: int,
+    data: list[dict[str, Any] | None] | None = None,
+) -> ResumableBatches | PoolBatches:
+    """The stream through ``cfg.num_workers`` loader workers (a ``MemoryPool``: in this process) from where
+    step ``step`` left it: at this rank's entry of the checkpoint's data position ``data`` (reading nothing
+    consumed before), or, for a checkpoint without one, by replaying ``step`` super-batches (a pool computes
+    where they end; a warning says so). A ValueError when the position was recorded with another world size
+    or ``num_workers``, or by another kind of stream or pool."""
     if data is not None and len(data) != stream.world_size:
         raise ValueError(
             f"the checkpoint's data position is for {len(data)} ranks but this run has {stream.world_size}: "
@@ -280,13 +292,18 @@ def resume_batches(
         )
     position = data[stream.rank] if data is not None else None
     if position is not None or step == 0:
+        if isinstance(stream, MemoryPool):
+            return stream.batches(position)
         return ResumableBatches(stream, cfg.num_workers, position)
+    how = "starting the pool after" if isinstance(stream, MemoryPool) else "replaying"
     warnings.warn(
         f"the checkpoint of step {step} records no data position (written by an older jestclip, or a stream "
-        f"with a shuffle buffer): replaying {step} super-batches to reach it",
+        f"with a shuffle buffer): {how} {step} super-batches to reach it",
         RuntimeWarning,
         stacklevel=2,
     )
+    if isinstance(stream, MemoryPool):
+        return stream.batches(stream.position_after(step))
     batches = ResumableBatches(stream, cfg.num_workers)
     for _ in range(step):
         next(batches)
