@@ -43,6 +43,7 @@ from jestclip.benchmark.catalog import (
 )
 from jestclip.benchmark.render import RenderError, ink_fraction
 from jestclip.benchmark.sources import SourcePaths, missing_sources
+from jestclip.data.files import atomic_json
 from jestclip.data.progress import progress
 from jestclip.data.quality import (
     ALIAS_REPEAT,
@@ -523,14 +524,8 @@ def _write_shard_task(args: tuple[str, Path, list[Entry], int]) -> dict[str, Any
     stats = {"shard": path.name, "count": count, "by_source": dict(written), "skipped": dict(skipped)}
     if any(QUALITY_KEY in m for m in metas):
         stats["composition"] = tally(metas)
-    _atomic_json(path.with_suffix(".json"), {**stats, "image_sha1": hashes})
+    atomic_json(path.with_suffix(".json"), {**stats, "image_sha1": hashes})
     return stats
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _write_part(
@@ -573,7 +568,7 @@ def _write_part(
     }
     if any("composition" in r for r in results):
         manifest["composition"] = merge_tallies(r.get("composition", {}) for r in results)
-    _atomic_json(root / "manifest.json", manifest)
+    atomic_json(root / "manifest.json", manifest)
     return manifest
 
 
@@ -597,11 +592,11 @@ def build(out: Path, cfg: BuildConfig, paths: SourcePaths) -> dict[str, Any]:
         changed = sorted(k for k in config if k not in ("workers", "paths") and old.get(k) != config[k])
         if changed:
             raise ValueError(f"{out} was built with a different config ({changed}); use a new directory")
-    _atomic_json(record, {"config": config, "complete": False})
+    atomic_json(record, {"config": config, "complete": False})
     the_plan = plan(cfg, paths)
     manifests = write_plan(out, cfg, the_plan)
     summary = {"config": config, "complete": True, "parts": manifests, "measurements": the_plan.stats}
-    _atomic_json(record, summary)
+    atomic_json(record, summary)
     return summary
 
 

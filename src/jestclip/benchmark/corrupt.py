@@ -37,6 +37,7 @@ from typing import Any
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
+from jestclip.data.files import atomic_json
 from jestclip.data.progress import progress
 from jestclip.data.quality import CAPTION_KINDS, QUALITY_KEY, SWAPPED, merge_tallies, quality_entry, tally
 
@@ -136,12 +137,6 @@ def _write(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def corrupt_captions(src: Path, out: Path, swap_captions: float, seed: int = 0) -> dict[str, Any]:
     """Write ``out``, ``src`` with a seeded share ``swap_captions`` of its captions swapped; return (and
     write) ``out/manifest.json``. See the module docstring for what is written.
@@ -181,7 +176,7 @@ def corrupt_captions(src: Path, out: Path, swap_captions: float, seed: int = 0) 
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not the output of jestclip data corrupt; use a new directory")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_json(record, {"corrupt": config, "complete": False})
+    atomic_json(record, {"corrupt": config, "complete": False})
 
     # pass 1: every caption and JSON, to draw the swaps over the whole pool
     keys: list[str] = []
@@ -226,7 +221,7 @@ def corrupt_captions(src: Path, out: Path, swap_captions: float, seed: int = 0) 
         _write(path, written)
         stats = {"shard": path.name, "count": len(written), "swapped": swapped}
         stats["composition"] = tally(shard_metas)
-        _atomic_json(sidecar, stats)
+        atomic_json(sidecar, stats)
         results.append(stats)
         bar.update(len(written))
     bar.close()
@@ -244,5 +239,5 @@ def corrupt_captions(src: Path, out: Path, swap_captions: float, seed: int = 0) 
         "corrupt": {**config, "pairs": len(keys), "swapped": sum(r["swapped"] for r in results)},
         "complete": True,
     }
-    _atomic_json(record, manifest)
+    atomic_json(record, manifest)
     return manifest

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jestclip.data.files import atomic_bytes
 from jestclip.data.loader import expand_urls
 from jestclip.data.progress import progress as progress_bar
 from jestclip.data.refcache import ReferenceCache, shard_keys
@@ -117,33 +118,13 @@ def filter_shards(
     }
     out.mkdir(parents=True, exist_ok=True)
     encoded = np.char.encode(np.asarray(kept_keys, dtype=str), "utf-8")
-    header["keys_bytes"] = _write_atomic(out / KEYS, encoded)
-    _write_atomic(out / HEADER, json.dumps({**header, "shards": shards_info}, indent=1).encode())
+    header["keys_bytes"] = atomic_bytes(out / KEYS, encoded)
+    atomic_bytes(out / HEADER, json.dumps({**header, "shards": shards_info}, indent=1).encode())
     settings = {"shards": [str(s) for s in ([shards] if isinstance(shards, str | Path) else shards)]}
     settings |= {"out": str(out), "keep": keep, "score": score, "loss": loss, "batch_size": batch_size}
     settings |= {"seed": seed, "reference_cache": name, "fingerprint": fingerprint}
-    _write_atomic(out / RECORD, json.dumps({"settings": settings, "result": header}, indent=1).encode())
+    atomic_bytes(out / RECORD, json.dumps({"settings": settings, "result": header}, indent=1).encode())
     return header
-
-
-def _write_atomic(path: Path, data: np.ndarray | bytes) -> int:
-    """Write ``data`` (an array as .npy, or bytes) to ``path`` via a fsynced temporary; its byte size."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        if isinstance(data, bytes):
-            f.write(data)
-        else:
-            np.save(f, data, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-        size = f.tell()
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return size
 
 
 class KeepList:

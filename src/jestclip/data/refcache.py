@@ -64,6 +64,7 @@ from torch import Tensor
 from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
+from jestclip.data.files import atomic_bytes
 from jestclip.data.loader import SuperBatchStream, content_digest, expand_urls, read_shard
 from jestclip.data.progress import progress
 from jestclip.selection import Embeddings
@@ -341,32 +342,17 @@ def write_sidecar(
     header_path.parent.mkdir(parents=True, exist_ok=True)
     header_path.unlink(missing_ok=True)  # the header marks a complete sidecar: gone until all is written
     files = {
-        kind: _write_atomic(_array_path(shard, name, kind, cache_dir), a)
+        kind: atomic_bytes(_array_path(shard, name, kind, cache_dir), a)
         for kind, a in (("keys", encoded), ("emb", emb), ("digest", digest))
     }
     skipped = dict(sorted((skipped or {}).items()))
     header = _Header(shard_identity(shard), meta, len(encoded), encoded.dtype.itemsize, True, skipped, files)
-    _write_atomic(header_path, header.to_json().encode())
+    atomic_bytes(header_path, header.to_json().encode())
     dir_fd = os.open(header_path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def _write_atomic(path: Path, data: np.ndarray | bytes) -> int:
-    """Write ``data`` (an array as .npy, or bytes) to ``path`` via a fsynced temporary; its byte size."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        if isinstance(data, bytes):
-            f.write(data)
-        else:
-            np.save(f, data, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-        size = f.tell()
-    os.replace(tmp, path)
-    return size
 
 
 def _open_arrays(

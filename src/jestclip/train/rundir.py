@@ -32,6 +32,8 @@ from typing import Any, TextIO
 
 import torch
 
+from jestclip.data.files import atomic_write
+
 __all__ = ["CheckpointWriteError", "NonFiniteStateError", "RunDir", "atomic_save", "first_non_finite"]
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)\.pt")
@@ -46,36 +48,9 @@ class NonFiniteStateError(ValueError):
     """A state to be written holds a NaN or infinity; nothing was written."""
 
 
-def _fsync_dir(path: Path) -> None:
-    """Flush a directory's entries (a rename in it) to disk, where the platform allows it."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """``write(file)`` into ``path.tmp``, fsync it, rename it over ``path`` and fsync the directory; on any
-    failure the temporary file is removed and ``path`` is left as it was."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``."""
-    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+    atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
 def first_non_finite(obj: Any, prefix: str = "") -> str | None:
@@ -154,7 +129,7 @@ class RunDir:
 
     def write_config(self, config: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.config_file, lambda f: f.write(json.dumps(config, indent=1).encode()))
+        atomic_write(self.config_file, lambda f: f.write(json.dumps(config, indent=1).encode()))
 
     def read_reference(self) -> dict[str, Any] | None:
         """What ``write_reference`` recorded about the run's reference cache, or None."""
@@ -164,7 +139,7 @@ class RunDir:
 
     def write_reference(self, record: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.reference_file, lambda f: f.write(json.dumps(record, indent=1).encode()))
+        atomic_write(self.reference_file, lambda f: f.write(json.dumps(record, indent=1).encode()))
 
     def clean_tmp(self) -> list[Path]:
         """Remove the ``*.tmp`` files an interrupted write left behind; the paths removed."""
@@ -217,7 +192,7 @@ class RunDir:
                 kept.pop(kind, None)  # a step logged twice (before resume truncation existed): the last wins
                 kept[kind] = line
         text = "".join(line + "\n" for line in kept.values())
-        _atomic_write(self.metrics_file, lambda f: f.write(text.encode()))
+        atomic_write(self.metrics_file, lambda f: f.write(text.encode()))
 
     def checkpoints(self) -> list[Path]:
         """The run's checkpoints, newest (highest step) first; a legacy ``checkpoint.pt`` comes last."""
