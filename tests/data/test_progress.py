@@ -52,3 +52,13 @@ def test_a_disabled_bar_writes_nothing(leave):
     bar.update(5)
     bar.close()
     assert log.getvalue() == ""
+
+
+def test_a_bar_not_left_on_a_terminal_still_writes_its_last_line_to_a_log():
+    """``leave=False`` (eval suites, the pool's decode) clears a terminal's bar; a log keeps its last line."""
+    log = io.StringIO()
+    bar = progress(total=4, desc="suite", file=log, interval=3600, leave=False)
+    bar.update(4)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert lines[-1].startswith("suite: 100%|") and " 4/4 " in lines[-1]

@@ -60,6 +60,7 @@ def progress(
     file = file if file is not None else sys.stderr
     if _is_terminal(file):
         return tqdm(iterable, file=file, **kwargs)
+    kwargs["leave"] = True  # a bar that is not left rewrites its last line blank: a log would lose it
     return tqdm(
         iterable,
         file=_Lines(file),
