@@ -173,6 +173,16 @@ def test_a_pool_that_would_not_fit_is_refused_before_decoding(tmp_path, monkeypa
         MemoryPool.from_stream(stream, local_ranks=16)  # 16 ranks' pools: 12 x ~3.3 kB x 16 > 50 kB
     assert decoded == [1]  # only the first sample, which sizes the estimate
     assert len(MemoryPool.from_stream(stream)) == 12  # one rank's pool fits
+    # a keep list keeping a third of the pairs: the estimate counts only those (3 ranks: 4 x ~3.3 kB x 3
+    # fits in 48.8 kB where 12 x ~3.3 kB x 3 does not)
+    kept = SuperBatchStream(
+        urls, batch_size=2, transform=TRANSFORM, keep=lambda _, key: key.endswith(("0", "3"))
+    )
+    with pytest.raises(ValueError, match=r"\(up to 4 samples x "):
+        MemoryPool.from_stream(kept, local_ranks=16)
+    with pytest.raises(ValueError, match=r"\(up to 12 samples x "):
+        MemoryPool.from_stream(stream, local_ranks=3)
+    assert len(MemoryPool.from_stream(kept, local_ranks=3)) == 4
 
 
 def test_the_summary_names_what_was_loaded(tmp_path):

@@ -200,16 +200,18 @@ def _gib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def _image_members(url: str) -> int:
-    """Image members of a shard, read from its tar headers (nothing decoded): an upper bound on its readable
-    samples (0 for a shard that cannot be opened; the members before the cut for a truncated one)."""
+def _image_members(url: str, keep: Callable[[str, str], bool] | None = None) -> int:
+    """Image members of a shard whose key ``keep`` keeps (None: all), read from its tar headers (nothing
+    decoded): an upper bound on its readable samples (0 for a shard that cannot be opened; the members before
+    the cut for a truncated one)."""
     count = 0
     try:
         with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 tar.members = []
                 key, ext = base_plus_ext(info.name)
-                count += info.isreg() and key is not None and ext.lower() in IMAGE_EXTENSIONS
+                image = info.isreg() and key is not None and ext.lower() in IMAGE_EXTENSIONS
+                count += image and (keep is None or keep(url, key))
     except Exception:  # the decode pass counts the shard's problem as a skip reason
         pass
     return count
@@ -282,7 +284,7 @@ class MemoryPool:
         reader.rank, reader.world_size, reader.require_samples = 0, 1, True
         reader._resume, reader._warned = None, set()
         local = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        capacity = sum(_image_members(url) for url in stream.urls)
+        capacity = sum(_image_members(url, stream.keep) for url in stream.urls)
         started = time.perf_counter()
         skipped: Counter[str] = Counter()
         decoded = reader.samples(skipped)
