@@ -131,3 +131,30 @@ def test_the_baseline_is_the_first_run_trained_without_curation(tmp_path):
     assert choose_baseline(groups).name == "iid"
     with pytest.raises(ValueError, match="no IID run"):
         choose_baseline(groups[:3])
+
+
+def test_the_reference_cost_covers_every_run_that_uses_the_reference(tmp_path):
+    """Runs that score with the reference, learn with it (drrho) or train on a keep list it scored (filter, a
+    keep-list run of any method) pay its cost; IID and a hard-learner JEST (no reference) do not."""
+    from jestclip.report import ReferenceCost
+
+    def run(name: str, method: str, scoring: str = "learnability", **config) -> Path:
+        path = write_run(tmp_path, name, method, 0, IID)
+        saved = json.loads((path / "config.json").read_text())
+        saved["method"]["scoring"] = scoring
+        (path / "config.json").write_text(json.dumps({**saved, **config}))
+        return path
+
+    paths = [
+        run("iid", "iid"),
+        run("filter", "filter", keep_list="k"),
+        run("drrho", "drrho"),
+        run("iid-kept", "iid", keep_list="k", seed=1),
+        run("jest", "jest"),
+        run("jest-hl", "jest", scoring="hard_learner"),
+    ]
+    cost = ReferenceCost("ref", train_flops=1.0, cache_flops=2.0, cached_samples=10)
+    report = write_report([load_run(p) for p in paths], tmp_path / "out", reference=cost).read_text()
+    rows = report.split("## The reference model's own cost")[1].split("\n## ")[0]
+    named = {line.split(" | ")[0].lstrip("| ") for line in rows.splitlines() if line.startswith("| ")}
+    assert named - {"run", "---"} == {"filter", "drrho", "iid-kept", "jest"}

@@ -15,7 +15,16 @@ from jestclip.train.methods import Method
 __all__ = ["RunGroup", "as_group", "group_seeds"]
 
 # config keys that may differ between the seeds of one group (they change no result, or are the seed)
-_SEED_KEYS = {"seed", "run_dir", "num_workers", "device", "log_every", "checkpoint_every", "stop_after"}
+_SEED_KEYS = {
+    "seed",
+    "run_dir",
+    "num_workers",
+    "device",
+    "log_every",
+    "checkpoint_every",
+    "stop_after",
+    "reference_cache_dir",  # the same cache, filed elsewhere
+}
 _SEED_SUFFIX = re.compile(r"[-_.]?(s|seed)\d+$")
 
 

@@ -44,6 +44,13 @@ def _uncurated(group: RunGroup) -> bool:
     return not curates and group.config.get("keep_list") is None
 
 
+def _uses_reference(group: RunGroup) -> bool:
+    """Whether the run depends on the reference: for its steps or loss, or through a keep list it scored."""
+    method = group.description
+    keeps = method.needs_keep_list or group.config.get("keep_list") is not None
+    return keeps or method.needs_reference(group.config["method"]["scoring"])
+
+
 def _num(value: float | None, fmt: str) -> str:
     return "not reached" if value is None else format(value, fmt)
 
@@ -132,14 +139,15 @@ def _reference_section(groups: Sequence[RunGroup], reference: ReferenceCost) -> 
         "",
         f"Reference `{reference.run}`: training {reference.train_flops:.3g} FLOPs; caching its embeddings of "
         f"{reference.cached_samples:,} pairs {reference.cache_flops:.3g} FLOPs; together "
-        f"{reference.total:.3g}. Paid once and shared by every run that scores with it; the curves and the "
-        "speed-ups above count per-step FLOPs only (appendix A.4).",
+        f"{reference.total:.3g}. Paid once and shared by every run that uses it (to score, in its loss, or "
+        "through a keep list it scored); the curves and the speed-ups above count per-step FLOPs only "
+        "(appendix A.4).",
         "",
         "| run | total FLOPs (per-step) | with the reference's cost | reference share |",
         "|---|---|---|---|",
     ]
     for g in groups:
-        if g.description.needs_reference(g.config["method"]["scoring"]):
+        if _uses_reference(g):
             own = g.final_eval["flops_total"]
             lines.append(
                 f"| {g.name} | {own:.3g} | {own + reference.total:.3g} | "
