@@ -137,6 +137,14 @@ USER_ERRORS = [
         "config: keep_list = None must be set for method 'filter'",
     ),
     (
+        ["train", "configs/drrho.py", *SAFE, "reference_cache=null"],
+        "config: reference_cache = None must be set for method 'drrho': its loss uses the reference's",
+    ),
+    (
+        ["train", "configs/iid.py", *SAFE, "method.method=jest"],
+        "config: reference_cache = None must be set for method 'jest': its scoring 'learnability' uses",
+    ),
+    (
         [
             "train",
             "configs/iid.py",

@@ -245,6 +245,15 @@ class TrainConfig:
                 f"must be set for method {self.method.method!r}: the --out directory of `jestclip filter`"
             )
             raise ConfigError("keep_list", None, problem)
+        method = self.method.description
+        if self.reference_cache is None and method.needs_reference(self.method.scoring):
+            why = (
+                "its loss uses the reference's cached embeddings"
+                if method.reference_in_loss
+                else f"its scoring {self.method.scoring!r} uses the reference's cached embeddings"
+            )
+            problem = f"must be set for method {self.method.method!r}: {why}"
+            raise ConfigError("reference_cache", None, problem)
 
     @property
     def super_batch(self) -> int:

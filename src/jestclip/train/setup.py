@@ -208,10 +208,7 @@ def open_reference(cfg: TrainConfig, urls: list[str]) -> ReferenceCache | None:
     else None."""
     if not cfg.method.description.needs_reference(cfg.method.scoring):
         return None
-    if cfg.reference_cache is None:
-        raise ValueError(
-            f"method {cfg.method.method!r} with scoring {cfg.method.scoring!r} needs reference_cache"
-        )
+    assert cfg.reference_cache is not None  # TrainConfig refuses a method that needs it without it
     return ReferenceCache(
         urls,
         name=cfg.reference_cache,
