@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from jestclip.data import SuperBatchStream
+from jestclip.data import ResumableBatches, SuperBatchStream
 from jestclip.data import pool as pool_module
 from jestclip.data.pool import MemoryPool, epoch_order, split_transform
 from jestclip.models import image_transform
@@ -150,6 +150,9 @@ def test_positions_of_another_pool_world_size_or_stream_are_refused(tmp_path):
         pool.batches({"worker": 0, "rng": [3, [1], None], "url": urls[0], "sample": 2})
     with pytest.raises(ValueError, match=r"has version 2; this jestclip reads version 1$"):
         pool.batches({**position, "version": 2})
+    stream = SuperBatchStream(urls, batch_size=4, transform=TRANSFORM)  # and a stream given a pool's
+    with pytest.raises(ValueError, match=r"^the data position is of a 'pool' source, not a stream's: resume"):
+        ResumableBatches(stream, 0, position)
 
 
 def test_a_pool_that_would_not_fit_is_refused_before_decoding(tmp_path, monkeypatch):

@@ -866,6 +866,12 @@ class ResumableBatches(Iterator[SuperBatch]):
         self, stream: SuperBatchStream, num_workers: int, position: dict[str, Any] | None = None
     ) -> None:
         self.workers = max(1, num_workers)  # 0 and 1 read the same stream
+        if position is not None and "workers" not in position:
+            kind = position.get("kind", "unknown")
+            raise ValueError(
+                f"the data position is of a {kind!r} source, not a stream's: resume with the source that "
+                "recorded it (data_in_memory as when the run started)"
+            )
         if position is not None:
             recorded = len(position["workers"])
             if recorded != self.workers:
