@@ -7,8 +7,9 @@ from collections import Counter
 import pytest
 import torch
 
-from jestclip.data import ResumableBatches, SuperBatchStream
+from jestclip.data import SuperBatchStream
 from jestclip.data import pool as pool_module
+from jestclip.data.loader import ResumableBatches
 from jestclip.data.pool import MemoryPool, epoch_order, split_transform
 from jestclip.models import image_transform
 
