@@ -217,7 +217,7 @@ class TrainConfig:
     # (any method; required by "filter"). None: every pair
     keep_list: str | None = None
     reference_cache_dir: str | None = None  # the sidecars' directory (None: beside each local shard)
-    filter_ratio: float = 0.8  # f: the super-batch is B = b / (1 - f); ignored by iid
+    filter_ratio: float = 0.8  # f: the super-batch is B = b / (1 - f); ignored by methods that do not select
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 1000
