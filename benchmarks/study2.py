@@ -29,7 +29,9 @@ with the strong reference on both pools; 1 for every other run.
     python benchmarks/study2.py jest-f08-swap50-weak-s0 iid-natural-s1
     python benchmarks/study2.py --summary              # finished runs: final metric, precision, lift
 
-A step runs the steps it needs first. Finished steps are skipped (a run directory with model.pt, a cache whose
+Paths are relative to the checkout, as in benchmarks/study.py: ``data/bench`` must be the built benchmark
+(e.g. a link to /work/data/bench); the caches are written beside its pools' shards. A step runs the steps it
+needs first. Finished steps are skipped (a run directory with model.pt, a cache whose
 every shard has its header, a keep list with keep.json) and interrupted ones resume, so a command can be
 repeated until it is done; run two at a time on the 2-core machine (`OMP_NUM_THREADS=1` each).
 """
