@@ -1,0 +1,361 @@
+"""Study II's headline comparison at a GPU regime, in one command that stops at a wall-clock budget.
+
+    python benchmarks/gpu_study.py --out /tmp/gpu-study             # one H200: jest-small, b = 256, <= 9 min
+    python benchmarks/gpu_study.py --tiny --bench B --out O --work W  # CPU smoke test: jest-micro, 4 steps
+
+On the swapped pool (``BENCH/pool-swap50``; derived into ``--work`` with `jestclip data corrupt BENCH/pool ...
+--swap-captions 0.5 --seed 0` when the benchmark has none), one seed each: IID, the static filter keeping
+Q = 0.5, DRRho and JEST f = 0.8, all scoring with one strong reference — the learner's architecture and
+schedule trained IID on the clean pool (``BENCH/pool``, the swapped pool's clean counterpart; issue 17, item
+2; benchmarks/study2.py says why). In order, each a `jestclip` command printed before it runs:
+
+1. ``ref-strong``: the reference's training run; 2. its embeddings of the swapped pool (`cache-reference`,
+   sidecars ``gpu-study-strong`` beside the swapped pool's shards); 3. the keep list (`jestclip filter --keep
+   0.5`); 4. the runs ``iid``, ``jest-f08``, ``filter-q50``, ``drrho``; 5. `jestclip report` of the four runs
+   (baseline IID, the reference's cost, selection diagnostics of the JEST run) into ``OUT/report``.
+
+Every run trains from memory (``data_in_memory=true``) under ``--work``/NAME; its config.json and
+metrics.jsonl are copied to ``OUT/runs/NAME``. After each run the script prints its measured step time
+(median seconds per step between training lines, so evaluations drop out) and the FLOP rate it achieved;
+``OUT/gpu_study.md`` collects them with the device, date and command.
+
+**Budget.** ``--budget`` seconds (default 540: the 9 minutes a 10-minute device call leaves) bound the whole
+command; the last ``report_s`` of it are kept for the report. A step still running when the training budget
+is spent gets SIGTERM (a training run checkpoints; `cache-reference` and `data corrupt` keep what they wrote),
+the script says where it stopped and exits with status 3; the same command resumes: finished steps are
+skipped (a run directory with model.pt, a cache whose every shard has its header, a keep list with keep.json).
+
+**Regime and estimate** (``FULL``): `jest-small` (22.3 M parameters, 64-px images, patch 8), b = 256, f = 0.8
+(B = 1,280), 16 chunks, AdamW lr 1e-3 (configs/iid.py's, not tuned for this regime), 5% warm-up then cosine,
+1,000 steps (256,000 examples learned: ~4.3 epochs of the 59,717-pair pool), evaluated on every suite at steps
+0, 500 and 1,000. FLOPs (models/flops.py; docs/benchmarks.md: forward 0.954 GFLOP per pair): an IID, filter or
+DRRho step 3 x 0.954 x 256 = 0.733 TFLOP, a JEST step 0.954 x 1,280 + 0.733 = 1.954 TFLOP (8/3 of IID: the
+scoring forward is recomputed with gradients); the reference plus four runs, 1,000 steps each: 4.89 PFLOP.
+At the 2-core CPU's measured ~20 GFLOP/s (docs/benchmarks.md: IID from memory 5.8 steps/s x 3.57 GFLOP;
+JEST 2.05 x 9.5) that is ~2.8 days. On the H200 (~790 TFLOP/s measured on large bf16 products) these
+width-256 layers are small, launch-bound products; assuming 25–50 TFLOP/s achieved the steps take 100–200 s.
+The rest is estimated at ~320 s: ~8 process starts (imports, CUDA) ~12 s each, decoding the pool into memory
+~10 s per run, caching 60k pairs ~20 s, 3 evaluations per run of all suites ~8 s each, the report ~30 s:
+~7–9 min in all. The first GPU run's printed step times and overheads replace these guesses: scale
+``FULL.steps`` so that the whole fits the budget.
+
+**On this workplace's device machine** nothing is fetched and at most 64 MiB travel with the working tree,
+so the 475 MB pool and 60 MB of eval suites do not: carry a subset (a few pool shards with its manifest.json
+and the first shard of each eval suite with its manifest, as ``--bench``), carry the wheels of open_clip and
+webdataset (the image has torch, not them), use ``--work /tmp/gpu-study`` (checkpoints stay there) and pack
+``--out`` into one archive (at most 8 files come back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import itertools
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = "gpu-study-strong"  # the reference's sidecar name
+KEEP = 0.5  # Q of the static filter
+STOPPED = 3  # exit status when the budget ran out (rerun to resume)
+TERM_GRACE_S = 60.0  # after SIGTERM, how long a step may take to checkpoint before it is killed
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The regime: learner, batch, schedule and evaluation of every run (the reference's too)."""
+
+    model: str
+    batch: int
+    n_chunks: int
+    steps: int
+    eval_every: int
+    eval_limit: int | None
+    lr: float
+    log_every: int
+    checkpoint_every: int
+    num_workers: int
+    report_s: float  # of the budget, kept for the report
+    diagnostics: tuple[str, ...]  # extra `jestclip report` arguments
+
+
+FULL = Settings("jest-small", 256, 16, 1000, 500, None, 1e-3, 20, 250, 4, 60.0, ())
+TINY = Settings(
+    "jest-micro", 8, 2, 4, 2, 24, 1e-3, 1, 2, 0, 20.0, ("--gibbs-steps", "20", "--diagnostics-batch", "8")
+)
+RUNS: dict[str, list[str]] = {  # run name -> method overrides (the reference and keep list added below)
+    "iid": [],
+    "jest-f08": ["method.method=jest", "filter_ratio=0.8", f"reference_cache={CACHE}"],
+    "filter-q50": ["method.method=filter"],
+    "drrho": ["method.method=drrho", f"reference_cache={CACHE}"],
+}
+
+
+def shard_list(pool: Path, names_from: Path, shards: int | None) -> list[str]:
+    """The shards of ``pool`` named as the first ``shards`` (None: all) of ``names_from``: the swapped pool
+    has the clean pool's shard names (`data corrupt`), so they are known before it is written."""
+    found = sorted(names_from.glob("*.tar"))
+    if not found:
+        raise SystemExit(f"gpu_study: no .tar shards in {names_from}")
+    return [str(pool / p.name) for p in found[:shards]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Every step's command and done-check, from the arguments."""
+
+    s: Settings
+    bench: Path
+    work: Path
+    out: Path
+    device: str
+    shards: int | None
+
+    @property
+    def noisy(self) -> Path:
+        own = self.bench / "pool-swap50"
+        return own if own.is_dir() else self.work / "pool-swap50"
+
+    def pool_args(self, pool: Path) -> list[str]:
+        """The pool directory, or with ``shards`` its first shards (as the clean pool names them)."""
+        return [str(pool)] if self.shards is None else shard_list(pool, self.bench / "pool", self.shards)
+
+    def train(self, name: str, data: str, extra: list[str]) -> list[str]:
+        s = self.s
+        return [
+            "jestclip",
+            "train",
+            "configs/iid.py",
+            f"model={s.model}",
+            f"data={data}",
+            f"eval_data={self.bench}",
+            f"method.batch_size={s.batch}",
+            f"method.n_chunks={s.n_chunks}",
+            f"optim.lr={s.lr}",
+            "optim.warmup_fraction=0.05",
+            f"steps={s.steps}",
+            f"log_every={s.log_every}",
+            f"checkpoint_every={s.checkpoint_every}",
+            f"eval_every={s.eval_every}",
+            f"eval_limit={json.dumps(s.eval_limit)}",
+            f"num_workers={s.num_workers}",
+            f"device={self.device}",
+            "data_in_memory=true",
+            "seed=0",
+            *extra,
+            f"run_dir={self.work / name}",
+        ]
+
+    def steps(self) -> list[tuple[str, list[str]]]:
+        """(name, command) of every step, in order."""
+        noisy, clean = self.pool_args(self.noisy), "::".join(self.pool_args(self.bench / "pool"))
+        steps = []
+        if not (self.bench / "pool-swap50").is_dir():
+            corrupt = ["jestclip", "data", "corrupt", str(self.bench / "pool"), str(self.noisy)]
+            steps.append(("corrupt", [*corrupt, "--swap-captions", "0.5", "--seed", "0"]))
+        steps.append(("ref-strong", self.train("ref-strong", clean, [])))
+        cache = ["jestclip", "cache-reference", *noisy, "--model", self.s.model, "--name", CACHE]
+        cache += ["--checkpoint", str(self.work / "ref-strong" / "model.pt"), "--device", self.device]
+        steps.append(("cache", cache))
+        keep = ["jestclip", "filter", *noisy, "--keep", str(KEEP), "--out", str(self.work / "keep-q50")]
+        steps.append(("keep", [*keep, "--reference-cache", CACHE]))
+        for name, extra in RUNS.items():
+            if name == "filter-q50":
+                extra = [*extra, f"keep_list={self.work / 'keep-q50'}"]
+            steps.append((name, self.train(name, "::".join(noisy), extra)))
+        return steps
+
+    def done(self, name: str) -> bool:
+        """Whether step ``name`` finished (see the module docstring)."""
+        if name == "corrupt":
+            manifest = self.noisy / "manifest.json"
+            return manifest.exists() and bool(json.loads(manifest.read_text()).get("complete"))
+        if name == "cache":
+            shards = [Path(p) for p in shard_list(self.noisy, self.bench / "pool", self.shards)]
+            return all(p.with_name(f"{p.stem}.{CACHE}.json").exists() for p in shards)
+        if name == "keep":
+            return (self.work / "keep-q50" / "keep.json").exists()
+        return (self.work / name / "model.pt").exists()
+
+    def report(self) -> list[str]:
+        """The `jestclip report` of the four runs, from their copied logs."""
+        return [
+            "jestclip",
+            "report",
+            *(str(self.out / "runs" / name) for name in RUNS),
+            "--baseline",
+            "iid",
+            "--reference-run",
+            str(self.out / "runs" / "ref-strong"),
+            "--diagnostics-run",
+            str(self.work / "jest-f08"),
+            "--device",
+            self.device,
+            *self.s.diagnostics,
+            "--out",
+            str(self.out / "report"),
+        ]
+
+
+def run_step(command: list[str], deadline: float) -> bool:
+    """Run a command (`jestclip`: this checkout's, on this Python) until it ends or ``deadline``
+    (time.monotonic()); then SIGTERM, and kill after ``TERM_GRACE_S``. True when it ended by itself; a
+    SystemExit naming the command when it failed."""
+    print("$", " ".join(command), flush=True)
+    src = str(ROOT / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    argv = [sys.executable, "-m", "jestclip.cli", *command[1:]] if command[0] == "jestclip" else command
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env)
+    try:
+        status = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=TERM_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return False
+    if status != 0:
+        raise SystemExit(f"gpu_study: `{' '.join(command[:3])} ...` failed (exit status {status})")
+    return True
+
+
+def step_rate(run_dir: Path) -> tuple[float, float, int] | None:
+    """(median seconds per step, median FLOP/s, last step) over consecutive training lines of a run's
+    metrics.jsonl (a resumed run's clock restarts: pairs across the restart are left out); None before two
+    training lines."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    train = [x for x in lines if "wall_s" in x and not any(k.startswith("eval/") for k in x)]
+    pairs = [
+        (b["step"] - a["step"], b["wall_s"] - a["wall_s"], b["flops_total"] - a["flops_total"])
+        for a, b in itertools.pairwise(train)
+        if b["step"] > a["step"] and b["wall_s"] > a["wall_s"]
+    ]
+    if not pairs:
+        return None
+    per_step = statistics.median(dt / ds for ds, dt, _ in pairs)
+    rate = statistics.median(df / dt for _, dt, df in pairs)
+    return per_step, rate, int(train[-1]["step"])
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+class Notes:
+    """The markdown record ``OUT/gpu_study.md``: the header, then a row per step, rewritten after each."""
+
+    def __init__(self, path: Path, header: list[str]) -> None:
+        self.path, self.header, self.rows = path, header, []
+
+    def add(self, row: str) -> None:
+        print(row, flush=True)
+        self.rows.append(row)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        table = ["| step | wall s | ended | s / step (median) | TFLOP/s (median) | last step |"]
+        table.append("|---|---:|---|---:|---:|---:|")
+        self.path.write_text("\n".join([*self.header, "", *table, *self.rows]) + "\n")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True, help="logs, report and gpu_study.md go here")
+    parser.add_argument(
+        "--bench", type=Path, default=Path("data/bench"), help="benchmark root (pool/, eval/)"
+    )
+    parser.add_argument(
+        "--work", type=Path, default=Path("runs/gpu_study"), help="run directories, keep list"
+    )
+    parser.add_argument(
+        "--budget", type=float, default=540.0, help="wall-clock seconds for the whole command"
+    )
+    parser.add_argument("--tiny", action="store_true", help="jest-micro, b = 8, 4 steps (CPU smoke test)")
+    parser.add_argument("--device", help="cuda (default) or cpu (--tiny's default)")
+    parser.add_argument("--shards", type=int, help="use only the first N shards of each pool")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    started = time.monotonic()
+    s = TINY if args.tiny else FULL
+    device = args.device or ("cpu" if args.tiny else "cuda")
+    if not (args.bench / "pool").is_dir() or not (args.bench / "eval").is_dir():
+        raise SystemExit(
+            f"gpu_study: --bench {args.bench} holds no pool/ and eval/ (a `jestclip data build`)"
+        )
+    if args.shards is not None and args.shards < 1:
+        raise SystemExit(f"gpu_study: --shards must be >= 1, got {args.shards}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("gpu_study: --device cuda: CUDA is not available here (use --tiny)")
+    root = lambda p: p if p.is_absolute() else Path.cwd() / p  # noqa: E731 (commands run in ROOT)
+    plan = Plan(s, root(args.bench), root(args.work), root(args.out), device, args.shards)
+    training_deadline = started + args.budget - s.report_s
+    notes = Notes(
+        plan.out / "gpu_study.md",
+        [
+            f"### {device_name(device)} — {datetime.date.today()}",
+            "",
+            f"Command: `python benchmarks/gpu_study.py {' '.join(argv)}` · {s.model}, b = {s.batch}, "
+            f"{s.steps} steps, evaluations every {s.eval_every} · budget {args.budget:.0f} s · noisy pool "
+            f"{plan.noisy}",
+        ],
+    )
+    print("\n".join(notes.header), flush=True)
+    for name, command in plan.steps():
+        if plan.done(name):
+            print(f"[{time.monotonic() - started:5.0f} s] {name}: done before, skipped", flush=True)
+            continue
+        left = training_deadline - time.monotonic()
+        print(f"[{time.monotonic() - started:5.0f} s] {name} ({left:.0f} s of the budget left)", flush=True)
+        begun = time.monotonic()
+        ended = run_step(command, training_deadline)
+        wall = time.monotonic() - begun
+        rate = step_rate(plan.work / name)
+        if (plan.work / name / "metrics.jsonl").exists():
+            copy = plan.out / "runs" / name
+            copy.mkdir(parents=True, exist_ok=True)
+            for file in ("config.json", "metrics.jsonl"):
+                shutil.copy2(plan.work / name / file, copy / file)
+        timing = "| | |" if rate is None else f"| {rate[0]:.4f} | {rate[1] / 1e12:.2f} | {rate[2]:,}"
+        notes.add(f"| {name} | {wall:.1f} | {'yes' if ended else 'stopped (budget)'} {timing} |")
+        if not ended:
+            print(
+                f"gpu_study: the budget ran out during {name}; rerun the same command to resume "
+                f"({time.monotonic() - started:.0f} s)",
+                flush=True,
+            )
+            return STOPPED
+    begun = time.monotonic()
+    if not run_step(plan.report(), started + args.budget):
+        print("gpu_study: the budget ran out during the report; rerun the same command", flush=True)
+        return STOPPED
+    notes.add(f"| report | {time.monotonic() - begun:.1f} | yes | | | |")
+    print(f"gpu_study: done in {time.monotonic() - started:.0f} s; {plan.out / 'report' / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

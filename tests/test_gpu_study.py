@@ -1,0 +1,90 @@
+"""benchmarks/gpu_study.py: the GPU headline comparison's whole pipeline, in its tiny CPU mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from jestclip.data.quality import quality_entry
+from jestclip.data.shards import Pair, png_bytes, shard_name, write_shard
+
+from .eval.test_evaluate import COLOURS, make_suite
+from .test_benchmarks import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+RGB = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 220, 20)}
+
+
+def make_bench(root: Path, pairs: int = 96, shard_size: int = 32) -> Path:
+    """A benchmark root: a labelled pool of coloured squares (every 4th caption a noisy one; JEST's tiny
+    super-batch of 40 needs 80 pairs) and one eval suite."""
+    pool = root / "pool"
+    pool.mkdir(parents=True)
+    samples = []
+    for i in range(pairs):
+        colour = COLOURS[i % len(COLOURS)]
+        noisy = i % 4 == 3
+        text = "gramastar" if noisy else f"a {colour} square"
+        quality = quality_entry(None, ["boilerplate_title"]) if noisy else quality_entry(text, [])
+        image = png_bytes(Image.new("RGB", (16, 16), RGB[colour]))
+        samples.append(Pair(f"p{i:03d}", image, text, {"source": "icons", "quality": quality}))
+    shards = []
+    for start in range(0, pairs, shard_size):
+        shards.append(shard_name(start // shard_size))
+        write_shard(pool / shards[-1], samples[start : start + shard_size])
+    manifest = {"part": "pool", "count": pairs, "shards": shards, "image_size": 16}
+    (pool / "manifest.json").write_text(json.dumps(manifest))
+    make_suite(root / "eval", "toy", per_class=6)
+    return root
+
+
+def test_steps_resume_and_the_budget_stops_a_step(tmp_path):
+    study = load_script("gpu_study")
+    bench = make_bench(tmp_path / "bench")
+    plan = study.Plan(study.TINY, bench, tmp_path / "work", tmp_path / "out", "cpu", 2)  # 2 of 3 shards
+    names = [name for name, _ in plan.steps()]
+    assert names == ["corrupt", "ref-strong", "cache", "keep", "iid", "jest-f08", "filter-q50", "drrho"]
+    commands = dict(plan.steps())
+    noisy = [str(tmp_path / "work" / "pool-swap50" / f"0000{i}.tar") for i in range(2)]
+    assert commands["cache"][2:4] == noisy and "::".join(noisy) in " ".join(commands["jest-f08"])
+    assert f"data={bench / 'pool' / '00000.tar'}::{bench / 'pool' / '00001.tar'}" in commands["ref-strong"]
+    assert not any(plan.done(name) for name in names)
+    (tmp_path / "work" / "iid").mkdir(parents=True)
+    (tmp_path / "work" / "iid" / "model.pt").write_bytes(b"")
+    assert plan.done("iid")
+    whole = study.Plan(study.TINY, bench, tmp_path / "work", tmp_path / "out", "cpu", None)
+    assert dict(whole.steps())["cache"][2] == str(tmp_path / "work" / "pool-swap50")  # the directory
+    started = study.time.monotonic()  # a step past the deadline is stopped, not waited for
+    assert not study.run_step([sys.executable, "-c", "import time; time.sleep(30)"], started + 1)
+    assert study.time.monotonic() - started < 20
+
+
+@pytest.mark.slow
+def test_tiny_mode_trains_every_run_and_writes_logs_and_report(tmp_path):
+    bench = make_bench(tmp_path / "bench")
+    out, work = tmp_path / "out", tmp_path / "work"
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_study.py"), "--tiny", "--bench", str(bench)]
+    command += ["--out", str(out), "--work", str(work), "--budget", "600"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("ref-strong", "iid", "jest-f08", "filter-q50", "drrho"):
+        lines = [json.loads(x) for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert lines[-1]["step"] == 4 and "eval/average" in lines[-1], name
+        assert json.loads((out / "runs" / name / "config.json").read_text())["data_in_memory"]
+    config = json.loads((out / "runs" / "filter-q50" / "config.json").read_text())
+    assert config["keep_list"] == str(work / "keep-q50") and config["data"].endswith("pool-swap50")
+    assert (out / "report" / "report.md").exists()
+    notes = (out / "gpu_study.md").read_text()
+    for name in ("ref-strong", "cache", "keep", "iid", "jest-f08", "filter-q50", "drrho", "report"):
+        assert f"| {name} |" in notes, name
+    assert "s / step" in notes and "step time" not in done.stderr
+    # a second run finds everything done and only rewrites the report
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("done before, skipped") == 8, again.stdout[-2000:]
