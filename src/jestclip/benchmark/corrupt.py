@@ -147,6 +147,41 @@ def corrupt_captions(src: Path, out: Path, swap_captions: float, seed: int = 0) 
     corrupt output of the same arguments.
     """
     src, out = Path(src), Path(out)
+    shards, config = _start(src, out, swap_captions, seed)
+    keys, texts, metas, bounds = _read_pool(src, shards)  # pass 1: the swaps are drawn over the whole pool
+    donor = swap_plan(texts, swap_captions, seed)
+    results = []  # pass 2: each unfinished shard, its sidecar after it
+    bar = progress(total=len(keys), desc="write", unit="pair")
+    for s, shard in enumerate(shards):
+        sidecar = (out / shard.name).with_suffix(".json")
+        if (out / shard.name).exists() and sidecar.exists():
+            results.append(json.loads(sidecar.read_text(encoding="utf-8")))
+        else:
+            results.append(
+                _write_swapped(shard, out, range(bounds[s], bounds[s + 1]), donor, keys, texts, metas)
+            )
+        bar.update(bounds[s + 1] - bounds[s])
+    bar.close()
+    source = json.loads((src / "manifest.json").read_bytes())
+    composition = merge_tallies(r["composition"] for r in results)
+    manifest = {
+        "part": source.get("part"),
+        "count": sum(r["count"] for r in results),
+        "shards": [r["shard"] for r in results],
+        "by_source": {g: c["pairs"] for g, c in composition.items() if g != "all"},
+        "skipped": {},
+        "image_size": source.get("image_size"),
+        "composition": composition,
+        "corrupt": {**config, "pairs": len(keys), "swapped": sum(r["swapped"] for r in results)},
+        "complete": True,
+    }
+    atomic_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _start(src: Path, out: Path, swap_captions: float, seed: int) -> tuple[list[Path], dict[str, Any]]:
+    """The source shards and the run's config, after checking the arguments and what ``out`` holds; marks
+    ``out/manifest.json`` incomplete (see ``corrupt_captions`` for the errors)."""
     if not 0.0 <= swap_captions <= 1.0:
         raise ValueError(f"swap_captions must be in [0, 1], got {swap_captions}")
     shards = sorted(src.glob("*.tar")) if src.is_dir() else []
@@ -156,11 +191,10 @@ def corrupt_captions(src: Path, out: Path, swap_captions: float, seed: int = 0) 
         raise ValueError(f"{src} has no manifest.json: not a shard directory written by jestclip")
     if out.resolve() == src.resolve():
         raise ValueError(f"the output {out} is the source directory; choose a new one")
-    source_manifest = (src / "manifest.json").read_bytes()
     config = {
         "format": CORRUPT_FORMAT,
         "source": str(src.resolve()),
-        "source_manifest_sha256": hashlib.sha256(source_manifest).hexdigest(),
+        "source_manifest_sha256": hashlib.sha256((src / "manifest.json").read_bytes()).hexdigest(),
         "swap_captions": swap_captions,
         "seed": seed,
     }
@@ -177,8 +211,12 @@ def corrupt_captions(src: Path, out: Path, swap_captions: float, seed: int = 0) 
         raise ValueError(f"{out} exists and is not the output of jestclip data corrupt; use a new directory")
     out.mkdir(parents=True, exist_ok=True)
     atomic_json(record, {"corrupt": config, "complete": False})
+    return shards, config
 
-    # pass 1: every caption and JSON, to draw the swaps over the whole pool
+
+def _read_pool(src: Path, shards: list[Path]) -> tuple[list[str], list[str], list[dict[str, Any]], list[int]]:
+    """Every sample's key, caption and JSON in shard order, and where each shard's samples start (a
+    ValueError names a key that repeats)."""
     keys: list[str] = []
     texts: list[str] = []
     metas: list[dict[str, Any]] = []
@@ -193,51 +231,33 @@ def corrupt_captions(src: Path, out: Path, swap_captions: float, seed: int = 0) 
         seen: set[str] = set()
         repeated = next(k for k in keys if k in seen or seen.add(k))
         raise ValueError(f"{src}: key {repeated!r} appears more than once; keys must be unique")
-    donor = swap_plan(texts, swap_captions, seed)
+    return keys, texts, metas, bounds
 
-    # pass 2: write each unfinished shard, its sidecar after it
-    results = []
-    bar = progress(total=len(keys), desc="write", unit="pair")
-    for s, shard in enumerate(shards):
-        path, sidecar = out / shard.name, (out / shard.name).with_suffix(".json")
-        if path.exists() and sidecar.exists():
-            results.append(json.loads(sidecar.read_text(encoding="utf-8")))
-            bar.update(bounds[s + 1] - bounds[s])
-            continue
-        written, shard_metas, swapped = [], [], 0
-        for i, (key, members) in enumerate(_samples(shard), start=bounds[s]):
-            meta = metas[i]
-            if i in donor:
-                j = donor[i]
-                meta = _swapped_meta(metas[i], metas[j], keys[j])
-                members = {
-                    **members,
-                    "txt": texts[j].encode("utf-8"),
-                    "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode(),
-                }
-                swapped += 1
-            written.append((key, members))
-            shard_metas.append(meta)
-        _write(path, written)
-        stats = {"shard": path.name, "count": len(written), "swapped": swapped}
-        stats["composition"] = tally(shard_metas)
-        atomic_json(sidecar, stats)
-        results.append(stats)
-        bar.update(len(written))
-    bar.close()
 
-    source = json.loads(source_manifest)
-    composition = merge_tallies(r["composition"] for r in results)
-    manifest = {
-        "part": source.get("part"),
-        "count": sum(r["count"] for r in results),
-        "shards": [r["shard"] for r in results],
-        "by_source": {g: c["pairs"] for g, c in composition.items() if g != "all"},
-        "skipped": {},
-        "image_size": source.get("image_size"),
-        "composition": composition,
-        "corrupt": {**config, "pairs": len(keys), "swapped": sum(r["swapped"] for r in results)},
-        "complete": True,
-    }
-    atomic_json(record, manifest)
-    return manifest
+def _write_swapped(
+    shard: Path,
+    out: Path,
+    rows: range,
+    donor: dict[int, int],
+    keys: list[str],
+    texts: list[str],
+    metas: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Write ``shard`` into ``out`` with the captions of its ``rows`` (pool indices) that ``donor`` swaps
+    taken from their donors, then its sidecar; the sidecar's stats."""
+    written, shard_metas, swapped = [], [], 0
+    for i, (key, members) in zip(rows, _samples(shard), strict=True):
+        meta = metas[i]
+        if i in donor:
+            j = donor[i]
+            meta = _swapped_meta(metas[i], metas[j], keys[j])
+            json_bytes = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
+            members = {**members, "txt": texts[j].encode("utf-8"), "json": json_bytes}
+            swapped += 1
+        written.append((key, members))
+        shard_metas.append(meta)
+    path = out / shard.name
+    _write(path, written)
+    stats = {"shard": path.name, "count": len(written), "swapped": swapped, "composition": tally(shard_metas)}
+    atomic_json(path.with_suffix(".json"), stats)
+    return stats
