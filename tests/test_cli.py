@@ -74,6 +74,12 @@ def test_cache_reference_command(tmp_path, capsys):
     )
     assert main(["cache-reference", *urls, "--model", "jest-micro"]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+    # a reference trained with the softmax (CLIP) loss: its loss is read from the weights (no logit bias)
+    clip = create_model("jest-micro", loss="softmax")
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")
+    argv = ["cache-reference", *urls, "--model", "jest-micro", "--checkpoint", str(tmp_path / "clip.pt")]
+    assert main([*argv, "--name", "clip"]) == 0
+    assert ReferenceCache(urls, name="clip", fingerprint=model_fingerprint(clip)).meta.bias == 0.0
 
 
 def test_train_command_prints_resolved_config(capsys):

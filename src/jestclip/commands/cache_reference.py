@@ -28,7 +28,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="an open_clip pretrained tag instead (downloads), e.g. webli for ViT-B-16-SigLIP; images and "
         "captions are then preprocessed and tokenised as those weights were trained (with --checkpoint too)",
     )
-    parser.add_argument("--loss", default="sigmoid", choices=["sigmoid", "softmax"])
+    parser.add_argument(
+        "--loss",
+        choices=["sigmoid", "softmax"],
+        help="the loss the reference was trained with (default: what --checkpoint holds, else sigmoid)",
+    )
     parser.add_argument("--name", default="reference", help="cache name, part of the sidecar file name")
     parser.add_argument(
         "--cache-dir",

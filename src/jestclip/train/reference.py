@@ -19,6 +19,7 @@ from jestclip.models import (
     reference_logits,
     tokenizer,
 )
+from jestclip.train.trained import weights_loss
 
 __all__ = ["cache_model_embeddings", "cache_reference_model"]
 
@@ -64,15 +65,18 @@ def cache_reference_model(
     name: str,
     checkpoint: str | Path | None = None,
     pretrained: str | None = None,
-    loss: str = "sigmoid",
+    loss: str | None = None,
     device: str = "auto",
     batch_size: int = 256,
     cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """``cache_model_embeddings`` for reference ``model_name`` built with weights from ``checkpoint`` and/or
-    open_clip tag ``pretrained``. device: "auto" is cuda when available."""
+    open_clip tag ``pretrained``; ``loss`` None: the one ``checkpoint`` was trained with (a logit bias means
+    sigmoid), sigmoid without one. device: "auto" is cuda when available."""
     if checkpoint is None and pretrained is None:
         raise ValueError("the reference model needs weights: a checkpoint or a pretrained tag")
+    if loss is None:
+        loss = weights_loss(checkpoint) if checkpoint is not None else "sigmoid"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = create_model(model_name, loss=loss, checkpoint=checkpoint, pretrained=pretrained, device=device)
