@@ -178,8 +178,15 @@ def test_bad_keep_list_directories_are_named(tmp_path, pool):
         f.truncate(100)
     with pytest.raises(ValueError, match=rf"{tmp_path / 'cut' / KEYS} is truncated \(100 bytes, expected"):
         KeepList(tmp_path / "cut")
-    (tmp_path / "keep" / HEADER).write_text('{"format": "jestclip-keeplist/1"}')
+    (tmp_path / "keep" / HEADER).write_text('{"format": "jestclip-keeplist/2"}')
     with pytest.raises(ValueError, match=r"keep.json is corrupt \(KeyError"):
+        KeepList(tmp_path / "keep")
+    (tmp_path / "keep" / HEADER).write_text('{"format": "jestclip-keeplist/1"}')  # before content digests
+    with pytest.raises(
+        ValueError,
+        match=r"keep\.json is of format jestclip-keeplist/1, without the content digests that show a changed "
+        r"shard; run `jestclip filter` again \(format jestclip-keeplist/2\)$",
+    ):
         KeepList(tmp_path / "keep")
 
 
