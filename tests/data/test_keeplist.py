@@ -244,6 +244,7 @@ def test_a_shard_rewritten_at_the_same_size_stops_the_stream_at_its_first_kept_s
         "has other image or caption bytes; run `jestclip cache-reference` and `jestclip filter` again"
     )
     assert not [k for k in decoded if k.startswith("s1_")]  # refused before it was decoded
+    assert kept(urls[1], "s1_000") and not kept(urls[1], "s1_999")  # membership alone (tar-header counts)
 
 
 def test_filter_refuses_a_reference_cache_older_than_its_shards(tmp_path, pool):

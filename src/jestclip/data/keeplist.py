@@ -281,14 +281,15 @@ class KeepList:
         self._current = (where, kept)
         return kept
 
-    def __call__(self, url: str, key: str, digest: int) -> bool:
+    def __call__(self, url: str, key: str, digest: int | None = None) -> bool:
         """Whether sample ``key`` of shard ``url`` is kept; ``digest``: its ``loader.content_digest`` as read
-        now. A kept sample whose digest is not the recorded one is a ``KeptSampleChangedError`` (one line,
-        naming the shard and key): its score came from other image or caption bytes."""
+        now (the stream always passes it; None: membership only, for counting from tar headers). A kept
+        sample whose digest is not the recorded one is a ``KeptSampleChangedError`` (one line, naming the
+        shard and key): its score came from other image or caption bytes."""
         recorded = self._digests(url).get(key)
         if recorded is None:
             return False
-        if recorded != digest:
+        if digest is not None and recorded != digest:
             raise KeptSampleChangedError(
                 f"shard {url} changed since keep list {self.path} was written: kept sample key {key!r} has "
                 "other image or caption bytes; run `jestclip cache-reference` and `jestclip filter` again"
