@@ -114,6 +114,8 @@ def bad_inputs(tmp_path_factory):
     (root / "file.txt").write_text("not a directory\n")
     (root / "raises.py").write_text("def get_config(quick=False):\n    raise RuntimeError('boom')\n")
     (root / "noget.py").write_text("x = 1\n")
+    (root / "oldkeep").mkdir()
+    (root / "oldkeep" / "keep.json").write_text('{"format": "jestclip-keeplist/1"}')  # before digests
     return root
 
 
@@ -139,6 +141,23 @@ USER_ERRORS = [
     (["filter", "{tmp}/shards", "--keep", "0.5", "--out", "{tmp}/file.txt"], "{tmp}/file.txt is a file"),
     (["filter", "{tmp}/shards", "--keep", "0.5"], "the following arguments are required: --out"),
     (
+        ["filter", "pipe:cat {tmp}/shards/00000.tar", "--keep", "0.5", "--out", "{tmp}/keep"],
+        "shard pipe:cat {tmp}/shards/00000.tar is not a local file, so its 'reference' sidecars cannot sit",
+    ),
+    (
+        [
+            "filter",
+            "pipe:cat {tmp}/shards/00000.tar",
+            "--keep",
+            "0.5",
+            "--out",
+            "{tmp}/keep",
+            "--cache-dir",
+            "{tmp}",
+        ],
+        "no cached 'reference' embeddings for shard pipe:cat {tmp}/shards/00000.tar",
+    ),
+    (
         ["train", "configs/filter.py", *SAFE, "keep_list=null"],
         "config: keep_list = None must be set for method 'filter'",
     ),
@@ -160,6 +179,17 @@ USER_ERRORS = [
             "keep_list={tmp}",
         ],
         "keep list {tmp} holds no keep.json",
+    ),
+    (
+        [
+            "train",
+            "configs/iid.py",
+            "run_dir={tmp}/run",
+            "data={tmp}/shards",
+            "model=jest-micro",
+            "keep_list={tmp}/oldkeep",
+        ],
+        "keep list {tmp}/oldkeep/keep.json is of format jestclip-keeplist/1, without the content digests",
     ),
     (["train", "{tmp}/missing.py"], "recipe {tmp}/missing.py does not exist"),
     (["train", "{tmp}/raises.py"], "recipe {tmp}/raises.py: RuntimeError: boom"),

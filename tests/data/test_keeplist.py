@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from jestclip.data import SuperBatchStream, loader
-from jestclip.data.keeplist import HEADER, KEYS, KeepList, filter_shards
+from jestclip.data.keeplist import DIGESTS, HEADER, KEYS, KeepList, KeptSampleChangedError, filter_shards
 from jestclip.data.loader import ResumableBatches
-from jestclip.data.refcache import CacheMeta, shard_keys, write_sidecar
+from jestclip.data.refcache import CacheMeta, SidecarError, shard_content, shard_keys, write_sidecar
 from jestclip.selection import Embeddings, independent_select
 
 from .test_loader import add_members, make_shards, resumed_after
+from .test_refcache import rewrite_same_keys_and_size
 
 DIM = 8
 
@@ -29,10 +30,13 @@ def unit_rows(n: int, seed: int) -> np.ndarray:
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
 
 
-def cached(root: Path, *, bad_image: bool = False) -> tuple[list[str], dict[str, tuple]]:
+def cached(
+    root: Path, *, bad_image: bool = False, cache_dir: Path | None = None
+) -> tuple[list[str], dict[str, tuple]]:
     """3 shards of 8 with random reference embeddings cached next to them; {key: (image, text)} as stored.
     bad_image: shard 1 also holds ``zz_bad``, whose image does not decode, cached with cosine 1 (always
-    kept by the similarity score)."""
+    kept by the similarity score). cache_dir: the shards are read as ``pipe:cat PATH`` (URLs; their urls
+    are returned) and cached in this directory."""
     urls = make_shards(root, 3, 8)
     if bad_image:
         add_members(Path(urls[1]), {"zz_bad.png": b"not a png", "zz_bad.txt": b"caption"})
@@ -42,10 +46,11 @@ def cached(root: Path, *, bad_image: bool = False) -> tuple[list[str], dict[str,
         image, text = unit_rows(len(keys), 2 * s), unit_rows(len(keys), 2 * s + 1)
         if "zz_bad" in keys:
             text[keys.index("zz_bad")] = image[keys.index("zz_bad")]
-        meta = CacheMeta("fp", "toy", 10.0, -5.0, DIM, os.path.getsize(url))
-        write_sidecar(url, "reference", keys, image, text, meta)
+        meta = CacheMeta("fp", "toy", 10.0, -5.0, DIM, None if cache_dir else os.path.getsize(url))
+        shard = f"pipe:cat {url}" if cache_dir else url
+        write_sidecar(shard, "reference", keys, image, text, meta, cache_dir=cache_dir)
         rows |= {k: (image[i], text[i]) for i, k in enumerate(keys)}
-    return urls, rows
+    return ([f"pipe:cat {u}" for u in urls] if cache_dir else urls), rows
 
 
 @pytest.fixture
@@ -178,8 +183,15 @@ def test_bad_keep_list_directories_are_named(tmp_path, pool):
         f.truncate(100)
     with pytest.raises(ValueError, match=rf"{tmp_path / 'cut' / KEYS} is truncated \(100 bytes, expected"):
         KeepList(tmp_path / "cut")
-    (tmp_path / "keep" / HEADER).write_text('{"format": "jestclip-keeplist/1"}')
+    (tmp_path / "keep" / HEADER).write_text('{"format": "jestclip-keeplist/2"}')
     with pytest.raises(ValueError, match=r"keep.json is corrupt \(KeyError"):
+        KeepList(tmp_path / "keep")
+    (tmp_path / "keep" / HEADER).write_text('{"format": "jestclip-keeplist/1"}')  # before content digests
+    with pytest.raises(
+        ValueError,
+        match=r"keep\.json is of format jestclip-keeplist/1, without the content digests that show a changed "
+        r"shard; run `jestclip filter` again \(format jestclip-keeplist/2\)$",
+    ):
         KeepList(tmp_path / "keep")
 
 
@@ -195,3 +207,81 @@ def test_filter_refuses_to_overwrite_or_to_keep_nothing(tmp_path, pool):
     assert not (tmp_path / "none" / HEADER).exists()
     with pytest.raises(ValueError, match=r"come from model fp .*not the expected other"):
         filter_shards(urls, tmp_path / "x", keep=0.5, fingerprint="other", progress=False)
+
+
+# -- stale data: each kept sample's content digest, recorded when written, checked as the stream reads it --
+
+
+def test_the_keep_list_records_the_content_digest_of_each_kept_sample(tmp_path, pool):
+    urls, _ = pool
+    filter_shards(urls, tmp_path / "keep", keep=0.5, progress=False)
+    keys = [k.decode() for k in np.load(tmp_path / "keep" / KEYS).tolist()]
+    digests = np.load(tmp_path / "keep" / DIGESTS)
+    assert digests.dtype == np.uint64 and len(digests) == len(keys) == 12
+    content = {k: d for url in urls for k, d in shard_content(url).items()}  # the loader's content_digest
+    assert dict(zip(keys, digests.tolist(), strict=True)) == {k: content[k] for k in keys}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_rewritten_at_the_same_size_stops_the_stream_at_its_first_kept_sample(
+    tmp_path, pool, monkeypatch, workers
+):
+    urls, _ = pool
+    filter_shards(urls, tmp_path / "keep", keep=1.0, progress=False)
+    rewrite_same_keys_and_size(urls[1])  # re-rendered and re-captioned: same keys, same byte size
+    kept = KeepList(tmp_path / "keep")
+    kept.check(urls)  # the startup check reads sizes and tar headers only: it cannot tell
+    decoded = []
+    real = loader.decode_sample
+    monkeypatch.setattr(
+        loader, "decode_sample", lambda raw, **kw: decoded.append(raw["__key__"]) or real(raw, **kw)
+    )
+    stream = SuperBatchStream(urls, batch_size=100, shuffle_shards=False, keep=kept)
+    with pytest.raises(KeptSampleChangedError) as info:
+        list(ResumableBatches(stream, workers))
+    assert str(info.value) == (
+        f"shard {urls[1]} changed since keep list {tmp_path / 'keep'} was written: kept sample key 's1_000' "
+        "has other image or caption bytes; run `jestclip cache-reference` and `jestclip filter` again"
+    )
+    assert not [k for k in decoded if k.startswith("s1_")]  # refused before it was decoded
+    assert kept(urls[1], "s1_000") and not kept(urls[1], "s1_999")  # membership alone (tar-header counts)
+
+
+def test_filter_refuses_a_reference_cache_older_than_its_shards(tmp_path, pool):
+    urls, _ = pool
+    rewrite_same_keys_and_size(urls[2])  # after cache-reference: the cached rows embed the old bytes
+    with pytest.raises(
+        SidecarError,
+        match=rf"^shard {urls[2]} changed since its 'reference' embeddings were cached: sample key 's2_000' "
+        r"\(8 of 8 in this batch\) has other image or caption bytes",
+    ):
+        filter_shards(urls, tmp_path / "keep", keep=0.5, progress=False)
+    assert not (tmp_path / "keep" / HEADER).exists()
+
+
+# -- shards behind a URL: a cache directory, identities instead of paths and sizes --------------------------
+
+
+def test_a_keep_list_of_shards_behind_a_url(tmp_path):
+    urls, rows = cached(tmp_path / "pool", cache_dir=tmp_path / "cache")
+    with pytest.raises(
+        ValueError, match=r"shard pipe:cat .*00000\.tar is not a local file, so its 'reference'"
+    ):
+        filter_shards(urls, tmp_path / "keep", keep=0.5, progress=False)
+    header = filter_shards(urls, tmp_path / "keep", keep=0.5, cache_dir=tmp_path / "cache", progress=False)
+    assert (header["kept"], header["total"]) == (12, 24)
+    on_disk = json.loads((tmp_path / "keep" / HEADER).read_text())
+    assert [(s["url"], s["bytes"]) for s in on_disk["shards"]] == [(u, None) for u in urls]
+    kept = KeepList(tmp_path / "keep")
+    kept.check([f"pipe:cat {tmp_path}/pool/{{00000..00002}}.tar"])  # the same URLs, as a brace pattern
+    local = [u.removeprefix("pipe:cat ") for u in urls]
+    with pytest.raises(ValueError, match=rf"was written for other shards: shard {local[0]} \(3 of 3 such\)"):
+        kept.check(local)
+    batches = list(SuperBatchStream(urls, batch_size=5, shuffle_shards=False, keep=kept))
+    keys = sorted(k for b in batches for k in b.keys)
+    top = sorted(rows, key=lambda k: -cosine(rows[k]))[:12]
+    assert keys == sorted(top) and {u for b in batches for u in b.urls} <= set(urls)
+    rewrite_same_keys_and_size(local[0])
+    kept.check(urls)  # no size to compare behind a URL; the digests are
+    with pytest.raises(KeptSampleChangedError, match=rf"^shard pipe:cat {local[0]} changed since keep list"):
+        list(SuperBatchStream(urls, batch_size=5, shuffle_shards=False, keep=kept))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from jestclip.cli import main
 from jestclip.commands.filter import SCORES
@@ -16,7 +18,9 @@ from jestclip.models import create_model, forward_flops
 from jestclip.selection import FILTER_SCORES
 from jestclip.train.config import ConfigError, MethodConfig, TrainConfig
 from jestclip.train.loop import train
+from jestclip.train.reference import cache_model_embeddings
 
+from ..data.test_loader import make_shards
 from .test_loop import cached_shards, config, same_run
 
 
@@ -97,3 +101,44 @@ def test_the_filter_method_needs_a_keep_list():
     with pytest.raises(ConfigError, match=r"^config: keep_list = None must be set for method 'filter'"):
         TrainConfig(method=MethodConfig("filter"))
     assert TrainConfig(method=MethodConfig("filter"), keep_list="k").super_batch == 256  # no selection: B = b
+
+
+def test_a_resume_refuses_a_keep_list_written_again_at_the_same_path(tmp_path, pool):
+    urls, first = pool
+    keep = tmp_path / "keep"
+    shutil.copytree(first, keep)
+    cfg = config(tmp_path / "run", urls, "filter", steps=5, stop_after=2, keep_list=str(keep))
+    train(cfg, progress=False)
+    record = json.loads((tmp_path / "run" / "keep_list.json").read_text())
+    assert record == {"path": str(keep), "sha256": KeepList(keep).sha256, "kept": 12, "keep": 0.5}
+    shutil.rmtree(keep)  # the filter run again, into the same directory, keeping another fraction
+    assert main(["filter", *urls, "--keep", "0.25", "--out", str(keep)]) == 0
+    resume = dataclasses.replace(cfg, stop_after=None)
+    with pytest.raises(ValueError) as info:
+        train(resume, progress=False)
+    assert str(info.value) == (
+        f"keep list {keep} was written again since this run started (keep.json sha256 "
+        f"{record['sha256'][:12]} then, {KeepList(keep).sha256[:12]} now; 12 pairs kept then, 6 now); resume "
+        "with the keep list it started with or start a new run_dir"
+    )
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]  # nothing trained on the new list
+    shutil.rmtree(keep)
+    shutil.copytree(first, keep)  # the keep list it started with, written again byte for byte: resumes
+    assert train(resume, progress=False)["step"] == 5
+
+
+def test_filter_and_train_on_shards_behind_a_url(tmp_path):
+    """`jestclip filter --cache-dir` on ``pipe:`` shards, then a filter run reading them by the same URLs."""
+    local = make_shards(tmp_path / "pool", 2, 12)
+    pattern = f"pipe:cat {tmp_path}/pool/{{00000..00001}}.tar"
+    torch.manual_seed(1)
+    cache_model_embeddings(create_model("jest-micro"), "jest-micro", pattern, cache_dir=tmp_path / "c")
+    out = str(tmp_path / "keep")
+    assert main(["filter", pattern, "--keep", "0.5", "--out", out, "--cache-dir", str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "keep" / "filter.json").read_text())["settings"]["cache_dir"] == str(
+        tmp_path / "c"
+    )
+    cfg = config(tmp_path / "run", local, "filter", keep_list=out)
+    last = train(dataclasses.replace(cfg, data=pattern), progress=False)
+    assert last["step"] == 3 and last["skipped/not_kept"] > 0 and last["examples_learned"] == 12

@@ -61,6 +61,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--reference-cache", default="reference", help="name of the cached reference embeddings"
     )
     parser.add_argument("--fingerprint", help="the reference model the cache must hold (default: any)")
+    parser.add_argument(
+        "--cache-dir",
+        help="the directory of the cached reference embeddings (as `jestclip cache-reference --cache-dir`; "
+        "needed for shards behind a URL such as 'pipe:curl -s ...'; default: beside each shard)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         name=args.reference_cache,
         fingerprint=args.fingerprint,
+        cache_dir=args.cache_dir,
     )
     print(json.dumps(header, indent=1))
     print(f"keep list: {args.out}")

@@ -6,24 +6,38 @@ keep list; ``KeepList`` reads it back and, passed to ``SuperBatchStream(keep=...
 every other sample (as ``not_kept``) before decoding it. What is kept and why: ``jestclip.selection.filter``
 and docs/selection.md, "Static reference-score filter".
 
-Format (``jestclip-keeplist/1``), a directory holding:
+Format (``jestclip-keeplist/2``), a directory holding:
 
 - ``keep.keys.npy``: the kept sample keys, UTF-8 as fixed-width bytes (``S<w>``), shard after shard in the
   header's shard order, sorted within each shard;
+- ``keep.digests.npy``: uint64, row i the ``content_digest`` (image and caption bytes) of key i as scored:
+  the reference cache's digests, checked against the shards when the keep list is written;
 - ``keep.json``: the header, written last (it marks the keep list complete): the reference cache (name,
   model, fingerprint, logit scale and bias), the score (``similarity`` or ``loss``, its units, and for
   ``loss`` the loss, batch size and seed), the keep fraction Q of the whole pool, the threshold (the lowest
-  kept score), pairs kept and scored, the byte size of the keys file, and per shard its absolute path, byte
-  size, pairs scored (the shard's cached rows) and kept;
+  kept score), pairs kept and scored, the byte size of the keys and digests files, and per shard its
+  identity (``refcache.shard_identity``: a local shard's absolute path, else its URL as given), byte size
+  (None for a shard behind a URL), pairs scored (the shard's cached rows) and kept;
 - ``filter.json``: the resolved settings of the command that wrote it, with its counts (a record; never
   read back).
 
 Files are written to ``*.tmp``, fsynced and renamed; an existing keep list is never overwritten.
 Samples of a shard without a cached reference row (undecodable when cached) are not scored and so not kept.
+
+Staleness: a keep list is only as good as the embeddings it was scored from. ``filter_shards`` reads every
+shard once (not decoded) and refuses a cache row whose sample's image or caption bytes differ from those it
+was embedded from (the reference cache's content digests), so the digests it records are the shards'.
+Training checks each local shard's size and keys at startup (``check``) and each kept sample's content
+digest, computed by the loader before decoding, against the recorded one (``__call__``): a shard re-rendered
+or re-captioned since, even at the same size or behind a URL, is a ``KeptSampleChangedError`` naming the
+shard and key before the sample is used. Keep lists
+of format ``jestclip-keeplist/1`` (without digests) are refused with a message to run ``jestclip filter``
+again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -36,15 +50,31 @@ import torch
 from jestclip.data.files import atomic_bytes
 from jestclip.data.loader import expand_urls
 from jestclip.data.progress import progress as progress_bar
-from jestclip.data.refcache import ReferenceCache, shard_keys
+from jestclip.data.refcache import ReferenceCache, shard_content, shard_identity, shard_keys
 from jestclip.selection import Embeddings
 from jestclip.selection.filter import keep_mask, reference_scores, score_threshold
 
-__all__ = ["FORMAT", "HEADER", "KEYS", "KeepList", "filter_shards"]
+__all__ = ["DIGESTS", "FORMAT", "HEADER", "KEYS", "KeepList", "KeptSampleChangedError", "filter_shards"]
 
-FORMAT = "jestclip-keeplist/1"
-HEADER, KEYS, RECORD = "keep.json", "keep.keys.npy", "filter.json"
+FORMAT = "jestclip-keeplist/2"
+_OLD_FORMATS = ("jestclip-keeplist/1",)  # without content digests: refused, `jestclip filter` writes anew
+HEADER, KEYS, DIGESTS, RECORD = "keep.json", "keep.keys.npy", "keep.digests.npy", "filter.json"
 SCORE_UNITS = {"similarity": "cosine similarity", "loss": "minus the pair's loss, nats"}
+
+
+class KeptSampleChangedError(ValueError):
+    """A kept sample whose image or caption bytes are not those its score was computed from.
+
+    Raised in a DataLoader worker, torch re-raises it in the main process with "Caught ... in DataLoader
+    worker process N. Original Traceback ..." as its message; only the original message is kept (as
+    ``loader.NoReadableSampleError`` does), so the error stays one line naming the shard and key.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 def filter_shards(
@@ -58,23 +88,28 @@ def filter_shards(
     seed: int = 0,
     name: str = "reference",
     fingerprint: str | None = None,
+    cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score every cached pair of ``shards`` with the reference cache ``name``, keep fraction ``keep`` of the
     whole pool, write the keep list into directory ``out``; return the header (without its shard list).
 
     score, loss, batch_size, seed: as ``reference_scores`` (batch_size and seed matter for "loss" only).
-    fingerprint: the reference model the cache must hold (None: any). A ValueError (one line) for a missing,
-    stale or foreign cache (``ReferenceCache``), a keep fraction that keeps nothing, or an ``out`` that is a
-    file or already holds a keep list.
+    fingerprint: the reference model the cache must hold (None: any). cache_dir: the directory of the
+    reference cache's sidecars (None: beside each local shard; a shard behind a URL needs one), as
+    ``refcache.sidecar_path``. Every shard is read once (not decoded): each cached row's content digest must
+    be its sample's as the shard holds it now, and is recorded for the samples kept. A ValueError (one line)
+    for a missing, stale or foreign cache (``ReferenceCache``) or a changed shard, a keep fraction that keeps
+    nothing, or an ``out`` that is a file or already holds a keep list.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file, not a directory")
     if (out / HEADER).exists():
         raise FileExistsError(f"{out / HEADER} already holds a keep list; choose another --out or remove it")
-    cache = ReferenceCache(shards, name=name, fingerprint=fingerprint)
+    cache = ReferenceCache(shards, name=name, fingerprint=fingerprint, cache_dir=cache_dir)
     keys = [cache.keys(i) for i in range(len(cache.urls))]
+    digests = [_scored_digests(cache, i, shard_keys_) for i, shard_keys_ in enumerate(keys)]
     counts = [len(k) for k in keys]
     flat = [key for shard in keys for key in shard]
     shard_of = np.repeat(np.arange(len(keys)), counts)
@@ -91,11 +126,12 @@ def filter_shards(
             fetch, len(flat), score=score, loss=loss, batch_size=batch_size, seed=seed, progress=bar.update
         )
     mask = keep_mask(scores, keep).numpy()
-    kept_keys, shards_info, start = [], [], 0
-    for url, shard_rows in zip(cache.urls, keys, strict=True):
+    kept_keys, kept_digests, shards_info, start = [], [], [], 0
+    for i, (url, shard_rows) in enumerate(zip(cache.urls, keys, strict=True)):
         shard_mask = mask[start : start + len(shard_rows)]
         kept_keys += [key for key, kept in zip(shard_rows, shard_mask, strict=True) if kept]
-        info = {"url": os.path.abspath(url), "bytes": os.path.getsize(url), "total": len(shard_rows)}
+        kept_digests.append(digests[i][shard_mask])
+        info = {"url": shard_identity(url), "bytes": _local_size(url), "total": len(shard_rows)}
         shards_info.append({**info, "kept": int(shard_mask.sum())})
         start += len(shard_rows)
     meta = cache.meta
@@ -119,21 +155,47 @@ def filter_shards(
     out.mkdir(parents=True, exist_ok=True)
     encoded = np.char.encode(np.asarray(kept_keys, dtype=str), "utf-8")
     header["keys_bytes"] = atomic_bytes(out / KEYS, encoded)
+    header["digests_bytes"] = atomic_bytes(out / DIGESTS, np.concatenate(kept_digests).astype(np.uint64))
     atomic_bytes(out / HEADER, json.dumps({**header, "shards": shards_info}, indent=1).encode())
     settings = {"shards": [str(s) for s in ([shards] if isinstance(shards, str | Path) else shards)]}
     settings |= {"out": str(out), "keep": keep, "score": score, "loss": loss, "batch_size": batch_size}
     settings |= {"seed": seed, "reference_cache": name, "fingerprint": fingerprint}
+    settings |= {"cache_dir": None if cache_dir is None else str(cache_dir)}
     atomic_bytes(out / RECORD, json.dumps({"settings": settings, "result": header}, indent=1).encode())
     return header
 
 
-class KeepList:
-    """A keep list written by ``filter_shards``, read from its directory; ``keep(url, key)`` (calling the
-    object) says whether the stream reads sample ``key`` of shard ``url``.
+def _scored_digests(cache: ReferenceCache, shard: int, keys: list[str]) -> np.ndarray:
+    """The ``content_digest`` of each of ``keys`` (rows of ``cache``'s shard ``shard``) as the shard holds it
+    now, uint64 ``[len(keys)]``; a ValueError (one line, naming the shard and key) when the shard lacks a key
+    or a sample's image or caption bytes are not those its row was embedded from. Reads the shard once."""
+    url = cache.urls[shard]
+    content = shard_content(url)
+    lacking = [key for key in keys if key not in content]
+    if lacking:
+        raise ValueError(
+            f"the {cache.name!r} cache of shard {url} has a row for sample key {lacking[0]!r} "
+            f"({len(lacking)} such) that the shard does not hold; run `jestclip cache-reference` on it"
+        )
+    digests = [content[key] for key in keys]
+    cache.lookup(keys, [url] * len(keys), digests=digests)  # a SidecarError names a changed sample
+    return np.asarray(digests, np.uint64)
 
-    Opening reads the header and checks the keys file's size; ``check(urls)`` checks it against the shards a
-    run reads. A shard's keys are read when the stream first asks about it (one shard's set at a time);
-    pickling (DataLoader workers) carries the header only.
+
+def _local_size(url: str) -> int | None:
+    """A local shard's byte size; None for a shard behind a URL (whose identity is the URL itself)."""
+    return os.path.getsize(url) if shard_identity(url) == os.path.abspath(url) else None
+
+
+class KeepList:
+    """A keep list written by ``filter_shards``, read from its directory; ``keep(url, key, digest)`` (calling
+    the object) says whether the stream reads sample ``key`` of shard ``url``, and checks a kept sample's
+    content digest.
+
+    Opening reads the header and checks the arrays' sizes; ``check(urls)`` checks it against the shards a
+    run reads. A shard's keys and digests are read when the stream first asks about it (one shard's at a
+    time); pickling (DataLoader workers) carries the header only. ``sha256`` is that of ``keep.json``, which
+    records the arrays' sizes: a keep list written again at the same path has another (a run records it).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -147,28 +209,43 @@ class KeepList:
                 f"keep list {self.path} holds no {HEADER}: run `jestclip filter --out {self.path}`"
             )
         try:
-            header = json.loads(header_path.read_bytes())
+            raw = header_path.read_bytes()
+            header = json.loads(raw)
+            if header.get("format") in _OLD_FORMATS:
+                raise _OldFormat(header["format"])
             if header.get("format") != FORMAT:
                 raise ValueError(f"format {header.get('format')!r}, expected {FORMAT!r}")
             self.shards = [
-                {k: (str if k == "url" else int)(s[k]) for k in ("url", "bytes", "total", "kept")}
+                {
+                    "url": str(s["url"]),
+                    "bytes": None if s["bytes"] is None else int(s["bytes"]),
+                    **{k: int(s[k]) for k in ("total", "kept")},
+                }
                 for s in header["shards"]
             ]
-            self.kept, self.keys_bytes = int(header["kept"]), int(header["keys_bytes"])
+            self.kept = int(header["kept"])
+            sizes = {KEYS: int(header["keys_bytes"]), DIGESTS: int(header["digests_bytes"])}
+        except _OldFormat as old:
+            raise ValueError(
+                f"keep list {header_path} is of format {old}, without the content digests that show a "
+                f"changed shard; run `jestclip filter` again (format {FORMAT})"
+            ) from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exn:
             raise ValueError(f"keep list {header_path} is corrupt ({type(exn).__name__}: {exn})") from None
         if sum(s["kept"] for s in self.shards) != self.kept:
             raise ValueError(
                 f"keep list {header_path} is corrupt: its shards' kept counts do not sum to kept"
             )
-        size = (self.path / KEYS).stat().st_size if (self.path / KEYS).exists() else None
-        if size != self.keys_bytes:
-            found = "missing" if size is None else f"{size} bytes, expected {self.keys_bytes}"
-            raise ValueError(f"keep list {self.path / KEYS} is truncated ({found})")
+        for name, expected in sizes.items():
+            size = (self.path / name).stat().st_size if (self.path / name).exists() else None
+            if size != expected:
+                found = "missing" if size is None else f"{size} bytes, expected {expected}"
+                raise ValueError(f"keep list {self.path / name} is truncated ({found})")
         self.header = header
+        self.sha256 = hashlib.sha256(raw).hexdigest()
         offsets = np.cumsum([0] + [s["kept"] for s in self.shards])
         self._span = {s["url"]: (int(offsets[i]), int(offsets[i + 1])) for i, s in enumerate(self.shards)}
-        self._current: tuple[str, frozenset[str]] | None = None
+        self._current: tuple[str, dict[str, int]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_current": None}
@@ -179,32 +256,52 @@ class KeepList:
 
     def keys(self, url: str) -> frozenset[str]:
         """The kept sample keys of shard ``url``; a ValueError for a shard the keep list is not for."""
-        where = os.path.abspath(url)
+        return frozenset(self._digests(url))
+
+    def _digests(self, url: str) -> dict[str, int]:
+        """Kept key -> recorded content digest of shard ``url`` (the last shard asked about is held)."""
+        where = shard_identity(url)
         if self._current is not None and self._current[0] == where:
             return self._current[1]
         if where not in self._span:
             raise ValueError(f"shard {url} is not in keep list {self.path}")
         first, last = self._span[where]
-        try:
-            array = np.load(self.path / KEYS, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exn:
-            raise ValueError(
-                f"keep list {self.path / KEYS} is corrupt ({type(exn).__name__}: {exn})"
-            ) from None
-        if array.ndim != 1 or array.dtype.kind != "S" or len(array) != self.kept:
-            raise ValueError(f"keep list {self.path / KEYS} is corrupt: {array.dtype} {array.shape}")
-        kept = frozenset(key.decode("utf-8") for key in array[first:last].tolist())
+        arrays = []
+        for name, kind in ((KEYS, "S"), (DIGESTS, "u")):
+            try:
+                array = np.load(self.path / name, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError, EOFError) as exn:
+                raise ValueError(
+                    f"keep list {self.path / name} is corrupt ({type(exn).__name__}: {exn})"
+                ) from None
+            if array.ndim != 1 or array.dtype.kind != kind or len(array) != self.kept:
+                raise ValueError(f"keep list {self.path / name} is corrupt: {array.dtype} {array.shape}")
+            arrays.append(array[first:last].tolist())
+        kept = {key.decode("utf-8"): int(digest) for key, digest in zip(*arrays, strict=True)}
         self._current = (where, kept)
         return kept
 
-    def __call__(self, url: str, key: str) -> bool:
-        return key in self.keys(url)
+    def __call__(self, url: str, key: str, digest: int | None = None) -> bool:
+        """Whether sample ``key`` of shard ``url`` is kept; ``digest``: its ``loader.content_digest`` as read
+        now (the stream always passes it; None: membership only, for counting from tar headers). A kept
+        sample whose digest is not the recorded one is a ``KeptSampleChangedError`` (one line, naming the
+        shard and key): its score came from other image or caption bytes."""
+        recorded = self._digests(url).get(key)
+        if recorded is None:
+            return False
+        if digest is not None and recorded != digest:
+            raise KeptSampleChangedError(
+                f"shard {url} changed since keep list {self.path} was written: kept sample key {key!r} has "
+                "other image or caption bytes; run `jestclip cache-reference` and `jestclip filter` again"
+            )
+        return True
 
     def check(self, urls: Sequence[str]) -> None:
-        """A ValueError (one line) unless the keep list was written for exactly the shards ``urls`` (as
-        absolute paths, any order), none changed in size since, and each holds every key kept of it (its tar
-        headers are read)."""
-        here = {os.path.abspath(url): url for url in expand_urls(list(urls))}
+        """A ValueError (one line) unless the keep list was written for exactly the shards ``urls`` (by
+        ``shard_identity``, any order), no local one changed in size since, and each local one holds every key
+        kept of it (its tar headers are read). Shards behind a URL are not read here: their kept samples'
+        content digests are checked as the stream reads them (``__call__``), as are local shards'."""
+        here = {shard_identity(url): url for url in expand_urls(list(urls))}
         there = {s["url"]: s for s in self.shards}
         missing = [url for where, url in here.items() if where not in there]
         if missing:
@@ -219,7 +316,9 @@ class KeepList:
                 f"such) is not among the {len(here)} training shards"
             )
         for where, url in here.items():
-            recorded, size = there[where]["bytes"], os.path.getsize(url)
+            recorded, size = there[where]["bytes"], _local_size(url)
+            if recorded is None or size is None:
+                continue
             if size != recorded:
                 raise ValueError(
                     f"shard {url} changed since keep list {self.path} was written ({recorded} bytes then, "
@@ -231,3 +330,7 @@ class KeepList:
                     f"keep list {self.path} keeps sample key {absent[0]!r} of shard {url} ({len(absent)} "
                     "such), which the shard does not hold"
                 )
+
+
+class _OldFormat(Exception):
+    """A keep list header of an earlier format (its name the message)."""

@@ -560,8 +560,9 @@ class SuperBatchStream(IterableDataset):
     require_samples: raise ``NoReadableSampleError`` when every shard this worker can draw was opened in a
     row without a readable sample (and, for a finite pass, when it ended with none). Default: only for
     streams that would otherwise loop forever (``resampled`` or ``epochs=None``).
-    keep: ``keep(url, key) -> bool``, whether to read sample ``key`` of shard ``url`` (e.g. a
-    ``data.keeplist.KeepList``); the others are skipped as ``not_kept`` before decoding. None: read all.
+    keep: ``keep(url, key, digest) -> bool``, whether to read sample ``key`` of shard ``url``, given its
+    ``content_digest`` (e.g. a ``data.keeplist.KeepList``, which raises for a kept sample whose bytes
+    changed); the others are skipped as ``not_kept`` before decoding. None: read all.
     """
 
     def __init__(
@@ -580,7 +581,7 @@ class SuperBatchStream(IterableDataset):
         world_size: int | None = None,
         require_samples: bool | None = None,
         decode_size: int | None = None,
-        keep: Callable[[str, str], bool] | None = None,
+        keep: Callable[[str, str, int], bool] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -695,7 +696,7 @@ class SuperBatchStream(IterableDataset):
             tally.shard, good = Counter(), 0
             for index, raw in _read_from(url, tally, offset):
                 key = raw.get("__key__")
-                if self.keep is not None and key and not self.keep(url, key):
+                if self.keep is not None and key and not self.keep(url, key, content_digest(raw)):
                     tally("not_kept")
                     continue
                 sample = self._decode(raw, tally)

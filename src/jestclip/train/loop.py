@@ -1,17 +1,18 @@
 """The training run: for each super-batch, one method step and one optimiser update; around it, logging,
 periodic evaluation, checkpoints and exact resume.
 
-A run writes its directory (``rundir.RunDir``): the resolved config, a metrics line every ``log_every``
-steps (and, with ``eval_data``, an evaluation line at step 0, every ``eval_every`` steps and at the end),
+A run writes its directory (``rundir.RunDir``): the resolved config, a metrics line every ``log_every`` steps
+(and, with ``eval_data``, an evaluation line at step 0, every ``eval_every`` steps and at the end),
 TensorBoard events, a checkpoint every ``checkpoint_every`` steps, on SIGTERM and at ``stop_after`` (the
-newest ``keep_checkpoints`` are kept), the reference cache it trains with, and the final weights. Starting a
-run whose directory has a checkpoint resumes it exactly: model, optimiser, schedule, RNG states, counters and
-data position (every rank's and loader worker's place in its shards: a resumed run reads only what it has
-not consumed; on CPU the result is bitwise that of an uninterrupted run); metrics lines past the checkpoint
-are dropped, so each step is logged once. Under torchrun every rank reads its own shards, holds B / W of each
-super-batch and learns on b / W of it; only rank 0 writes (``RunOutputs``). When samples carry ground-truth
-quality (``data.quality``), each training line also gives the composition of the candidates and of what was
-learned over the steps since the previous line (``train.composition``).
+newest ``keep_checkpoints`` are kept), the reference cache and keep list it trains with (a resume refuses
+either changed since), and the final weights. Starting a run whose directory has a checkpoint resumes it
+exactly: model, optimiser, schedule, RNG states, counters and data position (every rank's and loader worker's
+place in its shards: a resumed run reads only what it has not consumed; on CPU the result is bitwise that of
+an uninterrupted run); metrics lines past the checkpoint are dropped, so each step is logged once. Under
+torchrun every rank reads its own shards, holds B / W of each super-batch and learns on b / W of it; only rank
+0 writes (``RunOutputs``). When samples carry ground-truth quality (``data.quality``), each training line also
+gives the composition of the candidates and of what was learned over the steps since the previous line
+(``train.composition``).
 
 How a run ends: it returns the last metrics line when it reaches ``steps`` or ``stop_after``. At ``steps`` the
 final checkpoint and ``model.pt`` are written first, then the final evaluation runs: a failure there raises
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from jestclip.data.keeplist import KeepList
 from jestclip.data.loader import ResumableBatches, SuperBatch, expand_urls
 from jestclip.data.progress import progress as progress_bar
 from jestclip.data.refcache import ReferenceCache
@@ -159,6 +161,24 @@ def _check_reference(run: RunDir, reference: ReferenceCache | None, where: Place
         )
     if where.is_main and recorded != current:
         run.write_reference(current)
+
+
+def _check_keep_list(run: RunDir, cfg: TrainConfig, where: Placement, resuming: bool) -> None:
+    """Record the keep list's identity (the SHA-256 of its ``keep.json``) in the run directory on a run's
+    first start; on resume, a keep list written anew at the same path (other pairs kept) is a ValueError."""
+    if cfg.keep_list is None:
+        return
+    keep = KeepList(cfg.keep_list)
+    current = {"path": str(keep.path), "sha256": keep.sha256, "kept": keep.kept, "keep": keep.header["keep"]}
+    recorded = run.read_keep_list() if resuming else None
+    if recorded is not None and recorded["sha256"] != current["sha256"]:
+        raise ValueError(
+            f"keep list {keep.path} was written again since this run started (keep.json sha256 "
+            f"{recorded['sha256'][:12]} then, {current['sha256'][:12]} now; {recorded['kept']} pairs kept "
+            f"then, {current['kept']} now); resume with the keep list it started with or start a new run_dir"
+        )
+    if where.is_main and recorded != current:
+        run.write_keep_list(current)
 
 
 class RunOutputs:
@@ -443,6 +463,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         urls = expand_urls(cfg.data)
         reference = open_reference(cfg, urls)  # validates every sidecar before training
         _check_reference(run, reference, where, resuming=state.counters.step > 0)
+        _check_keep_list(run, cfg, where, resuming=state.counters.step > 0)
         cost = measure_step_flops(cfg, state.model)
         transform, tokenize = image_transform(cfg.model), tokenizer(cfg.model)
         stream = open_stream(cfg, urls, transform, where, progress=progress)

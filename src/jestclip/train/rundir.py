@@ -8,6 +8,7 @@
     RUN/checkpoint-000200.pt        the full training state at step 200; the newest ``keep`` are kept
     RUN/model.pt                    the final weights only, written when the run finishes
     RUN/reference.json              the reference cache a run trains with (name, model, fingerprint)
+    RUN/keep_list.json              the keep list a run trains with (path, keep.json's sha256, pairs kept)
 
 Every file is written to ``NAME.tmp``, flushed to disk and renamed over ``NAME`` (a crash leaves the old file
 or the new one, never half of one; ``*.tmp`` leftovers are removed when a run starts). Checkpoints and weights
@@ -112,6 +113,10 @@ class RunDir:
     def reference_file(self) -> Path:
         return self.path / "reference.json"
 
+    @property
+    def keep_list_file(self) -> Path:
+        return self.path / "keep_list.json"
+
     def checkpoint_path(self, step: int) -> Path:
         """Where the checkpoint of step ``step`` is written."""
         return self.path / f"checkpoint-{step:06d}.pt"
@@ -140,6 +145,16 @@ class RunDir:
     def write_reference(self, record: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write(self.reference_file, lambda f: f.write(json.dumps(record, indent=1).encode()))
+
+    def read_keep_list(self) -> dict[str, Any] | None:
+        """What ``write_keep_list`` recorded about the run's keep list, or None."""
+        if not self.keep_list_file.exists():
+            return None
+        return json.loads(self.keep_list_file.read_text(encoding="utf-8"))
+
+    def write_keep_list(self, record: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.keep_list_file, lambda f: f.write(json.dumps(record, indent=1).encode()))
 
     def clean_tmp(self) -> list[Path]:
         """Remove the ``*.tmp`` files an interrupted write left behind; the paths removed."""
