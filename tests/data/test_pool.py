@@ -180,7 +180,7 @@ def test_a_pool_that_would_not_fit_is_refused_before_decoding(tmp_path, monkeypa
     # a keep list keeping a third of the pairs: the estimate counts only those (3 ranks: 4 x ~3.3 kB x 3
     # fits in 48.8 kB where 12 x ~3.3 kB x 3 does not)
     kept = SuperBatchStream(
-        urls, batch_size=2, transform=TRANSFORM, keep=lambda _, key: key.endswith(("0", "3"))
+        urls, batch_size=2, transform=TRANSFORM, keep=lambda _, key, digest=None: key.endswith(("0", "3"))
     )
     with pytest.raises(ValueError, match=r"\(up to 4 samples x "):
         MemoryPool.from_stream(kept, local_ranks=16)

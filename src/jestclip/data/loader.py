@@ -560,9 +560,10 @@ class SuperBatchStream(IterableDataset):
     require_samples: raise ``NoReadableSampleError`` when every shard this worker can draw was opened in a
     row without a readable sample (and, for a finite pass, when it ended with none). Default: only for
     streams that would otherwise loop forever (``resampled`` or ``epochs=None``).
-    keep: ``keep(url, key, digest) -> bool``, whether to read sample ``key`` of shard ``url``, given its
+    keep: ``keep(url, key, digest=None) -> bool``, whether to read sample ``key`` of shard ``url``, given its
     ``content_digest`` (e.g. a ``data.keeplist.KeepList``, which raises for a kept sample whose bytes
-    changed); the others are skipped as ``not_kept`` before decoding. None: read all.
+    changed; ``digest`` None asks membership only, as the memory pool's size estimate does); the others are
+    skipped as ``not_kept`` before decoding. None: read all.
     """
 
     def __init__(
@@ -581,7 +582,7 @@ class SuperBatchStream(IterableDataset):
         world_size: int | None = None,
         require_samples: bool | None = None,
         decode_size: int | None = None,
-        keep: Callable[[str, str, int], bool] | None = None,
+        keep: Callable[..., bool] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:

@@ -200,10 +200,10 @@ def _gib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def _image_members(url: str, keep: Callable[[str, str], bool] | None = None) -> int:
-    """Image members of a shard whose key ``keep`` keeps (None: all), read from its tar headers (nothing
-    decoded): an upper bound on its readable samples (0 for a shard that cannot be opened; the members before
-    the cut for a truncated one)."""
+def _image_members(url: str, keep: Callable[..., bool] | None = None) -> int:
+    """Image members of a shard whose key ``keep(url, key)`` keeps (None: all), read from its tar headers
+    (nothing decoded): an upper bound on its readable samples (0 for a shard that cannot be opened; the
+    members before the cut for a truncated one)."""
     count = 0
     try:
         with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
