@@ -110,30 +110,9 @@ def filter_shards(
     cache = ReferenceCache(shards, name=name, fingerprint=fingerprint, cache_dir=cache_dir)
     keys = [cache.keys(i) for i in range(len(cache.urls))]
     digests = [_scored_digests(cache, i, shard_keys_) for i, shard_keys_ in enumerate(keys)]
-    counts = [len(k) for k in keys]
-    flat = [key for shard in keys for key in shard]
-    shard_of = np.repeat(np.arange(len(keys)), counts)
-    if not flat:
-        raise ValueError(f"the {name!r} cache of {len(cache.urls)} shards holds no rows: nothing to score")
-
-    def fetch(indices: torch.Tensor) -> Embeddings:
-        rows = indices.numpy()
-        return cache.lookup([flat[i] for i in rows], [cache.urls[s] for s in shard_of[rows]])
-
-    bar = progress_bar(total=len(flat), desc=f"filter: {score} scores", unit="pair", disable=not progress)
-    with bar:
-        scores = reference_scores(
-            fetch, len(flat), score=score, loss=loss, batch_size=batch_size, seed=seed, progress=bar.update
-        )
+    kw = {"loss": loss, "batch_size": batch_size, "seed": seed} if score == "loss" else {}
+    scores = _score_pool(cache, keys, score, progress, loss=loss, batch_size=batch_size, seed=seed)
     mask = keep_mask(scores, keep).numpy()
-    kept_keys, kept_digests, shards_info, start = [], [], [], 0
-    for i, (url, shard_rows) in enumerate(zip(cache.urls, keys, strict=True)):
-        shard_mask = mask[start : start + len(shard_rows)]
-        kept_keys += [key for key, kept in zip(shard_rows, shard_mask, strict=True) if kept]
-        kept_digests.append(digests[i][shard_mask])
-        info = {"url": shard_identity(url), "bytes": _local_size(url), "total": len(shard_rows)}
-        shards_info.append({**info, "kept": int(shard_mask.sum())})
-        start += len(shard_rows)
     meta = cache.meta
     header = {
         "format": FORMAT,
@@ -146,23 +125,66 @@ def filter_shards(
         },
         "score": score,
         "score_units": SCORE_UNITS[score],
-        **({"loss": loss, "batch_size": batch_size, "seed": seed} if score == "loss" else {}),
+        **kw,
         "keep": keep,
         "threshold": score_threshold(scores, keep),
         "kept": int(mask.sum()),
-        "total": len(flat),
+        "total": len(mask),
     }
+    settings = {"shards": [str(s) for s in ([shards] if isinstance(shards, str | Path) else shards)]}
+    settings |= {"out": str(out), "keep": keep, "score": score, "loss": loss, "batch_size": batch_size}
+    settings |= {"seed": seed, "reference_cache": name, "fingerprint": fingerprint}
+    settings |= {"cache_dir": None if cache_dir is None else str(cache_dir)}
+    _write_keep_list(out, header, settings, cache.urls, keys, digests, mask)
+    return header
+
+
+def _score_pool(
+    cache: ReferenceCache, keys: list[list[str]], score: str, progress: bool, **score_kw: Any
+) -> torch.Tensor:
+    """``reference_scores`` of every cached row, shard by shard in ``keys`` order: ``[N]``."""
+    counts = [len(k) for k in keys]
+    flat = [key for shard in keys for key in shard]
+    shard_of = np.repeat(np.arange(len(keys)), counts)
+    if not flat:
+        raise ValueError(
+            f"the {cache.name!r} cache of {len(cache.urls)} shards holds no rows: nothing to score"
+        )
+
+    def fetch(indices: torch.Tensor) -> Embeddings:
+        rows = indices.numpy()
+        return cache.lookup([flat[i] for i in rows], [cache.urls[s] for s in shard_of[rows]])
+
+    bar = progress_bar(total=len(flat), desc=f"filter: {score} scores", unit="pair", disable=not progress)
+    with bar:
+        return reference_scores(fetch, len(flat), score=score, progress=bar.update, **score_kw)
+
+
+def _write_keep_list(
+    out: Path,
+    header: dict[str, Any],
+    settings: dict[str, Any],
+    urls: Sequence[str],
+    keys: list[list[str]],
+    digests: list[np.ndarray],
+    mask: np.ndarray,
+) -> None:
+    """Write the kept keys and digests (``mask`` over the rows of ``keys``, shard by shard), then the header
+    with each shard's counts (it adds the files' sizes to ``header``), then the resolved settings."""
+    kept_keys, kept_digests, shards_info, start = [], [], [], 0
+    for url, shard_rows, shard_digests in zip(urls, keys, digests, strict=True):
+        shard_mask = mask[start : start + len(shard_rows)]
+        kept_keys += [key for key, kept in zip(shard_rows, shard_mask, strict=True) if kept]
+        kept_digests.append(shard_digests[shard_mask])
+        info = {"url": shard_identity(url), "bytes": _local_size(url), "total": len(shard_rows)}
+        shards_info.append({**info, "kept": int(shard_mask.sum())})
+        start += len(shard_rows)
     out.mkdir(parents=True, exist_ok=True)
     encoded = np.char.encode(np.asarray(kept_keys, dtype=str), "utf-8")
     header["keys_bytes"] = atomic_bytes(out / KEYS, encoded)
     header["digests_bytes"] = atomic_bytes(out / DIGESTS, np.concatenate(kept_digests).astype(np.uint64))
     atomic_bytes(out / HEADER, json.dumps({**header, "shards": shards_info}, indent=1).encode())
-    settings = {"shards": [str(s) for s in ([shards] if isinstance(shards, str | Path) else shards)]}
-    settings |= {"out": str(out), "keep": keep, "score": score, "loss": loss, "batch_size": batch_size}
-    settings |= {"seed": seed, "reference_cache": name, "fingerprint": fingerprint}
-    settings |= {"cache_dir": None if cache_dir is None else str(cache_dir)}
     atomic_bytes(out / RECORD, json.dumps({"settings": settings, "result": header}, indent=1).encode())
-    return header
 
 
 def _scored_digests(cache: ReferenceCache, shard: int, keys: list[str]) -> np.ndarray:
