@@ -225,6 +225,62 @@ def keys_fingerprint(keys: Sequence[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _one_pass(stream: SuperBatchStream, split: SplitTransform) -> SuperBatchStream:
+    """The stream's own reading, filtering and decoding as one pass in shard order (rank 0 of 1, one
+    sample at a time), its images through the stored part of the transform only."""
+    reader = copy.copy(stream)
+    reader.batch_size, reader.transform, reader.epochs, reader.resampled = 1, split.store, 1, False
+    reader.shuffle_shards, reader.shuffle_buffer, reader.drop_last = False, 0, False
+    reader.rank, reader.world_size, reader.require_samples = 0, 1, True
+    reader._resume, reader._warned = None, set()
+    return reader
+
+
+def _check_fits(capacity: int, first: Sample, local: int, memory_fraction: float) -> None:
+    """A ValueError naming the estimate when ``local`` pools of ``capacity`` samples the size of ``first``
+    would take more than ``memory_fraction`` of ``available_memory()``."""
+    per_sample = first.image.nbytes + _record_bytes(first)
+    need = max(capacity, 1) * per_sample * local
+    budget = memory_fraction * available_memory()
+    if need > budget:
+        ranks = f" x {local} ranks on this machine" if local > 1 else ""
+        raise ValueError(
+            f"data_in_memory: the pool would take ~{_gib(need)} (up to {capacity:,} samples x "
+            f"{per_sample:,} bytes{ranks}) but only {_gib(budget)} is allowed ({memory_fraction:g} of "
+            f"the {_gib(budget / memory_fraction)} available); stream it (data_in_memory=false)"
+        )
+
+
+def _hold(
+    first: Sample,
+    decoded: Iterator[Sample],
+    skipped: Counter[str],
+    capacity: int,
+    advance: Callable[[int], Any],
+) -> tuple[Tensor, list[Sample], dict[int, dict[str, int]]]:
+    """Every decoded sample from ``first`` on: their images in one tensor allocated for ``capacity`` rows,
+    the samples without their images, and the skips counted before each (``skipped`` is the counter the
+    decode fills; skips after the last sample go with it)."""
+    images = torch.empty((max(capacity, 1), *first.image.shape), dtype=first.image.dtype)
+    samples: list[Sample] = []
+    skips: dict[int, dict[str, int]] = {}
+    sample: Sample | None = first
+    while sample is not None:
+        n = len(samples)
+        if n == len(images):  # more readable samples than image members counted: cannot happen
+            images = torch.cat([images, torch.empty_like(images[: n // 2 + 1])])
+        images[n] = sample.image
+        samples.append(dataclasses.replace(sample, image=None))
+        if skipped:
+            skips[n] = dict(skipped)
+            skipped.clear()
+        advance(1)
+        sample = next(decoded, None)
+    if skipped:  # read after the last sample
+        skips[len(samples) - 1] = dict(Counter(skips.get(len(samples) - 1, {})) + skipped)
+    return images[: len(samples)], samples, skips
+
+
 class MemoryPool:
     """Every readable sample of a stream's shards, decoded once and held in memory; ``batches()`` serves
     them as super-batches (see the module docstring). Build with ``from_stream``.
@@ -278,50 +334,20 @@ class MemoryPool:
         (stderr).
         """
         split = split_transform(stream.transform)
-        reader = copy.copy(stream)  # the stream's own reading, filtering, decoding: one pass, in shard order
-        reader.batch_size, reader.transform, reader.epochs, reader.resampled = 1, split.store, 1, False
-        reader.shuffle_shards, reader.shuffle_buffer, reader.drop_last = False, 0, False
-        reader.rank, reader.world_size, reader.require_samples = 0, 1, True
-        reader._resume, reader._warned = None, set()
-        local = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         capacity = sum(_image_members(url, stream.keep) for url in stream.urls)
         started = time.perf_counter()
         skipped: Counter[str] = Counter()
-        decoded = reader.samples(skipped)
+        decoded = _one_pass(stream, split).samples(skipped)
         first = next(decoded, None)
         if first is None:  # require_samples raised unless the pass ended without one
             raise ValueError(f"no readable sample in the {len(stream.urls)} shards of the pool")
-        per_sample = first.image.nbytes + _record_bytes(first)
-        need = max(capacity, 1) * per_sample * local
-        budget = memory_fraction * available_memory()
-        if need > budget:
-            ranks = f" x {local} ranks on this machine" if local > 1 else ""
-            raise ValueError(
-                f"data_in_memory: the pool would take ~{_gib(need)} (up to {capacity:,} samples x "
-                f"{per_sample:,} bytes{ranks}) but only {_gib(budget)} is allowed ({memory_fraction:g} of "
-                f"the {_gib(budget / memory_fraction)} available); stream it (data_in_memory=false)"
-            )
-        images = torch.empty((max(capacity, 1), *first.image.shape), dtype=first.image.dtype)
-        samples: list[Sample] = []
-        skips: dict[int, dict[str, int]] = {}
+        local = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        _check_fits(capacity, first, local, memory_fraction)
         bar = progress_bar(total=capacity, desc="pool", unit="img", disable=not progress, leave=False)
-        sample = first
-        while sample is not None:
-            n = len(samples)
-            if n == len(images):  # more readable samples than image members counted: cannot happen
-                images = torch.cat([images, torch.empty_like(images[: n // 2 + 1])])
-            images[n] = sample.image
-            samples.append(dataclasses.replace(sample, image=None))
-            if skipped:
-                skips[n] = dict(skipped)
-                skipped.clear()
-            bar.update(1)
-            sample = next(decoded, None)
-        bar.close()
-        if skipped:  # read after the last sample
-            skips[len(samples) - 1] = dict(Counter(skips.get(len(samples) - 1, {})) + skipped)
+        with bar:
+            images, samples, skips = _hold(first, decoded, skipped, capacity, bar.update)
         pool = cls(
-            images=images[: len(samples)],
+            images=images,
             samples=samples,
             urls=list(stream.urls),
             skips=skips,
