@@ -13,13 +13,14 @@ PACKAGE = Path(__file__).parents[1] / "src" / "jestclip"
 ALLOWED: dict[str, set[str]] = {
     "selection": set(),
     "models": set(),
+    "signals": set(),
     "data": {"selection"},
     "benchmark": {"data"},
     "eval": {"data", "models"},
-    "train": {"selection", "data", "models", "eval"},
+    "train": {"selection", "data", "models", "eval", "signals"},
     "report": {"selection", "data", "models", "eval", "train"},
     "demo": {"benchmark", "data", "models", "train", "report"},
-    "commands": {"selection", "data", "benchmark", "models", "eval", "train", "report", "demo"},
+    "commands": {"selection", "data", "benchmark", "models", "eval", "train", "report", "demo", "signals"},
     "cli": {"commands"},
 }
 

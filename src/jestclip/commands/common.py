@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType, TracebackType
 
+from jestclip.signals import deliver_again, inside_import
+
 __all__ = [
     "RUN_EXITS",
     "USER_ERRORS",
@@ -62,11 +64,16 @@ class Terminated(BaseException):
 
 def terminate(pid: int) -> Callable[[int, FrameType | None], None]:
     """A SIGTERM handler raising ``Terminated`` in process ``pid`` only: forked loader workers, which inherit
-    it, ignore the signal (their parent stops them)."""
+    it, ignore the signal (their parent stops them). One that comes during an import is delivered again once
+    the import is done (``jestclip.signals``)."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        if os.getpid() == pid:
-            raise Terminated()
+        if os.getpid() != pid:
+            return
+        if inside_import(frame):  # raising into a module's initialisation can abort the interpreter
+            deliver_again(signum, pid)
+            return
+        raise Terminated()
 
     return handler
 

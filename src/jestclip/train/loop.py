@@ -36,6 +36,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ from jestclip.data.refcache import ReferenceCache
 from jestclip.eval import check_labels, evaluate, find_suites, flat_metrics
 from jestclip.models import StepFlops, image_transform, tokenizer
 from jestclip.models.factory import logit_params
+from jestclip.signals import deliver_again, inside_import
 from jestclip.train.config import TrainConfig, to_dict, with_defaults
 from jestclip.train.methods import run_step
 from jestclip.train.rundir import CheckpointWriteError, NonFiniteStateError, RunDir
@@ -416,8 +418,11 @@ class _Sigterm:
         self.previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
-    def _handle(self, *_: Any) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self.pid:
+            return
+        if not self.deferred and inside_import(frame):  # not into a module's initialisation: once it is done
+            deliver_again(signum, self.pid)
             return
         self.raised = True
         if not self.deferred:
