@@ -65,6 +65,7 @@ def progress(
         iterable,
         file=_Lines(file),
         mininterval=interval,
+        maxinterval=interval,  # tqdm's monitor thread would otherwise refresh every 10 s
         ascii=True,
         ncols=100,
         dynamic_ncols=False,
