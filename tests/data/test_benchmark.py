@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -389,3 +391,22 @@ def test_a_build_written_before_ground_truth_is_not_resumed(tmp_path):
     (tmp_path / "build.json").write_text(json.dumps({"config": config, "complete": False}))
     with pytest.raises(ValueError, match=r"different config \(\['format'\]\)"):
         build(tmp_path, cfg, paths)
+
+
+def test_render_workers_take_sigterms_default_action_under_the_cli_handler():
+    """``jestclip``'s SIGTERM handler ignores the signal outside its main process, and leaving a Pool's
+    ``with`` stops its workers with SIGTERM: a render worker restores the default action (a demo build once
+    hung in ``Pool.terminate``, joining a worker that ignored it)."""
+    code = (
+        "import multiprocessing, os, signal\n"
+        "from jestclip.benchmark import builder\n"
+        "from jestclip.commands.common import terminate\n"
+        "def default():\n"
+        "    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL\n"
+        "signal.signal(signal.SIGTERM, terminate(os.getpid()))\n"
+        "ctx = multiprocessing.get_context('fork')\n"
+        "with ctx.Pool(1, initializer=builder._init_worker, initargs=(frozenset(),)) as pool:\n"
+        "    print(pool.apply(default))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "True", (done.stdout, done.stderr[-500:])

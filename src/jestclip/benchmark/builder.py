@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -475,8 +476,12 @@ _EVAL_HASHES: frozenset[str] = frozenset()
 
 
 def _init_worker(eval_hashes: frozenset[str]) -> None:
+    """A render worker: the eval images' hashes, and SIGTERM's default action. A worker forked from
+    ``jestclip``'s main process inherits its handler, which ignores the signal outside the main process, and
+    ``Pool.terminate`` (leaving the pool's ``with``) stops its workers with SIGTERM: it would wait forever."""
     global _EVAL_HASHES
     _EVAL_HASHES = eval_hashes
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _write_shard_task(args: tuple[str, Path, list[Entry], int]) -> dict[str, Any]:
