@@ -429,9 +429,9 @@ def test_cache_reference_without_a_tag_keeps_the_learners_preprocessing(tmp_path
 
     seen = _pretrained_standins(monkeypatch)
     urls = make_shards(tmp_path, 1, 2)
-    # the stand-in create_model ignores the checkpoint
+    # the stand-in create_model ignores the checkpoint (it does not exist: --loss, or its loss would be read)
     argv = ["cache-reference", *urls, "--model", "jest-micro", "--checkpoint", str(tmp_path / "x.pt")]
-    assert main([*argv, "--device", "cpu"]) == 0
+    assert main([*argv, "--device", "cpu", "--loss", "sigmoid"]) == 0
     assert seen["tokenizer"] == ("jest-micro", None)
     assert repr(seen["cache_reference"]["transform"]) == repr(image_transform("jest-micro"))
     assert json.loads(sidecar_path(urls[0], "reference").read_text())["model"] == "jest-micro"
