@@ -104,12 +104,12 @@ def report_command() -> list[str]:
     ]
 
 
-def keep_logs(name: str) -> None:
-    """Copy a finished run's config.json and metrics.jsonl (no weights) to results/study/NAME."""
-    out = ROOT / "results" / "study" / name
+def keep_logs(name: str, runs: str = "runs/study", results: str = "results/study") -> None:
+    """Copy a finished run's config.json and metrics.jsonl (no weights) from RUNS/NAME to RESULTS/NAME."""
+    out = ROOT / results / name
     out.mkdir(parents=True, exist_ok=True)
     for file in ("config.json", "metrics.jsonl"):
-        shutil.copy2(ROOT / "runs" / "study" / name / file, out / file)
+        shutil.copy2(ROOT / runs / name / file, out / file)
 
 
 LATE = 2000  # the "late-run" average: mean of the evaluations at steps >= LATE (the last five)

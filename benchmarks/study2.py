@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import study
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "configs/study2.py"
@@ -183,20 +183,9 @@ def with_needs(names: list[str]) -> list[str]:
     return list(out)
 
 
-def run(argv: tuple[str, ...]) -> None:
-    print("$", " ".join(argv), flush=True)
-    exe = shutil.which(argv[0]) or str(Path(sys.executable).with_name(argv[0]))
-    started = time.perf_counter()
-    subprocess.run([exe, *argv[1:]], cwd=ROOT, check=True)
-    print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
-
-
 def keep_logs(name: str) -> None:
     """Copy a finished run's config.json and metrics.jsonl (no weights) to results/study2/NAME."""
-    out = ROOT / RESULTS_DIR / name
-    out.mkdir(parents=True, exist_ok=True)
-    for file in ("config.json", "metrics.jsonl"):
-        shutil.copy2(ROOT / RUNS_DIR / name / file, out / file)
+    study.keep_logs(name, RUNS_DIR, RESULTS_DIR)
 
 
 def _cell(mean: float | None, std: float | None, seeds: int, scale: float = 1.0, digits: int = 2) -> str:
@@ -260,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in with_needs(names):
         step = STEPS[name]
         if not step.done():
-            run(step.command)
+            study.run(list(step.command))
         if step.run_dir is not None:
             keep_logs(name)
 
