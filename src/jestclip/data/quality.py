@@ -85,22 +85,9 @@ NOISE_KINDS: tuple[str, ...] = (
     NEAR_BLANK,
 )
 
-# The kinds that describe the caption's text; the others describe the image (near_blank, skin_tone_repeat,
-# alias_repeat: the image is a repeat of another pool image) or the pairing (swapped).
-CAPTION_KINDS: frozenset[str] = frozenset(
-    {
-        BOILERPLATE_TITLE,
-        FILENAME_TITLE,
-        GENERIC_KEYWORDS,
-        NON_ENGLISH,
-        LEGACY_PREFIX,
-        MIME_TYPE,
-        NUMBERED_NAME,
-        RARE_NAME,
-        RAW_UNICODE_NAME,
-        SHORTNAME,
-    }
-)
+# The kinds that describe the caption's text: every kind but those of the image (near_blank, skin_tone_repeat,
+# alias_repeat: the image is a repeat of another pool image) and of the pairing (swapped).
+CAPTION_KINDS: frozenset[str] = frozenset(NOISE_KINDS) - {NEAR_BLANK, SKIN_TONE_REPEAT, ALIAS_REPEAT, SWAPPED}
 
 
 def label_columns() -> tuple[str, ...]:
