@@ -48,13 +48,19 @@ def test_the_command_writes_the_keep_list_and_its_record(pool, capsys):
     assert SCORES == FILTER_SCORES  # the command's choices, written out to keep --help free of torch
 
 
-def test_a_filter_run_learns_only_kept_pairs_at_iid_cost(tmp_path, pool, monkeypatch):
-    urls, keep = pool
-    decoded = []
+def record_decoded(monkeypatch) -> list[str]:
+    """The keys of the samples the loader decodes from now on."""
+    decoded: list[str] = []
     real = loader.decode_sample
     monkeypatch.setattr(
         loader, "decode_sample", lambda raw, **kw: decoded.append(raw["__key__"]) or real(raw, **kw)
     )
+    return decoded
+
+
+def test_a_filter_run_learns_only_kept_pairs_at_iid_cost(tmp_path, pool, monkeypatch):
+    urls, keep = pool
+    decoded = record_decoded(monkeypatch)
     cfg = config(tmp_path / "run", urls, "filter", keep_list=str(keep))
     last = train(cfg, progress=False)
     assert decoded and set(decoded) <= kept_keys(keep, urls)
@@ -77,11 +83,7 @@ def test_a_resumed_filter_run_is_bitwise_the_uninterrupted_one(tmp_path, pool):
 
 def test_any_method_can_train_on_a_keep_list(tmp_path, pool, monkeypatch):
     urls, keep = pool
-    decoded = []
-    real = loader.decode_sample
-    monkeypatch.setattr(
-        loader, "decode_sample", lambda raw, **kw: decoded.append(raw["__key__"]) or real(raw, **kw)
-    )
+    decoded = record_decoded(monkeypatch)
     last = train(config(tmp_path / "jest", urls, "jest", steps=2, keep_list=str(keep)), progress=False)
     assert last["examples_scored"] == 16 and set(decoded) <= kept_keys(keep, urls)  # filter, then JEST
 
