@@ -2,13 +2,24 @@
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from jestclip.data.shards import Pair, write_shard
-from jestclip.eval import EvalSuite, custom_suite, evaluate, find_suites, flat_metrics, format_table
+from jestclip.eval import (
+    EvalSuite,
+    SuiteFeatures,
+    custom_suite,
+    evaluate,
+    find_suites,
+    flat_metrics,
+    format_table,
+    gallery_r5,
+    suite_metrics,
+)
 from jestclip.models import create_model, image_transform, tokenizer
 
 from ..data.test_loader import image
@@ -65,12 +76,19 @@ def test_every_task_of_every_suite_is_measured(tmp_path, micro):
         "retrieval:i2t_r@5",
         "retrieval:t2i_r@1",
         "retrieval:t2i_r@5",
+        "gallery:i2t_r@1",
+        "gallery:i2t_r@5",
+        "gallery:t2i_r@1",
+        "gallery:t2i_r@5",
+        "fewshot_mean:colour",
         "average",
         "samples",
     }
     assert a["samples"] == 48 and results["suites"]["b"]["samples"] == 44
     # 4 distinct captions, 12 copies each: an image's top 5 texts are copies of one caption, right 1 time in 4
     assert a["retrieval:i2t_r@5"] == a["retrieval:i2t_r@1"]
+    # 48 pairs, fewer than a gallery: the one gallery is the whole suite
+    assert all(a[f"gallery:{k}"] == a[f"retrieval:{k}"] for k in ("i2t_r@1", "t2i_r@5"))
     averaged = [a[k] for k in ("zeroshot_balanced:colour", "fewshot_balanced:colour")]
     averaged += [a["retrieval:i2t_r@1"], a["retrieval:t2i_r@1"]]
     assert a["average"] == pytest.approx(sum(averaged) / 4)
@@ -79,10 +97,29 @@ def test_every_task_of_every_suite_is_measured(tmp_path, micro):
     ]
     both += [results["suites"]["b"][k] for k in ("retrieval:i2t_r@1", "retrieval:t2i_r@1")]
     assert results["average"] == pytest.approx(sum(both) / 8)
+    r5 = [results["suites"][s][f"gallery:{d}_r@5"] for s in ("a", "b") for d in ("i2t", "t2i")]
+    assert results["gallery_r5"] == pytest.approx(sum(r5) / 4)
     flat = flat_metrics(results)
+    assert flat["eval/gallery_r5"] == results["gallery_r5"]
     assert flat["eval/a/zeroshot:colour"] == a["zeroshot:colour"] and "eval/a/samples" not in flat
     table = format_table(results)
-    assert "zeroshot:colour" in table and table.splitlines()[-1].split()[:2] == ["all", "average"]
+    assert "zeroshot:colour" in table and table.splitlines()[-1].split()[:2] == ["all", "gallery_r5"]
+    # no retrieval suite: no gallery_r5, in the results or the metric log
+    without = {"suites": {"c": {"zeroshot_balanced:x": 0.5}}, "average": 0.5}
+    assert gallery_r5(without["suites"]) is None and "eval/gallery_r5" not in flat_metrics(without)
+
+
+def test_fewshot_mean_averages_the_balanced_probe_over_five_split_seeds():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(6).repeat_interleave(15)
+    image = torch.nn.functional.normalize(torch.randn(90, 8, generator=g) + labels[:, None] % 3, dim=-1)
+    feats = SuiteFeatures(image, image, {"c": labels}, torch.arange(90), [str(i) for i in range(90)])
+    suite = EvalSuite("s", urls=[], tasks=["fewshot:c"], classes={})
+    at = {seed: suite_metrics(feats, suite, {}, seed=seed) for seed in range(2, 7)}
+    each = [at[seed]["fewshot_balanced:c"] for seed in range(2, 7)]
+    assert len(set(each)) > 1  # the split seed matters, so the mean is no single split's value
+    assert at[2]["fewshot_mean:c"] == pytest.approx(sum(each) / 5, abs=1e-12)
+    assert at[2]["average"] == at[2]["fewshot_balanced:c"]  # reported beside the average, not in it
 
 
 def test_limit_and_infeasible_fewshot(tmp_path, micro):
@@ -201,8 +238,11 @@ def test_every_reader_of_a_run_loads_it_through_load_trained(tmp_path, monkeypat
         "eval_noise", Path(__file__).parents[2] / "benchmarks" / "eval_noise.py"
     )
     eval_noise = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "eval_noise", eval_noise)  # its dataclass resolves its module
     spec.loader.exec_module(eval_noise)
-    ((suite, feats, _),) = eval_noise.encode_run(str(run_dir), str(tmp_path / "bench"))
+    encoded = eval_noise.encode_run(str(run_dir), str(tmp_path / "bench"))
+    ((suite, feats, _),) = encoded.suites
+    assert encoded.loss == "softmax" and encoded.bias == 0.0
     assert suite.name == find_suites(tmp_path / "bench")[0].name and feats.image.shape == (12, 64)
 
     from jestclip import demo

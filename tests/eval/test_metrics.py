@@ -8,6 +8,8 @@ from jestclip.eval import (
     balanced_accuracy,
     fewshot_linear_probe,
     fewshot_split,
+    galleries,
+    gallery_recall,
     retrieval_recall,
     top1_accuracy,
     zeroshot_top1,
@@ -94,3 +96,33 @@ def test_balanced_accuracy_does_not_reward_predicting_the_largest_class():
     predictions = torch.tensor([0] * 90 + [1] * 5 + [0] * 5)
     assert balanced_accuracy(predictions, labels) == pytest.approx(0.75)
     assert top1_accuracy(predictions, labels) == pytest.approx(0.95)
+
+
+def test_galleries_are_disjoint_seeded_slices_of_one_permutation():
+    groups = galleries(250, 100, seed=3)
+    assert groups.shape == (2, 100)
+    assert torch.equal(
+        groups.flatten(), torch.randperm(250, generator=torch.Generator().manual_seed(3))[:200]
+    )
+    assert not torch.equal(groups, galleries(250, 100, seed=4))
+    assert galleries(98, 100).shape == (1, 98)  # fewer pairs than a gallery: one gallery of all of them
+    with pytest.raises(ValueError, match="need n >= 1 and size >= 1, got n=0"):
+        galleries(0, 100)
+
+
+def test_gallery_recall_scores_each_query_against_its_own_gallery_only():
+    g = torch.Generator().manual_seed(5)
+    image, text = unit(torch.randn(230, 16, generator=g)), unit(torch.randn(230, 16, generator=g))
+    concepts = torch.arange(230)
+    # a gallery of one pair always retrieves its own match
+    assert gallery_recall(image, text, concepts, size=1) == {
+        k: 1.0 for k in ("i2t_r@1", "i2t_r@5", "t2i_r@1", "t2i_r@5")
+    }
+    # a gallery larger than the suite is the whole suite
+    assert gallery_recall(image, text, concepts, size=500) == retrieval_recall(image, text, concepts)
+    # two galleries of 100 (30 pairs left out): the mean of their own recalls
+    got = gallery_recall(image, text, concepts, size=100, seed=7)
+    each = [retrieval_recall(image[i], text[i], concepts[i]) for i in galleries(230, 100, seed=7)]
+    assert got == pytest.approx({k: (each[0][k] + each[1][k]) / 2 for k in got}, abs=1e-12)
+    # random features: R@1 at chance within a gallery (1/100), not within the suite (1/230)
+    assert got["i2t_r@1"] <= 0.05

@@ -15,6 +15,8 @@ __all__ = [
     "fewshot_linear_probe",
     "fewshot_predict",
     "fewshot_split",
+    "galleries",
+    "gallery_recall",
     "retrieval_recall",
     "top1_accuracy",
     "zeroshot_predict",
@@ -107,6 +109,48 @@ def retrieval_recall(
     out = {f"i2t_r@{k}": v for k, v in i2t.items()}
     out.update({f"t2i_r@{k}": v for k, v in t2i.items()})
     return out
+
+
+def galleries(n: int, size: int, *, seed: int = 0) -> Tensor:
+    """``[G, s]`` sample indices: ``G = max(1, n // size)`` disjoint galleries of ``s = min(size, n)`` pairs
+    drawn by ``torch.randperm(n)`` from a CPU generator seeded with ``seed`` (the last ``n - G·s`` pairs of
+    the permutation, fewer than ``size``, are left out; n < size gives one gallery of all n). A ValueError
+    for n < 1 or size < 1.
+    """
+    if n < 1 or size < 1:
+        raise ValueError(f"galleries: need n >= 1 and size >= 1, got n={n}, size={size}")
+    s = min(size, n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[: (n // s) * s].view(-1, s)
+
+
+def gallery_recall(
+    image_features: Tensor,
+    text_features: Tensor,
+    concepts: Tensor,
+    *,
+    size: int = 100,
+    seed: int = 0,
+    ks: tuple[int, ...] = (1, 5),
+) -> dict[str, float]:
+    """``retrieval_recall`` within fixed galleries of ``size`` pairs (``galleries``), averaged over their
+    queries: every suite is then scored against the same number of distractors (chance R@1 is 1/size, up to
+    concept matches), so suites of 200 and 6,000 pairs measure the same task. Shapes and keys as
+    ``retrieval_recall``.
+    """
+    n = image_features.shape[0]
+    if text_features.shape[0] != n or concepts.numel() != n:
+        raise ValueError(
+            f"retrieval needs paired rows: {n} images, {text_features.shape[0]} texts, {concepts.numel()} ids"
+        )
+    groups = galleries(n, size, seed=seed).to(image_features.device)
+    concepts = concepts.to(image_features.device)
+    totals: dict[str, float] = {}
+    for group in groups:
+        recall = retrieval_recall(image_features[group], text_features[group], concepts[group], ks=ks)
+        for key, value in recall.items():
+            totals[key] = totals.get(key, 0.0) + value
+    return {key: value / len(groups) for key, value in totals.items()}
 
 
 def fewshot_split(labels: Tensor, *, shots: int, seed: int = 0) -> tuple[Tensor, Tensor]:
