@@ -62,7 +62,36 @@ def test_report_writes_markdown_figures_and_numbers(runs, tmp_path, capsys):
     assert diag["super_batch"] == 20 and set(diag["filter_ratio"]) == {"0.0", "0.5", "0.8", "0.9"}
     assert len(diag["gibbs"]) == 21 and len(diag["matrix"]) == 20
     assert data["settings"]["runs"] == [str(iid), str(jest)]
-    assert data["composition"] is None
+    assert data["composition"] is None and data["metric"] == "eval/average"
+
+
+def test_report_takes_the_metric_it_compares_on(runs, tmp_path, capsys):
+    iid, jest = runs
+    out = tmp_path / "r5"
+    assert (
+        main(
+            [
+                "report",
+                str(iid),
+                str(jest),
+                "--out",
+                str(out),
+                "--no-diagnostics",
+                "--metric",
+                "eval/gallery_r5",
+            ]
+        )
+        == 0
+    )
+    text = (out / "report.md").read_text()
+    data = json.loads((out / "report.json").read_text())
+    final = json.loads((iid / "metrics.jsonl").read_text().splitlines()[-1])
+    assert data["metric"] == "eval/gallery_r5" and data["target"] == final["eval/gallery_r5"]
+    assert "## Gallery R@5 at each evaluation" in text and "final gallery r@5 (%)" in text
+    assert "## Average accuracy" not in text
+    assert main(["report", str(iid), "--out", str(out), "--no-diagnostics", "--metric", "eval/nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"jestclip report: metric 'eval/nope' is not in the final evaluation of run(s) ['{iid}']"
 
 
 def test_report_errors(runs, tmp_path, capsys):

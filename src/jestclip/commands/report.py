@@ -31,6 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="run for selection diagnostics (default: the first run that selects)",
     )
+    parser.add_argument(
+        "--metric",
+        default="eval/average",
+        help="evaluation key of the curves, finals and speed-ups (e.g. eval/gallery_r5; default %(default)s)",
+    )
     parser.add_argument("--no-diagnostics", action="store_true", help="skip the selection diagnostics")
     parser.add_argument(
         "--reference-run",
@@ -76,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         diagnostics_run=str(diagnostics_run) if diagnostics_run else None,
         reference=reference,
         settings=settings,
+        metric=args.metric,
     )
     print(f"report: {path}")
     return 0

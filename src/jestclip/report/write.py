@@ -14,11 +14,30 @@ from jestclip.report.diagnostics import SelectionDiagnostics
 from jestclip.report.groups import RunGroup, group_seeds
 from jestclip.report.plots import plot_accuracy, plot_composition, plot_diagnostics
 from jestclip.report.reference import ReferenceCost
-from jestclip.report.runs import RunLog
+from jestclip.report.runs import AVERAGE, RunLog
 from jestclip.report.speedup import SpeedupRow, speedup_table
 from jestclip.train.composition import CANDIDATES, LEARNED
 
 __all__ = ["choose_baseline", "write_report"]
+
+
+# evaluation key -> (its name in headings, what it is)
+METRICS = {
+    AVERAGE: (
+        "Average accuracy",
+        "mean over the eval suites of class-balanced zero-shot and few-shot accuracy and image→text / "
+        "text→image R@1",
+    ),
+    "eval/gallery_r5": (
+        "Gallery R@5",
+        "image→text and text→image R@5 within fixed galleries of 100 pairs, averaged over both directions "
+        "and every retrieval suite",
+    ),
+}
+
+
+def _label(metric: str) -> str:
+    return METRICS.get(metric, (metric.removeprefix("eval/"), ""))[0]
 
 
 def choose_baseline(groups: Sequence[RunGroup], name: str | None = None) -> RunGroup:
@@ -83,25 +102,28 @@ def _spread(per_seed: tuple[float | None, ...]) -> str:
     return text + (f" ({missed} of {len(per_seed)} seeds not reached)" if missed else "")
 
 
-def _runs_section(groups: Sequence[RunGroup]) -> list[str]:
-    lines = ["| run | method | model | seeds | steps | examples learned | total FLOPs | final average (%) |"]
+def _runs_section(groups: Sequence[RunGroup], metric: str) -> list[str]:
+    lines = [
+        "| run | method | model | seeds | steps | examples learned | total FLOPs | "
+        f"final {_label(metric).lower()} (%) |"
+    ]
     lines += ["|---|---|---|---|---|---|---|---|"]
     for g in groups:
         final = g.final_eval
         lines.append(
             f"| {g.name} | {g.method} | {g.config.get('model', '?')} | {_seeds(g)} | {final['step']:.0f} | "
             f"{final['examples_learned']:,.0f} | {final['flops_total']:.3g} | "
-            f"{_pm(*g.final(), len(g.runs))} |"
+            f"{_pm(*g.final(metric), len(g.runs))} |"
         )
     dirs = ", ".join(f"`{r.path}`" for g in groups for r in g.runs)
     return [*lines, "", f"Run directories: {dirs}", ""]
 
 
-def _speedup_section(base: RunGroup, target: float, rows: Sequence[SpeedupRow]) -> list[str]:
+def _speedup_section(base: RunGroup, target: float, rows: Sequence[SpeedupRow], metric: str) -> list[str]:
     lines = [
         "## Speed-up to target",
         "",
-        f"Target: the final average accuracy of the baseline `{base.name}` ({_pct(target)}%"
+        f"Target: the final {_label(metric).lower()} of the baseline `{base.name}` ({_pct(target)}%"
         f"{', mean of its seeds' if len(base.runs) > 1 else ''}), reached after its whole run. Cost = "
         "examples learned on (or total FLOPs) at which a run's curve — the seed mean, for several seeds — "
         "first reached the target, interpolated linearly between evaluations; speed-up = baseline cost / "
@@ -156,15 +178,15 @@ def _reference_section(groups: Sequence[RunGroup], reference: ReferenceCost) -> 
     return lines
 
 
-def _curves_section(groups: Sequence[RunGroup]) -> list[str]:
-    """The average at every evaluation step, seed mean (± sd across seeds), one row per run or group."""
+def _curves_section(groups: Sequence[RunGroup], metric: str = AVERAGE) -> list[str]:
+    """``metric`` at every evaluation step, seed mean (± sd across seeds), one row per run or group."""
     curves: dict[str, dict[int, tuple[float, float]]] = {}
     for g in groups:
-        xs, mean, std = g.curve("step")
+        xs, mean, std = g.curve("step", metric)
         curves[g.name] = {int(x): (m, sd) for x, m, sd in zip(xs, mean, std, strict=True)}
     steps = sorted({step for curve in curves.values() for step in curve})
     lines = [
-        "## Average accuracy at each evaluation (%, seed mean ± sd)",
+        f"## {_label(metric)} at each evaluation (%, seed mean ± sd)",
         "",
         "| run | " + " | ".join(f"{step:,}" for step in steps) + " |",
         "|---|" + "---|" * len(steps),
@@ -283,6 +305,7 @@ def write_report(
     diagnostics_run: str | None = None,
     reference: ReferenceCost | None = None,
     settings: dict[str, Any] | None = None,
+    metric: str = AVERAGE,
 ) -> Path:
     """Write ``report.md``, ``accuracy.png``, ``diagnostics.png`` (if given), ``composition.png`` (when runs
     logged the ground-truth composition of what they learned on: ``report.composition``) and ``report.json``
@@ -290,29 +313,34 @@ def write_report(
 
     Runs whose configs differ only in seed are reported as one group (seed-mean curve with a band, mean ± std
     finals, speed-up on the mean curve with its per-seed range). Every run needs evaluation lines; group
-    names must be distinct (they label the curves and columns).
+    names must be distinct (they label the curves and columns). ``metric``: the evaluation key the curves,
+    finals and speed-ups use (``eval/average`` by default; e.g. ``eval/gallery_r5``); a ValueError names a
+    key that the runs' final evaluations lack.
     """
     if not runs:
         raise ValueError("no runs to report")
     for run in runs:
         run.final_eval  # noqa: B018 - raises a clear error for a run without evaluations
+    missing = [str(r.path) for r in runs if metric not in r.final_eval]
+    if missing:
+        raise ValueError(f"metric {metric!r} is not in the final evaluation of run(s) {missing}")
     groups = group_seeds(runs)
     names = [g.name for g in groups]
     if len(set(names)) != len(names):
         raise ValueError(f"run names repeat: {names}; give runs distinct directory names")
     base = choose_baseline(groups, baseline)
-    target, rows = speedup_table(groups, base)
+    target, rows = speedup_table(groups, base, metric)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_accuracy(groups, out / "accuracy.png", target=target)
-    lines = ["# jestclip report", "", *_runs_section(groups)]
-    lines += ["## Average accuracy", "", "![average accuracy vs examples and FLOPs](accuracy.png)", ""]
+    plot_accuracy(groups, out / "accuracy.png", target=target, metric=metric)
+    lines = ["# jestclip report", "", *_runs_section(groups, metric)]
+    name, meaning = METRICS.get(metric, (_label(metric), f"`{metric}` as the runs logged it"))
+    lines += [f"## {name}", "", f"![{name.lower()} vs examples and FLOPs](accuracy.png)", ""]
     lines += [
-        "Average accuracy = mean over the eval suites of class-balanced zero-shot and few-shot accuracy and "
-        "image→text / text→image R@1 (docs/eval.md). Bands: ±1 standard deviation across seeds.",
+        f"{name} = {meaning} (docs/eval.md). Bands: ±1 standard deviation across seeds.",
         "",
-        *_curves_section(groups),
-        *_speedup_section(base, target, rows),
+        *_curves_section(groups, metric),
+        *_speedup_section(base, target, rows, metric),
     ]
     if reference is not None:
         lines += _reference_section(groups, reference)
@@ -329,6 +357,7 @@ def write_report(
     data = {
         "settings": settings or {},
         "baseline": base.name,
+        "metric": metric,
         "target": target,
         "groups": {g.name: [str(r.path) for r in g.runs] for g in groups},
         "speedup": [asdict(r) for r in rows],
