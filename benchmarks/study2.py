@@ -51,9 +51,9 @@ RECIPE = "configs/study2.py"
 MODEL = "jest-micro"  # the recipe's model: the references' architecture, named to cache their embeddings
 BENCH = "data/bench"
 RUNS_DIR, RESULTS_DIR, KEEP_DIR = "runs/study2", "results/study2", "runs/study2/keep"
-# The primary metric's key in an evaluation line. The pre-registration (issue item 1) chooses it before the
-# study's runs; until then it is the paper-style average of every suite, as in the first study.
-METRIC = "eval/average"
+# The primary metric's key in an evaluation line, chosen before the study's runs (docs/results.md, "Study II:
+# the metric, chosen before the runs"); the paper-style average is the secondary one.
+METRIC, SECONDARY = "eval/gallery_r5", "eval/average"
 POOLS = {"natural": f"{BENCH}/pool", "swap50": f"{BENCH}/pool-swap50"}
 REFERENCES = {"weak": ["data=data/bench/curated", "seed=0"], "strong": ["data=data/bench/pool", "seed=1000"]}
 CACHE = {ref: f"study2-{ref}" for ref in REFERENCES}  # sidecar name of each reference's embeddings
@@ -197,22 +197,25 @@ def _cell(mean: float | None, std: float | None, seeds: int, scale: float = 1.0,
 
 def summary(root: Path = ROOT) -> list[str]:
     """Markdown rows for the finished runs (results/study2), seeds of one configuration as one row: the final
-    ``METRIC`` (%, mean ± sd over seeds) and the learned-data precision and lift (jestclip.report)."""
+    ``METRIC`` and ``SECONDARY`` (%, mean ± sd over seeds) and the learned-data precision and lift
+    (jestclip.report)."""
     from jestclip.report import composition_table, group_seeds, load_run
 
     done = [n for n in STEPS if (root / RESULTS_DIR / n / "metrics.jsonl").exists()]
     groups = group_seeds([load_run(root / RESULTS_DIR / n) for n in done])
     composition = {row.run: row for row in composition_table(groups)}
     lines = [
-        f"| run | seeds | final {METRIC} (%) | precision (%) | lift | precision, last quarter (%) | "
-        "lift, last quarter |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| run | seeds | final {METRIC} (%) | final {SECONDARY} (%) | precision (%) | lift | "
+        "precision, last quarter (%) | lift, last quarter |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for group in groups:
-        evaluated = [r for r in group.runs if r.evals and METRIC in r.evals[-1]]
-        final = "—"
-        if len(evaluated) == len(group.runs):
-            final = _cell(*group.final(METRIC), len(group.runs), 100)
+        finals = []
+        for metric in (METRIC, SECONDARY):
+            evaluated = [r for r in group.runs if r.evals and metric in r.evals[-1]]
+            whole = len(evaluated) == len(group.runs)
+            finals.append(_cell(*group.final(metric), len(group.runs), 100) if whole else "—")
+        final = " | ".join(finals)
         row = composition.get(group.name)
         cells = ["—"] * 4
         if row is not None:

@@ -149,12 +149,13 @@ def test_a_step_is_done_when_its_result_is_complete(tmp_path, study):
 
 def fake_run(root: Path, name: str, overrides: list[str], finals: float, clean: tuple[int, int]) -> None:
     """results/study2/NAME: the config and two training lines (64 labelled candidates, ``clean`` of them
-    clean among the 64 and among the 16 learned) and the evaluation lines, final ``finals``."""
+    clean among the 64 and among the 16 learned) and the evaluation lines: primary metric final ``finals``,
+    the average twice that."""
     cfg = apply_overrides(load_recipe(ROOT / "configs/study2.py"), overrides)
     out = root / "results" / "study2" / name
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg)))
-    lines = [{"step": 0, "eval/average": 0.01}]
+    lines = [{"step": 0, "eval/average": 0.01, "eval/gallery_r5": 0.05}]
     for step in (20, 40):
         lines.append(
             {
@@ -165,7 +166,7 @@ def fake_run(root: Path, name: str, overrides: list[str], finals: float, clean: 
                 "learned/clean": clean[1] / 16,
             }
         )
-    lines.append({"step": 40, "eval/average": finals})
+    lines.append({"step": 40, "eval/average": 2 * finals, "eval/gallery_r5": finals})
     (out / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
@@ -177,7 +178,9 @@ def test_summary_gives_final_metric_precision_and_lift_per_seed_group(tmp_path, 
     rows = {line.split("|")[1].strip(): line for line in study.summary(tmp_path)[2:]}
     assert set(rows) == {"iid-swap50", "jest-f08-swap50-weak-s0"}  # a group of one keeps its name
     cells = [c.strip() for c in rows["iid-swap50"].strip("|").split("|")]
-    # final: 4% and 5% -> 4.50 ± sd 0.71; precision 8/16 = 50%, candidates 50% clean: lift 1
-    assert cells == ["iid-swap50", "2", "4.50 ± 0.71", *["50.0 ± 0.0", "1.000 ± 0.000"] * 2]
+    # final: 4% and 5% -> 4.50 ± sd 0.71 (the average: 9.00 ± 1.41); precision 8/16 = 50%, candidates 50%
+    # clean: lift 1
+    assert cells == ["iid-swap50", "2", "4.50 ± 0.71", "9.00 ± 1.41", *["50.0 ± 0.0", "1.000 ± 0.000"] * 2]
     cells = [c.strip() for c in rows["jest-f08-swap50-weak-s0"].strip("|").split("|")]
-    assert cells == ["jest-f08-swap50-weak-s0", "1", "7.00", "75.0", "1.500", "75.0", "1.500"]
+    assert cells == ["jest-f08-swap50-weak-s0", "1", "7.00", "14.00", "75.0", "1.500", "75.0", "1.500"]
+    assert study.METRIC == "eval/gallery_r5"  # the pre-registered primary metric (docs/results.md)
