@@ -285,3 +285,66 @@ def test_a_keep_list_of_shards_behind_a_url(tmp_path):
     kept.check(urls)  # no size to compare behind a URL; the digests are
     with pytest.raises(KeptSampleChangedError, match=rf"^shard pipe:cat {local[0]} changed since keep list"):
         list(SuperBatchStream(urls, batch_size=5, shuffle_shards=False, keep=kept))
+
+
+def test_inspect_shows_the_precision_of_the_reference_that_wrote_a_keep_list(tmp_path, capsys):
+    """`jestclip data inspect SHARDS --keep-list DIR`: the ground truth of what a reference keeps — the check
+    the README tells users to run on their reference before using it."""
+    from PIL import Image
+
+    from jestclip.cli import main
+    from jestclip.data.quality import quality_entry
+    from jestclip.data.shards import Pair, png_bytes, write_shard
+
+    # k0..k4 clean, k5..k9 swapped; the reference rates k0, k1, k2 (cosine 1) and k5 (0.9) above the rest
+    pairs = [
+        Pair(
+            f"k{i}",
+            png_bytes(Image.new("RGB", (4, 4), (i * 20, 0, 0))),
+            f"caption {i}",
+            {
+                "source": "icons",
+                "quality": quality_entry(f"caption {i}", []) if i < 5 else quality_entry(None, ["swapped"]),
+            },
+        )
+        for i in range(10)
+    ]
+    shard = tmp_path / "pool" / "00000.tar"
+    shard.parent.mkdir()
+    write_shard(shard, pairs)
+    keys = sorted(shard_keys(str(shard)))
+    image = np.zeros((10, DIM), dtype=np.float16)
+    image[:, 0] = 1.0
+    text = np.zeros((10, DIM), dtype=np.float16)
+    for i, key in enumerate(keys):
+        cos = {"k0": 1.0, "k1": 1.0, "k2": 1.0, "k5": 0.9}.get(key, 0.1)
+        text[i, 0], text[i, 1] = cos, np.sqrt(1 - cos**2)
+    meta = CacheMeta("fp", "toy", 10.0, -5.0, DIM, os.path.getsize(shard))
+    write_sidecar(str(shard), "reference", keys, image, text, meta)
+    filter_shards([str(shard)], tmp_path / "keep", keep=0.4, progress=False)
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "data",
+                "inspect",
+                str(tmp_path / "pool"),
+                "--examples",
+                "0",
+                "--keep-list",
+                str(tmp_path / "keep"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert f"keep list {tmp_path / 'keep'} keeps 4 of 10 pairs" in out
+    assert out.strip().splitlines()[-1] == (
+        "precision: 75.0% of kept pairs clean against 50.0% of all (lift 1.50); "
+        "swapped 25.0% of kept against 50.0%"
+    )
+    # a keep list written for other shards: one line, exit 2
+    other = make_shards(tmp_path / "other", 1, 3)
+    assert main(["data", "inspect", other[0], "--examples", "0", "--keep-list", str(tmp_path / "keep")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jestclip data: ") and "keep list" in err and "\n" not in err

@@ -66,6 +66,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     inspect.add_argument("--examples", type=int, default=10)
     inspect.add_argument("--seed", type=int, default=0)
     inspect.add_argument("--markdown", action="store_true", help="print examples as a markdown table")
+    inspect.add_argument(
+        "--keep-list",
+        type=Path,
+        help="a keep list of these shards (`jestclip filter --out`): also the ground-truth composition of "
+        "the pairs it keeps, i.e. the precision of the reference that scored them (share clean; on a pool "
+        "from `jestclip data corrupt`, share swapped)",
+    )
 
 
 def _paths(npm_root: Path | None):
@@ -152,6 +159,8 @@ def _inspect(args: argparse.Namespace) -> int:
     composition = tally(meta for _, _, _, meta in samples)
     if composition["all"]["labelled"]:
         _print_composition(str(path), composition)
+    if args.keep_list is not None:
+        _print_kept(args.keep_list, urls, samples, composition)
     chosen = random.Random(args.seed).sample(samples, min(args.examples, len(samples)))
     if args.markdown:
         print("\n| key | source | style | text |\n|---|---|---|---|")
@@ -162,6 +171,36 @@ def _inspect(args: argparse.Namespace) -> int:
         else:
             print(f"{key}  [{meta.get('source', '')}/{meta.get('style', '')}]  {text}")
     return 0
+
+
+def _print_kept(directory: Path, urls: list[str], samples: list, composition: dict) -> None:
+    """The composition of the pairs keep list ``directory`` keeps among ``samples`` (key, url, text, meta),
+    and one line comparing it with all of them: the precision of the reference that scored them."""
+    from jestclip.data.keeplist import KeepList
+    from jestclip.data.quality import CLEAN, tally
+
+    keep = KeepList(directory)
+    keep.check(urls)  # one line when the keep list is for other shards, or they changed
+    kept = tally(meta for key, url, _, meta in samples if keep(url, key))
+    pairs, everything = kept["all"]["pairs"], composition["all"]
+    print(f"\nkeep list {directory} keeps {pairs:,} of {everything['pairs']:,} pairs")
+    if not kept["all"]["labelled"]:
+        print("(no pair carries a 'quality' entry: no ground truth to compare with)")
+        return
+    _print_composition(f"the kept pairs of {directory}", kept)
+
+    def share(counts: dict[str, int], what: str) -> float:
+        return counts.get(what, 0) / counts["labelled"]
+
+    clean, clean_all = share(kept["all"], CLEAN), share(everything, CLEAN)
+    line = "precision: no clean pair among all"
+    if clean_all:
+        line = f"precision: {clean:.1%} of kept pairs clean against {clean_all:.1%} of all"
+        line += f" (lift {clean / clean_all:.2f})"
+    if everything.get("swapped"):
+        swapped, swapped_all = share(kept["all"], "swapped"), share(everything, "swapped")
+        line += f"; swapped {swapped:.1%} of kept against {swapped_all:.1%}"
+    print(line)
 
 
 def _print_composition(name: str, composition: dict[str, dict[str, int]]) -> None:
