@@ -193,13 +193,28 @@ def test_corrupt_is_deterministic_and_resumes_after_a_crash(pool, tmp_path, monk
     assert not list(partial.glob("*.tmp"))
 
 
+def test_shards_without_a_manifest_are_corrupted_and_identified_by_their_names_and_sizes(tmp_path):
+    """A user's own shards (no manifest.json): the same swaps as with one; a changed shard is refused."""
+    with_manifest = corrupt_captions(write_pool(tmp_path / "a"), tmp_path / "a-out", swap_captions=0.5)
+    bare = write_pool(tmp_path / "b")
+    (bare / "manifest.json").unlink()
+    manifest = corrupt_captions(bare, tmp_path / "b-out", swap_captions=0.5)
+    assert (
+        manifest["count"] == 14 and manifest["corrupt"]["swapped"] == with_manifest["corrupt"]["swapped"] == 7
+    )
+    assert shard_bytes(tmp_path / "b-out") == shard_bytes(tmp_path / "a-out")
+    listing = "".join(f"{s.name}\t{s.stat().st_size}\n" for s in sorted(bare.glob("*.tar")))
+    assert manifest["corrupt"]["source_manifest_sha256"] is None
+    assert manifest["corrupt"]["source_shards_sha256"] == hashlib.sha256(listing.encode()).hexdigest()
+    assert corrupt_captions(bare, tmp_path / "b-out", swap_captions=0.5) == manifest  # a rerun: done
+    write_shard(bare / shard_name(0), [])  # the source changed
+    with pytest.raises(ValueError, match=r"another config \(source_shards_sha256\)"):
+        corrupt_captions(bare, tmp_path / "b-out", swap_captions=0.5)
+
+
 def test_corrupt_refuses_bad_input(pool, tmp_path):
     with pytest.raises(ValueError, match="not a shard directory"):
         corrupt_captions(tmp_path / "missing", tmp_path / "o1", swap_captions=0.5)
-    (tmp_path / "bare").mkdir()
-    write_shard((tmp_path / "bare") / "00000.tar", [])
-    with pytest.raises(ValueError, match=r"has no manifest\.json"):
-        corrupt_captions(tmp_path / "bare", tmp_path / "o2", swap_captions=0.5)
     with pytest.raises(ValueError, match="is the source directory"):
         corrupt_captions(pool, pool, swap_captions=0.5)
     corrupt_captions(pool, tmp_path / "o3", swap_captions=0.5)

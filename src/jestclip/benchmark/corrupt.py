@@ -1,7 +1,8 @@
 """A noise dial: derive a pool in which a seeded share of the pairs carry another pair's caption.
 
 ``corrupt_captions(src, out, swap_captions=p, seed=s)`` reads the shard directory ``src`` (a ``pool`` from
-``jestclip data build``, or any directory of ``.tar`` shards with a ``manifest.json``) and writes ``out``
+``jestclip data build``, or any directory of webdataset ``.tar`` shards: a user's own, to check a reference
+on them, README "Check your reference") and writes ``out``
 with the same shard names, the same samples in the same order under the same keys and the same image
 bytes. ``k = floor(p * N + 0.5)`` of the ``N`` pairs (round half up) are drawn without replacement from
 ``random.Random(seed)``; each drawn pair takes the caption of the next drawn pair in the draw order, the
@@ -16,7 +17,8 @@ samples are copied byte for byte. In an unlabelled source a swapped pair gets
 ``{"clean": false, "clean_caption": null, "noise": ["swapped"]}`` and the others stay unlabelled.
 
 ``out`` is its own shard directory (a reference cache written beside it is its own); its ``manifest.json``
-records the source directory, the SHA-256 of the source's ``manifest.json``, ``swap_captions``, ``seed``,
+records the source directory, the SHA-256 of the source's ``manifest.json`` (of its shards' names and sizes
+when it has none: ``source_shards_sha256``), ``swap_captions``, ``seed``,
 the counts and the composition, and says ``complete`` once every shard is written. Writes are atomic and
 resumable as the builder's: a shard with its ``.json`` sidecar is finished and kept; rerunning with the same
 arguments finishes the rest and writes byte-identical shards.
@@ -142,7 +144,7 @@ def corrupt_captions(src: Path, out: Path, swap_captions: float, seed: int = 0) 
     write) ``out/manifest.json``. See the module docstring for what is written.
 
     Raises ValueError (one line, naming the path or value) when ``swap_captions`` is outside [0, 1], ``src``
-    is not a directory of ``.tar`` shards with a ``manifest.json``, a source shard is unreadable or has a
+    is not a directory of ``.tar`` shards, a source shard is unreadable or has a
     sample without a caption, a key repeats, ``out`` is ``src``, or ``out`` exists holding anything but a
     corrupt output of the same arguments.
     """
@@ -162,7 +164,8 @@ def corrupt_captions(src: Path, out: Path, swap_captions: float, seed: int = 0) 
             )
         bar.update(bounds[s + 1] - bounds[s])
     bar.close()
-    source = json.loads((src / "manifest.json").read_bytes())
+    has_manifest = (src / "manifest.json").is_file()
+    source = json.loads((src / "manifest.json").read_bytes()) if has_manifest else {}
     composition = merge_tallies(r["composition"] for r in results)
     manifest = {
         "part": source.get("part"),
@@ -187,17 +190,21 @@ def _start(src: Path, out: Path, swap_captions: float, seed: int) -> tuple[list[
     shards = sorted(src.glob("*.tar")) if src.is_dir() else []
     if not shards:
         raise ValueError(f"{src} is not a shard directory (no .tar shards in it)")
-    if not (src / "manifest.json").is_file():
-        raise ValueError(f"{src} has no manifest.json: not a shard directory written by jestclip")
     if out.resolve() == src.resolve():
         raise ValueError(f"the output {out} is the source directory; choose a new one")
-    config = {
+    manifest = src / "manifest.json"
+    config: dict[str, Any] = {
         "format": CORRUPT_FORMAT,
         "source": str(src.resolve()),
-        "source_manifest_sha256": hashlib.sha256((src / "manifest.json").read_bytes()).hexdigest(),
+        "source_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()
+        if manifest.is_file()
+        else None,
         "swap_captions": swap_captions,
         "seed": seed,
     }
+    if not manifest.is_file():  # a user's own shards: their names and sizes identify them
+        listing = "".join(f"{shard.name}\t{shard.stat().st_size}\n" for shard in shards)
+        config["source_shards_sha256"] = hashlib.sha256(listing.encode("utf-8")).hexdigest()
     record = out / "manifest.json"
     if record.exists():
         old = json.loads(record.read_text(encoding="utf-8")).get("corrupt")
