@@ -348,3 +348,54 @@ def test_inspect_shows_the_precision_of_the_reference_that_wrote_a_keep_list(tmp
     assert main(["data", "inspect", other[0], "--examples", "0", "--keep-list", str(tmp_path / "keep")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("jestclip data: ") and "keep list" in err and "\n" not in err
+
+
+def test_the_reference_check_works_on_unlabelled_shards_through_corrupt(tmp_path, capsys):
+    """The README's check on a user's own shards: no quality labels, `data corrupt` labels the swapped pairs
+    only; the swapped share is over all pairs (before, over the labelled ones: 100% against 100%)."""
+    from PIL import Image
+
+    from jestclip.cli import main
+    from jestclip.data.shards import Pair, png_bytes, write_shard
+
+    own = tmp_path / "own"
+    own.mkdir()
+    pairs = [
+        Pair(f"k{i}", png_bytes(Image.new("RGB", (4, 4), (i * 20, 0, 0))), f"caption {i}", {})
+        for i in range(10)
+    ]
+    write_shard(own / "00000.tar", pairs)
+    assert main(["data", "corrupt", str(own), str(tmp_path / "swap"), "--swap-captions", "0.5"]) == 0
+    shard = tmp_path / "swap" / "00000.tar"
+    keys = sorted(shard_keys(str(shard)))
+    metas = {
+        s.key: s.meta for s in SuperBatchStream([str(shard)], batch_size=1, shuffle_shards=False).samples()
+    }
+    swapped = sorted(k for k in keys if "swapped" in metas[k].get("quality", {}).get("noise", []))
+    assert len(swapped) == 5 and all("quality" not in metas[k] for k in keys if k not in swapped)
+    # the reference rates every unswapped pair 1.0, one swapped pair 0.95, the other swapped pairs 0.1
+    cosines = {k: 0.1 if k in swapped[1:] else 0.95 if k == swapped[0] else 1.0 for k in keys}
+    image, text = np.zeros((10, DIM), dtype=np.float16), np.zeros((10, DIM), dtype=np.float16)
+    image[:, 0] = 1.0
+    for i, key in enumerate(keys):
+        text[i, 0], text[i, 1] = cosines[key], np.sqrt(1 - cosines[key] ** 2)
+    write_sidecar(
+        str(shard), "ref", keys, image, text, CacheMeta("fp", "toy", 10.0, -5.0, DIM, os.path.getsize(shard))
+    )
+    filter_shards([str(shard)], tmp_path / "keep", keep=0.6, name="ref", progress=False)  # 5 unswapped + 1
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "data",
+                "inspect",
+                str(tmp_path / "swap"),
+                "--examples",
+                "0",
+                "--keep-list",
+                str(tmp_path / "keep"),
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "swapped 16.7% of kept against 50.0%"

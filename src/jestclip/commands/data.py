@@ -48,7 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "pairs taking another chosen pair's caption (none keeps its own), marked 'swapped' in their quality "
         "entry.",
     )
-    corrupt.add_argument("src", type=Path, help="a shard directory with manifest.json (e.g. data/bench/pool)")
+    corrupt.add_argument(
+        "src", type=Path, help="a directory of .tar shards (e.g. data/bench/pool, or your own)"
+    )
     corrupt.add_argument("out", type=Path, help="a new directory (or one this command began: it resumes)")
     corrupt.add_argument(
         "--swap-captions",
@@ -184,23 +186,26 @@ def _print_kept(directory: Path, urls: list[str], samples: list, composition: di
     kept = tally(meta for key, url, _, meta in samples if keep(url, key))
     pairs, everything = kept["all"]["pairs"], composition["all"]
     print(f"\nkeep list {directory} keeps {pairs:,} of {everything['pairs']:,} pairs")
-    if not kept["all"]["labelled"]:
+    if not everything["labelled"]:
         print("(no pair carries a 'quality' entry: no ground truth to compare with)")
         return
-    _print_composition(f"the kept pairs of {directory}", kept)
+    if kept["all"]["labelled"]:
+        _print_composition(f"the kept pairs of {directory}", kept)
 
     def share(counts: dict[str, int], what: str) -> float:
-        return counts.get(what, 0) / counts["labelled"]
+        return counts.get(what, 0) / counts["pairs"]
 
-    clean, clean_all = share(kept["all"], CLEAN), share(everything, CLEAN)
-    line = "precision: no clean pair among all"
-    if clean_all:
-        line = f"precision: {clean:.1%} of kept pairs clean against {clean_all:.1%} of all"
-        line += f" (lift {clean / clean_all:.2f})"
-    if everything.get("swapped"):
+    parts = []
+    if everything["labelled"] == everything["pairs"]:  # clean is known for every pair
+        clean, clean_all = share(kept["all"], CLEAN), share(everything, CLEAN)
+        parts.append(
+            f"precision: {clean:.1%} of kept pairs clean against {clean_all:.1%} of all"
+            + (f" (lift {clean / clean_all:.2f})" if clean_all else "")
+        )
+    if everything.get("swapped"):  # `data corrupt` labels every pair it swaps, in any source
         swapped, swapped_all = share(kept["all"], "swapped"), share(everything, "swapped")
-        line += f"; swapped {swapped:.1%} of kept against {swapped_all:.1%}"
-    print(line)
+        parts.append(f"swapped {swapped:.1%} of kept against {swapped_all:.1%}")
+    print("; ".join(parts) or "(only some pairs carry a 'quality' entry: no precision to give)")
 
 
 def _print_composition(name: str, composition: dict[str, dict[str, int]]) -> None:
