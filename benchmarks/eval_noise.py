@@ -33,7 +33,7 @@ from jestclip.eval import (
     suite_metrics,
     zero_shot_classifiers,
 )
-from jestclip.eval.evaluate import GALLERY_SIZE
+from jestclip.eval.evaluate import FEWSHOT_SEEDS, GALLERY_SIZE
 from jestclip.eval.metrics import galleries
 from jestclip.models import create_model, image_transform, tokenizer
 from jestclip.models.factory import logit_params
@@ -162,13 +162,14 @@ def metrics(encoded: Encoded, draw: int | None, fraction: float) -> Metrics:
     """Every suite's metrics on all its samples (``draw`` None: split and gallery seed 0, as in training), or
     on a draw's random ``fraction`` of them with the draw's seeds (the same rows for every checkpoint)."""
     g = torch.Generator().manual_seed(draw or 0)
+    seed = (draw or 0) * FEWSHOT_SEEDS  # draws use disjoint split seeds (fewshot_mean takes FEWSHOT_SEEDS)
     out: Metrics = {}
     for suite, feats, classifiers in encoded.suites:
         if draw is not None:
             feats = subset(feats, fraction, g)
-        out[suite.name] = suite_metrics(feats, suite, classifiers, seed=draw or 0)
+        out[suite.name] = suite_metrics(feats, suite, classifiers, seed=seed)
         if "retrieval" in suite.tasks:
-            out[suite.name]["heldout_loss"] = heldout_loss(feats, encoded, draw or 0)
+            out[suite.name]["heldout_loss"] = heldout_loss(feats, encoded, seed)
     return out
 
 

@@ -124,5 +124,16 @@ def test_gallery_recall_scores_each_query_against_its_own_gallery_only():
     got = gallery_recall(image, text, concepts, size=100, seed=7)
     each = [retrieval_recall(image[i], text[i], concepts[i]) for i in galleries(230, 100, seed=7)]
     assert got == pytest.approx({k: (each[0][k] + each[1][k]) / 2 for k in got}, abs=1e-12)
-    # random features: R@1 at chance within a gallery (1/100), not within the suite (1/230)
-    assert got["i2t_r@1"] <= 0.05
+
+
+def test_a_confuser_in_another_gallery_does_not_count():
+    # image 0's best text in the whole suite is text 2 (identical direction); its own text is second best
+    e = torch.eye(4)
+    image = torch.stack([e[0], e[1], e[0], e[3]])
+    text = torch.stack([unit(0.8 * e[0] + 0.6 * e[2]), e[1], e[0], e[3]])
+    concepts = torch.arange(4)
+    assert retrieval_recall(image, text, concepts)["i2t_r@1"] == 0.75  # query 0 retrieves text 2
+    apart = next(s for s in range(100) if not any({0, 2} <= set(g.tolist()) for g in galleries(4, 2, seed=s)))
+    together = next(s for s in range(100) if any({0, 2} <= set(g.tolist()) for g in galleries(4, 2, seed=s)))
+    assert gallery_recall(image, text, concepts, size=2, seed=apart)["i2t_r@1"] == 1.0
+    assert gallery_recall(image, text, concepts, size=2, seed=together)["i2t_r@1"] == 0.75

@@ -277,8 +277,9 @@ def evaluate_suite(
 def gallery_r5(suites: dict[str, dict[str, float]]) -> float | None:
     """Image→text and text→image R@5 within galleries of ``GALLERY_SIZE`` pairs, averaged over both
     directions and every suite that has retrieval (``{suite: suite_metrics}``); None when none has. Chance
-    is 5%; an untrained ``jest-micro`` scores 5.6%. Study II's primary metric: 16.8 times its evaluation sd
-    in IID's gain on the benchmark, against 3.9 for ``average`` (docs/results.md).
+    is about 5% (more in a suite of fewer than 100 pairs or with repeated concepts); an untrained
+    ``jest-micro`` scores 5.6%. Study II's primary metric: 16.8 times its evaluation sd in IID's gain on the
+    benchmark, against 3.9 for ``average`` (docs/results.md).
     """
     values = [
         m[f"gallery:{d}_r@5"] for m in suites.values() for d in ("i2t", "t2i") if f"gallery:{d}_r@5" in m
