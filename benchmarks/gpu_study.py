@@ -64,6 +64,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = "gpu-study-strong"  # the reference's sidecar name
+METRIC = "eval/gallery_r5"  # Study II's primary metric (docs/results.md), as benchmarks/study2.py
 KEEP = 0.5  # Q of the static filter
 STOPPED = 3  # exit status when the budget ran out (rerun to resume)
 TERM_GRACE_S = 60.0  # after SIGTERM, how long a step may take to checkpoint before it is killed
@@ -193,6 +194,8 @@ class Plan:
             *(str(self.out / "runs" / name) for name in RUNS),
             "--baseline",
             "iid",
+            "--metric",
+            METRIC,
             "--reference-run",
             str(self.out / "runs" / "ref-strong"),
             "--diagnostics-run",

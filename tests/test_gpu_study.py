@@ -81,6 +81,7 @@ def test_tiny_mode_trains_every_run_and_writes_logs_and_report(tmp_path):
     config = json.loads((out / "runs" / "filter-q50" / "config.json").read_text())
     assert config["keep_list"] == str(work / "keep-q50") and config["data"].endswith("pool-swap50")
     assert (out / "report" / "report.md").exists()
+    assert json.loads((out / "report" / "report.json").read_text())["metric"] == "eval/gallery_r5"
     notes = (out / "gpu_study.md").read_text()
     for name in ("ref-strong", "cache", "keep", "iid", "jest-f08", "filter-q50", "drrho", "report"):
         assert f"| {name} |" in notes, name

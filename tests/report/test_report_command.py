@@ -87,7 +87,7 @@ def test_report_takes_the_metric_it_compares_on(runs, tmp_path, capsys):
     data = json.loads((out / "report.json").read_text())
     final = json.loads((iid / "metrics.jsonl").read_text().splitlines()[-1])
     assert data["metric"] == "eval/gallery_r5" and data["target"] == final["eval/gallery_r5"]
-    assert "## Gallery R@5 at each evaluation" in text and "final gallery r@5 (%)" in text
+    assert "## Gallery R@5 at each evaluation" in text and "final gallery R@5 (%)" in text
     assert "## Average accuracy" not in text
     assert main(["report", str(iid), "--out", str(out), "--no-diagnostics", "--metric", "eval/nope"]) == 2
     err = capsys.readouterr().err.strip()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jestclip.data.quality import NOISE_KINDS
+from jestclip.eval.evaluate import GALLERY_SIZE
 from jestclip.report.composition import CompositionRow, composition_groups, composition_table
 from jestclip.report.diagnostics import SelectionDiagnostics
 from jestclip.report.groups import RunGroup, group_seeds
@@ -21,23 +22,27 @@ from jestclip.train.composition import CANDIDATES, LEARNED
 __all__ = ["choose_baseline", "write_report"]
 
 
-# evaluation key -> (its name in headings, what it is)
+# evaluation key -> (its name in headings, in a sentence, what it is)
 METRICS = {
     AVERAGE: (
         "Average accuracy",
+        "average accuracy",
         "mean over the eval suites of class-balanced zero-shot and few-shot accuracy and image→text / "
         "text→image R@1",
     ),
     "eval/gallery_r5": (
         "Gallery R@5",
-        "image→text and text→image R@5 within fixed galleries of 100 pairs, averaged over both directions "
-        "and every retrieval suite",
+        "gallery R@5",
+        f"image→text and text→image R@5 within fixed galleries of {GALLERY_SIZE} pairs, averaged over both "
+        "directions and every retrieval suite",
     ),
 }
 
 
-def _label(metric: str) -> str:
-    return METRICS.get(metric, (metric.removeprefix("eval/"), ""))[0]
+def _names(metric: str) -> tuple[str, str, str]:
+    """(heading, in a sentence, meaning) of an evaluation key; a key without an entry is named by itself."""
+    name = metric.removeprefix("eval/")
+    return METRICS.get(metric, (name, name, f"`{metric}` as the runs logged it"))
 
 
 def choose_baseline(groups: Sequence[RunGroup], name: str | None = None) -> RunGroup:
@@ -105,7 +110,7 @@ def _spread(per_seed: tuple[float | None, ...]) -> str:
 def _runs_section(groups: Sequence[RunGroup], metric: str) -> list[str]:
     lines = [
         "| run | method | model | seeds | steps | examples learned | total FLOPs | "
-        f"final {_label(metric).lower()} (%) |"
+        f"final {_names(metric)[1]} (%) |"
     ]
     lines += ["|---|---|---|---|---|---|---|---|"]
     for g in groups:
@@ -123,7 +128,7 @@ def _speedup_section(base: RunGroup, target: float, rows: Sequence[SpeedupRow], 
     lines = [
         "## Speed-up to target",
         "",
-        f"Target: the final {_label(metric).lower()} of the baseline `{base.name}` ({_pct(target)}%"
+        f"Target: the final {_names(metric)[1]} of the baseline `{base.name}` ({_pct(target)}%"
         f"{', mean of its seeds' if len(base.runs) > 1 else ''}), reached after its whole run. Cost = "
         "examples learned on (or total FLOPs) at which a run's curve — the seed mean, for several seeds — "
         "first reached the target, interpolated linearly between evaluations; speed-up = baseline cost / "
@@ -186,7 +191,7 @@ def _curves_section(groups: Sequence[RunGroup], metric: str = AVERAGE) -> list[s
         curves[g.name] = {int(x): (m, sd) for x, m, sd in zip(xs, mean, std, strict=True)}
     steps = sorted({step for curve in curves.values() for step in curve})
     lines = [
-        f"## {_label(metric)} at each evaluation (%, seed mean ± sd)",
+        f"## {_names(metric)[0]} at each evaluation (%, seed mean ± sd)",
         "",
         "| run | " + " | ".join(f"{step:,}" for step in steps) + " |",
         "|---|" + "---|" * len(steps),
@@ -334,8 +339,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     plot_accuracy(groups, out / "accuracy.png", target=target, metric=metric)
     lines = ["# jestclip report", "", *_runs_section(groups, metric)]
-    name, meaning = METRICS.get(metric, (_label(metric), f"`{metric}` as the runs logged it"))
-    lines += [f"## {name}", "", f"![{name.lower()} vs examples and FLOPs](accuracy.png)", ""]
+    name, in_sentence, meaning = _names(metric)
+    lines += [f"## {name}", "", f"![{in_sentence} vs examples and FLOPs](accuracy.png)", ""]
     lines += [
         f"{name} = {meaning} (docs/eval.md). Bands: ±1 standard deviation across seeds.",
         "",
