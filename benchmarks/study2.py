@@ -232,11 +232,45 @@ def summary(root: Path = ROOT) -> list[str]:
     return lines
 
 
+def report_commands(root: Path = ROOT) -> list[list[str]]:
+    """One `jestclip report` per pool and reference over the finished runs (results/study2): IID of that
+    pool and every run with that reference, compared on ``METRIC``, the reference's own cost beside the runs';
+    none for a pool and reference without a finished IID run and another finished run. Written into
+    results/study2/report-POOL-REFERENCE (no selection diagnostics: they need the weights)."""
+    commands = []
+    for pool in POOLS:
+        for ref in REFERENCES:
+            names = [n for n in TRAINING if n.startswith(f"iid-{pool}-") or f"-{pool}-{ref}-" in n]
+            done = [n for n in names if (root / RESULTS_DIR / n / "metrics.jsonl").exists()]
+            if len(done) < 2 or not done[0].startswith("iid-"):
+                continue
+            commands.append(
+                [
+                    "jestclip",
+                    "report",
+                    *(f"{RESULTS_DIR}/{n}" for n in done),
+                    "--metric",
+                    METRIC,
+                    "--reference-run",
+                    f"{RESULTS_DIR}/ref-{ref}",
+                    "--no-diagnostics",
+                    "--out",
+                    f"{RESULTS_DIR}/report-{pool}-{ref}",
+                ]
+            )
+    return commands
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("steps", nargs="*", default=["references"], help=f"step names or {sorted(SETS)}")
     parser.add_argument("--list", action="store_true", help="print every step's command and exit")
     parser.add_argument("--summary", action="store_true", help="final metric, precision and lift of runs")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="a `jestclip report` per pool and reference of the finished runs",
+    )
     args = parser.parse_args(argv)
     if args.list:
         for name, step in STEPS.items():
@@ -244,6 +278,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.summary:
         print("\n".join(summary()))
+        return
+    if args.report:
+        for command in report_commands():
+            study.run(command)
         return
     names = [n for item in args.steps for n in SETS.get(item, [item])]
     unknown = sorted(set(names) - set(STEPS))

@@ -184,3 +184,37 @@ def test_summary_gives_final_metric_precision_and_lift_per_seed_group(tmp_path, 
     cells = [c.strip() for c in rows["jest-f08-swap50-weak-s0"].strip("|").split("|")]
     assert cells == ["jest-f08-swap50-weak-s0", "1", "7.00", "14.00", "75.0", "1.500", "75.0", "1.500"]
     assert study.METRIC == "eval/gallery_r5"  # the pre-registered primary metric (docs/results.md)
+
+
+def test_report_commands_compare_each_pools_iid_with_each_references_runs(tmp_path, study):
+    fake_run(tmp_path, "iid-swap50-s0", ["seed=0"], 0.04, (32, 8))
+    fake_run(
+        tmp_path,
+        "jest-f08-swap50-weak-s0",
+        ["method.method=jest", "reference_cache=study2-weak"],
+        0.07,
+        (32, 12),
+    )
+    fake_run(
+        tmp_path,
+        "drrho-natural-weak-s0",
+        ["method.method=drrho", "reference_cache=study2-weak"],
+        0.05,
+        (32, 8),
+    )
+    # natural has no IID run yet, swap50 has no strong-reference run: one report
+    assert study.report_commands(tmp_path) == [
+        [
+            "jestclip",
+            "report",
+            "results/study2/iid-swap50-s0",
+            "results/study2/jest-f08-swap50-weak-s0",
+            "--metric",
+            "eval/gallery_r5",
+            "--reference-run",
+            "results/study2/ref-weak",
+            "--no-diagnostics",
+            "--out",
+            "results/study2/report-swap50-weak",
+        ]
+    ]
