@@ -206,8 +206,8 @@ def summary(root: Path = ROOT) -> list[str]:
     composition = {row.run: row for row in composition_table(groups)}
     lines = [
         f"| run | seeds | final {METRIC} (%) | final {SECONDARY} (%) | precision (%) | lift | "
-        "precision, last quarter (%) | lift, last quarter |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "precision, last quarter (%) | lift, last quarter | swapped among learned (%) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for group in groups:
         finals = []
@@ -217,7 +217,7 @@ def summary(root: Path = ROOT) -> list[str]:
             finals.append(_cell(*group.final(metric), len(group.runs), 100) if whole else "—")
         final = " | ".join(finals)
         row = composition.get(group.name)
-        cells = ["—"] * 4
+        cells = ["—"] * 5
         if row is not None:
             cells = [
                 _cell(row.mean[key], row.std[key], row.seeds, *scale)
@@ -228,6 +228,9 @@ def summary(root: Path = ROOT) -> list[str]:
                     ("lift_last_quarter", (1, 3)),
                 )
             ]
+            offered = row.mean.get("candidates_swapped")  # 0 on a pool without swapped pairs
+            swapped = _cell(row.mean["learned_swapped"], row.std["learned_swapped"], row.seeds, 100, 1)
+            cells.append(swapped if offered else "—")
         lines.append(f"| {group.name} | {len(group.runs)} | {final} | " + " | ".join(cells) + " |")
     return lines
 

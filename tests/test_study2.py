@@ -147,10 +147,17 @@ def test_a_step_is_done_when_its_result_is_complete(tmp_path, study):
     assert keep.done(tmp_path)
 
 
-def fake_run(root: Path, name: str, overrides: list[str], finals: float, clean: tuple[int, int]) -> None:
-    """results/study2/NAME: the config and two training lines (64 labelled candidates, ``clean`` of them
-    clean among the 64 and among the 16 learned) and the evaluation lines: primary metric final ``finals``,
-    the average twice that."""
+def fake_run(
+    root: Path,
+    name: str,
+    overrides: list[str],
+    finals: float,
+    clean: tuple[int, int],
+    swapped: tuple[int, int] = (0, 0),
+) -> None:
+    """results/study2/NAME: the config and two training lines (64 labelled candidates, ``clean`` and
+    ``swapped`` of them clean / swapped among the 64 and among the 16 learned) and the evaluation lines:
+    primary metric final ``finals``, the average twice that."""
     cfg = apply_overrides(load_recipe(ROOT / "configs/study2.py"), overrides)
     out = root / "results" / "study2" / name
     out.mkdir(parents=True)
@@ -164,6 +171,8 @@ def fake_run(root: Path, name: str, overrides: list[str], finals: float, clean: 
                 "candidates/clean": clean[0] / 64,
                 "learned/labelled": 16,
                 "learned/clean": clean[1] / 16,
+                "candidates/noise/swapped": swapped[0] / 64,
+                "learned/noise/swapped": swapped[1] / 16,
             }
         )
     lines.append({"step": 40, "eval/average": 2 * finals, "eval/gallery_r5": finals})
@@ -174,15 +183,33 @@ def test_summary_gives_final_metric_precision_and_lift_per_seed_group(tmp_path, 
     fake_run(tmp_path, "iid-swap50-s0", ["seed=0"], 0.04, (32, 8))
     fake_run(tmp_path, "iid-swap50-s1", ["seed=1"], 0.05, (32, 8))
     jest = ["method.method=jest", "reference_cache=study2-weak"]
-    fake_run(tmp_path, "jest-f08-swap50-weak-s0", jest, 0.07, (32, 12))
+    fake_run(tmp_path, "jest-f08-swap50-weak-s0", jest, 0.07, (32, 12), swapped=(32, 4))
     rows = {line.split("|")[1].strip(): line for line in study.summary(tmp_path)[2:]}
     assert set(rows) == {"iid-swap50", "jest-f08-swap50-weak-s0"}  # a group of one keeps its name
     cells = [c.strip() for c in rows["iid-swap50"].strip("|").split("|")]
     # final: 4% and 5% -> 4.50 ± sd 0.71 (the average: 9.00 ± 1.41); precision 8/16 = 50%, candidates 50%
     # clean: lift 1
-    assert cells == ["iid-swap50", "2", "4.50 ± 0.71", "9.00 ± 1.41", *["50.0 ± 0.0", "1.000 ± 0.000"] * 2]
+    assert cells == [
+        "iid-swap50",
+        "2",
+        "4.50 ± 0.71",
+        "9.00 ± 1.41",
+        *["50.0 ± 0.0", "1.000 ± 0.000"] * 2,
+        "—",
+    ]
     cells = [c.strip() for c in rows["jest-f08-swap50-weak-s0"].strip("|").split("|")]
-    assert cells == ["jest-f08-swap50-weak-s0", "1", "7.00", "14.00", "75.0", "1.500", "75.0", "1.500"]
+    # swapped: 4 of 16 learned (32 of 64 offered); none offered to the IID runs: "—"
+    assert cells == [
+        "jest-f08-swap50-weak-s0",
+        "1",
+        "7.00",
+        "14.00",
+        "75.0",
+        "1.500",
+        "75.0",
+        "1.500",
+        "25.0",
+    ]
     assert study.METRIC == "eval/gallery_r5"  # the pre-registered primary metric (docs/results.md)
 
 
