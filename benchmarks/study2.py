@@ -202,7 +202,11 @@ def summary(root: Path = ROOT) -> list[str]:
     from jestclip.report import composition_table, group_seeds, load_run
 
     done = [n for n in STEPS if (root / RESULTS_DIR / n / "metrics.jsonl").exists()]
-    groups = group_seeds([load_run(root / RESULTS_DIR / n) for n in done])
+    runs = {n: load_run(root / RESULTS_DIR / n) for n in done}
+    # a reference is its own row: the strong one is an IID run of the natural pool but for its seed, and
+    # must not be counted as a seed of the study's IID runs
+    groups = [g for n in done if n.startswith("ref-") for g in group_seeds([runs[n]])]
+    groups += group_seeds([run for n, run in runs.items() if not n.startswith("ref-")])
     composition = {row.run: row for row in composition_table(groups)}
     lines = [
         f"| run | seeds | final {METRIC} (%) | final {SECONDARY} (%) | precision (%) | lift | "

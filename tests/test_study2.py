@@ -180,12 +180,17 @@ def fake_run(
 
 
 def test_summary_gives_final_metric_precision_and_lift_per_seed_group(tmp_path, study):
-    fake_run(tmp_path, "iid-swap50-s0", ["seed=0"], 0.04, (32, 8))
-    fake_run(tmp_path, "iid-swap50-s1", ["seed=1"], 0.05, (32, 8))
-    jest = ["method.method=jest", "reference_cache=study2-weak"]
+    swap50 = "data=data/bench/pool-swap50"
+    fake_run(tmp_path, "iid-swap50-s0", [swap50, "seed=0"], 0.04, (32, 8))
+    fake_run(tmp_path, "iid-swap50-s1", [swap50, "seed=1"], 0.05, (32, 8))
+    jest = [swap50, "method.method=jest", "reference_cache=study2-weak"]
     fake_run(tmp_path, "jest-f08-swap50-weak-s0", jest, 0.07, (32, 12), swapped=(32, 4))
+    # the strong reference differs from an IID run of the natural pool only in its seed: still its own row
+    fake_run(tmp_path, "ref-strong", ["data=data/bench/pool", "seed=1000"], 0.06, (16, 4))
+    fake_run(tmp_path, "iid-natural-s0", ["data=data/bench/pool", "seed=0"], 0.05, (16, 4))
     rows = {line.split("|")[1].strip(): line for line in study.summary(tmp_path)[2:]}
-    assert set(rows) == {"iid-swap50", "jest-f08-swap50-weak-s0"}  # a group of one keeps its name
+    assert set(rows) == {"ref-strong", "iid-natural-s0", "iid-swap50", "jest-f08-swap50-weak-s0"}
+    assert rows["iid-natural-s0"].split("|")[2].strip() == "1"  # a group of one keeps its name
     cells = [c.strip() for c in rows["iid-swap50"].strip("|").split("|")]
     # final: 4% and 5% -> 4.50 ± sd 0.71 (the average: 9.00 ± 1.41); precision 8/16 = 50%, candidates 50%
     # clean: lift 1
