@@ -52,23 +52,32 @@ def _pick(metrics: Metrics, prefix: str) -> list[float]:
     return [v for m in metrics.values() for k, v in m.items() if k.startswith(prefix)]
 
 
+def _gallery_r1(m: Metrics) -> float:
+    return _mean(_pick(m, "gallery:i2t_r@1") + _pick(m, "gallery:t2i_r@1"))
+
+
+def _fewshot_mean(m: Metrics) -> float:
+    return _mean(_pick(m, "fewshot_mean:"))
+
+
+def _zeroshot_coarse(m: Metrics) -> float:
+    return (m["emoji"]["zeroshot_balanced:group"] + m["openclipart"]["zeroshot_balanced:folder"]) / 2
+
+
 # name -> (what it is, value from every suite's metrics; higher is better for every one)
 CANDIDATES: dict[str, tuple[str, Callable[[Metrics], float]]] = {
     "average": (
         "paper-style average of every suite (zero-shot and few-shot balanced, R@1 both ways)",
         lambda m: _mean([v for s in m.values() for k, v in s.items() if is_averaged(k)]),
     ),
-    "gallery_r1": (
-        f"R@1 both ways within galleries of {GALLERY_SIZE} (emoji, icons, TuxPaint)",
-        lambda m: _mean(_pick(m, "gallery:i2t_r@1") + _pick(m, "gallery:t2i_r@1")),
-    ),
+    "gallery_r1": (f"R@1 both ways within galleries of {GALLERY_SIZE} (emoji, icons, TuxPaint)", _gallery_r1),
     "gallery_r5": (
         f"R@5 both ways within galleries of {GALLERY_SIZE} (`jestclip.eval.gallery_r5`)",
-        lambda m: gallery_r5(m),
+        gallery_r5,
     ),
     "fewshot_mean": (
         "10-shot balanced accuracy over 5 split seeds (emoji subgroup, OpenClipart folder)",
-        lambda m: _mean(_pick(m, "fewshot_mean:")),
+        _fewshot_mean,
     ),
     "zeroshot_group": (
         "emoji group zero-shot, balanced (9 classes)",
@@ -78,19 +87,10 @@ CANDIDATES: dict[str, tuple[str, Callable[[Metrics], float]]] = {
         "OpenClipart folder zero-shot, balanced (64 classes)",
         lambda m: m["openclipart"]["zeroshot_balanced:folder"],
     ),
-    "zeroshot_coarse": (
-        "mean of the two coarse zero-shot tasks above",
-        lambda m: (m["emoji"]["zeroshot_balanced:group"] + m["openclipart"]["zeroshot_balanced:folder"]) / 2,
-    ),
+    "zeroshot_coarse": ("mean of the two coarse zero-shot tasks above", _zeroshot_coarse),
     "steady_average": (
         "mean of gallery_r1, fewshot_mean and zeroshot_coarse",
-        lambda m: _mean(
-            [
-                _mean(_pick(m, "gallery:i2t_r@1") + _pick(m, "gallery:t2i_r@1")),
-                _mean(_pick(m, "fewshot_mean:")),
-                (m["emoji"]["zeroshot_balanced:group"] + m["openclipart"]["zeroshot_balanced:folder"]) / 2,
-            ]
-        ),
+        lambda m: _mean([_gallery_r1(m), _fewshot_mean(m), _zeroshot_coarse(m)]),
     ),
     "heldout_loss": (
         f"minus the model's own contrastive loss per pair (nats) on held-out clean pairs in galleries of "
@@ -190,21 +190,12 @@ def choice_table(paths: list[str], full: dict, draws: dict) -> list[str]:
         "|---|" + "---|" * (len(paths) + 2),
     ]
     for name, (_, value) in CANDIDATES.items():
-        unit = 1 if name == "heldout_loss" else 100  # nats; the others in points
-        cells = []
-        for p in paths:
-            sd = statistics.stdev([value(m) for m in draws[p]])
-            cells.append(
-                f"{unit * value(full[p]):.{4 if unit == 1 else 2}f} ({unit * sd:.{4 if unit == 1 else 2}f})"
-            )
+        unit, digits = (1, 4) if name == "heldout_loss" else (100, 2)  # nats; the others in points
+        sds = {p: statistics.stdev([value(m) for m in draws[p]]) for p in paths}
+        cells = [f"{unit * value(full[p]):.{digits}f} ({unit * sds[p]:.{digits}f})" for p in paths]
         signal = value(full[last]) - value(full[base])
-        sd_last = statistics.stdev([value(m) for m in draws[last]])
-        lines.append(
-            f"| {name} | "
-            + " | ".join(cells)
-            + f" | {unit * signal:+.{4 if unit == 1 else 2}f} | "
-            + (f"{signal / sd_last:.1f} |" if sd_last > 0 else "— (no spread) |")
-        )
+        ratio = f"{signal / sds[last]:.1f}" if sds[last] > 0 else "— (no spread)"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {unit * signal:+.{digits}f} | {ratio} |")
     return lines
 
 

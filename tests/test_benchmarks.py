@@ -104,3 +104,32 @@ def test_gpu_script_without_cuda_says_so_in_one_line():
     done = run_script("gpu.py", "--pytest-path", "tests/test_benchmarks.py")
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("--device cuda: CUDA is not available")
+
+
+def test_eval_noise_table_divides_each_candidates_signal_by_the_last_checkpoints_sd(monkeypatch):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("eval_noise", ROOT / "benchmarks" / "eval_noise.py")
+    eval_noise = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "eval_noise", eval_noise)
+    spec.loader.exec_module(eval_noise)
+
+    def metrics(r5: float, loss: float) -> dict:
+        suite = {
+            "gallery:i2t_r@5": r5,
+            "gallery:t2i_r@5": r5,
+            "gallery:i2t_r@1": r5 / 2,
+            "gallery:t2i_r@1": 0.0,
+        }
+        suite |= {"fewshot_mean:x": 0.1, "zeroshot_balanced:group": 0.2, "zeroshot_balanced:folder": 0.2}
+        return {"emoji": suite, "openclipart": dict(suite), "icons": {"heldout_loss": loss}}
+
+    full = {"a": metrics(0.05, 3.0), "b": metrics(0.17, 2.0)}
+    draws = {"a": [metrics(0.04, 3.0), metrics(0.06, 3.0)], "b": [metrics(0.16, 2.1), metrics(0.18, 1.9)]}
+    rows = {r.split("|")[1].strip(): r for r in eval_noise.choice_table(["a", "b"], full, draws)[2:]}
+    # gallery_r5: 5 -> 17 points, sd of b's draws (16, 18) = 1.41: signal / sd 8.5
+    assert rows["gallery_r5"] == "| gallery_r5 | 5.00 (1.41) | 17.00 (1.41) | +12.00 | 8.5 |"
+    # heldout_loss in nats, minus the loss: signal +1, sd 0.1414: 7.1
+    assert rows["heldout_loss"].endswith("| +1.0000 | 7.1 |")
+    assert rows["zeroshot_coarse"].endswith("| +0.00 | — (no spread) |")
