@@ -249,7 +249,7 @@ def report_commands(root: Path = ROOT) -> list[list[str]]:
         for ref in REFERENCES:
             names = [n for n in TRAINING if n.startswith(f"iid-{pool}-") or f"-{pool}-{ref}-" in n]
             done = [n for n in names if (root / RESULTS_DIR / n / "metrics.jsonl").exists()]
-            if len(done) < 2 or not done[0].startswith("iid-"):
+            if len(done) < 2 or not any(n.startswith("iid-") for n in done):
                 continue
             commands.append(
                 [

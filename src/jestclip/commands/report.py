@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--metric",
-        default="eval/average",
+        default="eval/average",  # jestclip.report.runs.AVERAGE (not imported: no torch for --help)
         help="evaluation key of the curves, finals and speed-ups (e.g. eval/gallery_r5; default %(default)s)",
     )
     parser.add_argument("--no-diagnostics", action="store_true", help="skip the selection diagnostics")
