@@ -1,6 +1,6 @@
 """The GPU measurements in one command: CUDA tests, step times per method, where JEST's time goes, selection.
 
-    python benchmarks/gpu.py --out /tmp/gpu.md                      # one H100: ViT-B-16, b = 512, < 9 min
+    python benchmarks/gpu.py --out /tmp/gpu.md                      # ViT-B-16, b = 512: ~2.5 min on one H200
     python benchmarks/gpu.py --device cpu --tiny --out /tmp/gpu.md  # smoke test: jest-micro, b = 8
 
 Prints (and writes to ``--out``) a markdown report:

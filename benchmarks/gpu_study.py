@@ -1,6 +1,6 @@
 """Study II's headline comparison at a GPU regime, in one command that stops at a wall-clock budget.
 
-    python benchmarks/gpu_study.py --out /tmp/gpu-study             # one H200: jest-small, b = 256, <= 9 min
+    python benchmarks/gpu_study.py --out /tmp/gpu-study --shards 12  # one H200: jest-small, b = 256, ~9 min
     python benchmarks/gpu_study.py --tiny --bench B --out O --work W  # CPU smoke test: jest-micro, 4 steps
 
 On the swapped pool (``BENCH/pool-swap50``; derived into ``--work`` with `jestclip data corrupt BENCH/pool ...
@@ -25,19 +25,16 @@ is spent gets SIGTERM (a training run checkpoints; `cache-reference` and `data c
 the script says where it stopped and exits with status 3; the same command resumes: finished steps are
 skipped (a run directory with model.pt, a cache whose every shard has its header, a keep list with keep.json).
 
-**Regime and estimate** (``FULL``): `jest-small` (22.3 M parameters, 64-px images, patch 8), b = 256, f = 0.8
+**Regime and timing** (``FULL``): `jest-small` (22.3 M parameters, 64-px images, patch 8), b = 256, f = 0.8
 (B = 1,280), 16 chunks, AdamW lr 1e-3 (configs/iid.py's, not tuned for this regime), 5% warm-up then cosine,
-1,000 steps (256,000 examples learned: ~4.3 epochs of the 59,717-pair pool), evaluated on every suite at steps
-0, 500 and 1,000. FLOPs (models/flops.py; docs/benchmarks.md: forward 0.954 GFLOP per pair): an IID, filter or
-DRRho step 3 x 0.954 x 256 = 0.733 TFLOP, a JEST step 0.954 x 1,280 + 0.733 = 1.954 TFLOP (8/3 of IID: the
-scoring forward is recomputed with gradients); the reference plus four runs, 1,000 steps each: 4.89 PFLOP.
-At the 2-core CPU's measured ~20 GFLOP/s (docs/benchmarks.md: IID from memory 5.8 steps/s x 3.57 GFLOP;
-JEST 2.05 x 9.5) that is ~2.8 days. On the H200 (~790 TFLOP/s measured on large bf16 products) these
-width-256 layers are small, launch-bound products; assuming 25–50 TFLOP/s achieved the steps take 100–200 s.
-The rest is estimated at ~320 s: ~8 process starts (imports, CUDA) ~12 s each, decoding the pool into memory
-~10 s per run, caching 60k pairs ~20 s, 3 evaluations per run of all suites ~8 s each, the report ~30 s:
-~7–9 min in all. The first GPU run's printed step times and overheads replace these guesses: scale
-``FULL.steps`` so that the whole fits the budget.
+500 steps (128,000 examples learned), evaluated on all suites at steps 0, 250 and 500. FLOPs (models/flops.py;
+forward 0.954 GFLOP per pair): an IID, filter or DRRho step 0.733 TFLOP, a JEST step 1.954 TFLOP (8/3 of IID:
+the scoring forward is recomputed with gradients). Measured on one H200 (2026-11-30, docs/benchmarks.md) with
+``--shards 12 --steps 500``: IID-cost steps 0.065–0.070 s (~10.5 TFLOP/s: these width-256 layers are
+launch-bound), JEST 0.2125 s; each run ~75 s with its process start, in-memory decoding and three
+evaluations (one eval shard per suite), JEST ~150 s; corrupting, caching and filtering 12 shards ~55 s:
+~9 min with the report. The full 60-shard pool does not fit 9 minutes at this rate (decoding, caching and
+corrupting grow ~5x, and the evaluations with the suites' other shards); ``--shards`` picks the subset.
 
 **On this workplace's device machine** nothing is fetched and at most 64 MiB travel with the working tree,
 so the 475 MB pool and 60 MB of eval suites do not: carry a subset (a few pool shards with its manifest.json
@@ -88,7 +85,7 @@ class Settings:
     diagnostics: tuple[str, ...]  # extra `jestclip report` arguments
 
 
-FULL = Settings("jest-small", 256, 16, 1000, 500, None, 1e-3, 20, 250, 4, 60.0, ())
+FULL = Settings("jest-small", 256, 16, 500, 250, None, 1e-3, 20, 125, 4, 60.0, ())
 TINY = Settings(
     "jest-micro", 8, 2, 4, 2, 24, 1e-3, 1, 2, 0, 20.0, ("--gibbs-steps", "20", "--diagnostics-batch", "8")
 )
@@ -293,6 +290,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="jest-micro, b = 8, 4 steps (CPU smoke test)")
     parser.add_argument("--device", help="cuda (default) or cpu (--tiny's default)")
     parser.add_argument("--shards", type=int, help="use only the first N shards of each pool")
+    parser.add_argument(
+        "--steps", type=int, help="steps of every run (evaluated at 0, half-way and the end), to fit a budget"
+    )
     return parser.parse_args(argv)
 
 
@@ -301,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     s = TINY if args.tiny else FULL
+    if args.steps is not None:
+        if args.steps < 4:
+            raise SystemExit(f"gpu_study: --steps must be >= 4, got {args.steps}")
+        s = dataclasses.replace(
+            s, steps=args.steps, eval_every=args.steps // 2, checkpoint_every=max(1, args.steps // 4)
+        )
     device = args.device or ("cpu" if args.tiny else "cuda")
     if not (args.bench / "pool").is_dir() or not (args.bench / "eval").is_dir():
         raise SystemExit(

@@ -89,3 +89,30 @@ def test_tiny_mode_trains_every_run_and_writes_logs_and_report(tmp_path):
     # a second run finds everything done and only rewrites the report
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done before, skipped") == 8, again.stdout[-2000:]
+
+
+def test_steps_scale_the_schedule_and_too_few_are_refused(tmp_path, monkeypatch, capsys):
+    """``--steps N`` (fitting a device budget) evaluates half-way and at the end and checkpoints every N/4;
+    fewer than 4 steps is one line naming the value, before anything runs."""
+    study = load_script("gpu_study")
+    bench = make_bench(tmp_path / "bench")
+    with pytest.raises(SystemExit, match=r"--steps must be >= 4, got 3"):
+        study.main(["--tiny", "--bench", str(bench), "--out", str(tmp_path / "o"), "--steps", "3"])
+    plans = []
+    monkeypatch.setattr(study.Plan, "steps", lambda self: plans.append(self) or [])
+    monkeypatch.setattr(study, "run_step", lambda *a: True)
+    study.main(
+        [
+            "--tiny",
+            "--bench",
+            str(bench),
+            "--out",
+            str(tmp_path / "o"),
+            "--work",
+            str(tmp_path / "w"),
+            "--steps",
+            "40",
+        ]
+    )
+    s = plans[0].s
+    assert (s.steps, s.eval_every, s.checkpoint_every) == (40, 20, 10)

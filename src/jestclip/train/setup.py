@@ -180,8 +180,9 @@ class TrainState:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        on_cpu = self.generator.device.type == "cpu"
-        self.generator.set_state(state["generator"].cpu() if on_cpu else state["generator"])
+        # RNG states are CPU byte tensors whatever the generator's device (a CUDA generator refuses one that
+        # a checkpoint loaded with map_location="cuda" moved there)
+        self.generator.set_state(state["generator"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
         self.counters = Counters(**state["counters"])
         self.data = state.get("data")

@@ -1,0 +1,113 @@
+"""The library on a CUDA device: selection agrees with the CPU, a step of every method trains under bf16.
+
+Each test's name holds ``cuda`` so that ``benchmarks/gpu.py`` (``pytest -k cuda``) runs them; without a CUDA
+device they are skipped (CI has none).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jestclip.models import create_model
+from jestclip.selection import Embeddings, batch_score, conditional_scores, joint_select
+from jestclip.train import MethodConfig, run_step
+from jestclip.train.methods import get_method
+from jestclip.train.steps import SuperBatchTensors
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+def embeddings(n: int, dim: int, seed: int) -> Embeddings:
+    """L2-normalised CPU float32 embeddings whose pairs agree somewhat."""
+    g = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(n, dim, generator=g), dim=1)
+    text = F.normalize(image + torch.randn(n, dim, generator=g), dim=1)
+    return Embeddings(image, text, 10.0, -10.0)
+
+
+def to(emb: Embeddings, device: torch.device) -> Embeddings:
+    return Embeddings(emb.image.to(device), emb.text.to(device), emb.scale, emb.bias)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_cuda_scores_match_the_cpu(loss: str) -> None:
+    learner, reference = embeddings(1024, 64, 0), embeddings(1024, 64, 1)
+    selected = torch.arange(0, 1024, 7)
+    cpu = conditional_scores(learner, reference, selected, loss=loss)
+    gpu = conditional_scores(to(learner, CUDA), to(reference, CUDA), selected.to(CUDA), loss=loss)
+    finite = cpu.isfinite()
+    assert torch.equal(finite, gpu.cpu().isfinite())
+    torch.testing.assert_close(gpu.cpu()[finite], cpu[finite], rtol=1e-4, atol=1e-3)
+    cpu_score = batch_score(learner, reference, selected, loss=loss)
+    gpu_score = batch_score(to(learner, CUDA), to(reference, CUDA), selected.to(CUDA), loss=loss)
+    torch.testing.assert_close(gpu_score.cpu(), cpu_score, rtol=1e-4, atol=1e-3)
+
+
+def test_cuda_joint_select_is_distinct_in_range_and_seeded() -> None:
+    learner, reference = to(embeddings(4096, 128, 2), CUDA), to(embeddings(4096, 128, 3), CUDA)
+
+    def pick(seed: int) -> torch.Tensor:
+        g = torch.Generator(CUDA).manual_seed(seed)
+        return joint_select(learner, reference, size=819, n_chunks=16, generator=g)
+
+    first = pick(0)
+    assert first.device == learner.image.device and first.shape == (819,)
+    assert first.unique().numel() == 819 and 0 <= int(first.min()) and int(first.max()) < 4096
+    assert torch.equal(first, pick(0))
+    assert not torch.equal(first, pick(1))
+
+
+def test_cuda_joint_select_without_a_generator_matches_the_cpus_greedy_first_chunk() -> None:
+    """The first chunk is drawn from scores with S empty; with a very large gain the draw is the top-k, so
+    CUDA and CPU pick the same first chunk (the selection math, not the random stream, is compared)."""
+    learner, reference = embeddings(2048, 64, 4), embeddings(2048, 64, 5)
+    cpu = joint_select(learner, reference, size=128, n_chunks=8, gain=1e6)
+    gpu = joint_select(to(learner, CUDA), to(reference, CUDA), size=128, n_chunks=8, gain=1e6)
+    assert set(gpu[:16].cpu().tolist()) == set(cpu[:16].tolist())
+
+
+@pytest.mark.parametrize("method", ["iid", "jest", "flexi-jest", "drrho"])
+def test_cuda_bf16_step_of_each_method_trains(method: str) -> None:
+    torch.manual_seed(0)
+    model = create_model("jest-micro", device=CUDA)
+    cfg = MethodConfig(method, batch_size=16, n_chunks=4)
+    n = get_method(method).super_batch(16, 0.8)
+    g = torch.Generator(CUDA).manual_seed(0)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, tuple) else size
+    images = torch.randn(n, 3, size, size, device=CUDA, generator=g)
+    tokens = torch.randint(1, 1000, (n, model.context_length), device=CUDA, generator=g)
+    reference = to(embeddings(n, model.text_projection.shape[1], 6), CUDA)
+    batch = SuperBatchTensors(images, tokens, reference)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        output = run_step(model, batch, cfg, g)
+    assert torch.isfinite(output.loss)
+    output.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(x).all() for x in grads)
+    optimizer.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_cuda_checkpoint_resumes_the_runs_generator(tmp_path) -> None:
+    """A checkpoint loads onto the device (``map_location``): the CUDA generator's state must come back to the
+    CPU to be set, and the resumed generator draws what the saved one would have."""
+    from jestclip.train.config import TrainConfig
+    from jestclip.train.rundir import RunDir
+    from jestclip.train.setup import build_state
+
+    cfg = TrainConfig(run_dir=str(tmp_path), model="jest-micro", device="cuda")
+    state = build_state(cfg, CUDA)
+    assert state.generator.device.type == "cuda"
+    torch.rand(3, device=CUDA, generator=state.generator)
+    run = RunDir(tmp_path)
+    run.save_checkpoint(state.state_dict(cfg))
+    expected = torch.rand(5, device=CUDA, generator=state.generator)
+    resumed = build_state(cfg, CUDA)
+    resumed.load_state_dict(run.load_latest(CUDA)[1])
+    assert torch.equal(torch.rand(5, device=CUDA, generator=resumed.generator), expected)
