@@ -27,7 +27,8 @@ with the strong reference on both pools; 1 for every other run.
     python benchmarks/study2.py references             # both references, their caches and keep lists
     python benchmarks/study2.py headline               # + IID and the strong reference's JEST, DRRho, filter
     python benchmarks/study2.py jest-f08-swap50-weak-s0 iid-natural-s1
-    python benchmarks/study2.py --summary              # finished runs: final metric, precision, lift
+    python benchmarks/study2.py --summary              # finished runs: final metric, precision, lift; the
+                                                       # metric at an IID run's total FLOPs
 
 Paths are relative to the checkout, as in benchmarks/study.py: ``data/bench`` must be the built benchmark
 (e.g. a link to /work/data/bench); the caches are written beside its pools' shards. A step runs the steps it
@@ -40,6 +41,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import statistics
 import sys
 from pathlib import Path
 
@@ -239,6 +242,53 @@ def summary(root: Path = ROOT) -> list[str]:
     return lines
 
 
+def at_flops(run, budget: float) -> tuple[float, float] | None:
+    """``(METRIC, step)`` of one run (jestclip.report.RunLog) interpolated linearly between its evaluations at
+    ``budget`` per-step FLOPs (``flops_total``); None when its evaluations do not reach that far."""
+    points = sorted(
+        (float(e["flops_total"]), float(e[METRIC]), float(e["step"]))
+        for e in run.evals
+        if e.get("flops_total") is not None and e.get(METRIC) is not None
+    )
+    for (x0, y0, s0), (x1, y1, s1) in itertools.pairwise(points):
+        if x0 <= budget <= x1:
+            w = 0.0 if x1 == x0 else (budget - x0) / (x1 - x0)
+            return y0 + w * (y1 - y0), s0 + w * (s1 - s0)
+    return None
+
+
+def equal_flops(root: Path = ROOT) -> list[str]:
+    """Markdown rows: every finished seed group's ``METRIC`` (%, mean ± sd over seeds) at the per-step FLOPs
+    an IID run spends in all (its final ``flops_total``; the same for the filter and DRRho, whose steps cost
+    IID's), and the step at which a costlier method (JEST's family) spent them. The reference's own cost is
+    left out: runs compared here share their reference, so it is the same for each."""
+    from jestclip.report import group_seeds, load_run
+
+    done = [n for n in TRAINING if (root / RESULTS_DIR / n / "metrics.jsonl").exists()]
+    groups = group_seeds([load_run(root / RESULTS_DIR / n) for n in done])
+    iid = [float(r.evals[-1]["flops_total"]) for g in groups if g.method == "iid" for r in g.runs if r.evals]
+    if not iid:
+        return []
+    budget = statistics.fmean(iid)
+    lines = [
+        f"| run | seeds | {METRIC} (%) at {budget:.3g} FLOPs | at step |",
+        "|---|---:|---:|---:|",
+    ]
+    for group in groups:
+        found = [at_flops(r, budget) for r in group.runs]
+        if any(f is None for f in found):
+            lines.append(f"| {group.name} | {len(group.runs)} | not reached | — |")
+            continue
+        values = [100 * f[0] for f in found]
+        sd = statistics.stdev(values) if len(values) > 1 else None
+        step = statistics.fmean(f[1] for f in found)
+        lines.append(
+            f"| {group.name} | {len(group.runs)} | {_cell(statistics.fmean(values), sd, len(values))} "
+            f"| {step:,.0f} |"
+        )
+    return lines
+
+
 def report_commands(root: Path = ROOT) -> list[list[str]]:
     """One `jestclip report` per pool and reference over the finished runs (results/study2): IID of that
     pool and every run with that reference, compared on ``METRIC``, the reference's own cost beside the runs';
@@ -284,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:32s} {' '.join(step.command)}")
         return
     if args.summary:
-        print("\n".join(summary()))
+        print("\n".join([*summary(), "", *equal_flops()]))
         return
     if args.report:
         for command in report_commands():

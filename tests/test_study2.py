@@ -250,3 +250,37 @@ def test_report_commands_compare_each_pools_iid_with_each_references_runs(tmp_pa
             "results/study2/report-swap50-weak",
         ]
     ]
+
+
+def test_equal_flops_reads_each_curve_at_the_iid_budget(tmp_path, study):
+    """The primary metric at the FLOPs an IID run spends in all, interpolated between evaluations: an IID
+    run's final; a run whose steps cost 4x reaches the budget a quarter of the way; one whose evaluations stop
+    short of it is 'not reached'."""
+
+    def write(name: str, overrides: list[str], evals: list[tuple[int, float, float]]) -> None:
+        cfg = apply_overrides(load_recipe(ROOT / "configs/study2.py"), overrides)
+        out = tmp_path / "results" / "study2" / name
+        out.mkdir(parents=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg)))
+        lines = [{"step": s, "flops_total": f, "eval/average": m, "eval/gallery_r5": m} for s, f, m in evals]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    swap = "data=data/bench/pool-swap50"
+    write("iid-swap50-s0", [swap, "seed=0"], [(0, 0.0, 0.05), (100, 1e12, 0.10)])
+    write("iid-swap50-s1", [swap, "seed=1"], [(0, 0.0, 0.05), (100, 1e12, 0.12)])
+    jest = [swap, "method.method=jest", "reference_cache=study2-strong"]
+    # 4e12 FLOPs over 100 steps: the budget 1e12 falls between the evaluations at steps 20 (0.8e12) and 40
+    write(
+        "jest-f08-swap50-strong-s0",
+        [*jest, "seed=0"],
+        [(0, 0.0, 0.05), (20, 0.8e12, 0.10), (40, 1.6e12, 0.20)],
+    )
+    drrho = [swap, "method.method=drrho", "reference_cache=study2-strong"]
+    write("drrho-swap50-strong-s0", drrho, [(0, 0.0, 0.05), (50, 0.5e12, 0.07)])
+    lines = study.equal_flops(tmp_path)
+    assert lines[0].split("|")[3].strip() == "eval/gallery_r5 (%) at 1e+12 FLOPs"
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:]}
+    assert rows["iid-swap50"] == ["iid-swap50", "2", "11.00 ± 1.41", "100"]
+    # 0.10 + (0.2 / 0.8) x (0.20 - 0.10) = 0.125 at step 20 + 0.25 x 20 = 25
+    assert rows["jest-f08-swap50-strong-s0"] == ["jest-f08-swap50-strong-s0", "1", "12.50", "25"]
+    assert rows["drrho-swap50-strong-s0"] == ["drrho-swap50-strong-s0", "1", "not reached", "—"]
