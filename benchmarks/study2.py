@@ -41,13 +41,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import statistics
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study
+
+if TYPE_CHECKING:
+    from jestclip.report import RunLog
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "configs/study2.py"
@@ -242,19 +247,15 @@ def summary(root: Path = ROOT) -> list[str]:
     return lines
 
 
-def at_flops(run, budget: float) -> tuple[float, float] | None:
-    """``(METRIC, step)`` of one run (jestclip.report.RunLog) interpolated linearly between its evaluations at
-    ``budget`` per-step FLOPs (``flops_total``); None when its evaluations do not reach that far."""
-    points = sorted(
-        (float(e["flops_total"]), float(e[METRIC]), float(e["step"]))
-        for e in run.evals
-        if e.get("flops_total") is not None and e.get(METRIC) is not None
-    )
-    for (x0, y0, s0), (x1, y1, s1) in itertools.pairwise(points):
-        if x0 <= budget <= x1:
-            w = 0.0 if x1 == x0 else (budget - x0) / (x1 - x0)
-            return y0 + w * (y1 - y0), s0 + w * (s1 - s0)
-    return None
+def at_flops(run: RunLog, budget: float) -> tuple[float, float] | None:
+    """``(METRIC, step)`` of one run interpolated linearly between its evaluations at ``budget`` per-step
+    FLOPs (``flops_total``); None when its evaluations do not reach that far."""
+    rows = [e for e in run.evals if e.get("flops_total") is not None and e.get(METRIC) is not None]
+    xs = [float(e["flops_total"]) for e in rows]
+    if not xs or not xs[0] <= budget <= xs[-1]:
+        return None
+    metric = np.interp(budget, xs, [float(e[METRIC]) for e in rows])
+    return float(metric), float(np.interp(budget, xs, [float(e["step"]) for e in rows]))
 
 
 def equal_flops(root: Path = ROOT) -> list[str]:
