@@ -134,3 +134,39 @@ def test_eval_noise_table_divides_each_candidates_signal_by_the_last_checkpoints
     # heldout_loss in nats, minus the loss: signal +1, sd 0.1414: 7.1
     assert rows["heldout_loss"].endswith("| +1.0000 | 7.1 |")
     assert rows["zeroshot_coarse"].endswith("| +0.00 | — (no spread) |")
+
+
+def _features(image: torch.Tensor, text: torch.Tensor):
+    from jestclip.eval.evaluate import SuiteFeatures
+
+    n = image.shape[0]
+    return SuiteFeatures(
+        image=image, text=text, labels={}, concepts=torch.arange(n), keys=[str(i) for i in range(n)]
+    )
+
+
+def test_steering_probe_reads_each_similarity_from_the_right_features():
+    probe = load_script("steering_probe").probe
+    n, d = 200, 256
+    g = torch.Generator().manual_seed(0)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=1)  # noqa: E731
+    right = unit(torch.randn(n, d, generator=g))
+    close = unit(right + 0.005 * torch.randn(n, d, generator=g))  # the reference: every pair matches closely
+    noise = unit(torch.randn(n, d, generator=g))
+    reference = _features(right, close)
+    # a learner that knows nothing: its captions are unrelated to its images
+    blind = probe([_features(unit(torch.randn(n, d, generator=g)), noise)], [reference])
+    assert blind["r5_reference"] == 100.0  # each image's own caption is its most similar (cosine 1)
+    assert blind["r5_learner"] < 20.0  # about 5 at chance within galleries of 100
+    assert blind["r5_sum"] == 100.0  # the reference's exact match dominates the ensemble
+    assert blind["r5_steered"] < 5.0  # minus the reference: its own caption ranks last
+    assert blind["cos_pos_reference"] == pytest.approx(1.0, abs=0.01)
+    assert abs(blind["cos_neg_reference"]) < 0.01
+    assert abs(blind["corr_pos"]) < 0.3 and abs(blind["corr_neg"]) < 0.1
+    # a learner equal to the reference: learner and sum rank as the reference does, the residual is all zero
+    same = probe([_features(right, close.clone())], [reference])
+    assert same["r5_learner"] == same["r5_sum"] == 100.0
+    assert same["cos_pos_learner"] == pytest.approx(same["cos_pos_reference"])
+    assert same["corr_pos"] == pytest.approx(1.0) and same["corr_neg"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="learner rows"):
+        probe([_features(right[:10], right[:10])], [reference])

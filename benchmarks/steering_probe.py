@@ -1,0 +1,116 @@
+"""What a reference-steered (DRRho-style) learner learned, read from its held-out features (docs/results.md,
+"Study II: why the DRRho-style loss ends below IID").
+
+Every retrieval suite is encoded once by the reference and by each run's final model; then, per run, the
+study's primary metric (gallery R@5, image→text and text→image, galleries of 100 pairs, averaged over the
+suites as ``jestclip.eval.gallery_r5``) under four similarities of image i and caption j:
+
+- ``learner``: ``x_i · y_j``, the run's own (what the study reports);
+- ``reference``: ``x'_i · y'_j``;
+- ``steered``: ``x_i · y_j − x'_i · y'_j``, the steered logit over the scale (what ``selection.steered_loss``
+  trains): high when the learner learned a residual on top of the reference;
+- ``sum``: ``x_i · y_j + x'_i · y'_j``, the two as an ensemble;
+
+and the mean cosine of matched (``cos_pos``) and unmatched (``cos_neg``) pairs for the learner and the
+reference, the correlation of the two models' cosines over matched (``corr_pos``) and over unmatched pairs
+(``corr_neg``: a learner that confuses the captions the reference confuses scores high), and the learner's
+logit scale and bias.
+
+    python benchmarks/steering_probe.py runs/study2/drrho-natural-strong-s0 runs/study2/iid-natural-s0 \
+        --reference runs/study2/ref-strong --data data/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from jestclip.eval import encode_suite, find_suites
+from jestclip.eval.evaluate import GALLERY_SIZE, SuiteFeatures
+from jestclip.eval.metrics import gallery_recall
+from jestclip.models.factory import logit_params
+from jestclip.train.trained import TrainedModel, load_trained
+
+SIMILARITIES = ("learner", "reference", "steered", "sum")
+
+
+def _pair(learner: SuiteFeatures, reference: SuiteFeatures, similarity: str) -> tuple[Tensor, Tensor]:
+    """Image and text rows whose dot product is ``similarity`` (concatenating the two models' features:
+    ``[x, x'] · [y, ±y'] = x·y ± x'·y'``)."""
+    if similarity == "learner":
+        return learner.image, learner.text
+    if similarity == "reference":
+        return reference.image, reference.text
+    sign = -1.0 if similarity == "steered" else 1.0
+    return (
+        torch.cat([learner.image, reference.image], dim=1),
+        torch.cat([learner.text, sign * reference.text], dim=1),
+    )
+
+
+def probe(learner: Sequence[SuiteFeatures], reference: Sequence[SuiteFeatures], *, seed: int = 0) -> dict:
+    """Gallery R@5 (%) under each of ``SIMILARITIES`` and the cosine statistics, pooled over suites.
+
+    learner, reference: the two models' features of the same suites, in the same order (same rows); a
+    ValueError when a suite's rows differ in number.
+    """
+    for a, r in zip(learner, reference, strict=True):
+        if a.image.shape[0] != r.image.shape[0]:
+            raise ValueError(f"steering probe: {a.image.shape[0]} learner rows against {r.image.shape[0]}")
+    out: dict[str, float] = {}
+    for similarity in SIMILARITIES:
+        recalls = []
+        for a, r in zip(learner, reference, strict=True):
+            image, text = _pair(a, r, similarity)
+            got = gallery_recall(image, text, a.concepts, size=GALLERY_SIZE, seed=seed)
+            recalls += [got["i2t_r@5"], got["t2i_r@5"]]
+        out[f"r5_{similarity}"] = 100 * sum(recalls) / len(recalls)
+    matched: dict[str, list[Tensor]] = {"learner": [], "reference": []}
+    unmatched: dict[str, list[Tensor]] = {"learner": [], "reference": []}
+    for a, r in zip(learner, reference, strict=True):
+        eye = torch.eye(a.image.shape[0], dtype=torch.bool, device=a.image.device)
+        for name, f in (("learner", a), ("reference", r)):
+            sims = f.image @ f.text.T
+            matched[name].append(sims[eye])
+            unmatched[name].append(sims[~eye])
+    for name in ("learner", "reference"):
+        out[f"cos_pos_{name}"] = torch.cat(matched[name]).mean().item()
+        out[f"cos_neg_{name}"] = torch.cat(unmatched[name]).mean().item()
+    for key, sims in (("corr_pos", matched), ("corr_neg", unmatched)):
+        both = torch.stack([torch.cat(sims["learner"]), torch.cat(sims["reference"])])
+        out[key] = torch.corrcoef(both)[0, 1].item()
+    return out
+
+
+def encode(trained: TrainedModel, suites: list) -> list[SuiteFeatures]:
+    return [
+        encode_suite(trained.model, s, tokenize=trained.tokenize, transform=trained.transform) for s in suites
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="+", help="run directories (or weights files) to probe")
+    parser.add_argument("--reference", required=True, help="the reference's run directory (or weights file)")
+    parser.add_argument("--data", default="data/bench", help="benchmark root with the eval suites")
+    args = parser.parse_args(argv)
+    suites = [s for s in find_suites(args.data) if any(t.startswith("retrieval") for t in s.tasks)]
+    if not suites:
+        raise SystemExit(f"steering probe: no retrieval suite under {args.data}")
+    reference = encode(load_trained(args.reference), suites)
+    for run in args.runs:
+        trained = load_trained(run)
+        scale, bias = logit_params(trained.model)
+        row = probe(encode(trained, suites), reference)
+        row.update(logit_scale=scale.item(), logit_bias=bias.item())
+        print(json.dumps({"run": run, **{k: round(v, 3) for k, v in row.items()}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
