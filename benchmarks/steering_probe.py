@@ -17,14 +17,18 @@ reference, the correlation of the two models' cosines over matched (``corr_pos``
 logit scale and bias.
 
     python benchmarks/steering_probe.py runs/study2/drrho-natural-strong-s0 runs/study2/iid-natural-s0 \
-        --reference runs/study2/ref-strong --data data/bench
+        --reference runs/study2/ref-strong --data data/bench >> results/study2/steering-probe.jsonl
+    python benchmarks/steering_probe.py --table results/study2/steering-probe.jsonl   # seeds as one row
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -86,6 +90,42 @@ def probe(learner: Sequence[SuiteFeatures], reference: Sequence[SuiteFeatures], 
     return out
 
 
+TABLE = (
+    ("r5_learner", "R@5 learner (%)", 2),
+    ("r5_steered", "R@5 learner − ref (%)", 2),
+    ("r5_sum", "R@5 learner + ref (%)", 2),
+    ("cos_pos_learner", "cos matched", 3),
+    ("cos_neg_learner", "cos unmatched", 3),
+    ("corr_neg", "corr. with ref, unmatched", 3),
+    ("logit_scale", "logit scale", 2),
+)
+
+
+def table(rows: list[dict]) -> list[str]:
+    """Markdown rows: the probe's rows (``main``'s JSON lines), runs that differ only in their ``-sN`` seed
+    suffix as one row (mean ± sd over seeds), in first-seen order, then the reference's own line."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(re.sub(r"-s\d+$", "", Path(row["run"]).name), []).append(row)
+    lines = [
+        "| run | seeds | " + " | ".join(t for _, t, _ in TABLE) + " |",
+        "|---|---:|" + "---:|" * len(TABLE),
+    ]
+    for name, runs in groups.items():
+        cells = []
+        for key, _, digits in TABLE:
+            values = [r[key] for r in runs]
+            spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+            cells.append(f"{statistics.fmean(values):.{digits}f}{spread}")
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    first = rows[0]
+    lines.append(
+        f"| reference | — | {first['r5_reference']:.2f} | — | — | {first['cos_pos_reference']:.3f} "
+        f"| {first['cos_neg_reference']:.3f} | — | — |"
+    )
+    return lines
+
+
 def encode(trained: TrainedModel, suites: list) -> list[SuiteFeatures]:
     return [
         encode_suite(trained.model, s, tokenize=trained.tokenize, transform=trained.transform) for s in suites
@@ -96,10 +136,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("runs", nargs="+", help="run directories (or weights files) to probe")
-    parser.add_argument("--reference", required=True, help="the reference's run directory (or weights file)")
+    parser.add_argument("runs", nargs="*", help="run directories (or weights files) to probe")
+    parser.add_argument("--reference", help="the reference's run directory (or weights file)")
     parser.add_argument("--data", default="data/bench", help="benchmark root with the eval suites")
+    parser.add_argument("--table", metavar="JSONL", help="print the seed-grouped table of earlier output")
     args = parser.parse_args(argv)
+    if args.table:
+        rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
+        print("\n".join(table(rows)))
+        return
+    if not args.runs or not args.reference:
+        parser.error("give the runs to probe and --reference (or --table JSONL)")
     suites = [s for s in find_suites(args.data) if any(t.startswith("retrieval") for t in s.tasks)]
     if not suites:
         raise SystemExit(f"steering probe: no retrieval suite under {args.data}")

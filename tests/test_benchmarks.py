@@ -170,3 +170,19 @@ def test_steering_probe_reads_each_similarity_from_the_right_features():
     assert same["corr_pos"] == pytest.approx(1.0) and same["corr_neg"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="learner rows"):
         probe([_features(right[:10], right[:10])], [reference])
+
+
+def test_steering_probe_table_groups_seeds_into_one_row():
+    script = load_script("steering_probe")
+    row = {key: 1.0 for key, _, _ in script.TABLE} | {"r5_reference": 17.0}
+    row |= {"cos_pos_reference": 0.5, "cos_neg_reference": 0.4}
+    rows = [
+        row | {"run": "runs/x/drrho-a-s0", "r5_learner": 10.0},
+        row | {"run": "runs/x/drrho-a-s1", "r5_learner": 12.0},
+    ]
+    rows.append(row | {"run": "runs/x/iid-a-s0"})
+    lines = script.table(rows)
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["drrho-a", "iid-a", "reference"]
+    assert lines[2].startswith("| drrho-a | 2 | 11.00 ± 1.41 | 1.00 ± 0.00 |")
+    assert lines[3].startswith("| iid-a | 1 | 1.00 | 1.00 |")
+    assert lines[4] == "| reference | — | 17.00 | — | — | 0.500 | 0.400 | — | — |"
