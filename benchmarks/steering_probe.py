@@ -16,9 +16,14 @@ reference, the correlation of the two models' cosines over matched (``corr_pos``
 (``corr_neg``: a learner that confuses the captions the reference confuses scores high), and the learner's
 logit scale and bias.
 
+``--pool DIR --cache NAME`` reads the same statistics off a reference's cached embeddings of the *training*
+pool (``DIR/*.NAME.emb.npy``, written by ``jestclip cache-reference``), galleries of 100 within each shard:
+how well the reference knows the very pairs a steered learner must beat it on.
+
     python benchmarks/steering_probe.py runs/study2/drrho-natural-strong-s0 runs/study2/iid-natural-s0 \
         --reference runs/study2/ref-strong --data data/bench >> results/study2/steering-probe.jsonl
     python benchmarks/steering_probe.py --table results/study2/steering-probe.jsonl   # seeds as one row
+    python benchmarks/steering_probe.py --pool data/bench/pool --cache study2-strong --shards 20
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -90,6 +96,34 @@ def probe(learner: Sequence[SuiteFeatures], reference: Sequence[SuiteFeatures], 
     return out
 
 
+def cached_pair_stats(embeddings: Sequence[np.ndarray], *, seed: int = 0) -> dict[str, float]:
+    """Gallery R@5 (%, galleries of ``GALLERY_SIZE`` within each array) and the mean matched and unmatched
+    cosine of a reference's cached ``[n, 2, D]`` embeddings (row i: image, text of pair i; as
+    ``data.refcache`` writes them), pooled over the arrays; ``pairs`` counts the rows. Rows are
+    renormalised (float16 rounding)."""
+    recalls, matched, unmatched, pairs = [], [], [], 0
+    for emb in embeddings:
+        rows = torch.nn.functional.normalize(torch.from_numpy(np.asarray(emb, dtype=np.float32)), dim=-1)
+        image, text = rows[:, 0], rows[:, 1]
+        n = image.shape[0]
+        got = gallery_recall(image, text, torch.arange(n), size=GALLERY_SIZE, seed=seed)
+        weight = max(1, n // GALLERY_SIZE)  # galleries in this array
+        recalls += [(got["i2t_r@5"] + got["t2i_r@5"]) / 2] * weight
+        sims = image @ text.T
+        eye = torch.eye(n, dtype=torch.bool)
+        matched.append(sims[eye])
+        unmatched.append(sims[~eye])
+        pairs += n
+    if not pairs:
+        raise ValueError("steering probe: no cached embeddings to read")
+    return {
+        "pairs": pairs,
+        "r5": 100 * sum(recalls) / len(recalls),
+        "cos_pos": torch.cat(matched).mean().item(),
+        "cos_neg": torch.cat(unmatched).mean().item(),
+    }
+
+
 TABLE = (
     ("r5_learner", "R@5 learner (%)", 2),
     ("r5_steered", "R@5 learner − ref (%)", 2),
@@ -140,7 +174,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference", help="the reference's run directory (or weights file)")
     parser.add_argument("--data", default="data/bench", help="benchmark root with the eval suites")
     parser.add_argument("--table", metavar="JSONL", help="print the seed-grouped table of earlier output")
+    parser.add_argument("--pool", help="a training pool's shard directory: read its cached embeddings")
+    parser.add_argument("--cache", help="with --pool: the reference cache's name")
+    parser.add_argument("--shards", type=int, default=20, help="with --pool: the first N shards (default 20)")
     args = parser.parse_args(argv)
+    if args.pool:
+        if not args.cache:
+            parser.error("--pool needs --cache NAME")
+        files = sorted(Path(args.pool).glob(f"*.{args.cache}.emb.npy"))[: args.shards]
+        if not files:
+            raise SystemExit(
+                f"steering probe: no {args.pool}/*.{args.cache}.emb.npy (run jestclip cache-reference)"
+            )
+        row = cached_pair_stats([np.load(f) for f in files])
+        print(json.dumps({"pool": args.pool, "cache": args.cache, "shards": len(files), **row}), flush=True)
+        return
     if args.table:
         rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
         print("\n".join(table(rows)))

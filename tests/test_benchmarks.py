@@ -186,3 +186,19 @@ def test_steering_probe_table_groups_seeds_into_one_row():
     assert lines[2].startswith("| drrho-a | 2 | 11.00 ± 1.41 | 1.00 ± 0.00 |")
     assert lines[3].startswith("| iid-a | 1 | 1.00 | 1.00 |")
     assert lines[4] == "| reference | — | 17.00 | — | — | 0.500 | 0.400 | — | — |"
+
+
+def test_steering_probe_reads_cached_pairs_of_a_pool():
+    stats = load_script("steering_probe").cached_pair_stats
+    g = torch.Generator().manual_seed(0)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    image = unit(torch.randn(250, 128, generator=g))
+    known = torch.stack([image, image], dim=1).half().numpy()  # every caption embeds as its image
+    unknown = torch.stack([image, unit(torch.randn(250, 128, generator=g))], dim=1).half().numpy()
+    got = stats([known[:150], known[150:]])  # 150 rows: one gallery; 100: one gallery
+    assert got["pairs"] == 250 and got["r5"] == pytest.approx(100.0)
+    assert got["cos_pos"] == pytest.approx(1.0, abs=1e-3) and abs(got["cos_neg"]) < 0.02
+    blind = stats([unknown])
+    assert blind["r5"] < 20.0 and abs(blind["cos_pos"]) < 0.05
+    with pytest.raises(ValueError, match="no cached embeddings"):
+        stats([])
