@@ -1,5 +1,5 @@
 """What a reference-steered (DRRho-style) learner learned, read from its held-out features (docs/results.md,
-"Study II: why the DRRho-style loss ends below IID").
+Study II, "What the DRRho-style learner learned").
 
 Every retrieval suite is encoded once by the reference and by each run's final model; then, per run, the
 study's primary metric (gallery R@5, image→text and text→image, galleries of 100 pairs, averaged over the
@@ -17,7 +17,8 @@ reference, the correlation of the two models' cosines over matched (``corr_pos``
 logit scale and bias.
 
 ``--pool DIR --cache NAME`` reads the same statistics off a reference's cached embeddings of the *training*
-pool (``DIR/*.NAME.emb.npy``, written by ``jestclip cache-reference``), galleries of 100 within each shard:
+pool (``DIR/*.NAME.emb.npy``, the sidecars ``jestclip cache-reference`` writes beside local shards; not a
+``--cache-dir`` layout), galleries of 100 within each shard:
 how well the reference knows the very pairs a steered learner must beat it on.
 
     python benchmarks/steering_probe.py runs/study2/drrho-natural-strong-s0 runs/study2/iid-natural-s0 \
