@@ -17,9 +17,9 @@ reference, the correlation of the two models' cosines over matched (``corr_pos``
 logit scale and bias.
 
 ``--pool DIR --cache NAME`` reads the same statistics off a reference's cached embeddings of the *training*
-pool (``DIR/*.NAME.emb.npy``, the sidecars ``jestclip cache-reference`` writes beside local shards; not a
-``--cache-dir`` layout), galleries of 100 within each shard:
-how well the reference knows the very pairs a steered learner must beat it on.
+pool (``jestclip cache-reference``'s sidecars, read through ``data.ReferenceCache``: beside the shards, or in
+``--cache-dir``), galleries of 100 within each shard: how well the reference knows the very pairs a steered
+learner must beat it on.
 
     python benchmarks/steering_probe.py runs/study2/drrho-natural-strong-s0 runs/study2/iid-natural-s0 \
         --reference runs/study2/ref-strong --data data/bench >> results/study2/steering-probe.jsonl
@@ -33,13 +33,13 @@ import argparse
 import json
 import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from jestclip.data.refcache import ReferenceCache
 from jestclip.eval import encode_suite, find_suites
 from jestclip.eval.evaluate import GALLERY_SIZE, SuiteFeatures
 from jestclip.eval.metrics import gallery_recall
@@ -63,6 +63,13 @@ def _pair(learner: SuiteFeatures, reference: SuiteFeatures, similarity: str) -> 
     )
 
 
+def _cosines(image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+    """The ``[n]`` matched and ``[n² − n]`` unmatched cosines of ``n`` normalised pairs."""
+    sims = image @ text.T
+    eye = torch.eye(sims.shape[0], dtype=torch.bool, device=sims.device)
+    return sims[eye], sims[~eye]
+
+
 def probe(learner: Sequence[SuiteFeatures], reference: Sequence[SuiteFeatures], *, seed: int = 0) -> dict:
     """Gallery R@5 (%) under each of ``SIMILARITIES`` and the cosine statistics, pooled over suites.
 
@@ -83,11 +90,10 @@ def probe(learner: Sequence[SuiteFeatures], reference: Sequence[SuiteFeatures], 
     matched: dict[str, list[Tensor]] = {"learner": [], "reference": []}
     unmatched: dict[str, list[Tensor]] = {"learner": [], "reference": []}
     for a, r in zip(learner, reference, strict=True):
-        eye = torch.eye(a.image.shape[0], dtype=torch.bool, device=a.image.device)
         for name, f in (("learner", a), ("reference", r)):
-            sims = f.image @ f.text.T
-            matched[name].append(sims[eye])
-            unmatched[name].append(sims[~eye])
+            pos, neg = _cosines(f.image, f.text)
+            matched[name].append(pos)
+            unmatched[name].append(neg)
     for name in ("learner", "reference"):
         out[f"cos_pos_{name}"] = torch.cat(matched[name]).mean().item()
         out[f"cos_neg_{name}"] = torch.cat(unmatched[name]).mean().item()
@@ -97,32 +103,48 @@ def probe(learner: Sequence[SuiteFeatures], reference: Sequence[SuiteFeatures], 
     return out
 
 
-def cached_pair_stats(embeddings: Sequence[np.ndarray], *, seed: int = 0) -> dict[str, float]:
-    """Gallery R@5 (%, galleries of ``GALLERY_SIZE`` within each array) and the mean matched and unmatched
-    cosine of a reference's cached ``[n, 2, D]`` embeddings (row i: image, text of pair i; as
-    ``data.refcache`` writes them), pooled over the arrays; ``pairs`` counts the rows. Rows are
-    renormalised (float16 rounding)."""
-    recalls, matched, unmatched, pairs = [], [], [], 0
-    for emb in embeddings:
-        rows = torch.nn.functional.normalize(torch.from_numpy(np.asarray(emb, dtype=np.float32)), dim=-1)
-        image, text = rows[:, 0], rows[:, 1]
+def cached_pair_stats(shards: Iterable[tuple[Tensor, Tensor]], *, seed: int = 0) -> dict[str, float]:
+    """Gallery R@5 (%, galleries of ``GALLERY_SIZE`` within each shard) and the mean matched and unmatched
+    cosine of a reference's cached embeddings, one ``(image [n, D], text [n, D])`` per shard (row i: pair
+    i, as ``ReferenceCache.lookup`` returns them), pooled over the shards; ``shards`` and ``pairs`` count
+    them. Rows
+    are renormalised (the cache stores float16). A ValueError when there are none."""
+    recalls, matched, unmatched, pairs, count = [], [], [], 0, 0
+    for image, text in shards:
+        count += 1
+        image, text = (torch.nn.functional.normalize(t.float(), dim=-1) for t in (image, text))
         n = image.shape[0]
         got = gallery_recall(image, text, torch.arange(n), size=GALLERY_SIZE, seed=seed)
-        weight = max(1, n // GALLERY_SIZE)  # galleries in this array
+        weight = max(1, n // GALLERY_SIZE)  # galleries in this shard
         recalls += [(got["i2t_r@5"] + got["t2i_r@5"]) / 2] * weight
-        sims = image @ text.T
-        eye = torch.eye(n, dtype=torch.bool)
-        matched.append(sims[eye])
-        unmatched.append(sims[~eye])
+        pos, neg = _cosines(image, text)
+        matched.append(pos)
+        unmatched.append(neg)
         pairs += n
     if not pairs:
         raise ValueError("steering probe: no cached embeddings to read")
     return {
+        "shards": count,
         "pairs": pairs,
         "r5": 100 * sum(recalls) / len(recalls),
         "cos_pos": torch.cat(matched).mean().item(),
         "cos_neg": torch.cat(unmatched).mean().item(),
     }
+
+
+def cached_shards(
+    pool: str | Path, name: str, *, limit: int, cache_dir: str | None = None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(image, text)`` of every cached pair of the first ``limit`` shards of ``pool``, a shard at a time
+    (``ReferenceCache`` checks the sidecars: a missing or stale one is its one-line ValueError)."""
+    urls = [str(p) for p in sorted(Path(pool).glob("*.tar"))[:limit]]
+    if not urls:
+        raise ValueError(f"steering probe: no shards (*.tar) in {pool}")
+    cache = ReferenceCache(urls, name=name, cache_dir=cache_dir)
+    for i, url in enumerate(urls):
+        keys = cache.keys(i)
+        emb = cache.lookup(keys, [url] * len(keys))
+        yield emb.image, emb.text
 
 
 TABLE = (
@@ -178,17 +200,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool", help="a training pool's shard directory: read its cached embeddings")
     parser.add_argument("--cache", help="with --pool: the reference cache's name")
     parser.add_argument("--shards", type=int, default=20, help="with --pool: the first N shards (default 20)")
+    parser.add_argument(
+        "--cache-dir", help="with --pool: where the sidecars are (default: beside the shards)"
+    )
     args = parser.parse_args(argv)
     if args.pool:
         if not args.cache:
             parser.error("--pool needs --cache NAME")
-        files = sorted(Path(args.pool).glob(f"*.{args.cache}.emb.npy"))[: args.shards]
-        if not files:
-            raise SystemExit(
-                f"steering probe: no {args.pool}/*.{args.cache}.emb.npy (run jestclip cache-reference)"
-            )
-        row = cached_pair_stats([np.load(f) for f in files])
-        print(json.dumps({"pool": args.pool, "cache": args.cache, "shards": len(files), **row}), flush=True)
+        try:
+            shards = cached_shards(args.pool, args.cache, limit=args.shards, cache_dir=args.cache_dir)
+            row = cached_pair_stats(shards)
+        except ValueError as exn:
+            raise SystemExit(str(exn)) from None
+        print(json.dumps({"pool": args.pool, "cache": args.cache, **row}), flush=True)
         return
     if args.table:
         rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]

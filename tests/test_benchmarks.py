@@ -188,17 +188,31 @@ def test_steering_probe_table_groups_seeds_into_one_row():
     assert lines[4] == "| reference | — | 17.00 | — | — | 0.500 | 0.400 | — | — |"
 
 
-def test_steering_probe_reads_cached_pairs_of_a_pool():
-    stats = load_script("steering_probe").cached_pair_stats
+def test_steering_probe_reads_cached_pairs_of_a_pool(tmp_path):
+    from jestclip.data.refcache import CacheMeta, write_sidecar
+
+    from .data.test_loader import make_shards
+
+    script = load_script("steering_probe")
+    stats = script.cached_pair_stats
     g = torch.Generator().manual_seed(0)
     unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
     image = unit(torch.randn(250, 128, generator=g))
-    known = torch.stack([image, image], dim=1).half().numpy()  # every caption embeds as its image
-    unknown = torch.stack([image, unit(torch.randn(250, 128, generator=g))], dim=1).half().numpy()
-    got = stats([known[:150], known[150:]])  # 150 rows: one gallery; 100: one gallery
-    assert got["pairs"] == 250 and got["r5"] == pytest.approx(100.0)
+    noise = unit(torch.randn(250, 128, generator=g))
+    # two shards of 150 and 100 cached pairs (one gallery each) where every caption embeds as its image
+    urls = make_shards(tmp_path, 2, 1)
+    for url, rows in zip(urls, (slice(0, 150), slice(150, 250)), strict=True):
+        keys = [f"k{i:03d}" for i in range(rows.start, rows.stop)]
+        meta = CacheMeta("toy", "toy", 5.0, -1.0, 128, Path(url).stat().st_size)
+        write_sidecar(
+            url, "ref", keys, image[rows].numpy(), image[rows].numpy(), meta, digests=[0] * len(keys)
+        )
+    got = stats(script.cached_shards(tmp_path, "ref", limit=10))
+    assert got["shards"] == 2 and got["pairs"] == 250 and got["r5"] == pytest.approx(100.0)
     assert got["cos_pos"] == pytest.approx(1.0, abs=1e-3) and abs(got["cos_neg"]) < 0.02
-    blind = stats([unknown])
+    blind = stats([(image, noise)])
     assert blind["r5"] < 20.0 and abs(blind["cos_pos"]) < 0.05
     with pytest.raises(ValueError, match="no cached embeddings"):
         stats([])
+    with pytest.raises(ValueError, match="other"):  # no sidecar of that name: ReferenceCache's one line
+        list(script.cached_shards(tmp_path, "other", limit=10))
