@@ -130,12 +130,15 @@ def test_positions_of_another_pool_world_size_or_stream_are_refused(tmp_path):
         "version": 1,
         "epoch": 0,
         "index": 16,
+        "batch": 2,  # the super-batch that comes next (what its size is, under a selection schedule)
         "samples": 21,
         "keys": pool.fingerprint,
         "super_batch": 8,
         "world_size": 2,
         "seed": 0,
     }
+    older = {k: v for k, v in position.items() if k != "batch"}  # recorded before positions held it
+    assert next(pool.batches(older)).keys == next(pool.batches(position)).keys
     other = pool_of([*urls[:2], *make_shards(tmp_path / "b", 1, 7)], 4, rank=0, world_size=2)
     with pytest.raises(
         ValueError, match=r"recorded on a pool of 21 samples \(keys \w+\) but the pool now holds 21"

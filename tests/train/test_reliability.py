@@ -459,9 +459,9 @@ def test_a_resume_restores_the_global_rng_after_startup_draws(tmp_path, shards, 
         torch.rand(3)
         return measure(*args, **kw)
 
-    measure = loop.measure_step_flops
+    measure = loop.StepCosts.measure
     monkeypatch.setattr(loop, "learn", dropout_in_the_model)
-    monkeypatch.setattr(loop, "measure_step_flops", startup_draw)
+    monkeypatch.setattr(loop.StepCosts, "measure", staticmethod(startup_draw))
     whole = config(tmp_path / "whole", shards, "iid", steps=4)
     train(whole, progress=False)
     parts = config(tmp_path / "parts", shards, "iid", steps=4, stop_after=2)

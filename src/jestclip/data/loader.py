@@ -564,6 +564,10 @@ class SuperBatchStream(IterableDataset):
     ``content_digest`` (e.g. a ``data.keeplist.KeepList``, which raises for a kept sample whose bytes
     changed; ``digest`` None asks membership only, as the memory pool's size estimate does); the others are
     skipped as ``not_kept`` before decoding. None: read all.
+    batch_sizes: ``batch_sizes(t)``, this rank's size of super-batch ``t`` (0-based, counted over the whole
+    run and every loader worker: the DataLoader hands out its workers' batches round-robin, so worker ``w`` of
+    ``n`` builds batches ``w, w + n, ...``), at most ``batch_size`` (a selection schedule's steps:
+    ``train.schedule``). Picklable for loader workers. None: ``batch_size`` every time.
     """
 
     def __init__(
@@ -583,6 +587,7 @@ class SuperBatchStream(IterableDataset):
         require_samples: bool | None = None,
         decode_size: int | None = None,
         keep: Callable[..., bool] | None = None,
+        batch_sizes: Callable[[int], int] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -600,6 +605,7 @@ class SuperBatchStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.decode_size = decode_size
         self.keep = keep
+        self.batch_sizes = batch_sizes
         self.drop_last = drop_last
         self.seed = seed
         self.require_samples = (resampled or epochs is None) if require_samples is None else require_samples
@@ -727,7 +733,8 @@ class SuperBatchStream(IterableDataset):
     def __iter__(self) -> Iterator[SuperBatch]:
         # A full batch is held until the next sample arrives, so skips read after it (a bad tail) still go
         # into a batch; ``skipped`` is the one counter the sample generator writes into, emptied per batch.
-        # The batch's position is the one before that next sample (whose skips go to the next batch).
+        # The batch's position is the one before that next sample (whose skips go to the next batch), with
+        # the index of this worker's next batch (``batch``: what its size is).
         # A sample already in the batch being filled is left out (``repeat_in_batch``); 2B of them in a row
         # prove that fewer than B distinct samples exist: within one epoch every sample comes once, so a run
         # of repeats longer than 2(B - 1) spans a whole epoch of samples all in the batch.
@@ -735,29 +742,57 @@ class SuperBatchStream(IterableDataset):
         buffer: list[Sample] = []
         inside: set[tuple[str, str]] = set()
         repeats = 0
+        t, stride = self._first_batch(), self._worker()[1]
+        size = self._size(t)
         for sample, before in self._positioned(skipped):
-            if len(buffer) == self.batch_size:
-                yield _collate(buffer, skipped, before)
+            if len(buffer) == size:
+                t += stride
+                yield _collate(buffer, skipped, None if before is None else {**before, "batch": t})
+                size = self._size(t)
                 buffer = []
                 inside.clear()
                 skipped.clear()
             if (sample.url, sample.key) in inside:
                 skipped["repeat_in_batch"] += 1
                 repeats += 1
-                if repeats >= 2 * self.batch_size:
-                    raise TooFewSamplesError(self._too_few(len(inside)))
+                if repeats >= 2 * size:
+                    raise TooFewSamplesError(self._too_few(len(inside), size))
                 continue
             repeats = 0
             inside.add((sample.url, sample.key))
             buffer.append(sample)
-        if len(buffer) == self.batch_size or (buffer and not self.drop_last):
+        if len(buffer) == size or (buffer and not self.drop_last):
             end = None if self.shuffle_buffer > 1 else {"worker": self._worker()[0], "end": True}
             yield _collate(buffer, skipped, end)
 
-    def _too_few(self, distinct: int) -> str:
+    def _first_batch(self) -> int:
+        """The index (over the run) of this worker's next super-batch: the recorded one when resumed, else
+        the worker's own index (round-robin)."""
+        start = self._start()
+        if start is None:
+            return self._worker()[0]
+        if "batch" in start:
+            return int(start["batch"])
+        if self.batch_sizes is not None:
+            raise ValueError(
+                "the recorded data position has no batch index (written by an older jestclip): it cannot "
+                "resume a stream whose super-batch size changes per step"
+            )
+        return 0  # every batch has batch_size: the index is not needed
+
+    def _size(self, t: int) -> int:
+        """This rank's size of super-batch ``t``."""
+        if self.batch_sizes is None:
+            return self.batch_size
+        size = self.batch_sizes(t)
+        if not 1 <= size <= self.batch_size:
+            raise ValueError(f"batch_sizes({t}) = {size} is not in [1, batch_size={self.batch_size}]")
+        return size
+
+    def _too_few(self, distinct: int, size: int) -> str:
         worker, n_workers = self._worker()
         return (
-            f"a super-batch of {self.batch_size} cannot be filled without repeating a sample: rank "
+            f"a super-batch of {size} cannot be filled without repeating a sample: rank "
             f"{self.rank}'s loader worker {worker} reads {len(self._pool())} of {len(self.urls)} shards, "
             f"which hold only {distinct} readable samples; use more shards, fewer ranks or workers "
             f"({self.world_size} x {n_workers}), or a smaller batch"

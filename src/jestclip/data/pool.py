@@ -15,17 +15,23 @@ processing, a seeded global shuffle per epoch, a slice per rank, repeat):
   samples that the previous epoch's tail already put into that super-batch out of the new epoch's head (with
   samples from the middle of the epoch, so each epoch's order depends only on its own seed and its
   predecessor's). Needs N >= B when B divides N, else N >= 2B.
+- Sizes that change per step (a selection schedule, ``batch_sizes``): super-batch ``t`` is positions
+  ``[start(t), start(t) + B_t)`` with ``start(t)`` the sum of the sizes before it (``Layout``), so a step
+  that draws fewer candidates leaves the rest for the next one: no sample is dropped or repeated because the
+  size changed. Straddling super-batches are handled as above with their own sizes (``straddled_order``).
+  Needs N >= 2 B_max.
 - Skips: the decode's skips are counted under the loader's reasons (``data.loader``'s table) once per epoch,
   when they would have been read: the skips read before a sample in shard order (a shard's trailing ones:
   before the next shard's first sample; the pool's last ones: with its last sample) go into the ``skipped`` of
   the super-batch, and rank, that serves it. Summed over an epoch's batches and ranks they are the skips of
   one finite pass of the stream over the shards, so a run's skip counts per sample read are the stream's.
-- Resume: a position is ``{"kind": "pool", "version": 1, "epoch", "index", ...}``: the epoch and the index in
-  it of the next super-batch's first sample (the same on every rank), with the pool's size and a fingerprint
+- Resume: a position is ``{"kind": "pool", "version": 1, "epoch", "index", "batch", ...}``: the epoch and the
+  index in it of the next super-batch's first sample (the same on every rank), that super-batch's number
+  ``batch`` (what its size is), with the pool's size and a fingerprint
   of its key list, the super-batch size, the world size and the seed it was recorded with;
   ``batches(position)`` continues exactly where it was recorded and refuses (one line) a position of another
   pool, world size, super-batch size, seed or kind. Positions are arithmetic: after ``t`` super-batches,
-  ``divmod(t·B, N)``.
+  ``divmod(start(t), N)`` (``divmod(t·B, N)`` at a constant B).
 
 What equals what: with a torchvision ``Compose`` that contains a ``ToTensor`` (open_clip's transforms, where
 it is followed by ``Normalize``), the stages before it run once at load time on the PIL image and the result
@@ -41,6 +47,7 @@ check counts the ranks on this machine (``LOCAL_WORLD_SIZE``). Decoding runs in 
 
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
 import hashlib
@@ -71,6 +78,7 @@ from jestclip.data.progress import progress as progress_bar
 __all__ = [
     "MEMORY_FRACTION",
     "POSITION_VERSION",
+    "Layout",
     "MemoryPool",
     "PoolBatches",
     "SplitTransform",
@@ -79,6 +87,7 @@ __all__ = [
     "epoch_order",
     "keys_fingerprint",
     "split_transform",
+    "straddled_order",
 ]
 
 POSITION_VERSION = 1
@@ -144,12 +153,19 @@ def epoch_order(n: int, size: int, seed: int, epoch: int) -> list[int]:
     those positions, and before this epoch's own tail, that is not among them. A ValueError when the pool is
     too small for that (``n < size``, or ``n < 2·size`` when ``size`` does not divide ``n``)."""
     check_pool_size(n, size)
+    layout = Layout(size)
+    return straddled_order(n, seed, epoch, layout.straddle(epoch * n), layout.straddle((epoch + 1) * n)[0])
+
+
+def straddled_order(n: int, seed: int, epoch: int, straddle: tuple[int, int], own_tail: int) -> list[int]:
+    """``epoch_order`` for super-batches of any sizes: ``straddle`` is ``(shared, head)`` of the super-batch
+    this epoch starts in (``Layout.straddle``: the previous epoch's positions in it, this epoch's), and
+    ``own_tail`` this epoch's positions in the super-batch the next epoch starts in (its swaps stay out of
+    them, so that the next epoch can read them from the plain shuffle)."""
     order = _shuffled(n, seed, epoch)
-    shared = (epoch * n) % size  # positions of the previous epoch in the super-batch this epoch starts in
+    shared, head = straddle  # positions of the previous epoch / of this one in the super-batch it starts in
     if epoch == 0 or shared == 0:
         return order
-    head = size - shared
-    own_tail = ((epoch + 1) * n) % size  # positions of this epoch in the next straddling super-batch
     taken = set(_shuffled(n, seed, epoch - 1)[n - shared :])  # untouched by that epoch's own swaps
     clashes = [i for i in range(head) if order[i] in taken]
     partners = (j for j in range(head, n - own_tail) if order[j] not in taken)
@@ -164,11 +180,48 @@ def _shuffled(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def check_pool_size(n: int, size: int) -> None:
+class Layout:
+    """Where each super-batch starts in the pool's sequence of samples, its epochs laid end to end:
+    super-batch ``t`` holds positions ``[start(t), start(t) + size(t))``. ``sizes(t)`` (None: ``size`` every
+    time, by arithmetic) gives the global size of super-batch ``t`` under a selection schedule; their starts
+    are summed as far as they are asked for."""
+
+    def __init__(self, size: int, sizes: Callable[[int], int] | None = None) -> None:
+        self.size, self.sizes = size, sizes
+        self._starts = [0]  # start(t) for t < len(_starts), with sizes
+
+    def size_of(self, t: int) -> int:
+        return self.size if self.sizes is None else self.sizes(t)
+
+    def start(self, t: int) -> int:
+        if self.sizes is None:
+            return t * self.size
+        while len(self._starts) <= t:
+            self._starts.append(self._starts[-1] + self.size_of(len(self._starts) - 1))
+        return self._starts[t]
+
+    def batch_at(self, position: int) -> int:
+        """The super-batch that holds global ``position``."""
+        if self.sizes is None:
+            return position // self.size
+        while self._starts[-1] <= position:
+            self.start(len(self._starts))
+        return bisect.bisect_right(self._starts, position) - 1
+
+    def straddle(self, boundary: int) -> tuple[int, int]:
+        """``(shared, head)`` of the super-batch holding position ``boundary`` (an epoch's first): how many of
+        its positions come before ``boundary`` and how many from it on; ``(0, 0)`` when one starts there."""
+        t = self.batch_at(boundary)
+        shared = boundary - self.start(t)
+        return (shared, self.size_of(t) - shared) if shared else (0, 0)
+
+
+def check_pool_size(n: int, size: int, *, changing: bool = False) -> None:
     """A ValueError unless super-batches of ``size`` can be served from ``n`` samples without repeating one
     within a super-batch: ``n >= size`` when ``size`` divides ``n`` (epochs never share a super-batch), else
-    ``n >= 2·size`` (what the swaps at an epoch boundary need)."""
-    need = size if n % size == 0 else 2 * size
+    ``n >= 2·size`` (what the swaps at an epoch boundary need); ``n >= 2·size`` when the sizes change per step
+    (``changing``: any epoch boundary may fall inside a super-batch; ``size`` the largest)."""
+    need = size if n % size == 0 and not changing else 2 * size
     if n < need:
         raise ValueError(
             f"the pool holds {n} readable samples, too few for super-batches of {size} without repeating a "
@@ -288,7 +341,8 @@ class MemoryPool:
     images: ``[N, ...]`` what ``split.store`` kept (uint8 ``[N, 3, H, W]`` for open_clip's transforms);
     samples: the N decoded ``Sample``s in shard order, their ``image`` None (it is row ``i`` of ``images``);
     skips: sample index -> the skips counted with it (see the module docstring); batch_size: this rank's share
-    ``B / W`` of a super-batch.
+    ``B / W`` of a super-batch (the largest, under a selection schedule); batch_sizes: this rank's share of
+    super-batch ``t`` under a selection schedule (``SuperBatchStream``'s; None: ``batch_size`` every time).
     """
 
     def __init__(
@@ -303,12 +357,16 @@ class MemoryPool:
         seed: int,
         rank: int,
         world_size: int,
+        batch_sizes: Callable[[int], int] | None = None,
     ) -> None:
         self.images, self.samples, self.urls, self.skips, self.split = images, samples, urls, skips, split
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.batch_sizes = batch_sizes
         self.super_batch = batch_size * world_size
-        check_pool_size(len(samples), self.super_batch)
+        check_pool_size(len(samples), self.super_batch, changing=batch_sizes is not None)
         self.fingerprint = keys_fingerprint([s.key for s in samples])
+        global_sizes = None if batch_sizes is None else (lambda t: world_size * self.local_size(t))
+        self.layout = Layout(self.super_batch, global_sizes)
         self._orders: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
@@ -356,6 +414,7 @@ class MemoryPool:
             seed=stream.seed,
             rank=stream.rank,
             world_size=stream.world_size,
+            batch_sizes=stream.batch_sizes,
         )
         if progress:
             tqdm.write(pool.summary(time.perf_counter() - started), file=sys.stderr)
@@ -391,24 +450,37 @@ class MemoryPool:
             + f"; decoded{took}"
         )
 
+    def local_size(self, t: int) -> int:
+        """This rank's size of super-batch ``t``."""
+        if self.batch_sizes is None:
+            return self.batch_size
+        size = self.batch_sizes(t)
+        if not 1 <= size <= self.batch_size:
+            raise ValueError(f"batch_sizes({t}) = {size} is not in [1, batch_size={self.batch_size}]")
+        return size
+
     def order(self, epoch: int) -> list[int]:
-        """Epoch ``epoch``'s sample order (``epoch_order``), cached for the current and next epoch."""
+        """Epoch ``epoch``'s sample order (``epoch_order``, for the layout's super-batch sizes), cached for
+        the current and next epoch."""
         if epoch not in self._orders:
             self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-            self._orders[epoch] = epoch_order(len(self), self.super_batch, self.seed, epoch)
+            n, layout = len(self), self.layout
+            straddle, own_tail = layout.straddle(epoch * n), layout.straddle((epoch + 1) * n)[0]
+            self._orders[epoch] = straddled_order(n, self.seed, epoch, straddle, own_tail)
         return self._orders[epoch]
 
     def position_after(self, batches: int) -> dict[str, Any]:
         """The position after ``batches`` super-batches from the beginning."""
-        epoch, index = divmod(batches * self.super_batch, len(self))
-        return self._position(epoch, index)
+        epoch, index = divmod(self.layout.start(batches), len(self))
+        return self._position(epoch, index, batches)
 
-    def _position(self, epoch: int, index: int) -> dict[str, Any]:
+    def _position(self, epoch: int, index: int, batch: int) -> dict[str, Any]:
         return {
             "kind": "pool",
             "version": POSITION_VERSION,
             "epoch": epoch,
             "index": index,
+            "batch": batch,
             "samples": len(self),
             "keys": self.fingerprint,
             "super_batch": self.super_batch,
@@ -419,9 +491,23 @@ class MemoryPool:
     def batches(self, position: dict[str, Any] | None = None) -> PoolBatches:
         """The super-batches from the beginning or from a recorded ``position`` (a ValueError, one line,
         when it is not this pool's: see the module docstring)."""
-        if position is not None:
-            self._check(position)
-        return PoolBatches(self, (position["epoch"], position["index"]) if position is not None else (0, 0))
+        if position is None:
+            return PoolBatches(self, (0, 0, 0))
+        self._check(position)
+        batch = position.get("batch")
+        if batch is None:  # recorded before positions held it: every super-batch had the same size
+            if self.batch_sizes is not None:
+                raise ValueError(
+                    "the pool's data position has no batch index (written by an older jestclip): it cannot "
+                    "resume a run whose super-batch size changes per step"
+                )
+            batch = (position["epoch"] * len(self) + position["index"]) // self.super_batch
+        if self.layout.start(batch) != position["epoch"] * len(self) + position["index"]:
+            raise ValueError(
+                f"the pool's data position (epoch {position['epoch']}, index {position['index']}) is not "
+                f"where super-batch {batch} starts under this run's super-batch sizes"
+            )
+        return PoolBatches(self, (position["epoch"], position["index"], batch))
 
     def _check(self, position: dict[str, Any]) -> None:
         if not isinstance(position, dict) or position.get("kind") != "pool":
@@ -452,14 +538,15 @@ class MemoryPool:
         if not (isinstance(epoch, int) and isinstance(index, int) and epoch >= 0 and 0 <= index < len(self)):
             raise ValueError(f"the pool's data position (epoch, index) is out of range: {position!r}")
 
-    def take(self, epoch: int, index: int) -> SuperBatch:
-        """This rank's share of the super-batch starting at ``index`` of epoch ``epoch``, built as the stream
-        builds its batches (``loader._collate``); its position is the next super-batch's."""
-        start = index + self.rank * self.batch_size
+    def take(self, epoch: int, index: int, batch: int = 0) -> SuperBatch:
+        """This rank's share of super-batch ``batch``, which starts at ``index`` of epoch ``epoch``, built as
+        the stream builds its batches (``loader._collate``); its position is the next super-batch's."""
+        size = self.local_size(batch)
+        start = index + self.rank * size
         picks: list[int] = []
-        while len(picks) < self.batch_size:  # at most one epoch boundary (B <= N)
+        while len(picks) < size:  # at most one epoch boundary (B <= N)
             e, i = epoch + start // len(self), start % len(self)
-            run = self.order(e)[i : i + self.batch_size - len(picks)]
+            run = self.order(e)[i : i + size - len(picks)]
             picks += run
             start += len(run)
         skipped: Counter[str] = Counter()
@@ -471,10 +558,10 @@ class MemoryPool:
             dataclasses.replace(self.samples[i], image=row, meta=dict(self.samples[i].meta))
             for i, row in zip(picks, rows, strict=True)
         ]
-        after = divmod(epoch * len(self) + index + self.super_batch, len(self))
-        batch = _collate(samples, skipped, self._position(*after))
-        batch.images = self.split.finish(batch.images)
-        return batch
+        after = divmod(epoch * len(self) + index + size * self.world_size, len(self))
+        served = _collate(samples, skipped, self._position(*after, batch + 1))
+        served.images = self.split.finish(served.images)
+        return served
 
 
 def _record_bytes(sample: Sample) -> int:
@@ -487,18 +574,18 @@ class PoolBatches(Iterator[SuperBatch]):
     """A pool's super-batches for this rank, forever, from a start ``(epoch, index)``; ``position()`` says
     where the next one starts. No DataLoader and no workers: the samples are in memory."""
 
-    def __init__(self, pool: MemoryPool, start: tuple[int, int]) -> None:
+    def __init__(self, pool: MemoryPool, start: tuple[int, int, int]) -> None:
         self.pool = pool
-        self.epoch, self.index = start
+        self.epoch, self.index, self.batch = start
 
     def __next__(self) -> SuperBatch:
-        batch = self.pool.take(self.epoch, self.index)
-        self.epoch, self.index = batch.position["epoch"], batch.position["index"]
-        return batch
+        served = self.pool.take(self.epoch, self.index, self.batch)
+        self.epoch, self.index, self.batch = (served.position[k] for k in ("epoch", "index", "batch"))
+        return served
 
     def position(self) -> dict[str, Any]:
         """Where the next super-batch starts (the same on every rank)."""
-        return self.pool._position(self.epoch, self.index)
+        return self.pool._position(self.epoch, self.index, self.batch)
 
     def positions(self) -> list[dict[str, Any]]:
         """Every rank's ``position()`` in rank order: they are equal, so no collective is needed."""

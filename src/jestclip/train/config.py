@@ -24,6 +24,7 @@ from jestclip.models.approx import APPROXIMATIONS
 from jestclip.selection import LOSSES, SCORINGS, independent
 from jestclip.train.methods import METHODS, Method, get_method
 from jestclip.train.optim import OptimConfig
+from jestclip.train.schedule import super_batch_at, super_batches
 from jestclip.train.settings import MethodSettings
 
 __all__ = [
@@ -114,6 +115,10 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "method.approx_fraction": Range(0.0, 1.0),
     "method.independent_context": one_of(lambda: independent.CONTEXTS),
     "method.independent_method": one_of(lambda: independent.METHODS),
+    "method.schedule.start": Range(0.0, 1.0, high_open=True),
+    "method.schedule.end": Range(0.0, 1.0, low_open=True),
+    "method.schedule.every": Range(1),
+    "method.schedule.final_filter_ratio": Range(0.0, 1.0, high_open=True),
     "optim.lr": Range(0.0, low_open=True),
     "optim.weight_decay": Range(0.0),
     "optim.beta1": Range(0.0, 1.0, high_open=True),
@@ -199,6 +204,17 @@ class MethodConfig(MethodSettings):
 
     def __post_init__(self) -> None:
         validate(self, "method.")
+        schedule = self.schedule
+        if schedule.start >= schedule.end:
+            raise ConfigError(
+                "method.schedule.end", schedule.end, f"must be > method.schedule.start ({schedule.start:g})"
+            )
+        if not schedule.always and not self.description.selects:
+            raise ConfigError(
+                "method.schedule",
+                schedule.describe(),
+                f"is set but method {self.method!r} does not select (it learns on every batch as drawn)",
+            )
 
     @property
     def description(self) -> Method:
@@ -257,8 +273,38 @@ class TrainConfig:
 
     @property
     def super_batch(self) -> int:
-        """B: candidates per step (b when the method does not select)."""
+        """B at the run's filter ratio: candidates per selecting step (b when the method does not select)."""
         return self.method.description.super_batch(self.method.batch_size, self.filter_ratio)
+
+    def super_batch_at(self, step: int, world: int = 1) -> int:
+        """B of step ``step`` (0-based) under the method's selection schedule (``schedule.super_batch_at``;
+        b when the method does not select). The step selects iff this exceeds ``method.batch_size``."""
+        if not self.method.description.selects:
+            return self.method.batch_size
+        return super_batch_at(
+            self.method.schedule,
+            step,
+            steps=self.steps,
+            batch_size=self.method.batch_size,
+            filter_ratio=self.filter_ratio,
+            world=world,
+        )
+
+    def max_super_batch(self, world: int = 1) -> int:
+        """The largest B any step of the run draws."""
+        if not self.method.description.selects:
+            return self.method.batch_size
+        if self.method.schedule.always:
+            return self.super_batch
+        return int(
+            super_batches(
+                self.method.schedule,
+                steps=self.steps,
+                batch_size=self.method.batch_size,
+                filter_ratio=self.filter_ratio,
+                world=world,
+            ).max()
+        )
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

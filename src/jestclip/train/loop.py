@@ -56,9 +56,9 @@ from jestclip.train.rundir import CheckpointWriteError, NonFiniteStateError, Run
 from jestclip.train.setup import (
     Counters,
     Placement,
+    StepCosts,
     TrainState,
     build_state,
-    measure_step_flops,
     open_reference,
     open_stream,
     place,
@@ -320,8 +320,11 @@ def _bad_learner(model: torch.nn.Module) -> str | None:
     return None if math.isfinite(bias) else f"logit bias {bias}"
 
 
-def learn(state: TrainState, batch: SuperBatchTensors, cfg: TrainConfig, where: Placement) -> Learned:
-    """One method step and optimiser update (bf16 autocast on CUDA). A step whose learner is broken
+def learn(
+    state: TrainState, batch: SuperBatchTensors, cfg: TrainConfig, where: Placement, *, select: bool = True
+) -> Learned:
+    """One method step and optimiser update (bf16 autocast on CUDA); ``select=False``: a step the method's
+    selection schedule does not select on (an IID step). A step whose learner is broken
     (``_bad_learner``: it is not run), whose learner embeddings are non-finite, or whose loss or gradient
     norm is non-finite, changes no parameter (the schedule still advances); every rank decides alike."""
     state.model.train()
@@ -329,14 +332,19 @@ def learn(state: TrainState, batch: SuperBatchTensors, cfg: TrainConfig, where: 
     if where.any_rank(learned.bad is not None):
         learned.bad = learned.bad or "broken learner on another rank"
     else:
-        _step(state, batch, cfg, where, learned)
+        _step(state, batch, cfg, where, learned, select)
     state.optimizer.zero_grad(set_to_none=True)
     state.scheduler.step()
     return learned
 
 
 def _step(
-    state: TrainState, batch: SuperBatchTensors, cfg: TrainConfig, where: Placement, learned: Learned
+    state: TrainState,
+    batch: SuperBatchTensors,
+    cfg: TrainConfig,
+    where: Placement,
+    learned: Learned,
+    select: bool = True,
 ) -> None:
     """The method step, backward and, when every number is finite, the optimiser update (into ``learned``)."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if where.device.type == "cuda" else nullcontext()
@@ -347,12 +355,13 @@ def _step(
                 batch,
                 cfg.method,
                 state.generator,
+                select=select,
                 world_size=where.world,
                 learn_module=state.learn_module,
             )
     except ValueError:  # selection refuses candidates without finite scores: were they all non-finite?
         with autocast:
-            if where.world > 1 or not _non_finite_scores(state.model, batch, cfg):
+            if where.world > 1 or not select or not _non_finite_scores(state.model, batch, cfg):
                 raise
         learned.bad = "non-finite learner embeddings"
         return
@@ -469,7 +478,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         reference = open_reference(cfg, urls)  # validates every sidecar before training
         _check_reference(run, reference, where, resuming=state.counters.step > 0)
         _check_keep_list(run, cfg, where, resuming=state.counters.step > 0)
-        cost = measure_step_flops(cfg, state.model)
+        costs = StepCosts.measure(cfg, state.model)
         transform, tokenize = image_transform(cfg.model), tokenizer(cfg.model)
         stream = open_stream(cfg, urls, transform, where, progress=progress)
         batches = resume_batches(stream, cfg, state.counters.step, state.data)
@@ -481,7 +490,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             sigterm.defer()
             torch.set_rng_state(rng)  # startup drew from it (loader seeds): the steps start where the run was
             steps = _Steps(
-                cfg, where, state, out, evaluator, sigterm, cost, DivergenceGuard(cfg.max_bad_steps)
+                cfg, where, state, out, evaluator, sigterm, costs, DivergenceGuard(cfg.max_bad_steps)
             )
             return steps.run(batches, lambda batch: to_device(batch, tokenize, reference, where.device))
         finally:
@@ -498,7 +507,7 @@ class _Steps:
     out: RunOutputs
     evaluator: Evaluator
     sigterm: _Sigterm
-    cost: StepFlops
+    costs: StepCosts
     guard: DivergenceGuard
 
     def run(
@@ -509,10 +518,16 @@ class _Steps:
         trained = False
         while state.counters.step < cfg.steps:
             trained = True
+            size = cfg.super_batch_at(state.counters.step, self.where.world)  # B of this step (its schedule)
             batch = next(batches)
+            if len(batch) != size // self.where.world:
+                raise RuntimeError(
+                    f"step {state.counters.step + 1}: the data served {len(batch)} candidates, "
+                    f"not this rank's {size // self.where.world}"
+                )
             tensors = on_device(batch)
-            learned = learn(state, tensors, cfg, self.where)
-            self._count(learned, tensors, batch.skipped)
+            learned = learn(state, tensors, cfg, self.where, select=size > cfg.method.batch_size)
+            self._count(learned, tensors, batch.skipped, self.costs.at(size))
             out.bar.update(1)
             step = state.counters.step
             if step % cfg.log_every == 0 or step == cfg.steps or learned.bad:
@@ -560,9 +575,11 @@ class _Steps:
                 ) from exn
         return last or out.last_logged()
 
-    def _count(self, learned: Learned, batch: SuperBatchTensors, skipped: dict[str, int]) -> None:
+    def _count(
+        self, learned: Learned, batch: SuperBatchTensors, skipped: dict[str, int], cost: StepFlops
+    ) -> None:
         if learned.bad is None:
-            self.state.counters.add_step(learned.output, self.cost, skipped)
+            self.state.counters.add_step(learned.output, cost, skipped)
             self.state.composition.add(batch.quality, learned.output.selected, self.where.world)
         else:
             self.state.counters.skip_update(skipped)

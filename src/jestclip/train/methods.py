@@ -24,7 +24,7 @@ from jestclip.train import steps
 from jestclip.train.settings import MethodSettings
 from jestclip.train.steps import StepOutput, SuperBatchTensors
 
-__all__ = ["METHODS", "Method", "Selector", "get_method", "run_step"]
+__all__ = ["METHODS", "Method", "Selector", "get_method", "run_step", "step_method"]
 
 Selector = Literal["joint", "independent"]
 
@@ -151,16 +151,25 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def step_method(cfg: MethodSettings, select: bool = True) -> Method:
+    """The method a step of ``cfg.method`` runs: its own, or, on a step its selection schedule does not
+    select on (``select=False``), IID's: learn on the whole batch as drawn, exactly (``train.schedule``)."""
+    method = get_method(cfg.method)
+    return method if select or not method.selects else METHODS["iid"]
+
+
 def run_step(
     model: nn.Module,
     batch: SuperBatchTensors,
     cfg: MethodSettings,
     generator: torch.Generator | None = None,
     *,
+    select: bool = True,
     world_size: int = 1,
     learn_module: nn.Module | None = None,
 ) -> StepOutput:
-    """One training step of ``cfg.method`` on a super-batch already on the device.
+    """One training step of ``cfg.method`` on a super-batch already on the device; with ``select=False`` (a
+    step its selection schedule does not select on) an IID step on a batch of ``cfg.batch_size``.
 
     With ``world_size > 1`` (torch.distributed initialised), ``batch`` is this rank's shard of the super-batch
     and ``cfg.batch_size`` the global b; each rank learns on its b / W picks through ``learn_module``, the
@@ -168,5 +177,5 @@ def run_step(
     and back-propagates its share of the loss, whose value is that of the whole selection. Counts in the
     output are global. On one process ``learn_module`` defaults to the model itself.
     """
-    method = get_method(cfg.method)
+    method = step_method(cfg, select)
     return method.step(method, model, batch, cfg, generator, world_size=world_size, learn_module=learn_module)

@@ -8,10 +8,11 @@ imports inside ``train/`` one-directional: ``config`` → ``methods`` → ``step
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jestclip.models.approx import Approximation
 from jestclip.selection.joint import DEFAULT_GAIN
+from jestclip.train.schedule import SelectionSchedule
 
 __all__ = ["MethodSettings"]
 
@@ -30,3 +31,5 @@ class MethodSettings:
     approx_fraction: float = 0.5  # flexi-jest: share of the selected batch trained approximately
     independent_context: str = "unconditional"  # independent: "unconditional" or "superbatch"
     independent_method: str = "sample"  # independent: "sample" or "topk"
+    # on which steps a selecting method selects, and at what filter ratio (default: every step, at f)
+    schedule: SelectionSchedule = field(default_factory=SelectionSchedule)

@@ -5,6 +5,7 @@ its reference embeddings and what a step costs. Training (``loop.py``) and the s
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections import Counter
@@ -21,16 +22,20 @@ from jestclip.data.keeplist import KeepList
 from jestclip.data.loader import ResumableBatches, SuperBatch, SuperBatchStream
 from jestclip.data.pool import MemoryPool, PoolBatches
 from jestclip.data.refcache import ReferenceCache
-from jestclip.models import StepFlops, create_model, forward_flops, image_size
+from jestclip.models import ForwardFlops, StepFlops, create_model, forward_flops, image_size
 from jestclip.train.composition import Composition, batch_quality
 from jestclip.train.config import TrainConfig, to_dict
 from jestclip.train.distributed import data_parallel
+from jestclip.train.methods import step_method
 from jestclip.train.optim import make_optimizer, make_scheduler
+from jestclip.train.schedule import steps_for_flops
+from jestclip.train.settings import MethodSettings
 from jestclip.train.steps import StepOutput, SuperBatchTensors
 
 __all__ = [
     "Counters",
     "Placement",
+    "StepCosts",
     "TrainState",
     "build_model",
     "build_state",
@@ -39,6 +44,7 @@ __all__ = [
     "open_reference",
     "open_stream",
     "place",
+    "scheduled_steps",
     "to_device",
 ]
 
@@ -83,7 +89,9 @@ def place(cfg: TrainConfig) -> Placement:
     if not dist.is_initialized():
         return Placement(device)
     where = Placement(device, dist.get_rank(), dist.get_world_size())
-    if cfg.super_batch % where.world or cfg.method.batch_size % where.world:
+    # a selection schedule rounds each step's B to a multiple of the world size (schedule.super_batch_at)
+    uneven = cfg.method.schedule.always and cfg.super_batch % where.world
+    if uneven or cfg.method.batch_size % where.world:
         raise ValueError(
             f"batch_size {cfg.method.batch_size} and super-batch {cfg.super_batch} must be divisible by the "
             f"world size {where.world}"
@@ -218,16 +226,59 @@ def open_reference(cfg: TrainConfig, urls: list[str]) -> ReferenceCache | None:
     )
 
 
+@dataclass(frozen=True)
+class StepCosts:
+    """FLOPs of one step of a run by the candidates B it draws (appendix A.4; reference embeddings cached):
+    ``at(B)``. A step of a selecting method that draws B = b does not select and costs an IID step
+    (``train.schedule``). Build with ``measure``."""
+
+    method: MethodSettings
+    learner: ForwardFlops
+    approx: ForwardFlops | None = None
+
+    @classmethod
+    def measure(cls, cfg: TrainConfig, model: nn.Module | None = None) -> StepCosts:
+        """The forward FLOPs of ``model`` (default: a fresh ``cfg.model``) at the run's input sizes."""
+        model = model if model is not None else create_model(cfg.model, loss=cfg.method.loss)
+        size = image_size(cfg.model)
+        context = open_clip.get_model_config(cfg.model)["text_cfg"]["context_length"]
+        learner = forward_flops(model, image_size=size, context_length=context)
+        approx = None
+        if cfg.method.description.uses_approximation:
+            approx = forward_flops(model, image_size=size, context_length=context, approx=cfg.method.approx)
+        return cls(cfg.method, learner, approx)
+
+    def at(self, super_batch: int) -> StepFlops:
+        """FLOPs of a step that draws ``super_batch`` candidates."""
+        method = step_method(self.method, select=super_batch > self.method.batch_size)
+        return method.step_flops(
+            self.method, super_batch=super_batch, learner=self.learner, approx_learner=self.approx
+        )
+
+    def total(self, super_batch: int) -> float:
+        return self.at(super_batch).total
+
+
 def measure_step_flops(cfg: TrainConfig, model: nn.Module) -> StepFlops:
-    """FLOPs of one step of the run (reference embeddings cached), measured on ``model``'s forward."""
-    size = image_size(cfg.model)
-    context = open_clip.get_model_config(cfg.model)["text_cfg"]["context_length"]
-    method = cfg.method.description
-    learner = forward_flops(model, image_size=size, context_length=context)
-    approx = None
-    if method.uses_approximation:
-        approx = forward_flops(model, image_size=size, context_length=context, approx=cfg.method.approx)
-    return method.step_flops(cfg.method, super_batch=cfg.super_batch, learner=learner, approx_learner=approx)
+    """FLOPs of one step of the run at its filter ratio (reference embeddings cached), measured on
+    ``model``'s forward (a step's own under a selection schedule: ``StepCosts.at``)."""
+    return StepCosts.measure(cfg, model).at(cfg.super_batch)
+
+
+def scheduled_steps(cfg: TrainConfig, budget: float, model: nn.Module | None = None) -> int:
+    """The ``steps`` of ``cfg`` *scheduled* for ``budget`` total FLOPs (reference cached): the most steps
+    whose per-step FLOPs, under its selection schedule laid over those steps, sum to at most ``budget``
+    (``schedule.steps_for_flops``). E.g. IID's total for a JEST run at IID's cost."""
+    costs = StepCosts.measure(cfg, model)
+    if not cfg.method.description.selects:
+        return int(budget // costs.total(cfg.method.batch_size))
+    return steps_for_flops(
+        budget,
+        costs.total,
+        cfg.method.schedule,
+        batch_size=cfg.method.batch_size,
+        filter_ratio=cfg.filter_ratio,
+    )
 
 
 def open_keep_list(cfg: TrainConfig, urls: list[str]) -> KeepList | None:
@@ -256,9 +307,11 @@ def open_stream(
     With ``cfg.data_in_memory`` (and ``resampled``: a training run) the shards are decoded once into a
     ``MemoryPool`` (a ValueError when it would not fit in memory); ``progress``: its decoding bar and summary
     line on rank 0."""
+    scheduled = batch_size is None and not cfg.method.schedule.always
     stream = SuperBatchStream(
         urls,
-        batch_size=batch_size if batch_size is not None else cfg.super_batch // where.world,
+        batch_size=batch_size if batch_size is not None else cfg.max_super_batch(where.world) // where.world,
+        batch_sizes=functools.partial(_local_super_batch, cfg, where.world) if scheduled else None,
         transform=transform,
         resampled=resampled,
         seed=cfg.seed,
@@ -270,6 +323,11 @@ def open_stream(
     if cfg.data_in_memory and resampled:
         return MemoryPool.from_stream(stream, progress=progress and where.is_main)
     return stream
+
+
+def _local_super_batch(cfg: TrainConfig, world: int, step: int) -> int:
+    """This rank's share of step ``step``'s super-batch (picklable for loader workers)."""
+    return cfg.super_batch_at(step, world) // world
 
 
 def resume_batches(
