@@ -23,6 +23,7 @@ from jestclip.commands.common import Terminated, exit_status, terminate
 _COMMANDS = {
     "data": "jestclip.commands.data",
     "cache-reference": "jestclip.commands.cache_reference",
+    "check-reference": "jestclip.commands.check_reference",
     "filter": "jestclip.commands.filter",
     "train": "jestclip.commands.train",
     "eval": "jestclip.commands.eval",
