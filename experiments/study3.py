@@ -31,6 +31,7 @@ RECIPE = "configs/study2.py"
 MODEL = "jest-micro"
 POOLS = {"natural": "data/bench/pool", "swap50": "data/bench/pool-swap50"}
 CACHE = "study2-strong"  # Study II's strong reference's embeddings, beside the pools' shards
+WEAK = "study2-weak"  # and its weak reference's (trained on curated only)
 RUNS, RESULTS = "runs/study3", "results/study3"
 STUDY2_RUNS, STUDY2_RESULTS = "runs/study2", "results/study2"
 METRIC, SECONDARY = "eval/gallery_r5", "eval/average"
@@ -152,6 +153,25 @@ def build_steps() -> dict[str, Step]:
             steps[name] = train_step(
                 RECIPE, name, overrides, runs=STUDY2_RUNS, results=STUDY2_RESULTS, needs=[f"cache-{pool}"]
             )
+    # if time allows (Study II's open question): the weak reference, its caches, DRRho with it, seeds 1-2
+    steps["ref-weak"] = train_step(
+        RECIPE, "ref-weak", ["data=data/bench/curated", "seed=0"], runs=STUDY2_RUNS, results=STUDY2_RESULTS
+    )
+    for pool, path in POOLS.items():
+        checkpoint = f"{STUDY2_RUNS}/ref-weak/model.pt"
+        command = ("jestclip", "cache-reference", path, "--model", MODEL, "--checkpoint", checkpoint)
+        steps[f"cache-weak-{pool}"] = Step((*command, "--name", WEAK), ("ref-weak",), cache=(path, WEAK))
+        for seed in (1, 2):
+            name = f"drrho-{pool}-weak-s{seed}"
+            overrides = [f"data={path}", "method.method=drrho", f"reference_cache={WEAK}", f"seed={seed}"]
+            steps[name] = train_step(
+                RECIPE,
+                name,
+                overrides,
+                runs=STUDY2_RUNS,
+                results=STUDY2_RESULTS,
+                needs=[f"cache-weak-{pool}"],
+            )
     for name, overrides in PILOT.items():
         steps[f"{name}-swap50-s{PILOT_SEED}"] = _matched(name, overrides, "swap50", PILOT_SEED)
     if CHOSEN is not None:
@@ -173,7 +193,8 @@ def steps() -> dict[str, Step]:
 def sets() -> dict[str, list[str]]:
     names = list(steps())
     return {
-        "prep": [n for n in names if n.startswith(("ref-", "cache-", "keep-"))],
+        "prep": [n for n in names if n.startswith(("ref-strong", "cache-natural", "cache-swap50", "keep-"))],
+        "weak": [n for n in names if "weak" in n],
         "matched": [n for n in names if n.startswith(tuple(MATCHED)) and n.endswith(("-s0", "-s1", "-s2"))],
         "study2-flexi": [n for n in names if n.startswith("flexi-jest-f08-") and "-strong-" in n],
         "pilot": [n for n in names if n.endswith(f"-s{PILOT_SEED}")],
