@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from jestclip.report import load_run
 from jestclip.train.config import MethodConfig, load_recipe
 from jestclip.train.loop import train
 
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace, method: str, in_memory: bool, run_dir: Path) -
     started = time.perf_counter()
     train(cfg, progress=False)
     total = time.perf_counter() - started
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = load_run(run_dir).train
     first = next(x for x in lines if x["step"] == args.warmup)
     last = lines[-1]
     rate = (last["step"] - first["step"]) / (last["wall_s"] - first["wall_s"])

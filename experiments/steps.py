@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["ROOT", "Step", "keep_logs", "run", "run_steps", "train_step", "with_needs"]
+__all__ = ["ROOT", "Step", "copy_logs", "keep_logs", "run", "run_steps", "train_step", "with_needs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +75,18 @@ def run(argv: list[str] | tuple[str, ...], root: Path = ROOT) -> None:
     print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
-def keep_logs(step: Step, root: Path = ROOT) -> None:
-    """Copy a finished run's config.json and metrics.jsonl (no weights) to its results directory."""
-    assert step.run_dir is not None and step.results is not None
-    out = root / step.results
+def copy_logs(run_dir: str | Path, results: str | Path, root: Path = ROOT) -> None:
+    """Copy a run directory's config.json and metrics.jsonl (no weights) to ``results``."""
+    out = root / results
     out.mkdir(parents=True, exist_ok=True)
     for file in ("config.json", "metrics.jsonl"):
-        shutil.copy2(root / step.run_dir / file, out / file)
+        shutil.copy2(root / run_dir / file, out / file)
+
+
+def keep_logs(step: Step, root: Path = ROOT) -> None:
+    """Copy a finished training step's logs to its results directory."""
+    assert step.run_dir is not None and step.results is not None
+    copy_logs(step.run_dir, step.results, root)
 
 
 def run_steps(steps: dict[str, Step], names: Iterable[str], root: Path = ROOT) -> None:

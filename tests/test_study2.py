@@ -1,4 +1,4 @@
-"""benchmarks/study2.py: Study II's steps as data (issue 17) and its summary of finished runs."""
+"""experiments/study2.py: Study II's steps as data and its summary of finished runs."""
 
 from __future__ import annotations
 
@@ -11,23 +11,23 @@ from pathlib import Path
 
 import pytest
 
+from experiments import study2
+from experiments.steps import with_needs
 from jestclip.train.config import apply_overrides, load_recipe, to_dict
-
-from .test_benchmarks import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def study():
-    return load_script("study2")
+    return study2
 
 
 @pytest.fixture(scope="module")
 def listed() -> list[tuple[str, list[str]]]:
     """(name, command) of every line `study2.py --list` prints."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(ROOT / "benchmarks" / "study2.py"), "--list"]
+    command = [sys.executable, "-m", "experiments.study2", "--list"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
     return [(line.split()[0], line.split()[1:]) for line in done.stdout.splitlines()]
 
@@ -112,7 +112,7 @@ def test_preparation_caches_each_reference_on_each_pool_and_filters_with_it(list
         "study2-weak",
     ]
     # a step's needs come first, each once
-    order = study.with_needs(["filter-q50-natural-weak-s0", "jest-f08-natural-weak-s0"])
+    order = with_needs(study.STEPS, ["filter-q50-natural-weak-s0", "jest-f08-natural-weak-s0"])
     assert order == [
         "ref-weak",
         "cache-weak-natural",

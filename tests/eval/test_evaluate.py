@@ -224,7 +224,6 @@ def test_eval_reads_a_run_with_its_own_loss_and_a_weights_file_with_flags(tmp_pa
 def test_every_reader_of_a_run_loads_it_through_load_trained(tmp_path, monkeypatch):
     """The selection diagnostics, the demo's reference cache and the benchmarks build a run's model with its
     config: a softmax run loads in each (before, the demo and eval_noise.py built a sigmoid model)."""
-    import importlib.util
 
     import jestclip.train.trained as trained
     from jestclip.eval import find_suites
@@ -234,12 +233,8 @@ def test_every_reader_of_a_run_loads_it_through_load_trained(tmp_path, monkeypat
     assert loaded.loss == "softmax" and getattr(loaded.model, "logit_bias", None) is None
     assert trained.weights_loss(run_dir / "model.pt") == "softmax"
     make_suite(tmp_path / "bench" / "eval", "toy", per_class=3)
-    spec = importlib.util.spec_from_file_location(
-        "eval_noise", Path(__file__).parents[2] / "benchmarks" / "eval_noise.py"
-    )
-    eval_noise = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "eval_noise", eval_noise)  # its dataclass resolves its module
-    spec.loader.exec_module(eval_noise)
+    from experiments import eval_noise
+
     encoded = eval_noise.encode_run(str(run_dir), str(tmp_path / "bench"))
     ((suite, feats, _),) = encoded.suites
     assert encoded.loss == "softmax" and encoded.bias == 0.0
@@ -292,7 +287,6 @@ def test_a_template_that_cannot_be_filled_is_refused_when_the_suite_is_built(tem
 def test_eval_refuses_a_bad_suite_in_one_line_before_encoding_anything(
     tmp_path, micro, capsys, monkeypatch, manifest, expected
 ):
-    import sys
 
     from jestclip.cli import main
 
@@ -329,7 +323,6 @@ def test_labels_are_checked_from_the_json_alone(tmp_path):
 
 
 def test_eval_refuses_a_bad_label_before_encoding_anything(tmp_path, capsys, monkeypatch):
-    import sys
 
     from jestclip.cli import main
 

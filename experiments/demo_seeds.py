@@ -3,7 +3,7 @@
 Needs a finished ``jestclip demo`` (its benchmark subset, reference and cached embeddings). Seed 0 is the
 demo's own pair of runs; other seeds train under ``OUT/seed<N>/``. Prints a markdown table.
 
-    python benchmarks/demo_seeds.py --out runs/demo --data data/bench-demo --seeds 0 1 2
+    python -m experiments.demo_seeds --out runs/demo --data data/bench-demo --seeds 0 1 2
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Study II (issue 17, docs/results.md): JEST against static filtering and DRRho, on the natural pool and the
+"""Study II (docs/studies/study2.md): JEST against static filtering and DRRho, on the natural pool and the
 pool with half its captions swapped, with a weak and a strong reference. Train its steps, keep its logs.
 
 Every training run is `configs/study2.py` (the shared learner and schedule, data in memory) plus the
@@ -23,14 +23,14 @@ Each reference's embeddings are cached on both pools (`cache-reference`, sidecar
 says: 3 for IID on both pools, and for JEST f = 0.8, DRRho and the static filter at ``SEEDED_FILTER_KEEP``
 with the strong reference on both pools; 1 for every other run.
 
-    python benchmarks/study2.py --list                 # every step's name and exact command
-    python benchmarks/study2.py references             # both references, their caches and keep lists
-    python benchmarks/study2.py headline               # + IID and the strong reference's JEST, DRRho, filter
-    python benchmarks/study2.py jest-f08-swap50-weak-s0 iid-natural-s1
-    python benchmarks/study2.py --summary              # finished runs: final metric, precision, lift; the
+    python -m experiments.study2 --list                 # every step's name and exact command
+    python -m experiments.study2 references             # both references, their caches and keep lists
+    python -m experiments.study2 headline               # + IID and the strong reference's JEST, DRRho, filter
+    python -m experiments.study2 jest-f08-swap50-weak-s0 iid-natural-s1
+    python -m experiments.study2 --summary              # finished runs: final metric, precision, lift; the
                                                        # metric at an IID run's total FLOPs
 
-Paths are relative to the checkout, as in benchmarks/study.py: ``data/bench`` must be the built benchmark
+Paths are relative to the checkout, as in experiments/study1.py: ``data/bench`` must be the built benchmark
 (e.g. a link to /work/data/bench); the caches are written beside its pools' shards. A step runs the steps it
 needs first. Finished steps are skipped (a run directory with model.pt, a cache whose
 every shard has its header, a keep list with keep.json) and interrupted ones resume, so a command can be
@@ -40,21 +40,12 @@ repeated until it is done; run two at a time on the 2-core machine (`OMP_NUM_THR
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
+from experiments.steps import ROOT, Step, run, run_steps
+from experiments.steps import train_step as _train_step
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import study
-
-if TYPE_CHECKING:
-    from jestclip.report import RunLog
-
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "configs/study2.py"
 MODEL = "jest-micro"  # the recipe's model: the references' architecture, named to cache their embeddings
 BENCH = "data/bench"
@@ -79,30 +70,8 @@ METHODS: dict[str, list[str]] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """One step of the study: its command, the steps it needs first, and where it leaves its result."""
-
-    command: tuple[str, ...]
-    needs: tuple[str, ...] = ()
-    run_dir: str | None = None  # training runs: their run directory (done when it holds model.pt)
-    cache: tuple[str, str] | None = None  # caches: (pool directory, sidecar name)
-    keep_list: str | None = None  # keep lists: their --out directory (done when it holds keep.json)
-
-    def done(self, root: Path = ROOT) -> bool:
-        if self.run_dir is not None:
-            return (root / self.run_dir / "model.pt").exists()
-        if self.keep_list is not None:
-            return (root / self.keep_list / "keep.json").exists()
-        assert self.cache is not None
-        pool, name = self.cache
-        shards = sorted((root / pool).glob("*.tar"))
-        return bool(shards) and all(s.with_name(f"{s.stem}.{name}.json").exists() for s in shards)
-
-
 def train(name: str, overrides: list[str], needs: tuple[str, ...] = ()) -> Step:
-    run_dir = f"{RUNS_DIR}/{name}"
-    return Step(("jestclip", "train", RECIPE, *overrides, f"run_dir={run_dir}"), needs, run_dir=run_dir)
+    return _train_step(RECIPE, name, overrides, runs=RUNS_DIR, results=RESULTS_DIR, needs=needs)
 
 
 def keep_name(pool: str, ref: str, q: float) -> str:
@@ -177,25 +146,6 @@ SETS = {
 }
 
 
-def with_needs(names: list[str]) -> list[str]:
-    """``names`` with every step they need before them, each once, in order."""
-    out: dict[str, None] = {}
-
-    def add(name: str) -> None:
-        for need in STEPS[name].needs:
-            add(need)
-        out.setdefault(name)
-
-    for name in names:
-        add(name)
-    return list(out)
-
-
-def keep_logs(name: str) -> None:
-    """Copy a finished run's config.json and metrics.jsonl (no weights) to results/study2/NAME."""
-    study.keep_logs(name, RUNS_DIR, RESULTS_DIR)
-
-
 def _cell(mean: float | None, std: float | None, seeds: int, scale: float = 1.0, digits: int = 2) -> str:
     if mean is None:
         return "—"
@@ -247,23 +197,13 @@ def summary(root: Path = ROOT) -> list[str]:
     return lines
 
 
-def at_flops(run: RunLog, budget: float) -> tuple[float, float] | None:
-    """``(METRIC, step)`` of one run interpolated linearly between its evaluations at ``budget`` per-step
-    FLOPs (``flops_total``); None when its evaluations do not reach that far."""
-    rows = [e for e in run.evals if e.get("flops_total") is not None and e.get(METRIC) is not None]
-    xs = [float(e["flops_total"]) for e in rows]
-    if not xs or not xs[0] <= budget <= xs[-1]:
-        return None
-    metric = np.interp(budget, xs, [float(e[METRIC]) for e in rows])
-    return float(metric), float(np.interp(budget, xs, [float(e["step"]) for e in rows]))
-
-
 def equal_flops(root: Path = ROOT) -> list[str]:
     """Markdown rows: every finished seed group's ``METRIC`` (%, mean ± sd over seeds) at the per-step FLOPs
     an IID run spends in all (its final ``flops_total``; the same for the filter and DRRho, whose steps cost
     IID's), and the step at which a costlier method (JEST's family) spent them. The reference's own cost is
     left out: runs compared here share their reference, so it is the same for each."""
     from jestclip.report import group_seeds, load_run
+    from jestclip.report.compare import at_flops
 
     done = [n for n in TRAINING if (root / RESULTS_DIR / n / "metrics.jsonl").exists()]
     groups = group_seeds([load_run(root / RESULTS_DIR / n) for n in done])
@@ -276,7 +216,7 @@ def equal_flops(root: Path = ROOT) -> list[str]:
         "|---|---:|---:|---:|",
     ]
     for group in groups:
-        found = [at_flops(r, budget) for r in group.runs]
+        found = [at_flops(r, budget, METRIC) for r in group.runs]
         if any(f is None for f in found):
             lines.append(f"| {group.name} | {len(group.runs)} | not reached | — |")
             continue
@@ -339,18 +279,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.report:
         for command in report_commands():
-            study.run(command)
+            run(command)
         return
     names = [n for item in args.steps for n in SETS.get(item, [item])]
     unknown = sorted(set(names) - set(STEPS))
     if unknown:
         raise SystemExit(f"study2: unknown step(s) {unknown}; see --list, or one of {sorted(SETS)}")
-    for name in with_needs(names):
-        step = STEPS[name]
-        if not step.done():
-            study.run(list(step.command))
-        if step.run_dir is not None:
-            keep_logs(name)
+    run_steps(STEPS, names)
 
 
 if __name__ == "__main__":

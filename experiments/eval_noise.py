@@ -9,10 +9,10 @@ mean by sigma^2 / N, the full mean's own sampling variance). The first checkpoin
 other's signal is its full-evaluation value minus the baseline's, and signal / noise divides it by the sd
 of its draws.
 
-    python benchmarks/eval_noise.py runs/study/iid-s0 --data data/bench --draws 20
-    python benchmarks/eval_noise.py untrained:jest-micro runs/study2/ref-weak runs/study2/ref-strong \
+    python -m experiments.eval_noise runs/study/iid-s0 --data data/bench --draws 20
+    python -m experiments.eval_noise untrained:jest-micro runs/study2/ref-weak runs/study2/ref-strong \
         --fraction 0.5 --table
-    python benchmarks/eval_noise.py runs/study/iid-s1 runs/study/jest-f08-s1 --paired   # B - A by draw
+    python -m experiments.eval_noise runs/study/iid-s1 runs/study/jest-f08-s1 --paired   # B - A by draw
 """
 
 from __future__ import annotations

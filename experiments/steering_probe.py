@@ -1,5 +1,5 @@
-"""What a reference-steered (DRRho-style) learner learned, read from its held-out features (docs/results.md,
-Study II, "What the DRRho-style learner learned").
+"""What a reference-steered (DRRho-style) learner learned, read from its held-out features
+(docs/studies/study2.md, "What the DRRho-style learner learned").
 
 Every retrieval suite is encoded once by the reference and by each run's final model; then, per run, the
 study's primary metric (gallery R@5, image→text and text→image, galleries of 100 pairs, averaged over the
@@ -16,15 +16,12 @@ reference, the correlation of the two models' cosines over matched (``corr_pos``
 (``corr_neg``: a learner that confuses the captions the reference confuses scores high), and the learner's
 logit scale and bias.
 
-``--pool DIR --cache NAME`` reads the same statistics off a reference's cached embeddings of the *training*
-pool (``jestclip cache-reference``'s sidecars, read through ``data.ReferenceCache``: beside the shards, or in
-``--cache-dir``), galleries of 100 within each shard: how well the reference knows the very pairs a steered
-learner must beat it on.
+How well a reference knows the very pairs a steered learner must beat it on (its gallery R@5 on its cached
+embeddings of the training pool) is `jestclip check-reference` (``report.check``).
 
-    python benchmarks/steering_probe.py runs/study2/drrho-natural-strong-s0 runs/study2/iid-natural-s0 \
+    python -m experiments.steering_probe runs/study2/drrho-natural-strong-s0 runs/study2/iid-natural-s0 \
         --reference runs/study2/ref-strong --data data/bench >> results/study2/steering-probe.jsonl
-    python benchmarks/steering_probe.py --table results/study2/steering-probe.jsonl   # seeds as one row
-    python benchmarks/steering_probe.py --pool data/bench/pool --cache study2-strong --shards 20
+    python -m experiments.steering_probe --table results/study2/steering-probe.jsonl   # seeds as one row
 """
 
 from __future__ import annotations
@@ -33,13 +30,12 @@ import argparse
 import json
 import re
 import statistics
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from jestclip.data.refcache import ReferenceCache
 from jestclip.eval import encode_suite, find_suites
 from jestclip.eval.evaluate import GALLERY_SIZE, SuiteFeatures
 from jestclip.eval.metrics import gallery_recall
@@ -103,50 +99,6 @@ def probe(learner: Sequence[SuiteFeatures], reference: Sequence[SuiteFeatures], 
     return out
 
 
-def cached_pair_stats(shards: Iterable[tuple[Tensor, Tensor]], *, seed: int = 0) -> dict[str, float]:
-    """Gallery R@5 (%, galleries of ``GALLERY_SIZE`` within each shard) and the mean matched and unmatched
-    cosine of a reference's cached embeddings, one ``(image [n, D], text [n, D])`` per shard (row i: pair
-    i, as ``ReferenceCache.lookup`` returns them), pooled over the shards; ``shards`` and ``pairs`` count
-    them. Rows
-    are renormalised (the cache stores float16). A ValueError when there are none."""
-    recalls, matched, unmatched, pairs, count = [], [], [], 0, 0
-    for image, text in shards:
-        count += 1
-        image, text = (torch.nn.functional.normalize(t.float(), dim=-1) for t in (image, text))
-        n = image.shape[0]
-        got = gallery_recall(image, text, torch.arange(n), size=GALLERY_SIZE, seed=seed)
-        weight = max(1, n // GALLERY_SIZE)  # galleries in this shard
-        recalls += [(got["i2t_r@5"] + got["t2i_r@5"]) / 2] * weight
-        pos, neg = _cosines(image, text)
-        matched.append(pos)
-        unmatched.append(neg)
-        pairs += n
-    if not pairs:
-        raise ValueError("steering probe: no cached embeddings to read")
-    return {
-        "shards": count,
-        "pairs": pairs,
-        "r5": 100 * sum(recalls) / len(recalls),
-        "cos_pos": torch.cat(matched).mean().item(),
-        "cos_neg": torch.cat(unmatched).mean().item(),
-    }
-
-
-def cached_shards(
-    pool: str | Path, name: str, *, limit: int, cache_dir: str | None = None
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """``(image, text)`` of every cached pair of the first ``limit`` shards of ``pool``, a shard at a time
-    (``ReferenceCache`` checks the sidecars: a missing or stale one is its one-line ValueError)."""
-    urls = [str(p) for p in sorted(Path(pool).glob("*.tar"))[:limit]]
-    if not urls:
-        raise ValueError(f"steering probe: no shards (*.tar) in {pool}")
-    cache = ReferenceCache(urls, name=name, cache_dir=cache_dir)
-    for i, url in enumerate(urls):
-        keys = cache.keys(i)
-        emb = cache.lookup(keys, [url] * len(keys))
-        yield emb.image, emb.text
-
-
 TABLE = (
     ("r5_learner", "R@5 learner (%)", 2),
     ("r5_steered", "R@5 learner − ref (%)", 2),
@@ -197,23 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference", help="the reference's run directory (or weights file)")
     parser.add_argument("--data", default="data/bench", help="benchmark root with the eval suites")
     parser.add_argument("--table", metavar="JSONL", help="print the seed-grouped table of earlier output")
-    parser.add_argument("--pool", help="a training pool's shard directory: read its cached embeddings")
-    parser.add_argument("--cache", help="with --pool: the reference cache's name")
-    parser.add_argument("--shards", type=int, default=20, help="with --pool: the first N shards (default 20)")
-    parser.add_argument(
-        "--cache-dir", help="with --pool: where the sidecars are (default: beside the shards)"
-    )
     args = parser.parse_args(argv)
-    if args.pool:
-        if not args.cache:
-            parser.error("--pool needs --cache NAME")
-        try:
-            shards = cached_shards(args.pool, args.cache, limit=args.shards, cache_dir=args.cache_dir)
-            row = cached_pair_stats(shards)
-        except ValueError as exn:
-            raise SystemExit(str(exn)) from None
-        print(json.dumps({"pool": args.pool, "cache": args.cache, **row}), flush=True)
-        return
     if args.table:
         rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
         print("\n".join(table(rows)))

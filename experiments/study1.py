@@ -1,15 +1,16 @@
-"""The evidence study (docs/results.md): train its runs, keep their logs in results/, write the report.
+"""Study I, the evidence study (docs/studies/study1.md): train its runs, keep their logs in results/,
+write the report.
 
 Every run is `configs/study.py` plus the overrides below, trained under runs/study/NAME (weights stay there)
 with its config.json and metrics.jsonl copied to results/study/NAME when it finishes. The reference is the
 study's IID learner trained on `curated` (run `reference`, which is also "IID on curated, seed 0"); its
 embeddings of the pool are cached as `study-reference` before any run that scores with it.
 
-    python benchmarks/study.py headline            # IID and JEST f = 0.8, seed 0 (+ the reference, cache)
-    python benchmarks/study.py all                 # every run, then results/study/report
-    python benchmarks/study.py jest-f09 hard-learner
-    python benchmarks/study.py --list              # names and the exact command of each run
-    python benchmarks/study.py --summary           # finished runs: final and late-run averages vs IID
+    python -m experiments.study1 headline            # IID and JEST f = 0.8, seed 0 (+ the reference, cache)
+    python -m experiments.study1 all                 # every run, then results/study/report
+    python -m experiments.study1 jest-f09 hard-learner
+    python -m experiments.study1 --list              # names and the exact command of each run
+    python -m experiments.study1 --summary           # finished runs: final and late-run averages vs IID
 
 Finished runs are skipped and interrupted ones resume, so the command can be repeated until it is done.
 """
@@ -17,14 +18,10 @@ Finished runs are skipped and interrupted ones resume, so the command can be rep
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from experiments.steps import ROOT, copy_logs, run
+
 RECIPE = "configs/study.py"
 CACHE = "study-reference"
 JEST = ["method.method=jest", f"reference_cache={CACHE}"]
@@ -78,14 +75,6 @@ def cache_command() -> list[str]:
     ]
 
 
-def run(argv: list[str]) -> None:
-    print("$", " ".join(argv), flush=True)
-    exe = shutil.which(argv[0]) or str(Path(sys.executable).with_name(argv[0]))
-    started = time.perf_counter()
-    subprocess.run([exe, *argv[1:]], cwd=ROOT, check=True)
-    print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
-
-
 def report_command() -> list[str]:
     """The `jestclip report` of the whole study (docs/results.md quotes it)."""
     logs = [f"results/study/{name}" for name in RUNS if name != "reference"] + ["results/study/reference"]
@@ -105,11 +94,8 @@ def report_command() -> list[str]:
 
 
 def keep_logs(name: str, runs: str = "runs/study", results: str = "results/study") -> None:
-    """Copy a finished run's config.json and metrics.jsonl (no weights) from RUNS/NAME to RESULTS/NAME."""
-    out = ROOT / results / name
-    out.mkdir(parents=True, exist_ok=True)
-    for file in ("config.json", "metrics.jsonl"):
-        shutil.copy2(ROOT / runs / name / file, out / file)
+    """Copy a finished run's logs from RUNS/NAME to RESULTS/NAME."""
+    copy_logs(f"{runs}/{name}", f"{results}/{name}")
 
 
 LATE = 2000  # the "late-run" average: mean of the evaluations at steps >= LATE (the last five)

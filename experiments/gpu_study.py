@@ -1,23 +1,26 @@
-"""Study II's headline comparison at a GPU regime, in one command that stops at a wall-clock budget.
+"""Study III's compute-matched comparison at a GPU regime, in one command that stops at a wall-clock budget.
 
-    python benchmarks/gpu_study.py --out /tmp/gpu-study --shards 12  # one H200: jest-small, b = 256, ~9 min
-    python benchmarks/gpu_study.py --tiny --bench B --out O --work W  # CPU smoke test: jest-micro, 4 steps
+    python -m experiments.gpu_study --out /tmp/gpu-study --shards 12  # one H100/H200: jest-small, b = 256
+    python -m experiments.gpu_study --tiny --bench B --out O --work W  # CPU smoke test: jest-micro
 
 On the swapped pool (``BENCH/pool-swap50``; derived into ``--work`` with `jestclip data corrupt BENCH/pool ...
---swap-captions 0.5 --seed 0` when the benchmark has none), one seed each: IID, the static filter keeping
-Q = 0.5, DRRho and JEST f = 0.8, all scoring with one strong reference — the learner's architecture and
-schedule trained IID on the clean pool (``BENCH/pool``, the swapped pool's clean counterpart; issue 17, item
-2; benchmarks/study2.py says why). In order, each a `jestclip` command printed before it runs:
+--swap-captions 0.5 --seed 0` when the benchmark has none), one seed each, every run *scheduled for IID's
+FLOPs* (docs/studies/study3.md): IID and the static filter keeping Q = 0.5 (an IID step each, the regime's
+``steps``), JEST f = 0.8 and Flexi-JEST f = 0.8 with the steps that IID's FLOPs buy them
+(``jestclip.train.setup.scheduled_steps``), and Study III's chosen selection schedule
+(``experiments.study3.CHOSEN``, when chosen), all scoring with one strong reference — the learner's
+architecture and schedule trained IID on the clean pool (``BENCH/pool``, the swapped pool's clean counterpart;
+docs/studies/study2.md says why). In order, each a `jestclip` command printed before it runs:
 
 1. ``ref-strong``: the reference's training run; 2. its embeddings of the swapped pool (`cache-reference`,
    sidecars ``gpu-study-strong`` beside the swapped pool's shards); 3. the keep list (`jestclip filter --keep
-   0.5`); 4. the runs ``iid``, ``jest-f08``, ``filter-q50``, ``drrho``; 5. `jestclip report` of the four runs
-   (baseline IID, the reference's cost, selection diagnostics of the JEST run) into ``OUT/report``.
+   0.5`); 4. the runs; 5. `jestclip report` of the runs (baseline IID, the reference's cost, selection
+   diagnostics of the JEST run) into ``OUT/report``.
 
-Every run trains from memory (``data_in_memory=true``) under ``--work``/NAME; its config.json and
-metrics.jsonl are copied to ``OUT/runs/NAME``. After each run the script prints its measured step time
-(median seconds per step between training lines, so evaluations drop out) and the FLOP rate it achieved;
-``OUT/gpu_study.md`` collects them with the device, date and command.
+Every run trains from memory (``data_in_memory=true``) under ``--work``/NAME, evaluated at its start, half-way
+and its end; its config.json and metrics.jsonl are copied to ``OUT/runs/NAME``. After each run the script
+prints its measured step time (median seconds per step between training lines, so evaluations drop out) and
+the FLOP rate it achieved; ``OUT/gpu_study.md`` collects them with the device, date and command.
 
 **Budget.** ``--budget`` seconds (default 540: the 9 minutes a 10-minute device call leaves) bound the whole
 command; the last ``report_s`` of it are kept for the report. A step still running when the training budget
@@ -27,14 +30,14 @@ skipped (a run directory with model.pt, a cache whose every shard has its header
 
 **Regime and timing** (``FULL``): `jest-small` (22.3 M parameters, 64-px images, patch 8), b = 256, f = 0.8
 (B = 1,280), 16 chunks, AdamW lr 1e-3 (configs/iid.py's, not tuned for this regime), 5% warm-up then cosine,
-500 steps (128,000 examples learned), evaluated on all suites at steps 0, 250 and 500. FLOPs (models/flops.py;
-forward 0.954 GFLOP per pair): an IID, filter or DRRho step 0.733 TFLOP, a JEST step 1.954 TFLOP (8/3 of IID:
-the scoring forward is recomputed with gradients). Measured on one H200 (2026-11-30, docs/benchmarks.md) with
-``--shards 12 --steps 500``: IID-cost steps 0.065–0.070 s (~10.5 TFLOP/s: these width-256 layers are
-launch-bound), JEST 0.2125 s; each run ~75 s with its process start, in-memory decoding and three
-evaluations (one eval shard per suite), JEST ~150 s; corrupting, caching and filtering 12 shards ~55 s:
-~9 min with the report. The full 60-shard pool does not fit 9 minutes at this rate (decoding, caching and
-corrupting grow ~5x, and the evaluations with the suites' other shards); ``--shards`` picks the subset.
+500 IID steps (128,000 examples learned). FLOPs (models/flops.py; forward 0.954 GFLOP per pair): an IID or
+filter step 0.733 TFLOP, a JEST step 1.954 TFLOP (8/3 of IID: the scoring forward is recomputed with
+gradients), so JEST gets 187 steps of IID's 500. Measured on one H200 (2026-11-30, docs/benchmarks.md) with
+``--shards 12 --steps 500`` (Study II's runs): IID-cost steps 0.065–0.070 s (~10.5 TFLOP/s: these width-256
+layers are launch-bound), JEST 0.2125 s; each run ~75 s with its process start, in-memory decoding and three
+evaluations (one eval shard per suite); corrupting, caching and filtering 12 shards ~55 s. At those rates
+the reference, IID, the filter, JEST and Flexi-JEST fit ~9 minutes with the report; the chosen schedule
+makes it ~10: a second call with the same command finishes what the first left (it resumes).
 
 **On this workplace's device machine** nothing is fetched and at most 64 MiB travel with the working tree,
 so the 475 MB pool and 60 MB of eval suites do not: carry a subset (a few pool shards with its manifest.json
@@ -61,7 +64,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = "gpu-study-strong"  # the reference's sidecar name
-METRIC = "eval/gallery_r5"  # Study II's primary metric (docs/results.md), as benchmarks/study2.py
+METRIC = "eval/gallery_r5"  # the studies' primary metric (docs/studies/study2.md)
 KEEP = 0.5  # Q of the static filter
 STOPPED = 3  # exit status when the budget ran out (rerun to resume)
 TERM_GRACE_S = 60.0  # after SIGTERM, how long a step may take to checkpoint before it is killed
@@ -74,27 +77,43 @@ class Settings:
     model: str
     batch: int
     n_chunks: int
-    steps: int
-    eval_every: int
+    steps: int  # of an IID run; the others get what IID's FLOPs over them buy
     eval_limit: int | None
     lr: float
     log_every: int
-    checkpoint_every: int
     num_workers: int
     report_s: float  # of the budget, kept for the report
     diagnostics: tuple[str, ...]  # extra `jestclip report` arguments
 
 
-FULL = Settings("jest-small", 256, 16, 500, 250, None, 1e-3, 20, 125, 4, 60.0, ())
+FULL = Settings("jest-small", 256, 16, 500, None, 1e-3, 20, 4, 60.0, ())
 TINY = Settings(
-    "jest-micro", 8, 2, 4, 2, 24, 1e-3, 1, 2, 0, 20.0, ("--gibbs-steps", "20", "--diagnostics-batch", "8")
+    "jest-micro", 8, 2, 8, 24, 1e-3, 1, 0, 20.0, ("--gibbs-steps", "20", "--diagnostics-batch", "8")
 )
-RUNS: dict[str, list[str]] = {  # run name -> method overrides (the reference and keep list added below)
-    "iid": [],
-    "jest-f08": ["method.method=jest", "filter_ratio=0.8", f"reference_cache={CACHE}"],
-    "filter-q50": ["method.method=filter"],
-    "drrho": ["method.method=drrho", f"reference_cache={CACHE}"],
+JEST = ["method.method=jest", "filter_ratio=0.8", f"reference_cache={CACHE}"]
+FLEXI = ["method.method=flexi-jest", "filter_ratio=0.8", "method.approx=flexi", "method.approx_fraction=0.5"]
+# Study III's pilot forms, as overrides here (the keep list is added where a form uses one)
+SCHEDULES: dict[str, list[str]] = {
+    "jest-first25": [*JEST, "method.schedule.end=0.25"],
+    "jest-anneal": [*JEST, "method.schedule.final_filter_ratio=0.0"],
+    "flexi-jest-keep50": [*FLEXI, f"reference_cache={CACHE}", "keep_list=KEEP"],
 }
+
+
+def runs() -> dict[str, list[str]]:
+    """Run name -> method overrides ("KEEP" stands for the keep list), in order of importance: what a budget
+    cut short is the least needed. Every run but IID's and the filter's is scheduled for IID's FLOPs."""
+    from experiments.study3 import CHOSEN
+
+    out = {
+        "iid": [],
+        "filter-q50": ["method.method=filter", "keep_list=KEEP"],
+        "jest-f08-iidflops": JEST,
+        "flexi-jest-f08-iidflops": [*FLEXI, f"reference_cache={CACHE}"],
+    }
+    if CHOSEN is not None:
+        out[CHOSEN] = SCHEDULES[CHOSEN]
+    return out
 
 
 def shard_list(pool: Path, names_from: Path, shards: int | None) -> list[str]:
@@ -126,29 +145,52 @@ class Plan:
         """The pool directory, or with ``shards`` its first shards (as the clean pool names them)."""
         return [str(pool)] if self.shards is None else shard_list(pool, self.bench / "pool", self.shards)
 
-    def train(self, name: str, data: str, extra: list[str]) -> list[str]:
-        s = self.s
+    def run_steps(self, extra: list[str]) -> int:
+        """Steps of a run with ``extra``: the regime's for an IID-cost method, else what IID's FLOPs over the
+        regime's steps buy it (``scheduled_steps``)."""
+        from jestclip.train.config import apply_overrides, load_recipe
+        from jestclip.train.setup import StepCosts, scheduled_steps
+
+        base = apply_overrides(load_recipe(ROOT / "configs/iid.py"), self.settings([]))
+        cfg = apply_overrides(base, extra)
+        if not cfg.method.description.selects:
+            return self.s.steps
+        budget = self.s.steps * StepCosts.measure(base).total(self.s.batch)
+        return scheduled_steps(cfg, budget)
+
+    def settings(self, extra: list[str], steps: int | None = None) -> list[str]:
+        """The regime's overrides of configs/iid.py for a run of ``steps`` (default: the regime's)."""
+        s, steps = self.s, steps or self.s.steps
         return [
-            "jestclip",
-            "train",
-            "configs/iid.py",
             f"model={s.model}",
-            f"data={data}",
             f"eval_data={self.bench}",
             f"method.batch_size={s.batch}",
             f"method.n_chunks={s.n_chunks}",
             f"optim.lr={s.lr}",
             "optim.warmup_fraction=0.05",
-            f"steps={s.steps}",
+            f"steps={steps}",
             f"log_every={s.log_every}",
-            f"checkpoint_every={s.checkpoint_every}",
-            f"eval_every={s.eval_every}",
+            f"checkpoint_every={max(1, steps // 4)}",
+            f"eval_every={max(1, steps // 2)}",
             f"eval_limit={json.dumps(s.eval_limit)}",
             f"num_workers={s.num_workers}",
             f"device={self.device}",
             "data_in_memory=true",
             "seed=0",
             *extra,
+        ]
+
+    def train(self, name: str, data: str, extra: list[str]) -> list[str]:
+        extra = [
+            o.replace("KEEP", str(self.work / "keep-q50")) if o == "keep_list=KEEP" else o for o in extra
+        ]
+        steps = self.run_steps(extra)
+        return [
+            "jestclip",
+            "train",
+            "configs/iid.py",
+            f"data={data}",
+            *self.settings(extra, steps),
             f"run_dir={self.work / name}",
         ]
 
@@ -165,9 +207,7 @@ class Plan:
         steps.append(("cache", cache))
         keep = ["jestclip", "filter", *noisy, "--keep", str(KEEP), "--out", str(self.work / "keep-q50")]
         steps.append(("keep", [*keep, "--reference-cache", CACHE]))
-        for name, extra in RUNS.items():
-            if name == "filter-q50":
-                extra = [*extra, f"keep_list={self.work / 'keep-q50'}"]
+        for name, extra in runs().items():
             steps.append((name, self.train(name, "::".join(noisy), extra)))
         return steps
 
@@ -188,7 +228,7 @@ class Plan:
         return [
             "jestclip",
             "report",
-            *(str(self.out / "runs" / name) for name in RUNS),
+            *(str(self.out / "runs" / name) for name in runs()),
             "--baseline",
             "iid",
             "--metric",
@@ -196,7 +236,7 @@ class Plan:
             "--reference-run",
             str(self.out / "runs" / "ref-strong"),
             "--diagnostics-run",
-            str(self.work / "jest-f08"),
+            str(self.work / "jest-f08-iidflops"),
             "--device",
             self.device,
             *self.s.diagnostics,
@@ -230,14 +270,13 @@ def run_step(command: list[str], deadline: float) -> bool:
 
 
 def step_rate(run_dir: Path) -> tuple[float, float, int] | None:
-    """(median seconds per step, median FLOP/s, last step) over consecutive training lines of a run's
-    metrics.jsonl (a resumed run's clock restarts: pairs across the restart are left out); None before two
-    training lines."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    """(median seconds per step, median FLOP/s, last step) over consecutive training lines of a run (a resumed
+    run's clock restarts: pairs across the restart are left out); None before two training lines."""
+    from jestclip.report import load_run
+
+    if not (run_dir / "metrics.jsonl").exists():
         return None
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    train = [x for x in lines if "wall_s" in x and not any(k.startswith("eval/") for k in x)]
+    train = [x for x in load_run(run_dir).train if "wall_s" in x]
     pairs = [
         (b["step"] - a["step"], b["wall_s"] - a["wall_s"], b["flops_total"] - a["flops_total"])
         for a, b in itertools.pairwise(train)
@@ -304,9 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
         if args.steps < 4:
             raise SystemExit(f"gpu_study: --steps must be >= 4, got {args.steps}")
-        s = dataclasses.replace(
-            s, steps=args.steps, eval_every=args.steps // 2, checkpoint_every=max(1, args.steps // 4)
-        )
+        s = dataclasses.replace(s, steps=args.steps)
     device = args.device or ("cpu" if args.tiny else "cuda")
     if not (args.bench / "pool").is_dir() or not (args.bench / "eval").is_dir():
         raise SystemExit(
@@ -327,9 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         [
             f"### {device_name(device)} — {datetime.date.today()}",
             "",
-            f"Command: `python benchmarks/gpu_study.py {' '.join(argv)}` · {s.model}, b = {s.batch}, "
-            f"{s.steps} steps, evaluations every {s.eval_every} · budget {args.budget:.0f} s · noisy pool "
-            f"{plan.noisy}",
+            f"Command: `python -m experiments.gpu_study {' '.join(argv)}` · {s.model}, b = {s.batch}, "
+            f"IID's FLOPs over {s.steps} steps · budget {args.budget:.0f} s · noisy pool {plan.noisy}",
         ],
     )
     print("\n".join(notes.header), flush=True)
