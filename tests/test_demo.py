@@ -27,6 +27,10 @@ def test_reduced_demo_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
     assert list((tmp_path / "bench" / "pool").glob("*.demo-reference.json"))
     report = (runs / "report" / "report.md").read_text()
     assert "## Speed-up to target" in report and "## Selection diagnostics" in report
+    assert report.splitlines()[2].startswith(
+        "*The demo shows the pipeline working, not whether JEST pays: one seed"
+    )
+    assert "## Gallery R@5" in report  # the steadier metric by default
     assert json.loads((runs / "demo.json").read_text())["build_limit"] == 40
 
     stamps = {n: (runs / n / "model.pt").stat().st_mtime_ns for n in ("reference", "iid", "jest")}

@@ -47,22 +47,38 @@ def test_report_writes_markdown_figures_and_numbers(runs, tmp_path, capsys):
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "report.md").read_text()
     for heading in (
-        "## Average accuracy",
-        "## Average accuracy at each evaluation",
+        "## Gallery R@5",  # the steadier metric, by default, when every run logged it
+        "## Gallery R@5 at each evaluation",
         "## Speed-up to target",
         "## Final metrics",
         "## Selection diagnostics",
     ):
         assert heading in text
-    assert "| toy/zeroshot:colour |" in text
+    assert "| gallery_r5 |" in text and "| toy/average |" in text  # run-level, then each suite's average
+    assert "| toy/zeroshot:colour |" not in text  # per-task numbers: report.json
     assert "What the runs learned on" not in text and not (out / "composition.png").exists()  # no labels
     data = json.loads((out / "report.json").read_text())
     assert data["baseline"] == "iid" and [r["run"] for r in data["speedup"]] == ["iid", "jest"]
     diag = data["diagnostics"]
-    assert diag["super_batch"] == 20 and set(diag["filter_ratio"]) == {"0.0", "0.5", "0.8", "0.9"}
-    assert len(diag["gibbs"]) == 21 and len(diag["matrix"]) == 20
+    # at the run's own f = 0.5: B = b / (1 - f) = 4 of the diagnostics' b = 2
+    assert diag["super_batch"] == 4 and set(diag["filter_ratio"]) == {"0.0", "0.5"}
+    assert len(diag["gibbs"]) == 21 and len(diag["matrix"]) == 4
     assert data["settings"]["runs"] == [str(iid), str(jest)]
-    assert data["composition"] is None and data["metric"] == "eval/average"
+    assert data["composition"] is None and data["metric"] == "eval/gallery_r5"
+    assert "toy/zeroshot:colour" in json.dumps(data["final"])
+
+
+def test_the_accuracy_figure_labels_its_axes_as_they_say(runs):
+    from jestclip.report import group_seeds, load_run
+    from jestclip.report.plots import accuracy_figure
+
+    groups = group_seeds([load_run(path) for path in runs])
+    figure = accuracy_figure(groups, target=0.1, metric="eval/gallery_r5")
+    examples, flops = figure.axes[:2]
+    assert examples.get_xlabel() == "examples learned on"
+    assert flops.get_xlabel() == "total FLOPs (train + scoring + reference)"
+    assert examples.get_ylabel() == flops.get_ylabel() == "eval/gallery_r5 (%)"
+    assert [t.get_text() for t in examples.get_legend().get_texts()][:2] == ["iid (iid)", "jest (jest)"]
 
 
 def test_report_takes_the_metric_it_compares_on(runs, tmp_path, capsys):

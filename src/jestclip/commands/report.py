@@ -33,8 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--metric",
-        default="eval/average",  # jestclip.report.runs.AVERAGE (not imported: no torch for --help)
-        help="evaluation key of the curves, finals and speed-ups (e.g. eval/gallery_r5; default %(default)s)",
+        help="evaluation key of the curves, finals and speed-ups (default: eval/gallery_r5, the steadier "
+        "one, when every run logged it, else eval/average)",
     )
     parser.add_argument("--no-diagnostics", action="store_true", help="skip the selection diagnostics")
     parser.add_argument(

@@ -184,13 +184,18 @@ def run_diagnostics(
     *,
     batch_size: int = 64,
     gibbs_steps: int = 2000,
-    max_filter_ratio: float = 0.9,
+    filter_ratio: float | None = None,
     device: str | torch.device = "cpu",
 ) -> SelectionDiagnostics:
-    """``selection_diagnostics`` on the first ``batch_size / (1 - max_filter_ratio)`` samples of a run's data,
-    with the run's scoring, loss and gain (the learner's embeddings only where its scoring uses them).
+    """``selection_diagnostics`` on the first ``batch_size / (1 - filter_ratio)`` samples of a run's data,
+    with the run's scoring, loss and gain (the learner's embeddings only where its scoring uses them), at
+    filter ratios 0, 0.5 and ``filter_ratio`` (default: the run's own f: the super-batch has the run's shape).
     """
-    size = round(batch_size / (1.0 - max_filter_ratio))
+    from jestclip.train.rundir import RunDir
+
+    if filter_ratio is None:
+        filter_ratio = float(RunDir(run_dir).read_config().get("filter_ratio", 0.8))
+    size = round(batch_size / (1.0 - filter_ratio))
     learner, reference, cfg = run_embeddings(run_dir, size=size, device=device)
     method = cfg.method
     uses_learner, _ = scoring_uses(method.scoring)
@@ -201,6 +206,6 @@ def run_diagnostics(
         scoring=method.scoring,
         loss=method.loss,
         gain=method.gain,
-        filter_ratios=(0.0, 0.5, 0.8, max_filter_ratio),
+        filter_ratios=tuple(sorted({0.0, 0.5, filter_ratio})),
         gibbs_steps=gibbs_steps,
     )

@@ -14,7 +14,7 @@ from jestclip.report.groups import RunGroup, as_group
 from jestclip.report.runs import AVERAGE, RunLog
 from jestclip.train.composition import CANDIDATES, LEARNED, composition_key
 
-__all__ = ["plot_accuracy", "plot_composition", "plot_diagnostics"]
+__all__ = ["X_AXES", "accuracy_figure", "plot_accuracy", "plot_composition", "plot_diagnostics"]
 
 X_AXES = (
     ("examples_learned", "examples learned on"),
@@ -26,25 +26,32 @@ def plot_accuracy(
     runs: Sequence[RunLog | RunGroup], path: Path, *, target: float | None = None, metric: str = AVERAGE
 ) -> Path:
     """Figure-1 style: ``metric`` against examples learned on and against total FLOPs, one line per run or
-    seed group (its seed mean, with a ±1 standard deviation band across seeds)."""
+    seed group (its seed mean, with a ±1 standard deviation band across seeds), written to ``path``."""
+    accuracy_figure(runs, target=target, metric=metric).savefig(path, dpi=120)
+    return path
+
+
+def accuracy_figure(
+    runs: Sequence[RunLog | RunGroup], *, target: float | None = None, metric: str = AVERAGE
+) -> Figure:
+    """The figure ``plot_accuracy`` writes: two panels, x = ``X_AXES`` (their labels as named there)."""
     fig = Figure(figsize=(11, 4), layout="constrained")
     axes = fig.subplots(1, 2)
-    for ax, (x, label) in zip(axes, X_AXES, strict=True):
+    for ax, (x, x_label) in zip(axes, X_AXES, strict=True):
         for run in map(as_group, runs):
             xs, mean, std = run.curve(x, metric)
             seeds = f", {len(run.runs)} seeds" if len(run.runs) > 1 else ""
-            label = f"{run.name} ({run.method}{seeds})"
-            _band(ax, xs, mean, std, len(run.runs), marker="o", markersize=3, label=label)
+            legend = f"{run.name} ({run.method}{seeds})"
+            _band(ax, xs, mean, std, len(run.runs), marker="o", markersize=3, label=legend)
         if target is not None:
             ax.axhline(
                 100 * target, color="grey", linestyle="--", linewidth=1, label="target (baseline final)"
             )
-        ax.set_xlabel(label)
+        ax.set_xlabel(x_label)
         ax.set_ylabel(f"{metric} (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-    return path
+    return fig
 
 
 def _band(ax, xs: list[float], mean: list[float], std: list[float], seeds: int, **style) -> None:

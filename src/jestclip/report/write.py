@@ -15,7 +15,7 @@ from jestclip.report.diagnostics import SelectionDiagnostics
 from jestclip.report.groups import RunGroup, group_seeds
 from jestclip.report.plots import plot_accuracy, plot_composition, plot_diagnostics
 from jestclip.report.reference import ReferenceCost
-from jestclip.report.runs import AVERAGE, RunLog
+from jestclip.report.runs import AVERAGE, RunLog, default_metric
 from jestclip.report.speedup import SpeedupRow, speedup_table
 from jestclip.train.composition import CANDIDATES, LEARNED
 
@@ -206,15 +206,22 @@ def _curves_section(groups: Sequence[RunGroup], metric: str = AVERAGE) -> list[s
 
 
 def _metrics_section(groups: Sequence[RunGroup]) -> list[str]:
-    metrics = sorted({k for g in groups for k in g.final_eval if k.startswith("eval/")})
+    """The final value of every run-level metric and each suite's average (every per-task number is in
+    report.json)."""
+    keys = {k for g in groups for k in g.final_eval if k.startswith("eval/")}
+    overall = sorted(k for k in keys if k.count("/") == 1)
+    suites = sorted(k for k in keys if k.count("/") == 2 and k.endswith("/average"))
     lines = [
         "",
         "## Final metrics (%, seed mean)",
         "",
+        "Run-level metrics, then each eval suite's average; definitions in docs/eval.md, every per-suite and "
+        "per-task number in report.json (`final`).",
+        "",
         "| metric | " + " | ".join(g.name for g in groups) + " |",
     ]
     lines += ["|---|" + "---|" * len(groups)]
-    for metric in metrics:
+    for metric in overall + suites:
         cells = [_pct(g.final_eval.get(metric)) for g in groups]
         lines.append(f"| {metric.removeprefix('eval/')} | " + " | ".join(cells) + " |")
     return lines
@@ -310,7 +317,8 @@ def write_report(
     diagnostics_run: str | None = None,
     reference: ReferenceCost | None = None,
     settings: dict[str, Any] | None = None,
-    metric: str = AVERAGE,
+    metric: str | None = None,
+    caveat: str | None = None,
 ) -> Path:
     """Write ``report.md``, ``accuracy.png``, ``diagnostics.png`` (if given), ``composition.png`` (when runs
     logged the ground-truth composition of what they learned on: ``report.composition``) and ``report.json``
@@ -319,11 +327,13 @@ def write_report(
     Runs whose configs differ only in seed are reported as one group (seed-mean curve with a band, mean ± std
     finals, speed-up on the mean curve with its per-seed range). Every run needs evaluation lines; group
     names must be distinct (they label the curves and columns). ``metric``: the evaluation key the curves,
-    finals and speed-ups use (``eval/average`` by default; e.g. ``eval/gallery_r5``); a ValueError names a
-    key that the runs' final evaluations lack.
+    finals and speed-ups use (default: ``runs.default_metric``, the steadier gallery R@5 when every run
+    logged it, else ``eval/average``); a ValueError names a key that the runs' final evaluations lack.
+    ``caveat``: one line under the title saying what the runs can and cannot show.
     """
     if not runs:
         raise ValueError("no runs to report")
+    metric = metric or default_metric(runs)
     for run in runs:
         run.final_eval  # noqa: B018 - raises a clear error for a run without evaluations
     missing = [str(r.path) for r in runs if metric not in r.final_eval]
@@ -338,7 +348,12 @@ def write_report(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plot_accuracy(groups, out / "accuracy.png", target=target, metric=metric)
-    lines = ["# jestclip report", "", *_runs_section(groups, metric)]
+    lines = [
+        "# jestclip report",
+        "",
+        *([f"*{caveat}*", ""] if caveat else []),
+        *_runs_section(groups, metric),
+    ]
     name, in_sentence, meaning = _names(metric)
     lines += [f"## {name}", "", f"![{in_sentence} vs examples and FLOPs](accuracy.png)", ""]
     lines += [
