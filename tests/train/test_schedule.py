@@ -264,3 +264,29 @@ def test_a_run_scheduled_for_a_flop_budget_takes_the_most_steps_that_fit(tmp_pat
 def test_steps_for_flops_refuses_a_budget_below_one_step():
     with pytest.raises(ValueError, match="does not cover one step"):
         steps_for_flops(5.0, lambda size: 10.0 * size, SelectionSchedule(), batch_size=4, filter_ratio=0.5)
+
+
+def test_reports_name_a_scheduled_run_by_its_schedule(tmp_path, shards):
+    from jestclip.report import load_run
+
+    cfg = scheduled(tmp_path / "run", shards, "jest", SelectionSchedule(end=0.5, every=2), steps=2)
+    train(cfg, progress=False)
+    assert load_run(cfg.run_dir).label == "jest (steps 0-50%, every 2)"
+    plain = config(tmp_path / "plain", shards, "jest", steps=1)
+    train(plain, progress=False)
+    assert load_run(plain.run_dir).label == "jest"
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_a_scheduled_run_on_two_ranks(tmp_path, memory):
+    import torch.multiprocessing as mp
+
+    from .test_distributed import WORLD, _train_worker
+
+    urls = cached_shards(tmp_path / "shards", 4, 8)
+    schedule = SelectionSchedule(end=0.5, final_filter_ratio=0.25)  # B = 8, then 6 (a multiple of 2), then 4
+    cfg = scheduled(tmp_path / "run", urls, "jest", schedule, steps=4, data_in_memory=memory)
+    mp.spawn(_train_worker, args=(str(tmp_path / "store"), cfg), nprocs=WORLD, join=True)
+    logged = lines(cfg.run_dir)
+    assert [x["examples_scored"] for x in logged] == [8, 14, 14, 14]
+    assert logged[-1]["examples_learned"] == 16 and all(x["skipped_updates"] == 0 for x in logged)

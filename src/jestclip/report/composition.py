@@ -123,7 +123,7 @@ def composition_table(runs: Sequence[RunLog | RunGroup]) -> list[CompositionRow]
         rows.append(
             CompositionRow(
                 run=group.name,
-                method=group.method,
+                method=group.label,
                 seeds=len(group.runs),
                 mean={k: m for k, (m, _) in stats.items()},
                 std={k: s for k, (_, s) in stats.items()},

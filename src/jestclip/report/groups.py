@@ -41,6 +41,10 @@ class RunGroup:
         return self.runs[0].method
 
     @property
+    def label(self) -> str:
+        return self.runs[0].label
+
+    @property
     def description(self) -> Method:
         return self.runs[0].description
 

@@ -41,7 +41,7 @@ def accuracy_figure(
         for run in map(as_group, runs):
             xs, mean, std = run.curve(x, metric)
             seeds = f", {len(run.runs)} seeds" if len(run.runs) > 1 else ""
-            legend = f"{run.name} ({run.method}{seeds})"
+            legend = f"{run.name} ({run.label}{seeds})"
             _band(ax, xs, mean, std, len(run.runs), marker="o", markersize=3, label=legend)
         if target is not None:
             ax.axhline(
@@ -76,7 +76,7 @@ def plot_composition(groups: Sequence[RunGroup], path: Path, *, swapped: bool = 
     for ax, (column, label) in zip(axes, panels, strict=True):
         for group, colour in zip(groups, colours, strict=True):
             seeds = len(group.runs)
-            name = f"{group.name} ({group.method}{f', {seeds} seeds' if seeds > 1 else ''})"
+            name = f"{group.name} ({group.label}{f', {seeds} seeds' if seeds > 1 else ''})"
             for row, style, what in ((LEARNED, "-", "learned"), (CANDIDATES, "--", "candidates")):
                 xs, mean, std = group.curve("examples_learned", composition_key(row, column), training=True)
                 _band(ax, xs, mean, std, seeds, color=colour, linestyle=style, label=f"{name}: {what}")

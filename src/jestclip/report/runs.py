@@ -9,6 +9,7 @@ from typing import Any
 
 from jestclip.train.methods import Method, get_method
 from jestclip.train.rundir import RunDir
+from jestclip.train.schedule import SelectionSchedule
 
 __all__ = ["AVERAGE", "PRIMARY", "RunLog", "default_metric", "load_run"]
 
@@ -33,6 +34,13 @@ class RunLog:
     @property
     def method(self) -> str:
         return self.config.get("method", {}).get("method", "?")
+
+    @property
+    def label(self) -> str:
+        """The method as reports name it: ``jest``, or with its selection schedule ``jest (steps 0-25%)``."""
+        schedule = self.config.get("method", {}).get("schedule") or {}
+        described = SelectionSchedule(**schedule).describe() if schedule else ""
+        return f"{self.method} ({described})" if described else self.method
 
     @property
     def description(self) -> Method:

@@ -108,7 +108,7 @@ def speedup_table(
         rows.append(
             SpeedupRow(
                 run=group.name,
-                method=group.method,
+                method=group.label,
                 final=final,
                 examples=cost["examples_learned"],
                 flops=cost["flops_total"],

@@ -116,7 +116,7 @@ def _runs_section(groups: Sequence[RunGroup], metric: str) -> list[str]:
     for g in groups:
         final = g.final_eval
         lines.append(
-            f"| {g.name} | {g.method} | {g.config.get('model', '?')} | {_seeds(g)} | {final['step']:.0f} | "
+            f"| {g.name} | {g.label} | {g.config.get('model', '?')} | {_seeds(g)} | {final['step']:.0f} | "
             f"{final['examples_learned']:,.0f} | {final['flops_total']:.3g} | "
             f"{_pm(*g.final(metric), len(g.runs))} |"
         )
