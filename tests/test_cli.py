@@ -3,9 +3,9 @@ import sys
 
 import pytest
 
-from jestclip.cli import main
+from jestclip.cli import _COMMANDS, main
 
-SUBCOMMANDS = ["data", "train", "cache-reference", "filter", "eval", "report", "demo"]
+SUBCOMMANDS = list(_COMMANDS)  # what exists, from the code
 HEAVY = ("torch", "open_clip", "numpy", "PIL", "webdataset", "resvg_py")
 
 
@@ -86,6 +86,45 @@ def test_train_command_prints_resolved_config(capsys):
     assert main(["train", "configs/jest.py", "--quick", "steps=3", "method.gain=5.0", "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert '"steps": 3' in printed and '"gain": 5.0' in printed
+
+
+def test_train_lists_every_method_from_the_code(capsys):
+    from jestclip.train.methods import METHODS
+
+    assert main(["train", "--methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(METHODS)
+    assert all(METHODS[line.split()[0]].summary in line for line in lines)
+
+
+def test_train_schedules_a_run_for_another_runs_flops(tmp_path, capsys):
+    import json
+
+    from jestclip.train.config import apply_overrides, load_recipe
+    from jestclip.train.setup import StepCosts
+
+    iid = apply_overrides(
+        load_recipe("configs/iid.py", quick=True), ["model=jest-micro", "method.batch_size=8"]
+    )
+    per_step = StepCosts.measure(iid).total(8)
+    run = tmp_path / "iid"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 40, "flops_total": 40 * per_step}) + "\n")
+    argv = [
+        "train",
+        "configs/jest.py",
+        "--quick",
+        "model=jest-micro",
+        "method.batch_size=8",
+        "--print-config",
+    ]
+    assert main([*argv, "--flops-of", str(run)]) == 0
+    out = capsys.readouterr().out
+    # JEST at f = 0.8 scores B = 40 and learns b = 8: (40 + 3 x 8) / (3 x 8) = 8/3 of an IID step
+    assert out.startswith("train: 15 steps fit a budget of") and '"steps": 15' in out
+    assert main([*argv, "--flops", "1"]) == 2
+    assert "does not cover one step" in capsys.readouterr().err
 
 
 # open_clip logs this on every model it creates (no pretrained tag); it is not the command's error line
