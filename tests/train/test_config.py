@@ -13,14 +13,13 @@ from jestclip.train.config import (
     MethodConfig,
     TrainConfig,
     apply_overrides,
-    field_types,
     from_dict,
     load_recipe,
     to_dict,
-    type_problem,
 )
 from jestclip.train.methods import METHODS
 from jestclip.train.optim import OptimConfig
+from jestclip.train.validation import field_types, type_problem
 
 BAD_OVERRIDES = [
     ("steps=3.5", "config: steps = 3.5 is not an int"),

@@ -21,8 +21,7 @@ from jestclip.models.approx import Approximation
 from jestclip.models.flops import ForwardFlops, StepFlops, step_flops
 from jestclip.selection.scoring import scoring_uses
 from jestclip.train import steps
-from jestclip.train.settings import MethodSettings
-from jestclip.train.steps import StepOutput, SuperBatchTensors
+from jestclip.train.steps import StepOutput, StepSettings, SuperBatchTensors
 
 __all__ = ["METHODS", "Method", "Selector", "get_method", "run_step", "step_method"]
 
@@ -57,11 +56,11 @@ class Method:
         learn with them."""
         return self.reference_in_loss or (self.selects and scoring_uses(scoring)[1])
 
-    def scoring_approx(self, cfg: MethodSettings) -> Approximation | None:
+    def scoring_approx(self, cfg: StepSettings) -> Approximation | None:
         """The approximation the learner scores with (None: the exact learner)."""
         return cfg.approx if self.scores_approx else None
 
-    def learned_approx_fraction(self, cfg: MethodSettings) -> float:
+    def learned_approx_fraction(self, cfg: StepSettings) -> float:
         """Share λ of the selected batch learned with the approximate learner."""
         return cfg.approx_fraction if self.learns_approx else 0.0
 
@@ -79,7 +78,7 @@ class Method:
 
     def step_flops(
         self,
-        cfg: MethodSettings,
+        cfg: StepSettings,
         *,
         super_batch: int,
         learner: ForwardFlops,
@@ -151,7 +150,7 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def step_method(cfg: MethodSettings, select: bool = True) -> Method:
+def step_method(cfg: StepSettings, select: bool = True) -> Method:
     """The method a step of ``cfg.method`` runs: its own, or, on a step its selection schedule does not
     select on (``select=False``), IID's: learn on the whole batch as drawn, exactly (``train.schedule``)."""
     method = get_method(cfg.method)
@@ -161,7 +160,7 @@ def step_method(cfg: MethodSettings, select: bool = True) -> Method:
 def run_step(
     model: nn.Module,
     batch: SuperBatchTensors,
-    cfg: MethodSettings,
+    cfg: StepSettings,
     generator: torch.Generator | None = None,
     *,
     select: bool = True,

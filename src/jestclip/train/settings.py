@@ -1,9 +1,10 @@
-"""A method's settings as its step and its description read them.
+"""A method's settings: which method a run trains with and its selection settings, checked when built.
 
-``MethodSettings`` holds the fields; ``config.MethodConfig`` is the same fields checked when built (types,
-ranges, the method's name against ``methods.METHODS``), the class a run's config uses. The split keeps the
-imports inside ``train/`` one-directional: ``config`` → ``methods`` → ``steps`` → ``distributed`` →
-``forward``, each reading the settings from here.
+``MethodConfig`` is the one class: a run's config holds it (``config.TrainConfig.method``), steps and method
+descriptions read it (through the ``steps.StepSettings`` protocol, so that they need not import it). It is
+checked when built (``validation.validate``: types, ranges, the method's name against ``methods.METHODS``).
+The imports inside ``train/`` go one way: ``config`` → ``settings`` → ``methods`` → ``steps`` →
+``distributed`` → ``forward``.
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ from dataclasses import dataclass, field
 
 from jestclip.models.approx import Approximation
 from jestclip.selection.joint import DEFAULT_GAIN
+from jestclip.train.methods import Method, get_method
 from jestclip.train.schedule import SelectionSchedule
+from jestclip.train.validation import ConfigError, validate
 
-__all__ = ["MethodSettings"]
+__all__ = ["MethodConfig"]
 
 
 @dataclass(frozen=True)
-class MethodSettings:
-    """Which method a run trains with (``methods.METHODS``) and its selection settings."""
+class MethodConfig:
+    """Which method a run trains with (``methods.METHODS``) and its selection settings, checked when built:
+    a ``ConfigError`` names the first bad field by its dotted key (``method.scoring``)."""
 
     method: str = "jest"
     batch_size: int = 256  # b, the examples learned on per step
@@ -33,3 +37,22 @@ class MethodSettings:
     independent_method: str = "sample"  # independent: "sample" or "topk"
     # on which steps a selecting method selects, and at what filter ratio (default: every step, at f)
     schedule: SelectionSchedule = field(default_factory=SelectionSchedule)
+
+    def __post_init__(self) -> None:
+        validate(self, "method.")
+        schedule = self.schedule
+        if schedule.start >= schedule.end:
+            raise ConfigError(
+                "method.schedule.end", schedule.end, f"must be > method.schedule.start ({schedule.start:g})"
+            )
+        if not schedule.always and not self.description.selects:
+            raise ConfigError(
+                "method.schedule",
+                schedule.describe(),
+                f"is set but method {self.method!r} does not select (it learns on every batch as drawn)",
+            )
+
+    @property
+    def description(self) -> Method:
+        """What the method does (``methods.METHODS``)."""
+        return get_method(self.method)

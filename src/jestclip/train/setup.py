@@ -29,7 +29,7 @@ from jestclip.train.distributed import data_parallel
 from jestclip.train.methods import step_method
 from jestclip.train.optim import make_optimizer, make_scheduler
 from jestclip.train.schedule import steps_for_flops
-from jestclip.train.settings import MethodSettings
+from jestclip.train.settings import MethodConfig
 from jestclip.train.steps import StepOutput, SuperBatchTensors
 
 __all__ = [
@@ -232,7 +232,7 @@ class StepCosts:
     ``at(B)``. A step of a selecting method that draws B = b does not select and costs an IID step
     (``train.schedule``). Build with ``measure``."""
 
-    method: MethodSettings
+    method: MethodConfig
     learner: ForwardFlops
     approx: ForwardFlops | None = None
 

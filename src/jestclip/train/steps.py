@@ -19,8 +19,9 @@ rank passes only its ``b / W`` selected examples to its method's learning loss: 
 (open_clip's distributed losses, so no rank builds the ``b × b`` logits; see ``contrastive_loss``) or
 ``steered_learning_loss`` (the DRRho-style loss of ``selection.steered_loss``).
 
-Steps read their method's description through ``StepMethod`` and its settings as ``MethodSettings``: they
-import neither ``methods`` (which names them) nor ``config``.
+Steps read their method's description through ``StepMethod`` and its settings through ``StepSettings`` (what
+a step reads of ``settings.MethodConfig``): they import neither ``methods`` (which names them) nor the
+settings (which name the methods).
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ from jestclip.train.distributed import (
     valued_at_rank_mean,
 )
 from jestclip.train.forward import LearningForward, embed
-from jestclip.train.settings import MethodSettings
 
 __all__ = [
     "LearningForward",
     "StepMethod",
     "StepOutput",
+    "StepSettings",
     "SuperBatchTensors",
     "contrastive_learning_loss",
     "contrastive_loss",
@@ -84,6 +85,21 @@ class StepOutput:
     selected_score: float | None = None  # batch_score of the selection under the scoring embeddings
 
 
+class StepSettings(Protocol):
+    """What a step reads of its method's settings (``settings.MethodConfig``)."""
+
+    method: str
+    batch_size: int
+    loss: str
+    scoring: str
+    n_chunks: int
+    gain: float
+    approx: Approximation
+    approx_fraction: float
+    independent_context: str
+    independent_method: str
+
+
 class StepMethod(Protocol):
     """What a step reads from its method's description (``methods.Method``, which names the step)."""
 
@@ -94,9 +110,9 @@ class StepMethod(Protocol):
 
     def scores_with_learner(self, scoring: str) -> bool: ...
 
-    def scoring_approx(self, cfg: MethodSettings) -> Approximation | None: ...
+    def scoring_approx(self, cfg: StepSettings) -> Approximation | None: ...
 
-    def learned_approx_fraction(self, cfg: MethodSettings) -> float: ...
+    def learned_approx_fraction(self, cfg: StepSettings) -> float: ...
 
 
 def contrastive_loss(
@@ -183,7 +199,7 @@ def score_embeddings(
     return Embeddings(image.float(), text.float(), scale.detach(), bias.detach())
 
 
-def _check_sizes(batch: SuperBatchTensors, cfg: MethodSettings, world_size: int, *, exact: bool) -> None:
+def _check_sizes(batch: SuperBatchTensors, cfg: StepSettings, world_size: int, *, exact: bool) -> None:
     if cfg.batch_size % world_size:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {world_size}")
     local = cfg.batch_size // world_size
@@ -199,7 +215,7 @@ def _select(
     method: StepMethod,
     learner: Embeddings | None,
     batch: SuperBatchTensors,
-    cfg: MethodSettings,
+    cfg: StepSettings,
     generator: torch.Generator | None,
     world_size: int,
 ) -> Tensor:
@@ -236,7 +252,7 @@ def _learn(
     learn_module: nn.Module,
     batch: SuperBatchTensors,
     selected: Tensor,
-    cfg: MethodSettings,
+    cfg: StepSettings,
     world_size: int,
     approx_part: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -258,7 +274,7 @@ def learn_batch_step(
     method: StepMethod,
     model: nn.Module,
     batch: SuperBatchTensors,
-    cfg: MethodSettings,
+    cfg: StepSettings,
     generator: torch.Generator | None = None,
     *,
     world_size: int = 1,
@@ -276,7 +292,7 @@ def select_and_learn_step(
     method: StepMethod,
     model: nn.Module,
     batch: SuperBatchTensors,
-    cfg: MethodSettings,
+    cfg: StepSettings,
     generator: torch.Generator | None = None,
     *,
     world_size: int = 1,
