@@ -371,6 +371,37 @@ def test_images_over_the_pixel_limit_are_skipped_without_pil_warnings(tmp_path, 
     assert decode_sample({"__key__": "k", "png": image(0, 7), "txt": b"x"}).text == "x"
 
 
+def thin_png(width: int, height: int) -> bytes:
+    return png_bytes(Image.new("L", (width, height), 128))
+
+
+def test_a_thin_image_is_skipped_before_the_transform_makes_it_huge(tmp_path):
+    """A 1 x 8000 PNG of ~100 bytes: open_clip's transform at 224 px resizes its shorter side to 224 first,
+    224 x 1,792,000 pixels (+1.6 GB, 6 s). It is skipped from its header, the transform never sees it."""
+    assert len(thin_png(1, 8000)) < 200
+    members = good("ok", 1)
+    for name, (w, h) in {
+        "line": (1, 8000),
+        "column": (8000, 1),
+        "strip": (2, 2 * 21),
+        "banner": (21, 1),
+    }.items():
+        members += [(f"{name}.png", thin_png(w, h)), (f"{name}.txt", b"caption")]
+    members += [("edge.png", thin_png(20, 1)), ("edge.txt", b"caption")]  # exactly the limit: kept
+    url = write_tar(tmp_path / "00000.tar", members)
+    seen = []
+
+    def transform(im):
+        seen.append(im.size)
+        return torch.zeros(3, 4, 4)
+
+    (batch,) = list(SuperBatchStream([url], batch_size=10, transform=transform, shuffle_shards=False))
+    assert batch.keys == ["ok", "edge"] and seen == [(8, 8), (20, 1)]
+    assert batch.skipped == {"aspect_ratio_too_large": 4}
+    assert loader.MAX_ASPECT_RATIO == 20
+    assert decode_sample({"__key__": "k", "png": thin_png(1, 8000), "txt": b"x"}) == "aspect_ratio_too_large"
+
+
 def test_any_decoder_failure_is_a_bad_image(monkeypatch):
     def broken_decoder(*_, **__):
         raise IndexError("a decoder bug")

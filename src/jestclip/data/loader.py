@@ -36,6 +36,8 @@ reason                   what was skipped
 ``bad_image``            image bytes that do not decode (or decode to a format outside ``IMAGE_FORMATS``)
 ``unsupported_image_mode`` pixels of a kind no web format holds (float ``F``, ``LAB``, ...); see ``to_rgb``
 ``image_too_large``      an image over ``MAX_IMAGE_PIXELS`` pixels (a decompression bomb or a mistake)
+``aspect_ratio_too_large`` an image whose longer side is over ``MAX_ASPECT_RATIO`` times its shorter one (a
+                         1 x 8000 line): resizing its shorter side to the model's input would make it huge
 ``missing_text``         no ``txt`` member
 ``bad_text``             a ``txt`` member that is not UTF-8
 ``empty_text``           a caption that is empty or only whitespace
@@ -100,6 +102,7 @@ from webdataset.tariterators import base_plus_ext
 __all__ = [
     "IMAGE_EXTENSIONS",
     "IMAGE_FORMATS",
+    "MAX_ASPECT_RATIO",
     "MAX_IMAGE_PIXELS",
     "SHARD_REASONS",
     "NoReadableSampleError",
@@ -127,6 +130,13 @@ _PLUGINS = (BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, Web
 # a mistake and is skipped as ``image_too_large``. Checked from the header, before any pixel is decoded;
 # PIL's own process-wide Image.MAX_IMAGE_PIXELS is left alone.
 MAX_IMAGE_PIXELS = 8192 * 8192
+# The largest ratio of an image's longer side to its shorter one that is decoded (img2dataset's
+# ``max_aspect_ratio``). What an image costs is what the transform makes of it, not only the pixels decoded:
+# open_clip's transforms resize the shorter side to the input size S before cropping, so an image of aspect
+# ratio A becomes A * S^2 pixels: a 1 x 8000 PNG of 100 bytes became 224 x 1,792,000 (+1.6 GB, 6 s).
+# At most 20 keeps that under 1.1 Mpx at S = 224 (and 21 Mpx at S = 1024), while banners (728 x 90 is 8.1)
+# and panoramas pass. Checked from the header, with MAX_IMAGE_PIXELS: together they bound every image's work.
+MAX_ASPECT_RATIO = 20
 # Shard-level skip reasons; every other reason counts one sample.
 SHARD_REASONS = ("bad_shard", "truncated_shard", "duplicate_shard")
 
@@ -280,7 +290,8 @@ def dotted_pairs(raw: dict[str, Any]) -> int:
 
 def open_image(data: bytes, *, decode_size: int | None = None) -> Image.Image | str:
     """The image in ``data`` as an 8-bit sRGB ``RGB`` image, as an image viewer shows it (``to_rgb``), or the
-    reason it is skipped: ``bad_image`` / ``image_too_large`` / ``unsupported_image_mode``.
+    reason it is skipped: ``bad_image`` / ``image_too_large`` / ``aspect_ratio_too_large`` /
+    ``unsupported_image_mode``. Size and aspect ratio are read from the header, before any pixel is decoded.
 
     decode_size: decode a JPEG at the smallest scale libjpeg offers (1/2, 1/4 or 1/8, PIL's draft mode) whose
     width and height both stay >= ``decode_size`` — enough for a transform that resizes the shorter side to
@@ -293,6 +304,8 @@ def open_image(data: bytes, *, decode_size: int | None = None) -> Image.Image | 
             image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 return "image_too_large"
+            if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
+                return "aspect_ratio_too_large"
             if decode_size is not None and image.format in ("JPEG", "MPO"):
                 image.draft("RGB", (decode_size, decode_size))
             image.load()
