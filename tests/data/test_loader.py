@@ -99,6 +99,29 @@ def test_corrupt_members_are_skipped_and_counted(tmp_path):
     }
 
 
+# captions that open_clip's tokenizer cleans to nothing (ftfy, HTML entities twice, whitespace): [SOT, EOT]
+EMPTY_ONCE_CLEANED = ["&nbsp;", "&amp;nbsp;", "\ufeff", "\x00\x00", " \u2028 \t", "&#32;"]
+
+
+def test_captions_empty_once_the_tokenizer_cleans_them_are_skipped_as_empty_text(tmp_path):
+    from jestclip.models import tokenizer
+
+    kept = ["caf\u00e9", "&amp;", "\u200b"]
+    tokens = tokenizer("jest-micro")([*EMPTY_ONCE_CLEANED, *kept])
+    assert (tokens[:6] != 0).sum(1).tolist() == [2] * 6  # [SOT, EOT]: one shared empty text
+    assert ((tokens[6:] != 0).sum(1) > 2).all()
+    (url,) = make_shards(tmp_path, 1, 2)
+    members = {}
+    for i, caption in enumerate([*EMPTY_ONCE_CLEANED, *kept]):
+        members |= {f"c{i}.png": image(i), f"c{i}.txt": caption.encode("utf-8")}
+    add_members(Path(url), members)
+    (batch,) = list(SuperBatchStream([url], batch_size=100))
+    assert batch.keys == ["s0_000", "s0_001", "c6", "c7", "c8"]
+    assert batch.texts[2:] == kept  # kept as written: the tokenizer cleans
+    assert batch.skipped == {"empty_text": 6}
+    assert all(loader.caption_is_empty(c) for c in EMPTY_ONCE_CLEANED)
+
+
 def test_ranks_and_workers_partition_an_epoch_exactly(tmp_path):
     urls = make_shards(tmp_path, 6, 3)
     seen: list[str] = []

@@ -163,6 +163,20 @@ def test_custom_suite_from_any_shards(tmp_path, micro):
     assert 0.0 <= results["suites"]["custom"]["zeroshot:colour"] <= 1.0
 
 
+def test_class_names_empty_once_cleaned_or_blank_lines_are_refused(tmp_path):
+    # a class named '&nbsp;' becomes the bare template once the tokenizer cleans it
+    with pytest.raises(ValueError, match="classes of 'k' must be a list of non-empty class names"):
+        EvalSuite("s", ["x.tar"], tasks=["zeroshot:k"], classes={"k": ["cat", "&nbsp;"]})
+    shards = make_suite(tmp_path, "toy")
+    # a blank line inside the classes file: dropping it shifted every later class id by one
+    (tmp_path / "classes.txt").write_text("red\n\ngreen\nblue\n\n")
+    with pytest.raises(ValueError, match=r"classes.txt: line 2 \(class id 1\) names no class"):
+        custom_suite(str(shards), classes_file=tmp_path / "classes.txt", label_field="colour")
+    (tmp_path / "classes.txt").write_text("red\ngreen\nblue\nyellow\n\n")  # trailing blank lines are fine
+    suite = custom_suite(str(shards), classes_file=tmp_path / "classes.txt", label_field="colour")
+    assert suite.classes == {"colour": COLOURS}
+
+
 def test_eval_command_writes_json_and_prints_a_table(tmp_path, micro, capsys):
     from jestclip.cli import main
 

@@ -40,7 +40,8 @@ reason                   what was skipped
                          1 x 8000 line): resizing its shorter side to the model's input would make it huge
 ``missing_text``         no ``txt`` member
 ``bad_text``             a ``txt`` member that is not UTF-8
-``empty_text``           a caption that is empty or only whitespace
+``empty_text``           a caption that is empty once cleaned as open_clip's tokenizers clean it
+                         (``caption_is_empty``: ``&nbsp;``, ``&amp;nbsp;``, a byte-order mark, NUL bytes)
 ``bad_json``             a ``json`` member that is not a JSON object
 ``transform_failed:E``   the stream's transform raised exception ``E`` on the image
 ``not_kept``             a sample the stream's ``keep`` predicate (a filter's keep list) does not keep;
@@ -111,6 +112,7 @@ __all__ = [
     "SuperBatch",
     "SuperBatchStream",
     "TooFewSamplesError",
+    "caption_is_empty",
     "content_digest",
     "decode_sample",
     "dotted_pairs",
@@ -254,7 +256,7 @@ def decode_sample(raw: dict[str, Any], *, decode_size: int | None = None) -> Sam
         text = raw["txt"].decode("utf-8").strip()
     except UnicodeDecodeError:
         return "bad_text"
-    if not text:
+    if caption_is_empty(text):
         return "empty_text"
     meta: dict[str, Any] = {}
     if "json" in raw:
@@ -265,6 +267,26 @@ def decode_sample(raw: dict[str, Any], *, decode_size: int | None = None) -> Sam
         if not isinstance(meta, dict):
             return "bad_json"
     return Sample(key=key, url=url, image=image, text=text, meta=meta, digest=content_digest(raw))
+
+
+def caption_is_empty(text: str) -> bool:
+    """Whether ``text`` holds nothing once cleaned as open_clip's tokenizers clean every caption first
+    (``basic_clean``: ftfy, HTML entities unescaped twice; then ``whitespace_clean``): the functions
+    themselves, not a copy. ``&nbsp;``, ``&amp;nbsp;``, a lone byte-order mark or NUL bytes clean to nothing
+    and tokenise to ``[SOT, EOT]``: every such pair would be trained on the same empty text, each a false
+    negative of the others in its batch. (SigLIP's ``canonicalize`` cleaning also drops punctuation; a
+    caption of punctuation only is empty for that tokenizer alone and is kept.)"""
+    basic_clean, whitespace_clean = _open_clip_cleaning()
+    return not whitespace_clean(basic_clean(text))
+
+
+@functools.cache
+def _open_clip_cleaning() -> tuple[Callable[[str], str], Callable[[str], str]]:
+    """open_clip's ``basic_clean`` and ``whitespace_clean``, imported on first use (open_clip takes ~1.5 s
+    to import; commands that read no caption need not pay it)."""
+    from open_clip.tokenizer import basic_clean, whitespace_clean
+
+    return basic_clean, whitespace_clean
 
 
 def content_digest(raw: dict[str, Any]) -> int:
