@@ -193,6 +193,35 @@ def test_brace_patterns_and_directories(tmp_path):
     assert expand_urls(str(tmp_path / "{00000..00002}.tar")) == expand_urls(tmp_path)
 
 
+def gzipped(path: str) -> str:
+    """The shard at ``path`` rewritten as ``path.gz`` (a ``.tar.gz`` shard), the ``.tar`` removed."""
+    import gzip
+
+    out = Path(f"{path}.gz")
+    out.write_bytes(gzip.compress(Path(path).read_bytes()))
+    Path(path).unlink()
+    return str(out)
+
+
+def test_a_directory_yields_every_shard_form_the_loader_reads(tmp_path):
+    """Two .tar and two .tar.gz shards: only the .tar ones were read, half the pool left out, no count."""
+    urls = make_shards(tmp_path, 4, 2)
+    urls[2:] = [gzipped(urls[2]), gzipped(urls[3])]
+    (tmp_path / "00000.reference.json").write_text("{}")  # a sidecar, not a shard
+    (tmp_path / "00002.tar.reference.json").write_text("{}")  # a .tar.gz shard's sidecar
+    (tmp_path / "00004.tar.tmp").write_bytes(b"")  # a write cut short
+    assert expand_urls(tmp_path) == urls and expand_urls(str(tmp_path)) == urls
+    keys = [k for b in SuperBatchStream(tmp_path, batch_size=100, shuffle_shards=False) for k in b.keys]
+    assert keys == [f"s{s}_{i:03d}" for s in range(4) for i in range(2)]
+    assert set(loader.SHARD_SUFFIXES) >= {".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"}
+    # a form it cannot read: the whole directory is refused by name, not read in part
+    (tmp_path / "00005.tar.lz4").write_bytes(b"\x04\x22\x4d\x18")
+    with pytest.raises(
+        ValueError, match=r"holds 1 shard\(s\) in a form the loader cannot read \(00005.tar.lz4\)"
+    ):
+        expand_urls(tmp_path)
+
+
 def test_decode_sample_reports_missing_key():
     assert decode_sample({"png": image(0), "txt": b"x"}) == "missing_key"
 

@@ -177,6 +177,15 @@ def test_class_names_empty_once_cleaned_or_blank_lines_are_refused(tmp_path):
     assert suite.classes == {"colour": COLOURS}
 
 
+def test_a_suite_of_compressed_shards_is_found(tmp_path):
+    from ..data.test_loader import gzipped
+
+    suite = make_suite(tmp_path, "toy")
+    gzipped(str(suite / "00000.tar"))
+    (found,) = find_suites(suite)  # it looked for *.tar only, then for suites under it: "no eval suites"
+    assert found.urls == [str(suite / "00000.tar.gz")]
+
+
 def test_eval_command_writes_json_and_prints_a_table(tmp_path, micro, capsys):
     from jestclip.cli import main
 

@@ -1,8 +1,9 @@
 """A keyed, robust webdataset stream of image-text pairs, grouped into super-batches.
 
 Works on any img2dataset-style shards (``KEY.{png,jpg,jpeg,webp}``, ``KEY.txt``, optional ``KEY.json``):
-local paths, brace patterns (``data/{00000..00041}.tar``) or a directory of ``.tar`` files. Every sample keeps
-its ``__key__`` and shard URL end to end, so reference embeddings can be joined by key later.
+local paths, brace patterns (``data/{00000..00041}.tar``) or a directory of shards in any form the loader
+reads (``SHARD_SUFFIXES``: ``.tar`` and gzip, bzip2 or xz compressed tars; ``shard_files``). Every sample
+keeps its ``__key__`` and shard URL end to end, so reference embeddings can be joined by key later.
 
 Splitting: the shard list (shuffled once by ``seed``) is dealt to ranks (``shards[rank::world_size]``) and
 then to DataLoader workers, and each (rank, worker) keeps its own shards for the whole run: every epoch reads
@@ -106,6 +107,7 @@ __all__ = [
     "MAX_ASPECT_RATIO",
     "MAX_IMAGE_PIXELS",
     "SHARD_REASONS",
+    "SHARD_SUFFIXES",
     "NoReadableSampleError",
     "ResumableBatches",
     "Sample",
@@ -119,6 +121,7 @@ __all__ = [
     "expand_urls",
     "open_image",
     "read_shard",
+    "shard_files",
     "to_rgb",
 ]
 
@@ -139,6 +142,29 @@ MAX_IMAGE_PIXELS = 8192 * 8192
 # At most 20 keeps that under 1.1 Mpx at S = 224 (and 21 Mpx at S = 1024), while banners (728 x 90 is 8.1)
 # and panoramas pass. Checked from the header, with MAX_IMAGE_PIXELS: together they bound every image's work.
 MAX_ASPECT_RATIO = 20
+# The shard forms the loader reads (tarfile's "r|*": plain, gzip, bzip2, xz; zstd where Python has it), by
+# file name: what a directory of shards yields.
+_COMPRESSED = {
+    "gz": (".tar.gz", ".tgz"),
+    "bz2": (".tar.bz2", ".tbz2", ".tbz"),
+    "xz": (".tar.xz", ".txz"),
+    "zst": (".tar.zst", ".tzst"),
+}
+_READABLE = [
+    suffix for method, forms in _COMPRESSED.items() if method in tarfile.TarFile.OPEN_METH for suffix in forms
+]
+SHARD_SUFFIXES = (".tar", *_READABLE)
+# tar forms it cannot read: a directory holding one is refused by name rather than read in part
+_UNREADABLE_SUFFIXES = (
+    ".tar.zst",
+    ".tzst",
+    ".tar.lz4",
+    ".tar.lz",
+    ".tar.lzo",
+    ".tar.br",
+    ".tar.z",
+    ".tar.7z",
+)
 # Shard-level skip reasons; every other reason counts one sample.
 SHARD_REASONS = ("bad_shard", "truncated_shard", "duplicate_shard")
 
@@ -206,7 +232,7 @@ class SuperBatch:
 
 
 def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
-    """Shard URLs from brace patterns (``::``-separated), directories of ``.tar`` files, or a list.
+    """Shard URLs from brace patterns (``::``-separated), directories of shards (``shard_files``), or a list.
 
     Local paths must exist: a missing file, or a pattern naming missing files, is a ValueError naming it.
     """
@@ -220,11 +246,28 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
     return out
 
 
+def shard_files(directory: str | Path) -> list[str]:
+    """Every shard in ``directory``, in name order: each file named ``*.tar`` or a compressed tar the loader
+    reads (``SHARD_SUFFIXES``). A directory that also holds tars in a form it cannot read (``.tar.zst``
+    before Python 3.14, ``.tar.lz4``, ...) is a ValueError naming them: reading only the others would leave
+    part of the pool out without a word. Other files (sidecars, manifests) are not shards."""
+    files = sorted(p for p in Path(directory).iterdir() if p.is_file())
+    unreadable = [p.name for p in files if p.name.lower().endswith(_UNREADABLE_SUFFIXES)]
+    unreadable = [name for name in unreadable if not name.lower().endswith(SHARD_SUFFIXES)]
+    if unreadable:
+        first = ", ".join(unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
+        raise ValueError(
+            f"directory {directory} holds {len(unreadable)} shard(s) in a form the loader cannot read "
+            f"({first}); it reads {', '.join(SHARD_SUFFIXES)}: convert them, or name the shards to read"
+        )
+    return [str(p) for p in files if p.name.lower().endswith(SHARD_SUFFIXES)]
+
+
 def _expand_one(item: str) -> list[str]:
     if Path(item).is_dir():
-        found = sorted(str(p) for p in Path(item).glob("*.tar"))
+        found = shard_files(item)
         if not found:
-            raise ValueError(f"no .tar shards in directory {item}")
+            raise ValueError(f"no shards ({', '.join(SHARD_SUFFIXES)}) in directory {item}")
         return found
     found = list(expand_pattern(item))
     missing = [u for u in found if not _URL_SCHEME.match(u) and not Path(u).is_file()]

@@ -14,7 +14,7 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jestclip.data.loader import caption_is_empty, expand_urls
+from jestclip.data.loader import caption_is_empty, expand_urls, shard_files
 
 __all__ = ["DEFAULT_TEMPLATES", "EvalSuite", "custom_suite", "find_suites", "template_problem"]
 
@@ -127,7 +127,7 @@ def find_suites(path: str | Path, names: list[str] | None = None) -> list[EvalSu
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"eval data {path} is not a directory")
-    if (path / "manifest.json").exists() and any(path.glob("*.tar")):
+    if (path / "manifest.json").exists() and shard_files(path):  # every shard form the loader reads
         suites = [EvalSuite.from_dir(path)]
     else:
         root = path / "eval" if (path / "eval").is_dir() else path
