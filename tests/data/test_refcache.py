@@ -92,6 +92,21 @@ def test_cache_then_lookup_by_key(setup):
     torch.testing.assert_close(emb.text, text, atol=2e-3, rtol=0)
 
 
+def test_a_shard_under_two_names_is_cached_once_and_found_under_either(setup, tmp_path):
+    import os
+
+    model, urls = setup
+    os.symlink(urls[0], tmp_path / "zz-link.tar")
+    summary = cache(model, [str(tmp_path / "." / "00001.tar"), str(tmp_path)])
+    assert summary["written"] == 2 and summary["samples"] == 10  # it cached 00000 twice: 3 and 15
+    assert summary["skipped"] == {"duplicate_shard": 2}
+    assert not sidecar_path(tmp_path / "zz-link.tar", "reference").exists()
+    reference = ReferenceCache(tmp_path)
+    assert reference.urls == urls
+    emb = reference.lookup(["s0_001", "s0_001"], [str(tmp_path / "zz-link.tar"), urls[0]])
+    torch.testing.assert_close(emb.image[0], emb.image[1], atol=0, rtol=0)
+
+
 def test_cache_resumes_and_recomputes_for_another_model(setup):
     model, urls = setup
     cache(model, urls)

@@ -157,7 +157,7 @@ def _inspect(args: argparse.Namespace) -> int:
     skipped: Counter[str] = Counter()
     stream = SuperBatchStream(urls, batch_size=1, shuffle_shards=False)
     samples = [(s.key, s.url, s.text, s.meta) for s in stream.samples(skipped)]
-    print(f"{len(urls)} shards, {len(samples):,} pairs, skipped: {dict(skipped) or 'none'}")
+    print(f"{len(stream.urls)} shards, {len(samples):,} pairs, skipped: {dict(skipped) or 'none'}")
     composition = tally(meta for _, _, _, meta in samples)
     if composition["all"]["labelled"]:
         _print_composition(str(path), composition)

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from jestclip.data.files import atomic_bytes
-from jestclip.data.loader import expand_urls
+from jestclip.data.loader import distinct_shards, expand_urls
 from jestclip.data.progress import progress as progress_bar
 from jestclip.data.refcache import ReferenceCache, shard_content, shard_identity, shard_keys
 from jestclip.selection import Embeddings
@@ -323,7 +323,7 @@ class KeepList:
         ``shard_identity``, any order), no local one changed in size since, and each local one holds every key
         kept of it (its tar headers are read). Shards behind a URL are not read here: their kept samples'
         content digests are checked as the stream reads them (``__call__``), as are local shards'."""
-        here = {shard_identity(url): url for url in expand_urls(list(urls))}
+        here = {shard_identity(url): url for url in distinct_shards(expand_urls(list(urls)))[0]}
         there = {s["url"]: s for s in self.shards}
         missing = [url for where, url in here.items() if where not in there]
         if missing:

@@ -12,7 +12,8 @@ So no two ranks or workers ever read the same shard, in any step, and a worker r
 per epoch. A super-batch never holds the same (shard, key) twice: a sample already in the super-batch being
 filled (possible only where one epoch ends and the next begins) is skipped as ``repeat_in_batch``; a worker
 whose shards hold fewer distinct samples than a super-batch raises ``TooFewSamplesError``. A shard listed
-twice is read once (``duplicate_shard``).
+twice is read once (``duplicate_shard``): a local shard is its file, not its spelling (``distinct_shards``:
+a symlink to it, a hard link or ``dir/./00000.tar`` is the same shard).
 
 Bad data never ends the stream; it is skipped and counted. ``SuperBatch.skipped`` holds the skips this worker
 made since its previous super-batch (a finite pass's trailing skips go with its last batch), so the sum over
@@ -26,7 +27,7 @@ reason                   what was skipped
 ``truncated_shard``      a shard that ends early (cut mid-member, no end-of-archive marker, a corrupt header);
                          its members after the cut are lost, uncounted, and the rest of the stream goes on
 ``truncated_sample``     the sample being read when its shard ended early
-``duplicate_shard``      a shard URL listed more than once (read once; counted by rank 0, worker 0)
+``duplicate_shard``      a shard listed again, under any name (read once; counted by rank 0, worker 0)
 ``duplicate_key``        a sample whose key already appeared earlier in the same shard (the first one is kept)
 ``repeat_in_batch``      a sample already in the super-batch being filled (an epoch ended inside it), left out
 ``dotted_key``           a pair whose key holds a dot (``img_v1.3.jpg`` + ``img_v1.3.txt``): webdataset's key
@@ -71,6 +72,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import random
 import re
 import tarfile
@@ -117,8 +119,10 @@ __all__ = [
     "caption_is_empty",
     "content_digest",
     "decode_sample",
+    "distinct_shards",
     "dotted_pairs",
     "expand_urls",
+    "file_identity",
     "open_image",
     "read_shard",
     "shard_files",
@@ -244,6 +248,33 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
     if not out:
         raise ValueError("no shard URLs given")
     return out
+
+
+def distinct_shards(urls: Sequence[str]) -> tuple[list[str], int]:
+    """``urls`` with every shard once, by the first name it is listed under, and how many other names were
+    dropped. A local shard is its file (device and inode): a symlink in the pool directory, a hard link,
+    ``dir/./00000.tar`` beside ``dir/00000.tar`` all name one shard, which would otherwise be read twice an
+    epoch, put the same pairs on two ranks in one step and twice in a super-batch, and be cached twice. A
+    URL (``pipe:``, ``http://``) is its text."""
+    seen: set[Any] = set()
+    distinct = []
+    for url in urls:
+        identity = file_identity(url)
+        if identity not in seen:
+            seen.add(identity)
+            distinct.append(url)
+    return distinct, len(urls) - len(distinct)
+
+
+def file_identity(url: str | Path) -> Any:
+    """What tells shards apart: ``(device, inode)`` of a local file, else the URL (or a path that does not
+    exist) as text."""
+    url = str(url)
+    if not _URL_SCHEME.match(url):
+        with suppress(OSError):
+            info = os.stat(url)
+            return (info.st_dev, info.st_ino)
+    return url
 
 
 def shard_files(directory: str | Path) -> list[str]:
@@ -672,9 +703,7 @@ class SuperBatchStream(IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if decode_size is not None and decode_size < 1:
             raise ValueError(f"decode_size must be >= 1 or None, got {decode_size}")
-        listed = expand_urls(urls)
-        self.urls = list(dict.fromkeys(listed))  # a shard listed twice is read once
-        self._duplicate_shards = len(listed) - len(self.urls)
+        self.urls, self._duplicate_shards = distinct_shards(expand_urls(urls))  # each shard read once
         self.batch_size = batch_size
         self.transform = transform or _to_tensor
         self.epochs = epochs

@@ -65,7 +65,14 @@ from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
 from jestclip.data.files import atomic_bytes
-from jestclip.data.loader import SuperBatchStream, content_digest, expand_urls, read_shard
+from jestclip.data.loader import (
+    SuperBatchStream,
+    content_digest,
+    distinct_shards,
+    expand_urls,
+    file_identity,
+    read_shard,
+)
 from jestclip.data.progress import progress
 from jestclip.selection import Embeddings
 
@@ -472,14 +479,16 @@ def cache_reference(
     Resumable and repairing: a shard whose sidecar is complete, holds this ``fingerprint`` and the shard's
     samples as they are now (keys, image and caption bytes: each kept shard is read again, not decoded) is
     kept; one of a shard that changed is rewritten and counted as changed; a corrupt, truncated or mis-keyed
-    one is rewritten and counted as repaired; one of an earlier format is replaced. Returns counts: sidecars
-    written (changed and repaired among them) and kept, samples embedded, decode skips by reason.
+    one is rewritten and counted as repaired; one of an earlier format is replaced. A shard listed under
+    several names (a symlink, ``dir/./00000.tar``) is cached once, by its first, and the others counted as
+    ``duplicate_shard``. Returns counts: sidecars written (changed and repaired among them) and kept, samples
+    embedded, skips by reason.
     """
-    urls = expand_urls(shards)
+    urls, duplicates = distinct_shards(expand_urls(shards))  # a shard under two names is cached once
     for url in urls:
         _base(url, name, cache_dir)  # a shard behind a URL without a cache directory: say so before any work
     summary: dict[str, Any] = {"written": 0, "changed": 0, "repaired": 0, "kept": 0, "samples": 0}
-    summary["skipped"] = Counter()
+    summary["skipped"] = Counter({"duplicate_shard": duplicates} if duplicates else {})
     template = CacheMeta(fingerprint, model_name, float(scale), float(bias), 0, None)
     for url in progress(urls, desc=f"cache {name}", unit="shard"):
         state, problem = _existing(url, name, fingerprint, model_name, cache_dir)
@@ -600,11 +609,12 @@ class ReferenceCache:
         """
         self.name = name
         self.cache_dir = cache_dir
-        self.urls = expand_urls(shards)
+        self.urls = distinct_shards(expand_urls(shards))[0]  # a shard under two names is one shard
         self._headers = [self._header(url) for url in self.urls]
         self.meta = self._common_meta(fingerprint, dim)
         self._shard_of = {url: i for i, url in enumerate(self.urls)}
         self._shard_of.update((os.path.abspath(url), i) for i, url in enumerate(self.urls))
+        self._by_file = {file_identity(url): i for i, url in enumerate(self.urls)}  # any other name of it
         self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self.max_open = max_open or _default_max_open()
         self._everywhere: tuple[np.ndarray, np.ndarray] | None = None  # all keys sorted, their shards
@@ -701,6 +711,10 @@ class ReferenceCache:
         known = {}
         for url in dict.fromkeys(urls):
             shard = self._shard_of.get(url, self._shard_of.get(os.path.abspath(url)))
+            if shard is None:
+                shard = self._by_file.get(file_identity(url))
+                if shard is not None:
+                    self._shard_of[url] = shard
             if shard is None:
                 key = keys[list(urls).index(url)]
                 raise ValueError(

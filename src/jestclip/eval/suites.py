@@ -14,7 +14,7 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jestclip.data.loader import caption_is_empty, expand_urls, shard_files
+from jestclip.data.loader import caption_is_empty, distinct_shards, expand_urls, shard_files
 
 __all__ = ["DEFAULT_TEMPLATES", "EvalSuite", "custom_suite", "find_suites", "template_problem"]
 
@@ -113,7 +113,7 @@ class EvalSuite:
             raise ValueError(f"{manifest_path} lacks {missing}; it is not an eval suite manifest")
         return cls(
             name=directory.name,
-            urls=expand_urls(directory),
+            urls=distinct_shards(expand_urls(directory))[0],
             tasks=manifest["tasks"],
             classes=manifest["classes"],
             templates=manifest["templates"],
@@ -173,7 +173,7 @@ def custom_suite(
         tasks = [f"zeroshot:{label_field}", *([f"fewshot:{label_field}"] if fewshot else []), "retrieval"]
     return EvalSuite(
         name=name,
-        urls=expand_urls(shards),
+        urls=distinct_shards(expand_urls(shards))[0],  # each shard once, as the stream reads it
         tasks=tasks,
         classes=classes,
         templates=list(templates or DEFAULT_TEMPLATES),
