@@ -46,6 +46,30 @@ def finite(state) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+# --- a damaged reference cache ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["drrho", "jest"])
+def test_a_damaged_reference_cache_is_named_at_the_first_step_not_taken_for_divergence(tmp_path, method):
+    """Four rows of a sidecar set to NaN after it was written: DRRho skipped 4 of 6 updates and ended with
+    "training diverged: non-finite loss" (pointing at the learning rate); JEST only warned."""
+    from ..data.test_refcache import damage_rows
+
+    urls = cached_shards(tmp_path / "shards", 2, 12)
+    damage_rows(urls[1], [0, 3, 5, 7])
+    cfg = config(tmp_path / "run", urls, method, steps=6, max_bad_steps=3)
+    with pytest.raises(ValueError) as caught:
+        train(cfg, progress=False)
+    assert re.fullmatch(
+        r"the cached 'reference' embedding of sample key 's1_0\d\d' of shard .*/00001\.tar is not finite "
+        r"\(\d+ of \d+ in this lookup\): .*/00001\.reference\.emb\.npy was damaged after it was written; "
+        r"run `jestclip cache-reference` on the shard to rewrite it \(it repairs damaged sidecars\)",
+        str(caught.value),
+    ), str(caught.value)
+    assert not isinstance(caught.value, TrainingDiverged)
+    assert all(line["skipped_updates"] == 0 for line in metrics(cfg.run_dir))  # no step trained on NaN
+
+
 # --- divergence -----------------------------------------------------------------------------------------
 
 

@@ -111,7 +111,7 @@ def filter_shards(
     keys = [cache.keys(i) for i in range(len(cache.urls))]
     digests = [_scored_digests(cache, i, shard_keys_) for i, shard_keys_ in enumerate(keys)]
     kw = {"loss": loss, "batch_size": batch_size, "seed": seed} if score == "loss" else {}
-    scores = _score_pool(cache, keys, score, progress, loss=loss, batch_size=batch_size, seed=seed)
+    scores = _score_pool(cache, keys, digests, score, progress, loss=loss, batch_size=batch_size, seed=seed)
     mask = keep_mask(scores, keep).numpy()
     meta = cache.meta
     header = {
@@ -140,11 +140,19 @@ def filter_shards(
 
 
 def _score_pool(
-    cache: ReferenceCache, keys: list[list[str]], score: str, progress: bool, **score_kw: Any
+    cache: ReferenceCache,
+    keys: list[list[str]],
+    digests: list[np.ndarray],
+    score: str,
+    progress: bool,
+    **score_kw: Any,
 ) -> torch.Tensor:
-    """``reference_scores`` of every cached row, shard by shard in ``keys`` order: ``[N]``."""
+    """``reference_scores`` of every cached row, shard by shard in ``keys`` order: ``[N]``; ``digests``: the
+    rows' content digests as the shards hold them now (each lookup checks them, and every row served is
+    checked finite: a damaged sidecar names its shard and key, not a pool index)."""
     counts = [len(k) for k in keys]
     flat = [key for shard in keys for key in shard]
+    flat_digests = np.concatenate(digests) if digests else np.zeros(0, np.uint64)
     shard_of = np.repeat(np.arange(len(keys)), counts)
     if not flat:
         raise ValueError(
@@ -153,7 +161,11 @@ def _score_pool(
 
     def fetch(indices: torch.Tensor) -> Embeddings:
         rows = indices.numpy()
-        return cache.lookup([flat[i] for i in rows], [cache.urls[s] for s in shard_of[rows]])
+        return cache.lookup(
+            [flat[i] for i in rows],
+            [cache.urls[s] for s in shard_of[rows]],
+            digests=flat_digests[rows].tolist(),
+        )
 
     bar = progress_bar(total=len(flat), desc=f"filter: {score} scores", unit="pair", disable=not progress)
     with bar:
