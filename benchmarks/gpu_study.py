@@ -87,7 +87,7 @@ class Settings:
 
 FULL = Settings("jest-small", 256, 16, 500, 250, None, 1e-3, 20, 125, 4, 60.0, ())
 TINY = Settings(
-    "jest-micro", 8, 2, 4, 2, 24, 1e-3, 1, 2, 0, 20.0, ("--gibbs-steps", "20", "--diagnostics-batch", "8")
+    "jest-micro", 8, 2, 4, 2, 100, 1e-3, 1, 2, 0, 20.0, ("--gibbs-steps", "20", "--diagnostics-batch", "8")
 )
 RUNS: dict[str, list[str]] = {  # run name -> method overrides (the reference and keep list added below)
     "iid": [],
