@@ -193,6 +193,39 @@ def test_atomic_save_flushes_the_file_and_its_directory(tmp_path, monkeypatch):
     assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["x"], torch.ones(2))
 
 
+def tensorboard_scalars(run_dir: str | Path, tag: str) -> list[tuple[int, float]]:
+    """Every (step, value) of ``tag`` the run's event files hold, as stored (no purging of orphaned data)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for path in sorted((Path(run_dir) / "tb").glob("*tfevents*")):
+        acc = EventAccumulator(str(path), purge_orphaned_data=False)
+        acc.Reload()
+        steps += [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+    return steps
+
+
+def test_tensorboard_holds_each_step_once_after_a_crash_and_resume(tmp_path, shards):
+    """Killed at step 7 with its checkpoint at step 4: TensorBoard held steps 5-7 twice (``wall_s`` going
+    backwards) while metrics.jsonl held each step once."""
+    cfg = config(tmp_path / "run", shards, "iid", steps=9, checkpoint_every=4, stop_after=7)
+    train(cfg, progress=False)
+    run = RunDir(cfg.run_dir)
+    run.checkpoint_path(7).unlink()  # as if killed after step 7: the last checkpoint is step 4
+    with open(next(run.tensorboard_dir.glob("*tfevents*")), "ab") as f:
+        f.write(b"\x10\x00\x00")  # and a record cut short by the kill
+    assert [s for s, _ in tensorboard_scalars(cfg.run_dir, "loss")] == list(range(1, 8))
+    train(dataclasses.replace(cfg, stop_after=None), progress=False)
+    lines = metrics(cfg.run_dir)
+    for tag in ("loss", "wall_s", "examples_learned"):
+        logged = tensorboard_scalars(cfg.run_dir, tag)
+        assert [s for s, _ in logged] == list(range(1, 10)), tag
+        assert [v for _, v in logged] == pytest.approx([line[tag] for line in lines]), (
+            tag
+        )  # the resumed run's
+    assert run.truncate_tensorboard(9) == []  # nothing beyond the last step: no file rewritten
+
+
 def test_the_newest_checkpoints_are_kept_and_read_through_rundir(tmp_path, shards):
     cfg = config(
         tmp_path / "run", shards, "iid", steps=5, stop_after=4, checkpoint_every=1, keep_checkpoints=2

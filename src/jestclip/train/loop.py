@@ -137,6 +137,7 @@ def _start_state(run: RunDir, cfg: TrainConfig, where: Placement) -> TrainState:
         if loaded is not None:
             run.set_aside_newer(loaded[0])
         run.truncate_metrics(state.counters.step)
+        run.truncate_tensorboard(state.counters.step)  # every log a run keeps: each step once
     return state
 
 
