@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -49,6 +50,9 @@ RUN_EXITS: dict[str, int] = {
     "CheckpointWriteError": 1,
     "FinalEvaluationFailed": 1,  # the training is saved; a rerun evaluates only
 }
+# an OSError of these is the user's (a read-only mount is no permission too), of these the run's own
+_USER_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+_RUN_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # where they are defined or exported; looked up only once loaded (a run that raised one has loaded them)
 _RUN_MODULES = ("jestclip.train.loop", "jestclip.train.rundir", "jestclip.train")
 
@@ -131,6 +135,9 @@ def exit_status(exn: BaseException) -> tuple[int, str] | None:
         return (2, one_line(exn)) if isinstance(exn.code, str) else None
     if isinstance(exn, USER_ERRORS):
         return 2, one_line(exn)
+    if isinstance(exn, OSError) and exn.errno in _USER_ERRNOS + _RUN_ERRNOS:
+        where = f" writing {exn.filename}" if exn.filename else ""
+        return (2 if exn.errno in _USER_ERRNOS else 1), f"{os.strerror(exn.errno).lower()}{where}"
     file = weights_load_failure(exn)
     if file is not None and isinstance(exn, Exception):
         return 2, _weights_message(file, exn)

@@ -113,7 +113,9 @@ def _build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from jestclip.benchmark import BuildConfig, build
+    from jestclip.data.files import check_writable
 
+    check_writable(args.out, "output directory", "name another OUT")  # before anything is rendered
     cfg = BuildConfig(size=args.size, seed=args.seed, limit=args.limit, shard_size=args.shard_size)
     cfg = replace(cfg, sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()))
     if args.workers:
@@ -128,7 +130,9 @@ def _build(args: argparse.Namespace) -> int:
 
 def _corrupt(args: argparse.Namespace) -> int:
     from jestclip.benchmark.corrupt import corrupt_captions
+    from jestclip.data.files import check_writable
 
+    check_writable(args.out, "output directory", "name another OUT")
     manifest = corrupt_captions(args.src, args.out, swap_captions=args.swap_captions, seed=args.seed)
     record = manifest["corrupt"]
     print(f"\nwrote {args.out}: {record['swapped']:,} of {record['pairs']:,} pairs swapped")

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jestclip.data.files import atomic_bytes
+from jestclip.data.files import atomic_bytes, check_writable
 from jestclip.data.loader import distinct_shards, expand_urls
 from jestclip.data.progress import progress as progress_bar
 from jestclip.data.refcache import ReferenceCache, shard_content, shard_identity, shard_keys
@@ -107,6 +107,7 @@ def filter_shards(
         raise NotADirectoryError(f"--out {out} is a file, not a directory")
     if (out / HEADER).exists():
         raise FileExistsError(f"{out / HEADER} already holds a keep list; choose another --out or remove it")
+    check_writable(out, "keep list directory", "choose another --out")  # before the pool is read and scored
     cache = ReferenceCache(shards, name=name, fingerprint=fingerprint, cache_dir=cache_dir)
     keys = [cache.keys(i) for i in range(len(cache.urls))]
     digests = [_scored_digests(cache, i, shard_keys_) for i, shard_keys_ in enumerate(keys)]

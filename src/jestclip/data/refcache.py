@@ -72,7 +72,7 @@ from torch import Tensor
 from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
-from jestclip.data.files import atomic_bytes
+from jestclip.data.files import NotWritableError, atomic_bytes, check_writable
 from jestclip.data.loader import (
     SuperBatchStream,
     content_digest,
@@ -480,6 +480,39 @@ def _existing(
     return "ok", ""
 
 
+def _check_sidecar_places(
+    urls: Sequence[str], name: str, fingerprint: str, model: str, cache_dir: str | Path | None
+) -> None:
+    """Before any shard is embedded: a ``NotWritableError`` naming a directory the sidecars must be written
+    into that cannot be written (a read-only dataset mount), with the way to write them elsewhere. A
+    directory whose shards all have a complete sidecar of this model (headers only) may be read-only:
+    there may be nothing to write (a shard found changed later fails at its write, in one line too)."""
+    places: dict[Path, list[str]] = {}
+    for url in urls:
+        places.setdefault(sidecar_path(url, name, cache_dir).parent, []).append(url)
+    hint = (
+        "choose another --cache-dir"
+        if cache_dir is not None
+        else "pass --cache-dir DIR to write the sidecars into a directory of your own (library: "
+        "cache_dir=DIR; then train with reference_cache_dir=DIR)"
+    )
+    for place, shards in places.items():
+        try:
+            check_writable(place, f"the {name!r} sidecars' directory", hint)
+        except NotWritableError:
+            if any(not _header_of(url, name, fingerprint, model, cache_dir) for url in shards):
+                raise
+
+
+def _header_of(url: str, name: str, fingerprint: str, model: str, cache_dir: str | Path | None) -> bool:
+    """Whether ``url`` has a readable sidecar header of this model (nothing more is checked)."""
+    try:
+        header = _read_header(url, name, cache_dir)
+    except SidecarError:
+        return False
+    return (header.meta.fingerprint, header.meta.model) == (fingerprint, model)
+
+
 def cache_reference(
     embed: Embedder,
     shards: str | Path | Sequence[str | Path],
@@ -511,6 +544,7 @@ def cache_reference(
     urls, duplicates = distinct_shards(expand_urls(shards))  # a shard under two names is cached once
     for url in urls:
         _base(url, name, cache_dir)  # a shard behind a URL without a cache directory: say so before any work
+    _check_sidecar_places(urls, name, fingerprint, model_name, cache_dir)
     summary: dict[str, Any] = {"written": 0, "changed": 0, "repaired": 0, "kept": 0, "samples": 0}
     summary["skipped"] = Counter({"duplicate_shard": duplicates} if duplicates else {})
     template = CacheMeta(fingerprint, model_name, float(scale), float(bias), 0, None)

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from jestclip.data.files import check_writable
 from jestclip.data.keeplist import KeepList
 from jestclip.data.loader import ResumableBatches, SuperBatch, expand_urls
 from jestclip.data.progress import progress as progress_bar
@@ -111,6 +112,7 @@ def _prepare_run_dir(run: RunDir, cfg: TrainConfig, where: Placement) -> bool:
     whether there is a checkpoint to resume from."""
     resuming = run.latest_checkpoint() is not None
     if where.is_main:
+        check_writable(run.path, "run directory", "set run_dir=DIR to write the run elsewhere")
         run.clean_tmp()
         if resuming:
             saved, current = with_defaults(run.read_config()), to_dict(cfg)
