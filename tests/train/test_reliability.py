@@ -404,6 +404,55 @@ def test_a_moved_run_directory_resumes(tmp_path, shards):
     assert RunDir(moved.run_dir).read_config()["run_dir"] == moved.run_dir
 
 
+def test_a_killed_loader_worker_ends_the_run_in_one_line_naming_the_last_checkpoint(
+    tmp_path, shards, monkeypatch
+):
+    """A loader worker SIGKILLed (the out-of-memory killer) ended the run in a 45-line traceback and exit 1,
+    the status of "the run stopped itself"; the rerun resumed correctly, but nothing said so."""
+    from torch.utils.data import get_worker_info
+
+    from jestclip.commands.common import exit_status
+
+    marker, real = tmp_path / "killed", loop.image_transform
+
+    def killing(name):
+        transform, seen = real(name), []
+
+        def apply(image):
+            seen.append(1)
+            if get_worker_info() is not None and len(seen) == 30 and not marker.exists():
+                marker.write_text("once")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return transform(image)
+
+        return apply
+
+    cfg = dataclasses.replace(
+        config(tmp_path / "run", shards, "iid", steps=12, checkpoint_every=2), num_workers=1
+    )
+    whole = dataclasses.replace(cfg, run_dir=str(tmp_path / "whole"))
+    train(whole, progress=False)
+    monkeypatch.setattr(loop, "image_transform", killing)
+    with pytest.raises(loop.Interrupted) as caught:
+        train(cfg, progress=False)
+    message = str(caught.value)
+    found = re.fullmatch(
+        r"interrupted after step (\d+): a data loader worker \(pid \d+\) was killed by signal: Killed "
+        r"\(SIGKILL: often the out-of-memory killer\); last checkpoint (\S+) \(step (\d+)\); rerun the same "
+        r"command to resume",
+        message,
+    )
+    assert found and marker.exists(), message
+    run = RunDir(cfg.run_dir)
+    assert Path(found[2]) == run.latest_checkpoint() and int(found[3]) == run.checkpoint_step(Path(found[2]))
+    assert exit_status(caught.value) == (75, message)  # "interrupted, rerun to resume", not "stopped itself"
+    monkeypatch.setattr(loop, "image_transform", real)
+    assert train(cfg, progress=False)["step"] == 12  # the rerun resumes, bitwise
+    a = torch.load(Path(whole.run_dir) / "model.pt", weights_only=True)
+    b = torch.load(run.model_file, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- metrics --------------------------------------------------------------------------------------------
 
 

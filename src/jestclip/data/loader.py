@@ -118,6 +118,7 @@ __all__ = [
     "TooFewSamplesError",
     "caption_is_empty",
     "content_digest",
+    "dead_loader_worker",
     "decode_sample",
     "distinct_shards",
     "dotted_pairs",
@@ -189,6 +190,32 @@ class NoReadableSampleError(ValueError):
         if "Original Traceback" in message and marker in message:
             message = message.rsplit(marker, 1)[1].strip()
         super().__init__(message)
+
+
+# torch's words when a DataLoader worker process dies (the out-of-memory killer's SIGKILL, a bus error on
+# shared memory, any signal or exit): from the iterator, or from its SIGCHLD handler at any line of the main
+# process
+_DEAD_WORKER = re.compile(
+    r"DataLoader worker \(pid(?:\(s\))? (?P<pids>[\d, ]+)\) "
+    r"(?:is killed by signal: (?P<signal>[^.]*)|exited unexpectedly(?: with exit code (?P<code>-?\d+))?)"
+)
+
+
+def dead_loader_worker(exn: BaseException) -> str | None:
+    """What happened when ``exn`` is torch's error for a DataLoader worker that died, else None:
+    ``a data loader worker (pid 8398) was killed by signal: Killed (SIGKILL: often the out-of-memory
+    killer)``. The worker's data is lost, not bad: a rerun resumes from the last checkpoint."""
+    found = _DEAD_WORKER.search(str(exn)) if isinstance(exn, RuntimeError) else None
+    if found is None:
+        return None
+    pids = found["pids"].strip()
+    who = f"data loader workers (pids {pids})" if "," in pids else f"a data loader worker (pid {pids})"
+    if found["signal"] is not None:
+        what = found["signal"].strip()
+        oom = " (SIGKILL: often the out-of-memory killer)" if what == "Killed" else ""
+        return f"{who} was killed by signal: {what}{oom}"
+    code = f" with exit code {found['code']}" if found["code"] is not None else ""
+    return f"{who} exited unexpectedly{code}"
 
 
 class TooFewSamplesError(NoReadableSampleError):

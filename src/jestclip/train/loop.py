@@ -18,7 +18,9 @@ How a run ends: it returns the last metrics line when it reaches ``steps`` or ``
 final checkpoint and ``model.pt`` are written first, then the final evaluation runs: a failure there raises
 ``FinalEvaluationFailed`` with the training saved, and rerunning the same command evaluates without
 training again (a finished run whose final evaluation is logged does nothing). It raises ``Preempted`` on
-SIGTERM (checkpointed; rerun the same command to resume), ``TrainingDiverged`` after
+SIGTERM (checkpointed; rerun the same command to resume), ``Interrupted`` when a data loader worker died
+(the out-of-memory killer: no checkpoint can be written mid-step; it names the last one, and a rerun resumes
+from it), ``TrainingDiverged`` after
 ``max_bad_steps`` steps in a row with a non-finite loss or gradient norm (their updates are skipped; the last
 good checkpoint is untouched) and ``CheckpointWriteError`` when a checkpoint cannot be written (disk full;
 the previous checkpoint is kept).
@@ -44,7 +46,7 @@ from tqdm import tqdm
 
 from jestclip.data.files import check_writable
 from jestclip.data.keeplist import KeepList
-from jestclip.data.loader import ResumableBatches, SuperBatch, expand_urls
+from jestclip.data.loader import ResumableBatches, SuperBatch, dead_loader_worker, expand_urls
 from jestclip.data.progress import progress as progress_bar
 from jestclip.data.refcache import ReferenceCache
 from jestclip.eval import check_labels, evaluate, find_suites, flat_metrics
@@ -71,6 +73,7 @@ from jestclip.train.steps import StepOutput, SuperBatchTensors, score_embeddings
 __all__ = [
     "CheckpointWriteError",
     "FinalEvaluationFailed",
+    "Interrupted",
     "Preempted",
     "RunOutputs",
     "TrainingDiverged",
@@ -100,6 +103,11 @@ class TrainingDiverged(RuntimeError):
 
 class Preempted(RuntimeError):
     """The run stopped on SIGTERM (after checkpointing); rerunning the same command resumes it."""
+
+
+class Interrupted(RuntimeError):
+    """The run was stopped from outside before it could checkpoint (a data loader worker killed, e.g. by the
+    out-of-memory killer); rerunning the same command resumes from the last checkpoint, named."""
 
 
 class FinalEvaluationFailed(RuntimeError):
@@ -469,9 +477,17 @@ def preempted_message(step: int, checkpoint: Path | None, *, during: str | None 
     return f"preempted {when}; {saved}; rerun the same command to resume"
 
 
+def interrupted_message(why: str, step: int, out: RunOutputs) -> str:
+    """``interrupted after step N: WHY; last checkpoint RUN/checkpoint-00000K.pt (step K); rerun the same
+    command to resume``."""
+    checkpoint = f"last checkpoint {out.last_good}"
+    return f"interrupted after step {step}: {why}; {checkpoint}; rerun the same command to resume"
+
+
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run ``cfg`` describes; return the last metrics line. Raises ``Preempted``,
-    ``TrainingDiverged``, ``CheckpointWriteError`` or ``FinalEvaluationFailed`` (see the module docstring)."""
+    ``Interrupted``, ``TrainingDiverged``, ``CheckpointWriteError`` or ``FinalEvaluationFailed`` (see the
+    module docstring); a KeyboardInterrupt names the last checkpoint."""
     run = RunDir(cfg.run_dir)
     with _Sigterm(run) as sigterm:  # first of all: a SIGTERM while starting stops the run at once
         where = place(cfg)
@@ -496,6 +512,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 cfg, where, state, out, evaluator, sigterm, costs, DivergenceGuard(cfg.max_bad_steps)
             )
             return steps.run(batches, lambda batch: to_device(batch, tokenize, reference, where.device))
+        except RuntimeError as exn:
+            why = dead_loader_worker(exn)  # raised by torch at any line once a worker died: state unsaved
+            if why is None:
+                raise
+            raise Interrupted(interrupted_message(why, state.counters.step, out)) from exn
+        except KeyboardInterrupt as exn:
+            raise KeyboardInterrupt(interrupted_message("SIGINT", state.counters.step, out)) from exn
         finally:
             out.close()
 
