@@ -174,7 +174,7 @@ def test_drop_last_and_bad_arguments(tmp_path):
         SuperBatchStream(urls, batch_size=0)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match=r"no \.tar shards in directory"):
+    with pytest.raises(ValueError, match=r"no shards \(\.tar, \.tar\.gz, .*\) in directory"):
         SuperBatchStream(empty, batch_size=1)
 
 
