@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from jestclip.data.loader import shard_files
 from jestclip.data.refcache import ReferenceCache
 from jestclip.eval import encode_suite, find_suites
 from jestclip.eval.evaluate import GALLERY_SIZE, SuiteFeatures
@@ -137,9 +138,9 @@ def cached_shards(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """``(image, text)`` of every cached pair of the first ``limit`` shards of ``pool``, a shard at a time
     (``ReferenceCache`` checks the sidecars: a missing or stale one is its one-line ValueError)."""
-    urls = [str(p) for p in sorted(Path(pool).glob("*.tar"))[:limit]]
+    urls = shard_files(pool)[:limit] if Path(pool).is_dir() else []  # every shard form the loader reads
     if not urls:
-        raise ValueError(f"steering probe: no shards (*.tar) in {pool}")
+        raise ValueError(f"steering probe: no shards in {pool}")
     cache = ReferenceCache(urls, name=name, cache_dir=cache_dir)
     for i, url in enumerate(urls):
         keys = cache.keys(i)

@@ -191,7 +191,7 @@ def test_steering_probe_table_groups_seeds_into_one_row():
 def test_steering_probe_reads_cached_pairs_of_a_pool(tmp_path):
     from jestclip.data.refcache import CacheMeta, write_sidecar
 
-    from .data.test_loader import make_shards
+    from .data.test_loader import gzipped, make_shards
 
     script = load_script("steering_probe")
     stats = script.cached_pair_stats
@@ -199,8 +199,10 @@ def test_steering_probe_reads_cached_pairs_of_a_pool(tmp_path):
     unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
     image = unit(torch.randn(250, 128, generator=g))
     noise = unit(torch.randn(250, 128, generator=g))
-    # two shards of 150 and 100 cached pairs (one gallery each) where every caption embeds as its image
+    # two shards of 150 and 100 cached pairs (one gallery each) where every caption embeds as its image; the
+    # second a .tar.gz (its pool listed *.tar only)
     urls = make_shards(tmp_path, 2, 1)
+    urls[1] = gzipped(urls[1])
     for url, rows in zip(urls, (slice(0, 150), slice(150, 250)), strict=True):
         keys = [f"k{i:03d}" for i in range(rows.start, rows.stop)]
         meta = CacheMeta("toy", "toy", 5.0, -1.0, 128, Path(url).stat().st_size)
