@@ -453,6 +453,34 @@ def test_a_killed_loader_worker_ends_the_run_in_one_line_naming_the_last_checkpo
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, MemoryError])
+def test_running_out_of_memory_is_one_line_naming_the_checkpoint_and_what_to_lower(
+    tmp_path, shards, monkeypatch, error
+):
+    from jestclip.commands.common import exit_status
+
+    real, calls = loop.run_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise error(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB"
+            )
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "run_step", step)
+    cfg = config(tmp_path / "run", shards, "iid", steps=6, checkpoint_every=2)
+    with pytest.raises(loop.OutOfMemory) as caught:
+        train(cfg, progress=False)
+    assert str(caught.value) == (
+        f"out of memory after step 2 ({error.__name__}: CUDA out of memory); last checkpoint "
+        f"{RunDir(cfg.run_dir).checkpoint_path(2)} (step 2); lower method.batch_size or filter_ratio (or "
+        "num_workers), then rerun to resume"
+    )
+    assert exit_status(caught.value) == (1, str(caught.value))
+
+
 # --- metrics --------------------------------------------------------------------------------------------
 
 

@@ -1,13 +1,14 @@
 """What the commands share: the ``--device`` argument, loading weights, and how an error ends a command.
 
 Every way a command ends is one line on stderr (``--debug`` adds the traceback) and an exit status that
-tells a person or a scheduler what to do, ``EXIT_STATUSES`` (the table in docs/reliability.md): 0 done; 1
-the run stopped itself (``TrainingDiverged``, ``CheckpointWriteError``, ``FinalEvaluationFailed``, a full
-disk); 2 the user's error (a bad path, value, file or config, a place that cannot be written); 75
-interrupted from outside before a checkpoint (``Interrupted``: a data loader worker killed, often by the
-out-of-memory killer; EX_TEMPFAIL), rerun to resume from the checkpoint it names; 130 SIGINT; 143 SIGTERM
-(``Preempted``: checkpointed first during training), rerun to resume. Anything else is a bug and keeps its
-traceback. Standard library only at top level (``jestclip --help`` imports no torch).
+tells a person or a scheduler what to do, ``EXIT_STATUSES`` (the table in docs/reliability.md): 0 done;
+1 the run stopped itself (``TrainingDiverged``, ``OutOfMemory``, ``CheckpointWriteError``,
+``FinalEvaluationFailed``, a full disk); 2 the user's error (a bad path, value, file or config, a place
+that cannot be written); 75 interrupted from outside before a checkpoint (``Interrupted``: a data loader
+worker killed, often by the out-of-memory killer; EX_TEMPFAIL), rerun to resume from the checkpoint it
+names; 130 SIGINT; 143 SIGTERM (``Preempted``: checkpointed first during training), rerun to resume.
+Anything else is a bug and keeps its traceback. Standard library only at top level (``jestclip --help``
+imports no torch).
 """
 
 from __future__ import annotations
@@ -52,14 +53,15 @@ RUN_EXITS: dict[str, int] = {
     "Preempted": 143,
     "Interrupted": 75,  # EX_TEMPFAIL: a worker died (the out-of-memory killer); rerun to resume
     "TrainingDiverged": 1,
+    "OutOfMemory": 1,  # GPU or host memory in the main process: ask for less, then rerun to resume
     "CheckpointWriteError": 1,
     "FinalEvaluationFailed": 1,  # the training is saved; a rerun evaluates only
 }
 # every exit status a command ends with -> what it means (the table above)
 EXIT_STATUSES: dict[int, str] = {
     0: "done",
-    1: "the run stopped itself (diverged, a checkpoint not written, the final evaluation failed, a full "
-    "disk): look at it, then rerun",
+    1: "the run stopped itself (diverged, out of memory, a checkpoint not written, the final evaluation "
+    "failed, a full disk): look at it, then rerun",
     2: "the user's error (a bad path, value, file or config; a place that cannot be written): fix it",
     75: "interrupted from outside before a checkpoint (a data loader worker killed): rerun the same command "
     "to resume from the checkpoint it names",

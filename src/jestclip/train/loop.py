@@ -20,7 +20,8 @@ final checkpoint and ``model.pt`` are written first, then the final evaluation r
 training again (a finished run whose final evaluation is logged does nothing). It raises ``Preempted`` on
 SIGTERM (checkpointed; rerun the same command to resume), ``Interrupted`` when a data loader worker died
 (the out-of-memory killer: no checkpoint can be written mid-step; it names the last one, and a rerun resumes
-from it), ``TrainingDiverged`` after
+from it), ``OutOfMemory`` when this process runs out of GPU or host memory (naming the last checkpoint and
+what to lower), ``TrainingDiverged`` after
 ``max_bad_steps`` steps in a row with a non-finite loss or gradient norm (their updates are skipped; the last
 good checkpoint is untouched) and ``CheckpointWriteError`` when a checkpoint cannot be written (disk full;
 the previous checkpoint is kept).
@@ -74,6 +75,7 @@ __all__ = [
     "CheckpointWriteError",
     "FinalEvaluationFailed",
     "Interrupted",
+    "OutOfMemory",
     "Preempted",
     "RunOutputs",
     "TrainingDiverged",
@@ -108,6 +110,11 @@ class Preempted(RuntimeError):
 class Interrupted(RuntimeError):
     """The run was stopped from outside before it could checkpoint (a data loader worker killed, e.g. by the
     out-of-memory killer); rerunning the same command resumes from the last checkpoint, named."""
+
+
+class OutOfMemory(RuntimeError):
+    """The run ran out of GPU or host memory in a step; the message names the last checkpoint to resume from
+    once the run asks for less."""
 
 
 class FinalEvaluationFailed(RuntimeError):
@@ -486,8 +493,8 @@ def interrupted_message(why: str, step: int, out: RunOutputs) -> str:
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run ``cfg`` describes; return the last metrics line. Raises ``Preempted``,
-    ``Interrupted``, ``TrainingDiverged``, ``CheckpointWriteError`` or ``FinalEvaluationFailed`` (see the
-    module docstring); a KeyboardInterrupt names the last checkpoint."""
+    ``Interrupted``, ``OutOfMemory``, ``TrainingDiverged``, ``CheckpointWriteError`` or
+    ``FinalEvaluationFailed`` (see the module docstring); a KeyboardInterrupt names the last checkpoint."""
     run = RunDir(cfg.run_dir)
     with _Sigterm(run) as sigterm:  # first of all: a SIGTERM while starting stops the run at once
         where = place(cfg)
@@ -512,6 +519,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 cfg, where, state, out, evaluator, sigterm, costs, DivergenceGuard(cfg.max_bad_steps)
             )
             return steps.run(batches, lambda batch: to_device(batch, tokenize, reference, where.device))
+        except (torch.OutOfMemoryError, MemoryError) as exn:  # GPU or host memory, in this process
+            what = f"{type(exn).__name__}: {_one_line(exn).split('. ')[0][:200]}"
+            lower = "lower method.batch_size or filter_ratio (or num_workers), then rerun to resume"
+            step = state.counters.step
+            raise OutOfMemory(
+                f"out of memory after step {step} ({what}); last checkpoint {out.last_good}; {lower}"
+            ) from exn
         except RuntimeError as exn:
             why = dead_loader_worker(exn)  # raised by torch at any line once a worker died: state unsaved
             if why is None:
