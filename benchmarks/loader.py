@@ -41,6 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from jestclip.data import Pair, SuperBatchStream, open_image, write_shard
+from jestclip.data.loader import shard_files
 from jestclip.models import image_transform
 
 BATCH = 512  # b of the ViT-B/16 configuration the workers are counted for
@@ -206,7 +207,7 @@ def loader_rows(args: argparse.Namespace, jpeg_urls: list[str]) -> tuple[list[st
     """The throughput table's rows, and the 224-px JPEG rate by worker count."""
     configs = [("generated 256-px JPEG q90", "ViT-B-16 (224 px)", jpeg_urls, image_transform("ViT-B-16"))]
     if not args.quick:
-        pool = sorted(str(p) for p in Path(args.pool).glob("*.tar"))
+        pool = shard_files(args.pool)  # every shard form the loader reads
         configs = [
             ("bench pool, 64-px PNG", "jest-micro (32 px)", pool, image_transform("jest-micro")),
             ("bench pool, 64-px PNG", "jest-tiny (64 px)", pool, image_transform("jest-tiny")),

@@ -88,7 +88,7 @@ class Settings:
 
 FULL = Settings("jest-small", 256, 16, 500, None, 1e-3, 20, 4, 60.0, ())
 TINY = Settings(
-    "jest-micro", 8, 2, 8, 24, 1e-3, 1, 0, 20.0, ("--gibbs-steps", "20", "--diagnostics-batch", "8")
+    "jest-micro", 8, 2, 8, 100, 1e-3, 1, 0, 20.0, ("--gibbs-steps", "20", "--diagnostics-batch", "8")
 )
 JEST = ["method.method=jest", "filter_ratio=0.8", f"reference_cache={CACHE}"]
 FLEXI = ["method.method=flexi-jest", "filter_ratio=0.8", "method.approx=flexi", "method.approx_fraction=0.5"]

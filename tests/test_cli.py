@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -333,6 +334,45 @@ def test_a_runs_own_endings_have_their_exit_status(error, status, monkeypatch, c
 
     monkeypatch.setattr(train_command, "run", ending)
     assert run_cli(["train", "configs/jest.py"], capsys) == (status, [f"jestclip train: {error}"])
+
+
+def test_every_ending_has_its_documented_exit_status(monkeypatch, capsys):
+    """0, 1, 2, 75, 130, 143: each a line saying what to do (docs/reliability.md's table)."""
+    from jestclip.commands import train as train_command
+    from jestclip.commands.common import EXIT_STATUSES, RUN_EXITS, exit_status
+    from jestclip.data.loader import dead_loader_worker
+    from jestclip.train import loop
+
+    assert set(EXIT_STATUSES) == {0, 1, 2, 75, 130, 143} >= set(RUN_EXITS.values())
+    doc = (Path(__file__).parents[1] / "docs" / "reliability.md").read_text()
+    assert all(f"| {status} |" in doc for status in EXIT_STATUSES)
+    # torch's words for a dead worker, from the iterator and from its SIGCHLD handler
+    killed = RuntimeError("DataLoader worker (pid 8398) is killed by signal: Killed. ")
+    assert dead_loader_worker(killed) == (
+        "a data loader worker (pid 8398) was killed by signal: Killed (SIGKILL: often the out-of-memory "
+        "killer)"
+    )
+    gone = RuntimeError("DataLoader worker (pid(s) 11, 12) exited unexpectedly")
+    assert dead_loader_worker(gone) == "data loader workers (pids 11, 12) exited unexpectedly"
+    assert dead_loader_worker(RuntimeError("CUDA error")) is None and dead_loader_worker(ValueError()) is None
+    assert exit_status(killed)[0] == 75  # outside a training run too (eval, cache-reference)
+    assert exit_status(KeyboardInterrupt()) == (130, "interrupted by SIGINT; rerun the same command")
+    for error, status in [
+        (
+            loop.Interrupted(
+                "interrupted after step 7: ...; last checkpoint R/checkpoint-000004.pt (step 4)"
+            ),
+            75,
+        ),
+        (KeyboardInterrupt("interrupted after step 3: SIGINT; last checkpoint none"), 130),
+        (loop.Preempted("preempted at step 3; checkpoint R/checkpoint-000003.pt"), 143),
+    ]:
+
+        def ending(args, error=error):
+            raise error
+
+        monkeypatch.setattr(train_command, "run", ending)
+        assert run_cli(["train", "configs/jest.py"], capsys) == (status, [f"jestclip train: {error}"])
 
 
 def test_bugs_keep_their_traceback(monkeypatch):

@@ -41,7 +41,7 @@ def make_bench(root: Path, pairs: int = 96, shard_size: int = 32) -> Path:
         write_shard(pool / shards[-1], samples[start : start + shard_size])
     manifest = {"part": "pool", "count": pairs, "shards": shards, "image_size": 16}
     (pool / "manifest.json").write_text(json.dumps(manifest))
-    make_suite(root / "eval", "toy", per_class=6)
+    make_suite(root / "eval", "toy", per_class=25)  # 100 pairs: gallery R@5, the metric, needs a gallery
     return root
 
 

@@ -74,7 +74,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return importlib.import_module(_COMMANDS[args.command]).run(args)
-    except BaseException as exn:  # KeyboardInterrupt and bugs propagate with their traceback
+    except BaseException as exn:  # bugs propagate with their traceback; every other ending is one line
         ending = exit_status(exn)
         if ending is None:
             raise

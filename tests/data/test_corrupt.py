@@ -229,6 +229,16 @@ def test_corrupt_refuses_bad_input(pool, tmp_path):
         corrupt_captions(pool, write_pool(tmp_path / "o5"), swap_captions=0.5)
 
 
+def test_corrupt_refuses_compressed_shards_it_would_leave_out(pool, tmp_path):
+    from .test_loader import gzipped
+
+    gzipped(str(pool / shard_name(1)))
+    with pytest.raises(
+        ValueError, match=r"holds 1 compressed shard\(s\) \(00001.tar.gz\) that jestclip data"
+    ):
+        corrupt_captions(pool, tmp_path / "out", swap_captions=0.5)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

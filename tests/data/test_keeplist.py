@@ -93,6 +93,19 @@ def test_the_kept_keys_are_the_pools_top_cosines(tmp_path, pool):
     assert sum(s["kept"] for s in on_disk["shards"]) == 6 and {s["total"] for s in on_disk["shards"]} == {8}
 
 
+def test_a_shard_under_two_names_is_scored_and_kept_once(tmp_path, pool):
+    urls, _ = pool
+    root = Path(urls[0]).parent
+    os.symlink(urls[0], root / "zz-link.tar")
+    header = filter_shards(root, tmp_path / "keep", keep=0.5, progress=False)
+    assert (header["kept"], header["total"]) == (12, 24)  # 00000 twice: 16 of 32
+    kept = KeepList(tmp_path / "keep")
+    kept.check([str(root)])  # was: "shard .../zz-link.tar ... is not in it"
+    stream = SuperBatchStream(root, batch_size=100, keep=kept, shuffle_shards=False)
+    (batch,) = list(stream)
+    assert len(batch) == len(set(batch.keys)) == 12 and batch.skipped["duplicate_shard"] == 1
+
+
 def test_keep_fraction_one_keeps_every_pair_and_the_loss_score_is_recorded(tmp_path, pool):
     urls, _ = pool
     header = filter_shards(

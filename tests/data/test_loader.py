@@ -99,6 +99,29 @@ def test_corrupt_members_are_skipped_and_counted(tmp_path):
     }
 
 
+# captions that open_clip's tokenizer cleans to nothing (ftfy, HTML entities twice, whitespace): [SOT, EOT]
+EMPTY_ONCE_CLEANED = ["&nbsp;", "&amp;nbsp;", "\ufeff", "\x00\x00", " \u2028 \t", "&#32;"]
+
+
+def test_captions_empty_once_the_tokenizer_cleans_them_are_skipped_as_empty_text(tmp_path):
+    from jestclip.models import tokenizer
+
+    kept = ["caf\u00e9", "&amp;", "\u200b"]
+    tokens = tokenizer("jest-micro")([*EMPTY_ONCE_CLEANED, *kept])
+    assert (tokens[:6] != 0).sum(1).tolist() == [2] * 6  # [SOT, EOT]: one shared empty text
+    assert ((tokens[6:] != 0).sum(1) > 2).all()
+    (url,) = make_shards(tmp_path, 1, 2)
+    members = {}
+    for i, caption in enumerate([*EMPTY_ONCE_CLEANED, *kept]):
+        members |= {f"c{i}.png": image(i), f"c{i}.txt": caption.encode("utf-8")}
+    add_members(Path(url), members)
+    (batch,) = list(SuperBatchStream([url], batch_size=100))
+    assert batch.keys == ["s0_000", "s0_001", "c6", "c7", "c8"]
+    assert batch.texts[2:] == kept  # kept as written: the tokenizer cleans
+    assert batch.skipped == {"empty_text": 6}
+    assert all(loader.caption_is_empty(c) for c in EMPTY_ONCE_CLEANED)
+
+
 def test_ranks_and_workers_partition_an_epoch_exactly(tmp_path):
     urls = make_shards(tmp_path, 6, 3)
     seen: list[str] = []
@@ -151,7 +174,7 @@ def test_drop_last_and_bad_arguments(tmp_path):
         SuperBatchStream(urls, batch_size=0)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match=r"no \.tar shards in directory"):
+    with pytest.raises(ValueError, match=r"no shards \(\.tar, \.tar\.gz, .*\) in directory"):
         SuperBatchStream(empty, batch_size=1)
 
 
@@ -168,6 +191,35 @@ def test_mixed_image_sizes_need_a_resizing_transform(tmp_path):
 def test_brace_patterns_and_directories(tmp_path):
     make_shards(tmp_path, 3, 1)
     assert expand_urls(str(tmp_path / "{00000..00002}.tar")) == expand_urls(tmp_path)
+
+
+def gzipped(path: str) -> str:
+    """The shard at ``path`` rewritten as ``path.gz`` (a ``.tar.gz`` shard), the ``.tar`` removed."""
+    import gzip
+
+    out = Path(f"{path}.gz")
+    out.write_bytes(gzip.compress(Path(path).read_bytes()))
+    Path(path).unlink()
+    return str(out)
+
+
+def test_a_directory_yields_every_shard_form_the_loader_reads(tmp_path):
+    """Two .tar and two .tar.gz shards: only the .tar ones were read, half the pool left out, no count."""
+    urls = make_shards(tmp_path, 4, 2)
+    urls[2:] = [gzipped(urls[2]), gzipped(urls[3])]
+    (tmp_path / "00000.reference.json").write_text("{}")  # a sidecar, not a shard
+    (tmp_path / "00002.tar.reference.json").write_text("{}")  # a .tar.gz shard's sidecar
+    (tmp_path / "00004.tar.tmp").write_bytes(b"")  # a write cut short
+    assert expand_urls(tmp_path) == urls and expand_urls(str(tmp_path)) == urls
+    keys = [k for b in SuperBatchStream(tmp_path, batch_size=100, shuffle_shards=False) for k in b.keys]
+    assert keys == [f"s{s}_{i:03d}" for s in range(4) for i in range(2)]
+    assert set(loader.SHARD_SUFFIXES) >= {".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"}
+    # a form it cannot read: the whole directory is refused by name, not read in part
+    (tmp_path / "00005.tar.lz4").write_bytes(b"\x04\x22\x4d\x18")
+    with pytest.raises(
+        ValueError, match=r"holds 1 shard\(s\) in a form the loader cannot read \(00005.tar.lz4\)"
+    ):
+        expand_urls(tmp_path)
 
 
 def test_decode_sample_reports_missing_key():
@@ -369,6 +421,37 @@ def test_images_over_the_pixel_limit_are_skipped_without_pil_warnings(tmp_path, 
     monkeypatch.setattr(loader, "MAX_IMAGE_PIXELS", 8 * 8 - 1)
     assert decode_sample({"__key__": "k", "png": image(0, 8), "txt": b"x"}) == "image_too_large"
     assert decode_sample({"__key__": "k", "png": image(0, 7), "txt": b"x"}).text == "x"
+
+
+def thin_png(width: int, height: int) -> bytes:
+    return png_bytes(Image.new("L", (width, height), 128))
+
+
+def test_a_thin_image_is_skipped_before_the_transform_makes_it_huge(tmp_path):
+    """A 1 x 8000 PNG of ~100 bytes: open_clip's transform at 224 px resizes its shorter side to 224 first,
+    224 x 1,792,000 pixels (+1.6 GB, 6 s). It is skipped from its header, the transform never sees it."""
+    assert len(thin_png(1, 8000)) < 200
+    members = good("ok", 1)
+    for name, (w, h) in {
+        "line": (1, 8000),
+        "column": (8000, 1),
+        "strip": (2, 2 * 21),
+        "banner": (21, 1),
+    }.items():
+        members += [(f"{name}.png", thin_png(w, h)), (f"{name}.txt", b"caption")]
+    members += [("edge.png", thin_png(20, 1)), ("edge.txt", b"caption")]  # exactly the limit: kept
+    url = write_tar(tmp_path / "00000.tar", members)
+    seen = []
+
+    def transform(im):
+        seen.append(im.size)
+        return torch.zeros(3, 4, 4)
+
+    (batch,) = list(SuperBatchStream([url], batch_size=10, transform=transform, shuffle_shards=False))
+    assert batch.keys == ["ok", "edge"] and seen == [(8, 8), (20, 1)]
+    assert batch.skipped == {"aspect_ratio_too_large": 4}
+    assert loader.MAX_ASPECT_RATIO == 20
+    assert decode_sample({"__key__": "k", "png": thin_png(1, 8000), "txt": b"x"}) == "aspect_ratio_too_large"
 
 
 def test_any_decoder_failure_is_a_bad_image(monkeypatch):

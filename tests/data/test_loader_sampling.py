@@ -100,6 +100,34 @@ def test_a_shard_listed_twice_is_read_once_and_counted(tmp_path):
     assert total_skips(list(rank1)) == {}  # counted once per stream, by rank 0
 
 
+def test_one_shard_under_two_names_is_one_shard(tmp_path):
+    """A symlink in the pool directory and ``dir/./00000.tar``: the shard was read twice per epoch,
+    uncounted, its pairs on two ranks in one step and twice in a super-batch."""
+    import os
+
+    from jestclip.data.loader import distinct_shards, expand_urls
+
+    urls = make_shards(tmp_path, 6, 8)
+    os.symlink(urls[0], tmp_path / "zz-link.tar")  # sorts last in the directory
+    os.link(urls[1], tmp_path / "zz-hard.tar")
+    listed = [str(tmp_path / "." / "00002.tar"), str(tmp_path)]
+    assert len(expand_urls(listed)) == 9
+    assert distinct_shards(expand_urls(listed)) == ([listed[0], *urls[:2], *urls[3:]], 3)
+    epoch = list(SuperBatchStream(listed, batch_size=20, shuffle_shards=False))
+    keys = [k for b in epoch for k in b.keys]
+    assert len(keys) == 48 == len(set(keys)) and total_skips(epoch) == {"duplicate_shard": 3}
+    for seed in range(3):  # B = 20 from 6 shards of 8: no key twice in any super-batch
+        batches = itertools.islice(SuperBatchStream(listed, batch_size=20, resampled=True, seed=seed), 10)
+        assert all(len(set(b.keys)) == 20 for b in batches)
+    ranks = [SuperBatchStream(listed, batch_size=8, rank=r, world_size=2, seed=1) for r in range(2)]
+    first = [set(next(iter(stream)).keys) for stream in ranks]
+    assert not first[0] & first[1]
+    assert sum(len(stream.urls) for stream in ranks) == 2 * 6
+    from jestclip.report.reference import count_samples  # the samples cache-reference embeds: once each
+
+    assert count_samples(listed) == 48
+
+
 def test_too_few_distinct_samples_for_a_super_batch_is_one_clear_error(tmp_path):
     urls = make_shards(tmp_path, 2, 3)
     with pytest.raises(TooFewSamplesError) as info:

@@ -92,6 +92,21 @@ def test_cache_then_lookup_by_key(setup):
     torch.testing.assert_close(emb.text, text, atol=2e-3, rtol=0)
 
 
+def test_a_shard_under_two_names_is_cached_once_and_found_under_either(setup, tmp_path):
+    import os
+
+    model, urls = setup
+    os.symlink(urls[0], tmp_path / "zz-link.tar")
+    summary = cache(model, [str(tmp_path / "." / "00001.tar"), str(tmp_path)])
+    assert summary["written"] == 2 and summary["samples"] == 10  # it cached 00000 twice: 3 and 15
+    assert summary["skipped"] == {"duplicate_shard": 2}
+    assert not sidecar_path(tmp_path / "zz-link.tar", "reference").exists()
+    reference = ReferenceCache(tmp_path)
+    assert reference.urls == urls
+    emb = reference.lookup(["s0_001", "s0_001"], [str(tmp_path / "zz-link.tar"), urls[0]])
+    torch.testing.assert_close(emb.image[0], emb.image[1], atol=0, rtol=0)
+
+
 def test_cache_resumes_and_recomputes_for_another_model(setup):
     model, urls = setup
     cache(model, urls)
@@ -395,12 +410,12 @@ def test_lookup_joins_by_shard_and_key(tmp_path):
     write_sidecar(urls[1], "reference", keys, *[image[2:]] * 2, toy_meta(4, sizes[1]), digests=[0] * 4)
     reference = ReferenceCache(urls)
     keys, shards = ["same", "c", "same", "zz", "a"], [urls[1], urls[1], urls[0], urls[1], urls[0]]
-    emb = reference.lookup(keys, shards)
+    emb = reference.lookup(keys, shards, check_content=False)  # synthetic rows, not the shards' samples
     expected = torch.from_numpy(image[[3, 5, 0, 2, 1]]).float()
     torch.testing.assert_close(emb.image, expected, atol=0, rtol=0)
     torch.testing.assert_close(emb.text, expected, atol=0, rtol=0)
     assert emb.image.dtype == torch.float32 and (emb.scale, emb.bias) == (5.0, -1.0)
-    assert reference.lookup([], []).image.shape == (0, 4)
+    assert reference.lookup([], [], check_content=False).image.shape == (0, 4)
     with pytest.raises(ValueError, match="lookup got 2 keys but 1 shard urls"):
         reference.lookup(["a", "b"], urls[:1])
 
@@ -437,9 +452,9 @@ def test_memory_maps_read_only_the_pages_asked_for(tmp_path, monkeypatch):
         lambda emb, advice, rows=None: advised.append((advice, rows)) or real(emb, advice, rows),
     )
     reference = ReferenceCache([url])
-    reference.lookup(keys[:3], [url] * 3)
+    reference.lookup(keys[:3], [url] * 3, check_content=False)  # synthetic rows, not the shard's samples
     assert advised == [(mmap.MADV_RANDOM, None)]
-    reference.lookup(keys[10:90], [url] * 80)
+    reference.lookup(keys[10:90], [url] * 80, check_content=False)
     assert advised[1:] == [(mmap.MADV_WILLNEED, (10, 90))]
 
 
@@ -502,6 +517,76 @@ def test_a_shard_rewritten_with_the_same_keys_and_size_is_caught_and_recached(tm
     image, text = toy_embed(batch.images, batch.texts)
     torch.testing.assert_close(fresh.image, image.half().float(), atol=0, rtol=0)
     torch.testing.assert_close(fresh.text, text.half().float(), atol=0, rtol=0)
+
+
+def test_a_lookup_without_digests_checks_the_content_unless_told_not_to(tmp_path):
+    """The content check was opt-in: ``lookup(keys, urls)`` without ``digests=`` served the stale
+    embeddings of a rewritten shard with no message."""
+    urls = make_shards(tmp_path, 2, 3)
+    toy_cache(urls)
+    before = ReferenceCache(urls).lookup(["s0_000"], [urls[0]])  # reads shard 0 once, no decoding
+    rewrite_same_keys_and_size(urls[0])
+    reference = ReferenceCache(urls)
+    with pytest.raises(SidecarError, match=r"shard .*00000\.tar changed since .* 's0_000' \(3 of 3\)"):
+        reference.lookup(["s0_000"], [urls[0]])
+    with pytest.raises(SidecarError, match="changed since"):
+        reference.lookup(["s0_001"])  # searched in every shard: checked all the same
+    assert reference.lookup(["s1_000"], [urls[1]]).image.shape == (1, 3)  # shard 1 is as cached
+    stale = reference.lookup(["s0_000"], [urls[0]], check_content=False)  # said explicitly: served as cached
+    torch.testing.assert_close(stale.image, before.image, atol=0, rtol=0)
+    reads = []
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(refcache, "shard_content", lambda url: reads.append(url) or shard_content(url))
+    try:
+        fresh = ReferenceCache(urls[1:])
+        for _ in range(3):
+            fresh.lookup(["s1_000", "s1_002"], [urls[1]] * 2)
+    finally:
+        monkey.undo()
+    assert reads == [urls[1]]  # once per shard, not per lookup
+
+
+def damage_rows(url: str, rows: list[int], value: float = float("nan")) -> None:
+    """Write ``value`` into the image embedding of ``rows`` of a sidecar in place: size, header unchanged."""
+    path = Path(url).with_name(Path(url).stem + ".reference.emb.npy")
+    size = path.stat().st_size
+    emb = np.load(path, mmap_mode="r+")
+    for row in rows:
+        emb[row, 0, 1] = value
+    emb.flush()
+    del emb
+    assert path.stat().st_size == size
+
+
+def test_a_sidecar_damaged_after_it_was_written_is_named_where_it_is_used_and_repaired(tmp_path, capsys):
+    """Four rows set to NaN in place: never named; cache-reference (the documented repair) kept it, DRRho
+    skipped its updates and ended "training diverged", the filter's line gave a pool index."""
+    urls = make_shards(tmp_path, 2, 3)
+    toy_cache(urls)
+    damage_rows(urls[1], [0, 2])
+    damage_rows(urls[0], [1], float("inf"))
+    reference = ReferenceCache(urls)  # headers and sizes are unchanged
+    batch = batch_of(urls)
+    with pytest.raises(SidecarError) as info:
+        reference.lookup(batch.keys, batch.urls, digests=batch.digests)
+    assert str(info.value) == (
+        f"the cached 'reference' embedding of sample key 's0_001' of shard {urls[0]} is not finite (3 of 6 "
+        f"in this lookup): {tmp_path}/00000.reference.emb.npy was damaged after it was written; run "
+        "`jestclip cache-reference` on the shard to rewrite it (it repairs damaged sidecars)"
+    )
+    with pytest.raises(SidecarError, match=r"key 's1_000' of shard .*00001\.tar is not finite \(1 of 1"):
+        reference.lookup(["s1_000"], [urls[1]], check_content=False)
+    assert reference.lookup(["s1_001"], [urls[1]]).image.isfinite().all()  # its other rows are served
+    from jestclip.data.keeplist import filter_shards
+
+    with pytest.raises(SidecarError, match=r"key 's0_001' of shard .*00000\.tar is not finite"):
+        filter_shards(urls, tmp_path / "keep", keep=0.5, progress=False)  # named, not a pool index
+    summary = toy_cache(urls)  # it kept both: "kept": 2
+    assert (summary["written"], summary["repaired"], summary["kept"]) == (2, 2, 0)
+    assert "is not finite" in capsys.readouterr().err
+    fresh = ReferenceCache(urls).lookup(batch.keys, batch.urls, digests=batch.digests)
+    image, _ = toy_embed(batch.images, batch.texts)
+    torch.testing.assert_close(fresh.image, image.half().float(), atol=0, rtol=0)
 
 
 def test_a_skipped_sample_that_became_readable_is_a_change(tmp_path):

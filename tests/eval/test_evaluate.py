@@ -3,6 +3,7 @@
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -59,12 +60,13 @@ def run(model, suites, **kw):
 
 
 def test_every_task_of_every_suite_is_measured(tmp_path, micro):
-    make_suite(tmp_path / "eval", "a")
+    make_suite(tmp_path / "eval", "a", per_class=25)  # 100 pairs: one gallery
     make_suite(tmp_path / "eval", "b", per_class=11)
     suites = find_suites(tmp_path)  # a benchmark root holding eval/
     assert [s.name for s in suites] == ["a", "b"]
     micro.train()
-    results = run(micro, suites, batch_size=7)
+    with pytest.warns(UserWarning, match="suite 'b': the gallery: metrics left out: 44 pairs, fewer than a"):
+        results = run(micro, suites, batch_size=7)
     assert micro.training  # mode restored
     a = results["suites"]["a"]
     assert set(a) == {
@@ -84,10 +86,11 @@ def test_every_task_of_every_suite_is_measured(tmp_path, micro):
         "average",
         "samples",
     }
-    assert a["samples"] == 48 and results["suites"]["b"]["samples"] == 44
-    # 4 distinct captions, 12 copies each: an image's top 5 texts are copies of one caption, right 1 time in 4
+    assert a["samples"] == 100 and results["suites"]["b"]["samples"] == 44
+    assert set(results["suites"]["b"]) == {k for k in a if not k.startswith("gallery:")}
+    # 4 distinct captions, 25 copies each: an image's top 5 texts are copies of one caption, right 1 time in 4
     assert a["retrieval:i2t_r@5"] == a["retrieval:i2t_r@1"]
-    # 48 pairs, fewer than a gallery: the one gallery is the whole suite
+    # 100 pairs, one gallery: the gallery is the whole suite
     assert all(a[f"gallery:{k}"] == a[f"retrieval:{k}"] for k in ("i2t_r@1", "t2i_r@5"))
     averaged = [a[k] for k in ("zeroshot_balanced:colour", "fewshot_balanced:colour")]
     averaged += [a["retrieval:i2t_r@1"], a["retrieval:t2i_r@1"]]
@@ -97,8 +100,8 @@ def test_every_task_of_every_suite_is_measured(tmp_path, micro):
     ]
     both += [results["suites"]["b"][k] for k in ("retrieval:i2t_r@1", "retrieval:t2i_r@1")]
     assert results["average"] == pytest.approx(sum(both) / 8)
-    r5 = [results["suites"][s][f"gallery:{d}_r@5"] for s in ("a", "b") for d in ("i2t", "t2i")]
-    assert results["gallery_r5"] == pytest.approx(sum(r5) / 4)
+    r5 = [a[f"gallery:{d}_r@5"] for d in ("i2t", "t2i")]  # of the suites that have galleries
+    assert results["gallery_r5"] == pytest.approx(sum(r5) / 2)
     flat = flat_metrics(results)
     assert flat["eval/gallery_r5"] == results["gallery_r5"]
     assert flat["eval/a/zeroshot:colour"] == a["zeroshot:colour"] and "eval/a/samples" not in flat
@@ -120,6 +123,74 @@ def test_fewshot_mean_averages_the_balanced_probe_over_five_split_seeds():
     assert len(set(each)) > 1  # the split seed matters, so the mean is no single split's value
     assert at[2]["fewshot_mean:c"] == pytest.approx(sum(each) / 5, abs=1e-12)
     assert at[2]["average"] == at[2]["fewshot_balanced:c"]  # reported beside the average, not in it
+
+
+def features(labels: list[int], seed: int = 0) -> SuiteFeatures:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.nn.functional.normalize(torch.randn(len(labels), 8, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(len(labels), 8, generator=g), dim=-1)
+    n = len(labels)
+    return SuiteFeatures(
+        image, text, {"c": torch.tensor(labels)}, torch.arange(n), [str(i) for i in range(n)]
+    )
+
+
+SMALL = EvalSuite(
+    "small", urls=[], tasks=["zeroshot:c", "fewshot:c", "retrieval"], classes={"c": ["x", "y", "z"]}
+)
+
+
+def test_a_suite_too_small_for_a_metric_leaves_it_out_with_a_warning():
+    """The issue's case: 18 pairs, classes of 12, 3 and 3. The 10-shot probe kept the one class with more
+    than 10 examples, predicted it and scored 100%, lifting the average from 13.9 to 35.4 with no warning;
+    the gallery: metrics were over 18 pairs, not the documented 100."""
+    feats = features([0] * 12 + [1] * 3 + [2] * 3)
+    classifier = {"c": torch.nn.functional.normalize(torch.randn(8, 3, generator=torch.Generator()), dim=0)}
+    with pytest.warns(UserWarning) as caught:
+        out = suite_metrics(feats, SMALL, classifier)
+    messages = [str(w.message) for w in caught]
+    assert messages == [
+        "suite 'small': task 'fewshot:c' skipped: only one class has more than 10 examples; a probe of one "
+        "class scores 100% and measures nothing",
+        "suite 'small': the gallery: metrics left out: 18 pairs, fewer than a gallery of 100 (docs/eval.md, "
+        "Size limits)",
+    ]  # in the suite's task order
+    assert set(out) == {
+        "zeroshot:c",
+        "zeroshot_balanced:c",
+        "retrieval:i2t_r@1",
+        "retrieval:i2t_r@5",
+        "retrieval:t2i_r@1",
+        "retrieval:t2i_r@5",
+        "average",
+    }
+    averaged = [out[k] for k in ("zeroshot_balanced:c", "retrieval:i2t_r@1", "retrieval:t2i_r@1")]
+    assert out["average"] == pytest.approx(sum(averaged) / 3)
+
+
+@pytest.mark.parametrize(
+    ("labels", "present", "absent"),
+    [
+        ([0] * 3 + [1] * 2, {"retrieval:i2t_r@1"}, {"retrieval:i2t_r@5", "gallery:i2t_r@1"}),  # R@5: > 5
+        ([0] * 3 + [1] * 3, {"retrieval:i2t_r@5"}, {"gallery:i2t_r@1", "fewshot:c"}),
+        ([0] * 99, {"retrieval:t2i_r@5"}, {"gallery:t2i_r@5"}),  # a gallery needs 100 pairs
+        ([0] * 100, {"gallery:t2i_r@5", "gallery:i2t_r@1"}, {"fewshot:c"}),
+        ([0] * 11 + [1] * 10, set(), {"fewshot:c"}),  # one class of more than 10
+        ([0] * 11 + [1] * 11, {"fewshot:c", "fewshot_balanced:c", "fewshot_mean:c"}, set()),  # two
+    ],
+)
+def test_the_size_limits_of_each_task(labels, present, absent):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = suite_metrics(features(labels), SMALL, {"c": torch.eye(8)[:, :3]})
+    assert present <= set(out) and not absent & set(out)
+
+
+def test_a_retrieval_suite_of_one_pair_measures_nothing_and_says_so():
+    suite = EvalSuite("one", urls=[], tasks=["retrieval"])
+    with pytest.warns(UserWarning, match="suite 'one': its average left out"):
+        out = suite_metrics(features([0]), suite, {})
+    assert out == {}
 
 
 def test_limit_and_infeasible_fewshot(tmp_path, micro):
@@ -161,6 +232,29 @@ def test_custom_suite_from_any_shards(tmp_path, micro):
     assert labelled.tasks == ["zeroshot:colour", "fewshot:colour", "retrieval"]
     results = run(micro, [labelled])
     assert 0.0 <= results["suites"]["custom"]["zeroshot:colour"] <= 1.0
+
+
+def test_class_names_empty_once_cleaned_or_blank_lines_are_refused(tmp_path):
+    # a class named '&nbsp;' becomes the bare template once the tokenizer cleans it
+    with pytest.raises(ValueError, match="classes of 'k' must be a list of non-empty class names"):
+        EvalSuite("s", ["x.tar"], tasks=["zeroshot:k"], classes={"k": ["cat", "&nbsp;"]})
+    shards = make_suite(tmp_path, "toy")
+    # a blank line inside the classes file: dropping it shifted every later class id by one
+    (tmp_path / "classes.txt").write_text("red\n\ngreen\nblue\n\n")
+    with pytest.raises(ValueError, match=r"classes.txt: line 2 \(class id 1\) names no class"):
+        custom_suite(str(shards), classes_file=tmp_path / "classes.txt", label_field="colour")
+    (tmp_path / "classes.txt").write_text("red\ngreen\nblue\nyellow\n\n")  # trailing blank lines are fine
+    suite = custom_suite(str(shards), classes_file=tmp_path / "classes.txt", label_field="colour")
+    assert suite.classes == {"colour": COLOURS}
+
+
+def test_a_suite_of_compressed_shards_is_found(tmp_path):
+    from ..data.test_loader import gzipped
+
+    suite = make_suite(tmp_path, "toy")
+    gzipped(str(suite / "00000.tar"))
+    (found,) = find_suites(suite)  # it looked for *.tar only, then for suites under it: "no eval suites"
+    assert found.urls == [str(suite / "00000.tar.gz")]
 
 
 def test_eval_command_writes_json_and_prints_a_table(tmp_path, micro, capsys):

@@ -17,7 +17,7 @@ from ..train.test_loop import cached_shards, config
 def runs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("report")
     shards = cached_shards(root / "shards", 2, 12)
-    make_suite(root / "bench" / "eval", "toy", per_class=3)
+    make_suite(root / "bench" / "eval", "toy", per_class=25)  # 100 pairs: the gallery metrics are measured
     out = []
     for method in ("iid", "jest"):
         cfg = config(root / method, shards, method, steps=4, eval_data=str(root / "bench"))

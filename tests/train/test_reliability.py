@@ -46,6 +46,30 @@ def finite(state) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+# --- a damaged reference cache ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["drrho", "jest"])
+def test_a_damaged_reference_cache_is_named_at_the_first_step_not_taken_for_divergence(tmp_path, method):
+    """Four rows of a sidecar set to NaN after it was written: DRRho skipped 4 of 6 updates and ended with
+    "training diverged: non-finite loss" (pointing at the learning rate); JEST only warned."""
+    from ..data.test_refcache import damage_rows
+
+    urls = cached_shards(tmp_path / "shards", 2, 12)
+    damage_rows(urls[1], [0, 3, 5, 7])
+    cfg = config(tmp_path / "run", urls, method, steps=6, max_bad_steps=3)
+    with pytest.raises(ValueError) as caught:
+        train(cfg, progress=False)
+    assert re.fullmatch(
+        r"the cached 'reference' embedding of sample key 's1_0\d\d' of shard .*/00001\.tar is not finite "
+        r"\(\d+ of \d+ in this lookup\): .*/00001\.reference\.emb\.npy was damaged after it was written; "
+        r"run `jestclip cache-reference` on the shard to rewrite it \(it repairs damaged sidecars\)",
+        str(caught.value),
+    ), str(caught.value)
+    assert not isinstance(caught.value, TrainingDiverged)
+    assert all(line["skipped_updates"] == 0 for line in metrics(cfg.run_dir))  # no step trained on NaN
+
+
 # --- divergence -----------------------------------------------------------------------------------------
 
 
@@ -167,6 +191,39 @@ def test_atomic_save_flushes_the_file_and_its_directory(tmp_path, monkeypatch):
     atomic_save({"x": torch.ones(2)}, tmp_path / "a.pt")
     assert synced == [False, True]  # the file before the rename, the directory after it
     assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["x"], torch.ones(2))
+
+
+def tensorboard_scalars(run_dir: str | Path, tag: str) -> list[tuple[int, float]]:
+    """Every (step, value) of ``tag`` the run's event files hold, as stored (no purging of orphaned data)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for path in sorted((Path(run_dir) / "tb").glob("*tfevents*")):
+        acc = EventAccumulator(str(path), purge_orphaned_data=False)
+        acc.Reload()
+        steps += [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+    return steps
+
+
+def test_tensorboard_holds_each_step_once_after_a_crash_and_resume(tmp_path, shards):
+    """Killed at step 7 with its checkpoint at step 4: TensorBoard held steps 5-7 twice (``wall_s`` going
+    backwards) while metrics.jsonl held each step once."""
+    cfg = config(tmp_path / "run", shards, "iid", steps=9, checkpoint_every=4, stop_after=7)
+    train(cfg, progress=False)
+    run = RunDir(cfg.run_dir)
+    run.checkpoint_path(7).unlink()  # as if killed after step 7: the last checkpoint is step 4
+    with open(next(run.tensorboard_dir.glob("*tfevents*")), "ab") as f:
+        f.write(b"\x10\x00\x00")  # and a record cut short by the kill
+    assert [s for s, _ in tensorboard_scalars(cfg.run_dir, "loss")] == list(range(1, 8))
+    train(dataclasses.replace(cfg, stop_after=None), progress=False)
+    lines = metrics(cfg.run_dir)
+    for tag in ("loss", "wall_s", "examples_learned"):
+        logged = tensorboard_scalars(cfg.run_dir, tag)
+        assert [s for s, _ in logged] == list(range(1, 10)), tag
+        assert [v for _, v in logged] == pytest.approx([line[tag] for line in lines]), (
+            tag
+        )  # the resumed run's
+    assert run.truncate_tensorboard(9) == []  # nothing beyond the last step: no file rewritten
 
 
 def test_the_newest_checkpoints_are_kept_and_read_through_rundir(tmp_path, shards):
@@ -345,6 +402,83 @@ def test_a_moved_run_directory_resumes(tmp_path, shards):
     assert train(moved, progress=False)["step"] == 4
     assert [x["step"] for x in metrics(moved.run_dir)] == [1, 2, 3, 4]
     assert RunDir(moved.run_dir).read_config()["run_dir"] == moved.run_dir
+
+
+def test_a_killed_loader_worker_ends_the_run_in_one_line_naming_the_last_checkpoint(
+    tmp_path, shards, monkeypatch
+):
+    """A loader worker SIGKILLed (the out-of-memory killer) ended the run in a 45-line traceback and exit 1,
+    the status of "the run stopped itself"; the rerun resumed correctly, but nothing said so."""
+    from torch.utils.data import get_worker_info
+
+    from jestclip.commands.common import exit_status
+
+    marker, real = tmp_path / "killed", loop.image_transform
+
+    def killing(name):
+        transform, seen = real(name), []
+
+        def apply(image):
+            seen.append(1)
+            if get_worker_info() is not None and len(seen) == 30 and not marker.exists():
+                marker.write_text("once")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return transform(image)
+
+        return apply
+
+    cfg = dataclasses.replace(
+        config(tmp_path / "run", shards, "iid", steps=12, checkpoint_every=2), num_workers=1
+    )
+    whole = dataclasses.replace(cfg, run_dir=str(tmp_path / "whole"))
+    train(whole, progress=False)
+    monkeypatch.setattr(loop, "image_transform", killing)
+    with pytest.raises(loop.Interrupted) as caught:
+        train(cfg, progress=False)
+    message = str(caught.value)
+    found = re.fullmatch(
+        r"interrupted after step (\d+): a data loader worker \(pid \d+\) was killed by signal: Killed "
+        r"\(SIGKILL: often the out-of-memory killer\); last checkpoint (\S+) \(step (\d+)\); rerun the same "
+        r"command to resume",
+        message,
+    )
+    assert found and marker.exists(), message
+    run = RunDir(cfg.run_dir)
+    assert Path(found[2]) == run.latest_checkpoint() and int(found[3]) == run.checkpoint_step(Path(found[2]))
+    assert exit_status(caught.value) == (75, message)  # "interrupted, rerun to resume", not "stopped itself"
+    monkeypatch.setattr(loop, "image_transform", real)
+    assert train(cfg, progress=False)["step"] == 12  # the rerun resumes, bitwise
+    a = torch.load(Path(whole.run_dir) / "model.pt", weights_only=True)
+    b = torch.load(run.model_file, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, MemoryError])
+def test_running_out_of_memory_is_one_line_naming_the_checkpoint_and_what_to_lower(
+    tmp_path, shards, monkeypatch, error
+):
+    from jestclip.commands.common import exit_status
+
+    real, calls = loop.run_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise error(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB"
+            )
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "run_step", step)
+    cfg = config(tmp_path / "run", shards, "iid", steps=6, checkpoint_every=2)
+    with pytest.raises(loop.OutOfMemory) as caught:
+        train(cfg, progress=False)
+    assert str(caught.value) == (
+        f"out of memory after step 2 ({error.__name__}: CUDA out of memory); last checkpoint "
+        f"{RunDir(cfg.run_dir).checkpoint_path(2)} (step 2); lower method.batch_size or filter_ratio (or "
+        "num_workers), then rerun to resume"
+    )
+    assert exit_status(caught.value) == (1, str(caught.value))
 
 
 # --- metrics --------------------------------------------------------------------------------------------

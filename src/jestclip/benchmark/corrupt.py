@@ -38,6 +38,7 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
 from jestclip.data.files import atomic_json
+from jestclip.data.loader import shard_files
 from jestclip.data.progress import progress
 from jestclip.data.quality import CAPTION_KINDS, QUALITY_KEY, SWAPPED, merge_tallies, quality_entry, tally
 from jestclip.data.swaps import swap_plan
@@ -151,7 +152,15 @@ def _start(src: Path, out: Path, swap_captions: float, seed: int) -> tuple[list[
     ``out/manifest.json`` incomplete (see ``corrupt_captions`` for the errors)."""
     if not 0.0 <= swap_captions <= 1.0:
         raise ValueError(f"swap_captions must be in [0, 1], got {swap_captions}")
-    shards = sorted(src.glob("*.tar")) if src.is_dir() else []
+    found = [Path(url) for url in shard_files(src)] if src.is_dir() else []
+    shards = [shard for shard in found if shard.name.endswith(".tar")]
+    if len(shards) < len(found):  # it rewrites each shard as an uncompressed tar of the same name
+        others = [shard.name for shard in found if not shard.name.endswith(".tar")]
+        raise ValueError(
+            f"{src} holds {len(others)} compressed shard(s) ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}) that jestclip data corrupt would leave out: it reads "
+            "and writes uncompressed .tar shards; decompress them first"
+        )
     if not shards:
         raise ValueError(f"{src} is not a shard directory (no .tar shards in it)")
     if out.resolve() == src.resolve():

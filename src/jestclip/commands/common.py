@@ -1,16 +1,21 @@
 """What the commands share: the ``--device`` argument, loading weights, and how an error ends a command.
 
-A user's mistake (a bad path, value or file) ends a command with one line and exit status 2; the training
-run's own endings (``jestclip.train.loop``: ``Preempted``, ``TrainingDiverged``, ``CheckpointWriteError``,
-``FinalEvaluationFailed``)
-with their message and the status a scheduler expects; anything else is a bug and shows its traceback.
-Standard library only at top level (``jestclip --help`` imports no torch).
+Every way a command ends is one line on stderr (``--debug`` adds the traceback) and an exit status that
+tells a person or a scheduler what to do, ``EXIT_STATUSES`` (the table in docs/reliability.md): 0 done;
+1 the run stopped itself (``TrainingDiverged``, ``OutOfMemory``, ``CheckpointWriteError``,
+``FinalEvaluationFailed``, a full disk); 2 the user's error (a bad path, value, file or config, a place
+that cannot be written); 75 interrupted from outside before a checkpoint (``Interrupted``: a data loader
+worker killed, often by the out-of-memory killer; EX_TEMPFAIL), rerun to resume from the checkpoint it
+names; 130 SIGINT; 143 SIGTERM (``Preempted``: checkpointed first during training), rerun to resume.
+Anything else is a bug and keeps its traceback. Standard library only at top level (``jestclip --help``
+imports no torch).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -20,6 +25,7 @@ from types import FrameType, TracebackType
 from jestclip.signals import deliver_again, inside_import
 
 __all__ = [
+    "EXIT_STATUSES",
     "RUN_EXITS",
     "USER_ERRORS",
     "Terminated",
@@ -45,10 +51,26 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 # SIGTERM, what schedulers read as "killed by SIGTERM, requeue"
 RUN_EXITS: dict[str, int] = {
     "Preempted": 143,
+    "Interrupted": 75,  # EX_TEMPFAIL: a worker died (the out-of-memory killer); rerun to resume
     "TrainingDiverged": 1,
+    "OutOfMemory": 1,  # GPU or host memory in the main process: ask for less, then rerun to resume
     "CheckpointWriteError": 1,
     "FinalEvaluationFailed": 1,  # the training is saved; a rerun evaluates only
 }
+# every exit status a command ends with -> what it means (the table above)
+EXIT_STATUSES: dict[int, str] = {
+    0: "done",
+    1: "the run stopped itself (diverged, out of memory, a checkpoint not written, the final evaluation "
+    "failed, a full disk): look at it, then rerun",
+    2: "the user's error (a bad path, value, file or config; a place that cannot be written): fix it",
+    75: "interrupted from outside before a checkpoint (a data loader worker killed): rerun the same command "
+    "to resume from the checkpoint it names",
+    130: "interrupted by SIGINT: rerun the same command to resume",
+    143: "preempted by SIGTERM (checkpointed first in training): rerun (requeue) the same command to resume",
+}
+# an OSError of these is the user's (a read-only mount is no permission too), of these the run's own
+_USER_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+_RUN_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # where they are defined or exported; looked up only once loaded (a run that raised one has loaded them)
 _RUN_MODULES = ("jestclip.train.loop", "jestclip.train.rundir", "jestclip.train")
 
@@ -127,10 +149,19 @@ def exit_status(exn: BaseException) -> tuple[int, str] | None:
     status = 143 if isinstance(exn, Terminated) else _run_exit(exn)
     if status is not None:
         return status, one_line(exn)
+    if isinstance(exn, KeyboardInterrupt):
+        return 130, one_line(exn) if str(exn) else "interrupted by SIGINT; rerun the same command"
+    loader = sys.modules.get("jestclip.data.loader")  # a worker died outside a training run's own handling
+    dead = loader.dead_loader_worker(exn) if loader is not None else None
+    if dead is not None:
+        return 75, f"interrupted: {dead}; rerun the same command"
     if isinstance(exn, SystemExit):
         return (2, one_line(exn)) if isinstance(exn.code, str) else None
     if isinstance(exn, USER_ERRORS):
         return 2, one_line(exn)
+    if isinstance(exn, OSError) and exn.errno in _USER_ERRNOS + _RUN_ERRNOS:
+        where = f" writing {exn.filename}" if exn.filename else ""
+        return (2 if exn.errno in _USER_ERRNOS else 1), f"{os.strerror(exn.errno).lower()}{where}"
     file = weights_load_failure(exn)
     if file is not None and isinstance(exn, Exception):
         return 2, _weights_message(file, exn)

@@ -113,7 +113,9 @@ def _build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from jestclip.benchmark import BuildConfig, build
+    from jestclip.data.files import check_writable
 
+    check_writable(args.out, "output directory", "name another OUT")  # before anything is rendered
     cfg = BuildConfig(size=args.size, seed=args.seed, limit=args.limit, shard_size=args.shard_size)
     cfg = replace(cfg, sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()))
     if args.workers:
@@ -128,7 +130,9 @@ def _build(args: argparse.Namespace) -> int:
 
 def _corrupt(args: argparse.Namespace) -> int:
     from jestclip.benchmark.corrupt import corrupt_captions
+    from jestclip.data.files import check_writable
 
+    check_writable(args.out, "output directory", "name another OUT")
     manifest = corrupt_captions(args.src, args.out, swap_captions=args.swap_captions, seed=args.seed)
     record = manifest["corrupt"]
     print(f"\nwrote {args.out}: {record['swapped']:,} of {record['pairs']:,} pairs swapped")
@@ -157,7 +161,7 @@ def _inspect(args: argparse.Namespace) -> int:
     skipped: Counter[str] = Counter()
     stream = SuperBatchStream(urls, batch_size=1, shuffle_shards=False)
     samples = [(s.key, s.url, s.text, s.meta) for s in stream.samples(skipped)]
-    print(f"{len(urls)} shards, {len(samples):,} pairs, skipped: {dict(skipped) or 'none'}")
+    print(f"{len(stream.urls)} shards, {len(samples):,} pairs, skipped: {dict(skipped) or 'none'}")
     composition = tally(meta for _, _, _, meta in samples)
     if composition["all"]["labelled"]:
         _print_composition(str(path), composition)

@@ -32,10 +32,15 @@ def run(args: argparse.Namespace) -> int:
             raise NotADirectoryError(f"--{name} {path} is a file, not a directory")
     import dataclasses
 
+    from jestclip.data.files import check_writable
     from jestclip.demo import DemoConfig, run_demo
 
     cfg = DemoConfig.reduced() if args.reduced else DemoConfig()
     changes = {k: v for k, v in (("data", args.data), ("out", args.out), ("device", args.device)) if v}
-    report = run_demo(dataclasses.replace(cfg, **changes))
+    cfg = dataclasses.replace(cfg, **changes)
+    check_writable(cfg.out, "--out", "pass --out DIR to write the runs and report elsewhere")
+    # the benchmark is built there when absent, and the reference's sidecars are written beside its shards
+    check_writable(cfg.data, "--data", "pass --data DIR to build the benchmark in a directory of your own")
+    report = run_demo(cfg)
     print(f"\nreport: {report}")
     return 0

@@ -62,12 +62,25 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--classes file {args.classes} does not exist")
 
 
+def _out(args: argparse.Namespace) -> Path:
+    """Where the JSON results go: ``--out``, else beside the run or weights file."""
+    if args.out is not None:
+        return args.out
+    return args.checkpoint / "eval.json" if args.checkpoint.is_dir() else Path(f"{args.checkpoint}.eval.json")
+
+
 def run(args: argparse.Namespace) -> int:
+    from jestclip.data.files import check_writable
     from jestclip.eval import check_labels, custom_suite, evaluate, find_suites, format_table
     from jestclip.train.trained import find_weights, load_trained
 
     _check_inputs(args)
     source = find_weights(args.checkpoint, model=args.model, loss=args.loss)  # reads no weights yet
+    out = _out(args)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a directory; name the JSON file to write")
+    # before anything is encoded: a read-only run directory lost a whole evaluation at its last line
+    check_writable(out.parent, "the results' directory", f"pass --out FILE to write {out.name} elsewhere")
     device = resolve_device(args.device)
     if args.shards:
         suites = [
@@ -100,11 +113,8 @@ def run(args: argparse.Namespace) -> int:
         "limit": args.limit,
         "shots": args.shots,
     }
-    out = args.out or (
-        args.checkpoint / "eval.json" if args.checkpoint.is_dir() else Path(f"{args.checkpoint}.eval.json")
-    )
+    print(format_table(results), flush=True)  # first: should writing fail now, the results are shown
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1), encoding="utf-8")
-    print(format_table(results))
     print(f"results: {out}")
     return 0

@@ -50,8 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jestclip.data.files import check_writable
     from jestclip.report import load_run, reference_cost, run_diagnostics, write_report
 
+    check_writable(args.out, "report directory", "choose another --out")  # before the diagnostics run
     runs = [load_run(path) for path in args.runs]
     reference = None
     if args.reference_run is not None:

@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from jestclip.data.files import atomic_bytes
-from jestclip.data.loader import expand_urls
+from jestclip.data.files import atomic_bytes, check_writable
+from jestclip.data.loader import distinct_shards, expand_urls
 from jestclip.data.progress import progress as progress_bar
 from jestclip.data.refcache import ReferenceCache, shard_content, shard_identity, shard_keys
 from jestclip.selection import Embeddings
@@ -107,11 +107,12 @@ def filter_shards(
         raise NotADirectoryError(f"--out {out} is a file, not a directory")
     if (out / HEADER).exists():
         raise FileExistsError(f"{out / HEADER} already holds a keep list; choose another --out or remove it")
+    check_writable(out, "keep list directory", "choose another --out")  # before the pool is read and scored
     cache = ReferenceCache(shards, name=name, fingerprint=fingerprint, cache_dir=cache_dir)
     keys = [cache.keys(i) for i in range(len(cache.urls))]
     digests = [_scored_digests(cache, i, shard_keys_) for i, shard_keys_ in enumerate(keys)]
     kw = {"loss": loss, "batch_size": batch_size, "seed": seed} if score == "loss" else {}
-    scores = _score_pool(cache, keys, score, progress, loss=loss, batch_size=batch_size, seed=seed)
+    scores = _score_pool(cache, keys, digests, score, progress, loss=loss, batch_size=batch_size, seed=seed)
     mask = keep_mask(scores, keep).numpy()
     meta = cache.meta
     header = {
@@ -140,11 +141,19 @@ def filter_shards(
 
 
 def _score_pool(
-    cache: ReferenceCache, keys: list[list[str]], score: str, progress: bool, **score_kw: Any
+    cache: ReferenceCache,
+    keys: list[list[str]],
+    digests: list[np.ndarray],
+    score: str,
+    progress: bool,
+    **score_kw: Any,
 ) -> torch.Tensor:
-    """``reference_scores`` of every cached row, shard by shard in ``keys`` order: ``[N]``."""
+    """``reference_scores`` of every cached row, shard by shard in ``keys`` order: ``[N]``; ``digests``: the
+    rows' content digests as the shards hold them now (each lookup checks them, and every row served is
+    checked finite: a damaged sidecar names its shard and key, not a pool index)."""
     counts = [len(k) for k in keys]
     flat = [key for shard in keys for key in shard]
+    flat_digests = np.concatenate(digests) if digests else np.zeros(0, np.uint64)
     shard_of = np.repeat(np.arange(len(keys)), counts)
     if not flat:
         raise ValueError(
@@ -153,7 +162,11 @@ def _score_pool(
 
     def fetch(indices: torch.Tensor) -> Embeddings:
         rows = indices.numpy()
-        return cache.lookup([flat[i] for i in rows], [cache.urls[s] for s in shard_of[rows]])
+        return cache.lookup(
+            [flat[i] for i in rows],
+            [cache.urls[s] for s in shard_of[rows]],
+            digests=flat_digests[rows].tolist(),
+        )
 
     bar = progress_bar(total=len(flat), desc=f"filter: {score} scores", unit="pair", disable=not progress)
     with bar:
@@ -323,7 +336,7 @@ class KeepList:
         ``shard_identity``, any order), no local one changed in size since, and each local one holds every key
         kept of it (its tar headers are read). Shards behind a URL are not read here: their kept samples'
         content digests are checked as the stream reads them (``__call__``), as are local shards'."""
-        here = {shard_identity(url): url for url in expand_urls(list(urls))}
+        here = {shard_identity(url): url for url in distinct_shards(expand_urls(list(urls)))[0]}
         there = {s["url"]: s for s in self.shards}
         missing = [url for where, url in here.items() if where not in there]
         if missing:

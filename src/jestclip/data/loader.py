@@ -1,8 +1,9 @@
 """A keyed, robust webdataset stream of image-text pairs, grouped into super-batches.
 
 Works on any img2dataset-style shards (``KEY.{png,jpg,jpeg,webp}``, ``KEY.txt``, optional ``KEY.json``):
-local paths, brace patterns (``data/{00000..00041}.tar``) or a directory of ``.tar`` files. Every sample keeps
-its ``__key__`` and shard URL end to end, so reference embeddings can be joined by key later.
+local paths, brace patterns (``data/{00000..00041}.tar``) or a directory of shards in any form the loader
+reads (``SHARD_SUFFIXES``: ``.tar`` and gzip, bzip2 or xz compressed tars; ``shard_files``). Every sample
+keeps its ``__key__`` and shard URL end to end, so reference embeddings can be joined by key later.
 
 Splitting: the shard list (shuffled once by ``seed``) is dealt to ranks (``shards[rank::world_size]``) and
 then to DataLoader workers, and each (rank, worker) keeps its own shards for the whole run: every epoch reads
@@ -11,7 +12,8 @@ So no two ranks or workers ever read the same shard, in any step, and a worker r
 per epoch. A super-batch never holds the same (shard, key) twice: a sample already in the super-batch being
 filled (possible only where one epoch ends and the next begins) is skipped as ``repeat_in_batch``; a worker
 whose shards hold fewer distinct samples than a super-batch raises ``TooFewSamplesError``. A shard listed
-twice is read once (``duplicate_shard``).
+twice is read once (``duplicate_shard``): a local shard is its file, not its spelling (``distinct_shards``:
+a symlink to it, a hard link or ``dir/./00000.tar`` is the same shard).
 
 Bad data never ends the stream; it is skipped and counted. ``SuperBatch.skipped`` holds the skips this worker
 made since its previous super-batch (a finite pass's trailing skips go with its last batch), so the sum over
@@ -25,7 +27,7 @@ reason                   what was skipped
 ``truncated_shard``      a shard that ends early (cut mid-member, no end-of-archive marker, a corrupt header);
                          its members after the cut are lost, uncounted, and the rest of the stream goes on
 ``truncated_sample``     the sample being read when its shard ended early
-``duplicate_shard``      a shard URL listed more than once (read once; counted by rank 0, worker 0)
+``duplicate_shard``      a shard listed again, under any name (read once; counted by rank 0, worker 0)
 ``duplicate_key``        a sample whose key already appeared earlier in the same shard (the first one is kept)
 ``repeat_in_batch``      a sample already in the super-batch being filled (an epoch ended inside it), left out
 ``dotted_key``           a pair whose key holds a dot (``img_v1.3.jpg`` + ``img_v1.3.txt``): webdataset's key
@@ -36,9 +38,12 @@ reason                   what was skipped
 ``bad_image``            image bytes that do not decode (or decode to a format outside ``IMAGE_FORMATS``)
 ``unsupported_image_mode`` pixels of a kind no web format holds (float ``F``, ``LAB``, ...); see ``to_rgb``
 ``image_too_large``      an image over ``MAX_IMAGE_PIXELS`` pixels (a decompression bomb or a mistake)
+``aspect_ratio_too_large`` an image whose longer side is over ``MAX_ASPECT_RATIO`` times its shorter one (a
+                         1 x 8000 line): resizing its shorter side to the model's input would make it huge
 ``missing_text``         no ``txt`` member
 ``bad_text``             a ``txt`` member that is not UTF-8
-``empty_text``           a caption that is empty or only whitespace
+``empty_text``           a caption that is empty once cleaned as open_clip's tokenizers clean it
+                         (``caption_is_empty``: ``&nbsp;``, ``&amp;nbsp;``, a byte-order mark, NUL bytes)
 ``bad_json``             a ``json`` member that is not a JSON object
 ``transform_failed:E``   the stream's transform raised exception ``E`` on the image
 ``not_kept``             a sample the stream's ``keep`` predicate (a filter's keep list) does not keep;
@@ -67,6 +72,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import random
 import re
 import tarfile
@@ -100,20 +106,27 @@ from webdataset.tariterators import base_plus_ext
 __all__ = [
     "IMAGE_EXTENSIONS",
     "IMAGE_FORMATS",
+    "MAX_ASPECT_RATIO",
     "MAX_IMAGE_PIXELS",
     "SHARD_REASONS",
+    "SHARD_SUFFIXES",
     "NoReadableSampleError",
     "ResumableBatches",
     "Sample",
     "SuperBatch",
     "SuperBatchStream",
     "TooFewSamplesError",
+    "caption_is_empty",
     "content_digest",
+    "dead_loader_worker",
     "decode_sample",
+    "distinct_shards",
     "dotted_pairs",
     "expand_urls",
+    "file_identity",
     "open_image",
     "read_shard",
+    "shard_files",
     "to_rgb",
 ]
 
@@ -127,6 +140,36 @@ _PLUGINS = (BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, Web
 # a mistake and is skipped as ``image_too_large``. Checked from the header, before any pixel is decoded;
 # PIL's own process-wide Image.MAX_IMAGE_PIXELS is left alone.
 MAX_IMAGE_PIXELS = 8192 * 8192
+# The largest ratio of an image's longer side to its shorter one that is decoded (img2dataset's
+# ``max_aspect_ratio``). What an image costs is what the transform makes of it, not only the pixels decoded:
+# open_clip's transforms resize the shorter side to the input size S before cropping, so an image of aspect
+# ratio A becomes A * S^2 pixels: a 1 x 8000 PNG of 100 bytes became 224 x 1,792,000 (+1.6 GB, 6 s).
+# At most 20 keeps that under 1.1 Mpx at S = 224 (and 21 Mpx at S = 1024), while banners (728 x 90 is 8.1)
+# and panoramas pass. Checked from the header, with MAX_IMAGE_PIXELS: together they bound every image's work.
+MAX_ASPECT_RATIO = 20
+# The shard forms the loader reads (tarfile's "r|*": plain, gzip, bzip2, xz; zstd where Python has it), by
+# file name: what a directory of shards yields.
+_COMPRESSED = {
+    "gz": (".tar.gz", ".tgz"),
+    "bz2": (".tar.bz2", ".tbz2", ".tbz"),
+    "xz": (".tar.xz", ".txz"),
+    "zst": (".tar.zst", ".tzst"),
+}
+_READABLE = [
+    suffix for method, forms in _COMPRESSED.items() if method in tarfile.TarFile.OPEN_METH for suffix in forms
+]
+SHARD_SUFFIXES = (".tar", *_READABLE)
+# tar forms it cannot read: a directory holding one is refused by name rather than read in part
+_UNREADABLE_SUFFIXES = (
+    ".tar.zst",
+    ".tzst",
+    ".tar.lz4",
+    ".tar.lz",
+    ".tar.lzo",
+    ".tar.br",
+    ".tar.z",
+    ".tar.7z",
+)
 # Shard-level skip reasons; every other reason counts one sample.
 SHARD_REASONS = ("bad_shard", "truncated_shard", "duplicate_shard")
 
@@ -147,6 +190,32 @@ class NoReadableSampleError(ValueError):
         if "Original Traceback" in message and marker in message:
             message = message.rsplit(marker, 1)[1].strip()
         super().__init__(message)
+
+
+# torch's words when a DataLoader worker process dies (the out-of-memory killer's SIGKILL, a bus error on
+# shared memory, any signal or exit): from the iterator, or from its SIGCHLD handler at any line of the main
+# process
+_DEAD_WORKER = re.compile(
+    r"DataLoader worker \(pid(?:\(s\))? (?P<pids>[\d, ]+)\) "
+    r"(?:is killed by signal: (?P<signal>[^.]*)|exited unexpectedly(?: with exit code (?P<code>-?\d+))?)"
+)
+
+
+def dead_loader_worker(exn: BaseException) -> str | None:
+    """What happened when ``exn`` is torch's error for a DataLoader worker that died, else None:
+    ``a data loader worker (pid 8398) was killed by signal: Killed (SIGKILL: often the out-of-memory
+    killer)``. The worker's data is lost, not bad: a rerun resumes from the last checkpoint."""
+    found = _DEAD_WORKER.search(str(exn)) if isinstance(exn, RuntimeError) else None
+    if found is None:
+        return None
+    pids = found["pids"].strip()
+    who = f"data loader workers (pids {pids})" if "," in pids else f"a data loader worker (pid {pids})"
+    if found["signal"] is not None:
+        what = found["signal"].strip()
+        oom = " (SIGKILL: often the out-of-memory killer)" if what == "Killed" else ""
+        return f"{who} was killed by signal: {what}{oom}"
+    code = f" with exit code {found['code']}" if found["code"] is not None else ""
+    return f"{who} exited unexpectedly{code}"
 
 
 class TooFewSamplesError(NoReadableSampleError):
@@ -194,7 +263,7 @@ class SuperBatch:
 
 
 def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
-    """Shard URLs from brace patterns (``::``-separated), directories of ``.tar`` files, or a list.
+    """Shard URLs from brace patterns (``::``-separated), directories of shards (``shard_files``), or a list.
 
     Local paths must exist: a missing file, or a pattern naming missing files, is a ValueError naming it.
     """
@@ -208,11 +277,55 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
     return out
 
 
+def distinct_shards(urls: Sequence[str]) -> tuple[list[str], int]:
+    """``urls`` with every shard once, by the first name it is listed under, and how many other names were
+    dropped. A local shard is its file (device and inode): a symlink in the pool directory, a hard link,
+    ``dir/./00000.tar`` beside ``dir/00000.tar`` all name one shard, which would otherwise be read twice an
+    epoch, put the same pairs on two ranks in one step and twice in a super-batch, and be cached twice. A
+    URL (``pipe:``, ``http://``) is its text."""
+    seen: set[Any] = set()
+    distinct = []
+    for url in urls:
+        identity = file_identity(url)
+        if identity not in seen:
+            seen.add(identity)
+            distinct.append(url)
+    return distinct, len(urls) - len(distinct)
+
+
+def file_identity(url: str | Path) -> Any:
+    """What tells shards apart: ``(device, inode)`` of a local file, else the URL (or a path that does not
+    exist) as text."""
+    url = str(url)
+    if not _URL_SCHEME.match(url):
+        with suppress(OSError):
+            info = os.stat(url)
+            return (info.st_dev, info.st_ino)
+    return url
+
+
+def shard_files(directory: str | Path) -> list[str]:
+    """Every shard in ``directory``, in name order: each file named ``*.tar`` or a compressed tar the loader
+    reads (``SHARD_SUFFIXES``). A directory that also holds tars in a form it cannot read (``.tar.zst``
+    before Python 3.14, ``.tar.lz4``, ...) is a ValueError naming them: reading only the others would leave
+    part of the pool out without a word. Other files (sidecars, manifests) are not shards."""
+    files = sorted(p for p in Path(directory).iterdir() if p.is_file())
+    unreadable = [p.name for p in files if p.name.lower().endswith(_UNREADABLE_SUFFIXES)]
+    unreadable = [name for name in unreadable if not name.lower().endswith(SHARD_SUFFIXES)]
+    if unreadable:
+        first = ", ".join(unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
+        raise ValueError(
+            f"directory {directory} holds {len(unreadable)} shard(s) in a form the loader cannot read "
+            f"({first}); it reads {', '.join(SHARD_SUFFIXES)}: convert them, or name the shards to read"
+        )
+    return [str(p) for p in files if p.name.lower().endswith(SHARD_SUFFIXES)]
+
+
 def _expand_one(item: str) -> list[str]:
     if Path(item).is_dir():
-        found = sorted(str(p) for p in Path(item).glob("*.tar"))
+        found = shard_files(item)
         if not found:
-            raise ValueError(f"no .tar shards in directory {item}")
+            raise ValueError(f"no shards ({', '.join(SHARD_SUFFIXES)}) in directory {item}")
         return found
     found = list(expand_pattern(item))
     missing = [u for u in found if not _URL_SCHEME.match(u) and not Path(u).is_file()]
@@ -244,7 +357,7 @@ def decode_sample(raw: dict[str, Any], *, decode_size: int | None = None) -> Sam
         text = raw["txt"].decode("utf-8").strip()
     except UnicodeDecodeError:
         return "bad_text"
-    if not text:
+    if caption_is_empty(text):
         return "empty_text"
     meta: dict[str, Any] = {}
     if "json" in raw:
@@ -255,6 +368,26 @@ def decode_sample(raw: dict[str, Any], *, decode_size: int | None = None) -> Sam
         if not isinstance(meta, dict):
             return "bad_json"
     return Sample(key=key, url=url, image=image, text=text, meta=meta, digest=content_digest(raw))
+
+
+def caption_is_empty(text: str) -> bool:
+    """Whether ``text`` holds nothing once cleaned as open_clip's tokenizers clean every caption first
+    (``basic_clean``: ftfy, HTML entities unescaped twice; then ``whitespace_clean``): the functions
+    themselves, not a copy. ``&nbsp;``, ``&amp;nbsp;``, a lone byte-order mark or NUL bytes clean to nothing
+    and tokenise to ``[SOT, EOT]``: every such pair would be trained on the same empty text, each a false
+    negative of the others in its batch. (SigLIP's ``canonicalize`` cleaning also drops punctuation; a
+    caption of punctuation only is empty for that tokenizer alone and is kept.)"""
+    basic_clean, whitespace_clean = _open_clip_cleaning()
+    return not whitespace_clean(basic_clean(text))
+
+
+@functools.cache
+def _open_clip_cleaning() -> tuple[Callable[[str], str], Callable[[str], str]]:
+    """open_clip's ``basic_clean`` and ``whitespace_clean``, imported on first use (open_clip takes ~1.5 s
+    to import; commands that read no caption need not pay it)."""
+    from open_clip.tokenizer import basic_clean, whitespace_clean
+
+    return basic_clean, whitespace_clean
 
 
 def content_digest(raw: dict[str, Any]) -> int:
@@ -280,7 +413,8 @@ def dotted_pairs(raw: dict[str, Any]) -> int:
 
 def open_image(data: bytes, *, decode_size: int | None = None) -> Image.Image | str:
     """The image in ``data`` as an 8-bit sRGB ``RGB`` image, as an image viewer shows it (``to_rgb``), or the
-    reason it is skipped: ``bad_image`` / ``image_too_large`` / ``unsupported_image_mode``.
+    reason it is skipped: ``bad_image`` / ``image_too_large`` / ``aspect_ratio_too_large`` /
+    ``unsupported_image_mode``. Size and aspect ratio are read from the header, before any pixel is decoded.
 
     decode_size: decode a JPEG at the smallest scale libjpeg offers (1/2, 1/4 or 1/8, PIL's draft mode) whose
     width and height both stay >= ``decode_size`` — enough for a transform that resizes the shorter side to
@@ -293,6 +427,8 @@ def open_image(data: bytes, *, decode_size: int | None = None) -> Image.Image | 
             image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 return "image_too_large"
+            if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
+                return "aspect_ratio_too_large"
             if decode_size is not None and image.format in ("JPEG", "MPO"):
                 image.draft("RGB", (decode_size, decode_size))
             image.load()
@@ -594,9 +730,7 @@ class SuperBatchStream(IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if decode_size is not None and decode_size < 1:
             raise ValueError(f"decode_size must be >= 1 or None, got {decode_size}")
-        listed = expand_urls(urls)
-        self.urls = list(dict.fromkeys(listed))  # a shard listed twice is read once
-        self._duplicate_shards = len(listed) - len(self.urls)
+        self.urls, self._duplicate_shards = distinct_shards(expand_urls(urls))  # each shard read once
         self.batch_size = batch_size
         self.transform = transform or _to_tensor
         self.epochs = epochs

@@ -22,12 +22,20 @@ its identity: the absolute path of a local shard, else the URL exactly as given,
 ``s3://`` through ``pipe:``) get a cache: every rank reads the same directory (a shared filesystem); cache
 and train must name the shards by the same URL.
 
-Staleness: a changed shard is detected before training uses its embeddings. Opening checks the headers (and
+Staleness: a changed shard is detected before anyone uses its embeddings. Opening checks the headers (and
 a local shard's byte size); ``lookup(keys, urls, digests=...)`` compares each sample's content digest, which
 the loader computes from the bytes it read (``SuperBatch.digests``), with the digest cached for its row, and
 a mismatch is a ``SidecarError`` naming the shard and key: a re-rendered or re-captioned sample never gets
-the old sample's embedding, at the cost of one 64-bit compare per sample. ``cache_reference`` re-reads each
-shard it would keep (no decoding) and rewrites the sidecar when any sample's key, image or caption differs.
+the old sample's embedding, at the cost of one 64-bit compare per sample. A ``lookup`` without digests
+checks by default too: the first time it serves a shard's rows it reads that shard (no decoding) and
+compares every sample with the sidecar; only ``check_content=False`` skips that, said by the caller.
+``cache_reference`` re-reads each shard it would keep (no decoding) and rewrites the sidecar when any
+sample's key, image or caption differs.
+
+Damage: every row a ``lookup`` serves is checked finite (``B x 2 x D`` values per call, on the device the
+rows go to): a sidecar damaged after it was written (rows edited in place at the same size, a bad sector)
+is a ``SidecarError`` naming the shard, the key and the repair, not NaN scores or a diverged run three
+steps later. ``cache_reference`` checks every row of a sidecar it would keep and rewrites a damaged one.
 
 Files are written to ``*.tmp``, fsynced and renamed, the header removed first and written last, so a
 killed writer leaves no header and the shard is cached again. ``ReferenceCache`` reads headers only and
@@ -64,8 +72,15 @@ from torch import Tensor
 from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
-from jestclip.data.files import atomic_bytes
-from jestclip.data.loader import SuperBatchStream, content_digest, expand_urls, read_shard
+from jestclip.data.files import NotWritableError, atomic_bytes, check_writable
+from jestclip.data.loader import (
+    SuperBatchStream,
+    content_digest,
+    distinct_shards,
+    expand_urls,
+    file_identity,
+    read_shard,
+)
 from jestclip.data.progress import progress
 from jestclip.selection import Embeddings
 
@@ -424,12 +439,27 @@ def _compare_content(
         )
 
 
+def _check_rows(
+    url: str, name: str, keys: np.ndarray, emb: np.ndarray, cache_dir: str | Path | None, chunk: int = 4096
+) -> None:
+    """SidecarError naming the first key whose cached embedding is not finite (reads the whole array, a
+    chunk of rows at a time): a sidecar damaged after it was written, which ``cache-reference`` rewrites."""
+    for start in range(0, len(emb), chunk):
+        bad = np.flatnonzero(~np.isfinite(emb[start : start + chunk]).all(axis=(1, 2)))
+        if bad.size:
+            key = keys[start + int(bad[0])].decode("utf-8")
+            raise SidecarError(
+                f"the cached {name!r} embedding of sample key {key!r} of shard {url} is not finite: "
+                f"{_array_path(url, name, 'emb', cache_dir)} was damaged after it was written"
+            )
+
+
 def _existing(
     url: str, name: str, fingerprint: str, model: str, cache_dir: str | Path | None
 ) -> tuple[str, str]:
     """The state of ``url``'s sidecar for ``cache_reference``: ("ok" | "missing" | "old" | "stale" | "changed"
-    | "broken", what is wrong); "ok" means complete, up to date, readable and holding the shard's samples as
-    they are now (the shard is read, not decoded)."""
+    | "broken", what is wrong); "ok" means complete, up to date, readable, every row finite and holding the
+    shard's samples as they are now (the shard is read, not decoded)."""
     try:
         header = _read_header(url, name, cache_dir)
     except SidecarError as exn:
@@ -442,11 +472,45 @@ def _existing(
         return "stale", ""
     try:
         _check_header(url, name, header, cache_dir)
-        keys, _, digests = _open_arrays(url, name, header, cache_dir)
+        keys, emb, digests = _open_arrays(url, name, header, cache_dir)
+        _check_rows(url, name, keys, emb, cache_dir)
         _compare_content(url, name, header, keys, digests, sidecar_path(url, name, cache_dir))
     except SidecarError as exn:
         return ("changed" if "changed since" in exn.problem else "broken"), exn.problem
     return "ok", ""
+
+
+def _check_sidecar_places(
+    urls: Sequence[str], name: str, fingerprint: str, model: str, cache_dir: str | Path | None
+) -> None:
+    """Before any shard is embedded: a ``NotWritableError`` naming a directory the sidecars must be written
+    into that cannot be written (a read-only dataset mount), with the way to write them elsewhere. A
+    directory whose shards all have a complete sidecar of this model (headers only) may be read-only:
+    there may be nothing to write (a shard found changed later fails at its write, in one line too)."""
+    places: dict[Path, list[str]] = {}
+    for url in urls:
+        places.setdefault(sidecar_path(url, name, cache_dir).parent, []).append(url)
+    hint = (
+        "choose another --cache-dir"
+        if cache_dir is not None
+        else "pass --cache-dir DIR to write the sidecars into a directory of your own (library: "
+        "cache_dir=DIR; then train with reference_cache_dir=DIR)"
+    )
+    for place, shards in places.items():
+        try:
+            check_writable(place, f"the {name!r} sidecars' directory", hint)
+        except NotWritableError:
+            if any(not _header_of(url, name, fingerprint, model, cache_dir) for url in shards):
+                raise
+
+
+def _header_of(url: str, name: str, fingerprint: str, model: str, cache_dir: str | Path | None) -> bool:
+    """Whether ``url`` has a readable sidecar header of this model (nothing more is checked)."""
+    try:
+        header = _read_header(url, name, cache_dir)
+    except SidecarError:
+        return False
+    return (header.meta.fingerprint, header.meta.model) == (fingerprint, model)
 
 
 def cache_reference(
@@ -471,15 +535,18 @@ def cache_reference(
     cache_dir: where the sidecars go (see ``sidecar_path``); needed for shards behind a URL.
     Resumable and repairing: a shard whose sidecar is complete, holds this ``fingerprint`` and the shard's
     samples as they are now (keys, image and caption bytes: each kept shard is read again, not decoded) is
-    kept; one of a shard that changed is rewritten and counted as changed; a corrupt, truncated or mis-keyed
-    one is rewritten and counted as repaired; one of an earlier format is replaced. Returns counts: sidecars
-    written (changed and repaired among them) and kept, samples embedded, decode skips by reason.
+    kept; one of a shard that changed is rewritten and counted as changed; a corrupt, truncated, mis-keyed
+    or damaged one (a non-finite row) is rewritten and counted as repaired; one of an earlier format is
+    replaced. A shard listed under several names (a symlink, ``dir/./00000.tar``) is cached once, by its
+    first, and the others counted as ``duplicate_shard``. Returns counts: sidecars written (changed and
+    repaired among them) and kept, samples embedded, skips by reason.
     """
-    urls = expand_urls(shards)
+    urls, duplicates = distinct_shards(expand_urls(shards))  # a shard under two names is cached once
     for url in urls:
         _base(url, name, cache_dir)  # a shard behind a URL without a cache directory: say so before any work
+    _check_sidecar_places(urls, name, fingerprint, model_name, cache_dir)
     summary: dict[str, Any] = {"written": 0, "changed": 0, "repaired": 0, "kept": 0, "samples": 0}
-    summary["skipped"] = Counter()
+    summary["skipped"] = Counter({"duplicate_shard": duplicates} if duplicates else {})
     template = CacheMeta(fingerprint, model_name, float(scale), float(bias), 0, None)
     for url in progress(urls, desc=f"cache {name}", unit="shard"):
         state, problem = _existing(url, name, fingerprint, model_name, cache_dir)
@@ -600,19 +667,30 @@ class ReferenceCache:
         """
         self.name = name
         self.cache_dir = cache_dir
-        self.urls = expand_urls(shards)
+        self.urls = distinct_shards(expand_urls(shards))[0]  # a shard under two names is one shard
         self._headers = [self._header(url) for url in self.urls]
         self.meta = self._common_meta(fingerprint, dim)
         self._shard_of = {url: i for i, url in enumerate(self.urls)}
         self._shard_of.update((os.path.abspath(url), i) for i, url in enumerate(self.urls))
+        self._by_file = {file_identity(url): i for i, url in enumerate(self.urls)}  # any other name of it
         self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self.max_open = max_open or _default_max_open()
         self._everywhere: tuple[np.ndarray, np.ndarray] | None = None  # all keys sorted, their shards
+        self._verified: set[int] = set()  # shards whose samples were compared with their sidecar
         if check_keys:
-            for i, url in enumerate(self.urls):
-                keys, _, digests = self._arrays(i)
-                where = sidecar_path(url, name, cache_dir)
-                _compare_content(url, name, self._headers[i], keys, digests, where)
+            for i in range(len(self.urls)):
+                self._verify(i)
+
+    def _verify(self, shard: int) -> None:
+        """Read shard ``shard`` (no decoding) and compare its samples with its sidecar's rows: keys, image and
+        caption bytes (a SidecarError names the first difference); once per shard."""
+        if shard in self._verified:
+            return
+        url = self.urls[shard]
+        keys, _, digests = self._arrays(shard)
+        where = sidecar_path(url, self.name, self.cache_dir)
+        _compare_content(url, self.name, self._headers[shard], keys, digests, where)
+        self._verified.add(shard)
 
     def _header(self, url: str) -> _Header:
         header = _read_header(url, self.name, self.cache_dir)
@@ -672,14 +750,18 @@ class ReferenceCache:
         urls: Sequence[str] | None = None,
         *,
         digests: Sequence[int] | None = None,
+        check_content: bool = True,
         device: str | torch.device = "cpu",
     ) -> Embeddings:
         """Cached embeddings of the samples ``keys`` of shards ``urls`` (a ``SuperBatch``'s ``keys`` and
-        ``urls``), in order, float32 on ``device``; a ValueError names a missing key and its shard.
+        ``urls``), in order, float32 on ``device``; a ValueError names a missing key and its shard, a
+        ``SidecarError`` a non-finite row (a sidecar damaged since it was written) with its shard and key.
 
         digests: the samples' ``content_digest``s as read now (``SuperBatch.digests``); a sample whose image
-        or caption bytes differ from those embedded is a ``SidecarError`` naming its shard and key. None
-        skips the check (training always passes them).
+        or caption bytes differ from those embedded is a ``SidecarError`` naming its shard and key. None:
+        each shard is read once (no decoding), the first time its rows are served, and all its samples
+        compared with the sidecar instead. check_content=False: neither; the rows are served as cached,
+        whatever the shards hold now (say so only where that is what you want: statistics of a cache).
         Without ``urls`` each key is searched in every shard (an index of all keys, built once: for small
         caches; pass ``urls`` at scale).
         """
@@ -687,12 +769,28 @@ class ReferenceCache:
         if digests is not None and len(digests) != len(keys):
             raise ValueError(f"lookup got {len(keys)} keys but {len(digests)} content digests")
         shards = self._find(keys, encoded) if urls is None else self._shard_ids(keys, urls)
+        if digests is None and check_content:
+            for shard in np.unique(shards).tolist():
+                self._verify(shard)
         rows = self._gather(keys, encoded, shards, digests)  # [2, n, D] float16
         if torch.device(device).type == "cpu":  # numpy converts float16 several times faster than torch
             both = torch.from_numpy(rows.astype(np.float32))
         else:
             both = torch.from_numpy(rows).to(device).float()  # float16 across the bus
+        finite = torch.isfinite(both).all(dim=-1).all(dim=0)  # [n]: B x 2 x D values, one sync
+        if not bool(finite.all()):
+            raise self._damaged(keys, shards, (~finite).nonzero().flatten().tolist())
         return Embeddings(both[0], both[1], self.meta.scale, self.meta.bias)
+
+    def _damaged(self, keys: Sequence[str], shards: np.ndarray, bad: list[int]) -> SidecarError:
+        first = bad[0]
+        url = self.urls[int(shards[first])]
+        where = _array_path(url, self.name, "emb", self.cache_dir)
+        return SidecarError(
+            f"the cached {self.name!r} embedding of sample key {keys[first]!r} of shard {url} is not finite "
+            f"({len(bad)} of {len(keys)} in this lookup): {where} was damaged after it was written",
+            "run `jestclip cache-reference` on the shard to rewrite it (it repairs damaged sidecars)",
+        )
 
     def _shard_ids(self, keys: Sequence[str], urls: Sequence[str]) -> np.ndarray:
         """The index of each key's shard, from its URL; ValueError for a shard the cache was not opened on."""
@@ -701,6 +799,10 @@ class ReferenceCache:
         known = {}
         for url in dict.fromkeys(urls):
             shard = self._shard_of.get(url, self._shard_of.get(os.path.abspath(url)))
+            if shard is None:
+                shard = self._by_file.get(file_identity(url))
+                if shard is not None:
+                    self._shard_of[url] = shard
             if shard is None:
                 key = keys[list(urls).index(url)]
                 raise ValueError(

@@ -7,6 +7,12 @@ galleries of ``GALLERY_SIZE`` pairs, ``fewshot_mean:FIELD``, the balanced few-sh
 ``FEWSHOT_SEEDS`` split seeds, and ``gallery_r5``, the gallery R@5 of every retrieval suite averaged: the
 candidate with the largest signal over its evaluation noise (docs/results.md, "Study II: the metric, chosen
 before the runs").
+
+A metric a suite is too small for is left out with a warning, never reported as a value (docs/eval.md,
+"Size limits"): retrieval R@k needs more than k pairs (every query finds its match among k or fewer), the
+``gallery:`` metrics a gallery's ``GALLERY_SIZE`` pairs, a few-shot probe two classes with more than
+``shots`` examples (a probe of one class scores 100%). A suite with nothing averaged has no ``average``; the
+overall one is over what was measured.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ __all__ = [
 ]
 
 DEFAULT_SHOTS = 10
-GALLERY_SIZE = 100  # pairs per retrieval gallery of the ``gallery:`` metrics
+GALLERY_SIZE = 100  # pairs per retrieval gallery of the ``gallery:`` metrics (and the fewest they need)
+RETRIEVAL_KS = (1, 5)  # the recalls reported; R@k needs more than k pairs
 FEWSHOT_SEEDS = 5  # split seeds ``seed .. seed + 4`` the ``fewshot_mean:`` metrics average over
 
 
@@ -206,8 +213,17 @@ def suite_metrics(
     for task in suite.tasks:
         kind, _, field = task.partition(":")
         if kind == "retrieval":
-            recall = retrieval_recall(feats.image, feats.text, feats.concepts)
-            out.update({f"retrieval:{k}": v for k, v in recall.items()})
+            n = len(feats.keys)
+            ks = tuple(k for k in RETRIEVAL_KS if n > k)
+            if len(ks) < len(RETRIEVAL_KS):
+                left_out = ", ".join(f"R@{k}" for k in RETRIEVAL_KS if k not in ks)
+                _left_out(suite, f"retrieval {left_out}", f"{n} pairs; R@k needs more than k")
+            if ks:
+                recall = retrieval_recall(feats.image, feats.text, feats.concepts, ks=ks)
+                out.update({f"retrieval:{k}": v for k, v in recall.items()})
+            if n < GALLERY_SIZE:
+                _left_out(suite, "the gallery: metrics", f"{n} pairs, fewer than a gallery of {GALLERY_SIZE}")
+                continue
             recall = gallery_recall(feats.image, feats.text, feats.concepts, size=GALLERY_SIZE, seed=seed)
             out.update({f"gallery:{k}": v for k, v in recall.items()})
             continue
@@ -222,7 +238,7 @@ def suite_metrics(
             continue
         try:
             train, test = fewshot_split(label, shots=shots, seed=seed)
-        except ValueError as exn:  # too few examples per class in this suite (or under `limit`)
+        except ValueError as exn:  # fewer than two classes of more than `shots` (or under `limit`)
             warnings.warn(f"suite {suite.name!r}: task {task!r} skipped: {exn}", stacklevel=2)
             continue
         predictions = fewshot_predict(image[train], label[train], image[test])
@@ -235,8 +251,15 @@ def suite_metrics(
             balanced.append(balanced_accuracy(predictions, label[test]))
         out[f"fewshot_mean:{field}"] = sum(balanced) / len(balanced)
     averaged = [v for k, v in out.items() if is_averaged(k)]
-    out["average"] = sum(averaged) / len(averaged)
+    if averaged:
+        out["average"] = sum(averaged) / len(averaged)
+    else:
+        _left_out(suite, "its average", "none of its averaged metrics could be measured")
     return out
+
+
+def _left_out(suite: EvalSuite, what: str, why: str) -> None:
+    warnings.warn(f"suite {suite.name!r}: {what} left out: {why} (docs/eval.md, Size limits)", stacklevel=3)
 
 
 def evaluate_suite(
@@ -277,7 +300,7 @@ def evaluate_suite(
 def gallery_r5(suites: dict[str, dict[str, float]]) -> float | None:
     """Image→text and text→image R@5 within galleries of ``GALLERY_SIZE`` pairs, averaged over both
     directions and every suite that has retrieval (``{suite: suite_metrics}``); None when none has. Chance
-    is about 5% (more in a suite of fewer than 100 pairs or with repeated concepts); an untrained
+    is about 5% (more with repeated concepts; a suite of fewer than 100 pairs has no gallery); an untrained
     ``jest-micro`` scores 5.6%. Study II's primary metric: 16.8 times its evaluation sd in IID's gain on the
     benchmark, against 3.9 for ``average`` (docs/results.md).
     """
@@ -295,6 +318,12 @@ def evaluate(model: nn.Module, suites: list[EvalSuite], **kwargs: Any) -> dict[s
         raise ValueError("no eval suites given")
     results = {suite.name: evaluate_suite(model, suite, **kwargs) for suite in suites}
     averaged = [v for metrics in results.values() for k, v in metrics.items() if is_averaged(k)]
+    if not averaged:
+        sizes = ", ".join(f"{name!r} ({metrics['samples']} pairs)" for name, metrics in results.items())
+        raise ValueError(
+            f"no averaged metric can be measured on the eval suites {sizes}: each is too small for its tasks "
+            "(docs/eval.md, Size limits)"
+        )
     return {"suites": results, "average": sum(averaged) / len(averaged), "gallery_r5": gallery_r5(results)}
 
 

@@ -156,7 +156,9 @@ def gallery_recall(
 def fewshot_split(labels: Tensor, *, shots: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Indices ``(train [C' * shots], test [rest])``: ``shots`` random examples of every class that has more
     than ``shots`` examples; the remaining examples of those classes are the test set. Classes with
-    ``shots`` or fewer examples are left out (they could not be both learnt and tested).
+    ``shots`` or fewer examples are left out (they could not be both learnt and tested). A ValueError when
+    fewer than two classes are left: a probe of one class predicts it and scores 100%, which measures
+    nothing.
     """
     if shots < 1:
         raise ValueError(f"shots must be >= 1, got {shots}")
@@ -172,6 +174,11 @@ def fewshot_split(labels: Tensor, *, shots: int, seed: int = 0) -> tuple[Tensor,
         test.append(members[shots:])
     if not train:
         raise ValueError(f"no class has more than {shots} examples; few-shot evaluation is impossible")
+    if len(train) < 2:
+        raise ValueError(
+            f"only one class has more than {shots} examples; a probe of one class scores 100% and measures "
+            "nothing"
+        )
     return torch.cat(train), torch.cat(test)
 
 

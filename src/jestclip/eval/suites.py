@@ -14,7 +14,7 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jestclip.data.loader import expand_urls
+from jestclip.data.loader import caption_is_empty, distinct_shards, expand_urls, shard_files
 
 __all__ = ["DEFAULT_TEMPLATES", "EvalSuite", "custom_suite", "find_suites", "template_problem"]
 
@@ -66,8 +66,8 @@ class EvalSuite:
             raise ValueError(f"suite {self.name!r}: classes must map label fields to class names")
         for label, names in self.classes.items():
             if not isinstance(names, list | tuple) or not all(
-                isinstance(n, str) and n.strip() for n in names
-            ):
+                isinstance(n, str) and not caption_is_empty(n) for n in names
+            ):  # empty once open_clip's tokenizer cleans it ('&nbsp;'): every prompt would be the template's
                 raise ValueError(
                     f"suite {self.name!r}: classes of {label!r} must be a list of non-empty class names, "
                     f"got {names!r}"
@@ -113,7 +113,7 @@ class EvalSuite:
             raise ValueError(f"{manifest_path} lacks {missing}; it is not an eval suite manifest")
         return cls(
             name=directory.name,
-            urls=expand_urls(directory),
+            urls=distinct_shards(expand_urls(directory))[0],
             tasks=manifest["tasks"],
             classes=manifest["classes"],
             templates=manifest["templates"],
@@ -127,7 +127,7 @@ def find_suites(path: str | Path, names: list[str] | None = None) -> list[EvalSu
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"eval data {path} is not a directory")
-    if (path / "manifest.json").exists() and any(path.glob("*.tar")):
+    if (path / "manifest.json").exists() and shard_files(path):  # every shard form the loader reads
         suites = [EvalSuite.from_dir(path)]
     else:
         root = path / "eval" if (path / "eval").is_dir() else path
@@ -159,14 +159,21 @@ def custom_suite(
     classes: dict[str, list[str]] = {}
     if classes_file is not None:
         names = [line.strip() for line in Path(classes_file).read_text(encoding="utf-8").splitlines()]
-        names = [n for n in names if n]
+        while names and not names[-1]:  # trailing blank lines
+            names.pop()
         if not names:
             raise ValueError(f"classes file {classes_file} names no classes")
+        blank = next((i for i, n in enumerate(names) if caption_is_empty(n)), None)
+        if blank is not None:  # dropping it would shift the id of every class after it
+            raise ValueError(
+                f"classes file {classes_file}: line {blank + 1} (class id {blank}) names no class "
+                f"({names[blank]!r}); line i names class id i, so give every id a name"
+            )
         classes[label_field] = names
         tasks = [f"zeroshot:{label_field}", *([f"fewshot:{label_field}"] if fewshot else []), "retrieval"]
     return EvalSuite(
         name=name,
-        urls=expand_urls(shards),
+        urls=distinct_shards(expand_urls(shards))[0],  # each shard once, as the stream reads it
         tasks=tasks,
         classes=classes,
         templates=list(templates or DEFAULT_TEMPLATES),

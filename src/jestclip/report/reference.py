@@ -9,7 +9,7 @@ from pathlib import Path
 
 import open_clip
 
-from jestclip.data.loader import IMAGE_EXTENSIONS, expand_urls
+from jestclip.data.loader import IMAGE_EXTENSIONS, distinct_shards, expand_urls
 from jestclip.models import create_model, forward_flops, image_size
 from jestclip.report.runs import load_run
 
@@ -31,9 +31,10 @@ class ReferenceCost:
 
 
 def count_samples(shards: str | Path | Sequence[str | Path]) -> int:
-    """Samples (keys with an image member) in the shards, from the tar headers alone."""
+    """Samples (keys with an image member) in the shards, from the tar headers alone (a shard listed under
+    two names counts once, as ``cache-reference`` caches it once)."""
     total = 0
-    for url in expand_urls(shards):
+    for url in distinct_shards(expand_urls(shards))[0]:
         with tarfile.open(url) as tar:
             keys = {m.name.rsplit(".", 1)[0] for m in tar if m.name.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS}
         total += len(keys)

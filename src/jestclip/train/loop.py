@@ -18,7 +18,10 @@ How a run ends: it returns the last metrics line when it reaches ``steps`` or ``
 final checkpoint and ``model.pt`` are written first, then the final evaluation runs: a failure there raises
 ``FinalEvaluationFailed`` with the training saved, and rerunning the same command evaluates without
 training again (a finished run whose final evaluation is logged does nothing). It raises ``Preempted`` on
-SIGTERM (checkpointed; rerun the same command to resume), ``TrainingDiverged`` after
+SIGTERM (checkpointed; rerun the same command to resume), ``Interrupted`` when a data loader worker died
+(the out-of-memory killer: no checkpoint can be written mid-step; it names the last one, and a rerun resumes
+from it), ``OutOfMemory`` when this process runs out of GPU or host memory (naming the last checkpoint and
+what to lower), ``TrainingDiverged`` after
 ``max_bad_steps`` steps in a row with a non-finite loss or gradient norm (their updates are skipped; the last
 good checkpoint is untouched) and ``CheckpointWriteError`` when a checkpoint cannot be written (disk full;
 the previous checkpoint is kept).
@@ -42,8 +45,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from jestclip.data.files import check_writable
 from jestclip.data.keeplist import KeepList
-from jestclip.data.loader import ResumableBatches, SuperBatch, expand_urls
+from jestclip.data.loader import ResumableBatches, SuperBatch, dead_loader_worker, expand_urls
 from jestclip.data.progress import progress as progress_bar
 from jestclip.data.refcache import ReferenceCache
 from jestclip.eval import check_labels, evaluate, find_suites, flat_metrics
@@ -70,6 +74,8 @@ from jestclip.train.steps import StepOutput, SuperBatchTensors, score_embeddings
 __all__ = [
     "CheckpointWriteError",
     "FinalEvaluationFailed",
+    "Interrupted",
+    "OutOfMemory",
     "Preempted",
     "RunOutputs",
     "TrainingDiverged",
@@ -101,6 +107,16 @@ class Preempted(RuntimeError):
     """The run stopped on SIGTERM (after checkpointing); rerunning the same command resumes it."""
 
 
+class Interrupted(RuntimeError):
+    """The run was stopped from outside before it could checkpoint (a data loader worker killed, e.g. by the
+    out-of-memory killer); rerunning the same command resumes from the last checkpoint, named."""
+
+
+class OutOfMemory(RuntimeError):
+    """The run ran out of GPU or host memory in a step; the message names the last checkpoint to resume from
+    once the run asks for less."""
+
+
 class FinalEvaluationFailed(RuntimeError):
     """The run trained to ``steps`` and wrote its final checkpoint and weights, then its final evaluation
     failed; rerunning the same command evaluates again without training."""
@@ -111,6 +127,7 @@ def _prepare_run_dir(run: RunDir, cfg: TrainConfig, where: Placement) -> bool:
     whether there is a checkpoint to resume from."""
     resuming = run.latest_checkpoint() is not None
     if where.is_main:
+        check_writable(run.path, "run directory", "set run_dir=DIR to write the run elsewhere")
         run.clean_tmp()
         if resuming:
             saved, current = with_defaults(run.read_config()), to_dict(cfg)
@@ -137,6 +154,7 @@ def _start_state(run: RunDir, cfg: TrainConfig, where: Placement) -> TrainState:
         if loaded is not None:
             run.set_aside_newer(loaded[0])
         run.truncate_metrics(state.counters.step)
+        run.truncate_tensorboard(state.counters.step)  # every log a run keeps: each step once
     return state
 
 
@@ -466,9 +484,17 @@ def preempted_message(step: int, checkpoint: Path | None, *, during: str | None 
     return f"preempted {when}; {saved}; rerun the same command to resume"
 
 
+def interrupted_message(why: str, step: int, out: RunOutputs) -> str:
+    """``interrupted after step N: WHY; last checkpoint RUN/checkpoint-00000K.pt (step K); rerun the same
+    command to resume``."""
+    checkpoint = f"last checkpoint {out.last_good}"
+    return f"interrupted after step {step}: {why}; {checkpoint}; rerun the same command to resume"
+
+
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run ``cfg`` describes; return the last metrics line. Raises ``Preempted``,
-    ``TrainingDiverged``, ``CheckpointWriteError`` or ``FinalEvaluationFailed`` (see the module docstring)."""
+    ``Interrupted``, ``OutOfMemory``, ``TrainingDiverged``, ``CheckpointWriteError`` or
+    ``FinalEvaluationFailed`` (see the module docstring); a KeyboardInterrupt names the last checkpoint."""
     run = RunDir(cfg.run_dir)
     with _Sigterm(run) as sigterm:  # first of all: a SIGTERM while starting stops the run at once
         where = place(cfg)
@@ -493,6 +519,20 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 cfg, where, state, out, evaluator, sigterm, costs, DivergenceGuard(cfg.max_bad_steps)
             )
             return steps.run(batches, lambda batch: to_device(batch, tokenize, reference, where.device))
+        except (torch.OutOfMemoryError, MemoryError) as exn:  # GPU or host memory, in this process
+            what = f"{type(exn).__name__}: {_one_line(exn).split('. ')[0][:200]}"
+            lower = "lower method.batch_size or filter_ratio (or num_workers), then rerun to resume"
+            step = state.counters.step
+            raise OutOfMemory(
+                f"out of memory after step {step} ({what}); last checkpoint {out.last_good}; {lower}"
+            ) from exn
+        except RuntimeError as exn:
+            why = dead_loader_worker(exn)  # raised by torch at any line once a worker died: state unsaved
+            if why is None:
+                raise
+            raise Interrupted(interrupted_message(why, state.counters.step, out)) from exn
+        except KeyboardInterrupt as exn:
+            raise KeyboardInterrupt(interrupted_message("SIGINT", state.counters.step, out)) from exn
         finally:
             out.close()
 

@@ -4,7 +4,7 @@
 
     RUN/config.json                 the resolved TrainConfig, written when a run starts
     RUN/metrics.jsonl               one JSON line per logged step and per evaluation (``eval/...`` metrics)
-    RUN/tb/                         TensorBoard events
+    RUN/tb/                         TensorBoard events (like metrics.jsonl, each step once after a resume)
     RUN/checkpoint-000200.pt        the full training state at step 200; the newest ``keep`` are kept
     RUN/model.pt                    the final weights only, written when the run finishes
     RUN/reference.json              the reference cache a run trains with (name, model, fingerprint)
@@ -26,6 +26,7 @@ import errno
 import json
 import os
 import re
+import struct
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,28 @@ def first_non_finite(obj: Any, prefix: str = "") -> str | None:
         if found is not None:
             return found
     return None
+
+
+def _tf_records(data: bytes) -> Iterator[tuple[int, int, Any]]:
+    """``(start, end, event)`` of each whole record of a TFRecord file (an event file: a little-endian
+    uint64 length, its 4-byte CRC, the payload, the payload's 4-byte CRC), the payload parsed as a
+    TensorBoard ``Event``. Stops at a record cut short or one whose payload is no Event (the tail a killed
+    writer left); the CRCs are not checked."""
+    from google.protobuf.message import DecodeError
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    start = 0
+    while start + 12 <= len(data):
+        (length,) = struct.unpack_from("<Q", data, start)
+        end = start + 12 + length + 4
+        if end > len(data):
+            return
+        try:
+            event = Event.FromString(data[start + 12 : start + 12 + length])
+        except DecodeError:
+            return
+        yield start, end, event
+        start = end
 
 
 def _write_error(exn: OSError) -> str:
@@ -208,6 +231,33 @@ class RunDir:
                 kept[kind] = line
         text = "".join(line + "\n" for line in kept.values())
         atomic_write(self.metrics_file, lambda f: f.write(text.encode()))
+
+    def truncate_tensorboard(self, step: int) -> list[Path]:
+        """Drop the TensorBoard events a run resumed at ``step`` will write again, as ``truncate_metrics``
+        does for the metrics lines: a summary event of a step after it (or, for ``step == 0``, any). A run
+        killed at step 7 whose checkpoint is step 4 logged steps 5-7, and its resumed run logs them again:
+        without this TensorBoard held both (``wall_s`` going backwards) while metrics.jsonl held each once.
+        Each event file holding such events is rewritten atomically, record by record (the kept records'
+        bytes unchanged); a record cut short by the crash is dropped. Returns the files rewritten."""
+        if not self.tensorboard_dir.is_dir():
+            return []
+        rewritten = []
+        for path in sorted(self.tensorboard_dir.glob("*tfevents*")):
+            if path.name.endswith(".tmp") or not path.is_file():
+                continue
+            data = path.read_bytes()
+            kept, dropped, end = [], 0, 0
+            for start, end, event in _tf_records(data):
+                again = event.HasField("summary") and (event.step > step or step == 0)
+                dropped += again
+                if not again:
+                    kept.append(data[start:end])
+            if not dropped and end == len(data):
+                continue
+            body = b"".join(kept)
+            atomic_write(path, lambda f, body=body: f.write(body))
+            rewritten.append(path)
+        return rewritten
 
     def checkpoints(self) -> list[Path]:
         """The run's checkpoints, newest (highest step) first; a legacy ``checkpoint.pt`` comes last."""
