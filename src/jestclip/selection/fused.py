@@ -14,12 +14,14 @@ backend             operands of the ``x_k . y_i`` products
 ``triton-fp32``     float32, plain FMA (``input_precision="ieee"``)
 ``triton-tf32``     float32 rounded to TF32 (10-bit mantissa, to nearest) on the tensor cores
 ``triton-bf16``     rounded to bfloat16 (to nearest even) on the tensor cores
+``triton-bf16x3``   each split into a bfloat16 and the bfloat16 of its remainder; three bf16 products
+                    (hi·hi + hi·lo + lo·hi): about 16 mantissa bits at three times bf16's work
 ``emulated-<p>``    the ``triton-<p>`` arithmetic in torch tiles on any device: operands rounded as
                     the kernel rounds them, float32 products (slow; to measure a precision without a GPU)
 ==================  =============================================================================
 
-``backend=None`` means ``default_backend(device)``: ``torch`` on the CPU, ``CUDA_DEFAULT_BACKEND`` on CUDA
-when Triton is importable. Triton is optional: this module imports it only when a ``triton-*`` backend
+``backend=None`` means ``default_backend(device, loss)``: ``torch`` on the CPU, ``CUDA_DEFAULT_BACKEND[loss]``
+on CUDA when Triton is importable. Triton is optional: this module imports it only when a ``triton-*`` backend
 runs. With ``TRITON_INTERPRET=1`` set before that call, the kernel runs in Triton's interpreter on CPU
 tensors (slow; what the CPU tests use).
 """
@@ -41,24 +43,24 @@ __all__ = [
     "chunk_terms",
     "default_backend",
     "emulated_chunk_terms",
-    "round_operands",
+    "operand_parts",
     "triton_available",
 ]
 
-PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16", "bf16x3")
 BACKENDS: tuple[str, ...] = (
     "torch",
     *(f"triton-{p}" for p in PRECISIONS),
     *(f"emulated-{p}" for p in PRECISIONS),
 )
 
-# The backend `backend=None` means on CUDA. It stays the exact torch path until a GPU run has passed the
-# CUDA tests and measured the agreement table of `benchmarks/gpu.py` (docs/selection.md, "The fused chunk
-# update", states the rule that picks the precision from that table); the kernel has not run on a GPU yet.
-CUDA_DEFAULT_BACKEND = "torch"
+# The backend `backend=None` means on CUDA, per loss. It stays the exact torch path until a GPU run has
+# passed the CUDA tests and measured the agreement table of `benchmarks/gpu.py`, whose report names the
+# backend the rule of docs/selection.md ("The fused chunk update") picks; the kernel has not run on a GPU yet.
+CUDA_DEFAULT_BACKEND: dict[str, str] = {"sigmoid": "torch", "softmax": "torch"}
 
 _LOSS_CODES = {"sigmoid": 0, "softmax": 1}
-_PRECISION_CODES = {"fp32": 0, "tf32": 1, "bf16": 2}
+_PRECISION_CODES = {"fp32": 0, "tf32": 1, "bf16": 2, "bf16x3": 3}
 INTERPRETER_BLOCKS = (64, 32, 32)  # the interpreter runs one program at a time: few, large blocks
 
 
@@ -75,22 +77,22 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
-def default_backend(device: torch.device) -> str:
-    """The backend ``backend=None`` means on ``device``: ``torch`` on the CPU, else ``CUDA_DEFAULT_BACKEND``
-    when Triton is importable (and ``torch`` when it is not)."""
+def default_backend(device: torch.device, loss: str) -> str:
+    """The backend ``backend=None`` means for ``loss`` on ``device``: ``torch`` on the CPU, else
+    ``CUDA_DEFAULT_BACKEND[loss]`` when Triton is importable (and ``torch`` when it is not)."""
     if torch.device(device).type != "cuda" or not triton_available():
         return "torch"
-    return CUDA_DEFAULT_BACKEND
+    return CUDA_DEFAULT_BACKEND.get(loss, "torch")
 
 
-def check_backend(backend: str | None, device: torch.device, caller: str) -> str:
-    """``backend`` (``None``: ``default_backend(device)``), checked to run on ``device``.
+def check_backend(backend: str | None, device: torch.device, caller: str, loss: str = "sigmoid") -> str:
+    """``backend`` (``None``: ``default_backend(device, loss)``), checked to run on ``device``.
 
     Raises a ValueError naming ``caller`` for an unknown name, a ``triton-*`` backend without Triton, or one
     on a device that is neither CUDA nor the CPU under ``TRITON_INTERPRET=1``.
     """
     if backend is None:
-        return default_backend(device)
+        return default_backend(device, loss)
     if backend not in BACKENDS:
         raise ValueError(f"{caller}: backend must be None or one of {BACKENDS}, got {backend!r}")
     if backend.startswith("triton-"):
@@ -105,22 +107,32 @@ def check_backend(backend: str | None, device: torch.device, caller: str) -> str
     return backend
 
 
-def round_operands(x: Tensor, precision: str) -> Tensor:
-    """``x`` as float32 after the rounding the kernel gives its matrix operands at ``precision``.
+def operand_parts(x: Tensor, precision: str) -> list[Tensor]:
+    """The float32 parts the kernel multiplies for operand ``x`` at ``precision`` (same shape as ``x``).
 
-    fp32: none; tf32: mantissa rounded to 10 bits, to nearest with ties away from zero (the kernel's bit
-    arithmetic; inf and nan stay so); bf16: to bfloat16, to nearest even. Same shape as ``x``.
+    fp32: ``[x]``; tf32: ``[x]`` with its mantissa rounded to 10 bits, to nearest with ties away from zero
+    (the kernel's bit arithmetic; inf and nan stay so); bf16: ``[x]`` rounded to bfloat16, to nearest even;
+    bf16x3: ``[hi, lo]``, hi = x in bfloat16 and lo = (x - hi) in bfloat16 (the kernel multiplies
+    hi·hi' + hi·lo' + lo·hi'). Raises ValueError for an unknown precision.
     """
     if precision not in _PRECISION_CODES:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     x = x.to(torch.float32)
-    if precision == "bf16":
-        return x.to(torch.bfloat16).to(torch.float32)
+    if precision in ("bf16", "bf16x3"):
+        hi = x.to(torch.bfloat16).to(torch.float32)
+        return [hi] if precision == "bf16" else [hi, (x - hi).to(torch.bfloat16).to(torch.float32)]
     if precision == "tf32":
         bits = x.contiguous().view(torch.int32)
-        rounded = torch.where(torch.isfinite(x), (bits + 0x1000) & -0x2000, bits)
-        return rounded.view(torch.float32)
-    return x
+        return [torch.where(torch.isfinite(x), (bits + 0x1000) & -0x2000, bits).view(torch.float32)]
+    return [x]
+
+
+def _emulated_product(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """``a @ b.T`` of operands split by ``operand_parts``: the kernel's products, none of lo·lo'."""
+    out = a[0] @ b[0].T
+    if len(a) > 1:
+        out = out + a[0] @ b[1].T + a[1] @ b[0].T
+    return out
 
 
 def _check_chunk(cand_image: Tensor, cand_text: Tensor, chunk_image: Tensor, chunk_text: Tensor) -> None:
@@ -158,14 +170,16 @@ def emulated_chunk_terms(
     _check_chunk(cand_image, cand_text, chunk_image, chunk_text)
     if loss not in _LOSS_CODES:
         raise ValueError(f"loss must be one of {tuple(_LOSS_CODES)}, got {loss!r}")
-    x, y = (round_operands(t, precision).to(dtype) for t in (cand_image, cand_text))
-    cx, cy = (round_operands(t, precision).to(dtype) for t in (chunk_image, chunk_text))
+    x, y = ([part.to(dtype) for part in operand_parts(t, precision)] for t in (cand_image, cand_text))
+    cx, cy = ([part.to(dtype) for part in operand_parts(t, precision)] for t in (chunk_image, chunk_text))
     fill = 0.0 if loss == "sigmoid" else float("-inf")
-    out = [torch.full((x.shape[0],), fill, dtype=dtype, device=x.device) for _ in range(2)]
-    step = max(1, (1 << 26) // max(1, x.shape[0]))  # chunk rows per tile: at most 2^26 elements
-    for start in range(0, cx.shape[0], step):
+    out = [torch.full((cand_image.shape[0],), fill, dtype=dtype, device=cand_image.device) for _ in range(2)]
+    step = max(1, (1 << 26) // max(1, cand_image.shape[0]))  # chunk rows per tile: at most 2^26 elements
+    for start in range(0, chunk_image.shape[0], step):
+        rows = slice(start, start + step)
         # [B, rows]: L_ki (row) and L_ik (col), without bias
-        for k, tile in enumerate((x @ cy[start : start + step].T, y @ cx[start : start + step].T)):
+        tiles = (_emulated_product(x, [p[rows] for p in cy]), _emulated_product(y, [p[rows] for p in cx]))
+        for k, tile in enumerate(tiles):
             tile = tile * scale
             if loss == "sigmoid":
                 out[k] += torch.nn.functional.softplus(tile + bias).sum(dim=1)

@@ -61,8 +61,8 @@ def chunk_terms_kernel(
     scale,
     bias,
     LOSS: tl.constexpr,  # 0 sigmoid, 1 softmax
-    PRECISION: tl.constexpr,  # 0 fp32 (ieee), 1 tf32, 2 bf16
-    INTERPRET: tl.constexpr,  # the interpreter multiplies bf16 bit patterns as integers: bf16 in fp32
+    PRECISION: tl.constexpr,  # 0 fp32 (ieee), 1 tf32, 2 bf16, 3 bf16x3
+    INTERPRET: tl.constexpr,  # the interpreter multiplies bf16 bit patterns as integers: bf16 in fp32 there
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -100,19 +100,8 @@ def chunk_terms_kernel(
                     mask=mask_d[:, None] & mask_c[None, :],
                     other=0.0,
                 )
-                if PRECISION == 2:
-                    if INTERPRET:
-                        # to nearest even at 7 mantissa bits in integer arithmetic (the interpreter's own
-                        # float32 -> bfloat16 cast truncates), then exact float32 products
-                        a_bits = a.to(tl.float32).to(tl.int32, bitcast=True)
-                        c_bits = ct.to(tl.float32).to(tl.int32, bitcast=True)
-                        a_bits = (a_bits + 0x7FFF + ((a_bits >> 16) & 1)) & -0x10000
-                        c_bits = (c_bits + 0x7FFF + ((c_bits >> 16) & 1)) & -0x10000
-                        a = a_bits.to(tl.float32, bitcast=True)
-                        ct = c_bits.to(tl.float32, bitcast=True)
-                        acc = tl.dot(a, ct, acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(a.to(tl.bfloat16), ct.to(tl.bfloat16), acc)
+                if PRECISION == 0:
+                    acc = tl.dot(a.to(tl.float32), ct.to(tl.float32), acc, input_precision="ieee")
                 elif PRECISION == 1:
                     # to nearest (ties away) at 10 mantissa bits: the tf32 dot itself would truncate
                     a_bits = a.to(tl.float32).to(tl.int32, bitcast=True)
@@ -120,8 +109,40 @@ def chunk_terms_kernel(
                     a = ((a_bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
                     ct = ((c_bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
                     acc = tl.dot(a, ct, acc, input_precision="tf32")
+                elif INTERPRET:
+                    # bf16 (2) and bf16x3 (3) in the interpreter: to nearest even at 7 mantissa bits in
+                    # integer arithmetic (its own float32 -> bfloat16 cast truncates), exact float32 products
+                    a = a.to(tl.float32)
+                    ct = ct.to(tl.float32)
+                    a_bits = a.to(tl.int32, bitcast=True)
+                    c_bits = ct.to(tl.int32, bitcast=True)
+                    a_hi = ((a_bits + 0x7FFF + ((a_bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
+                    c_hi = ((c_bits + 0x7FFF + ((c_bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
+                    acc = tl.dot(a_hi, c_hi, acc, input_precision="ieee")
+                    if PRECISION == 3:
+                        a_bits = (a - a_hi).to(tl.int32, bitcast=True)
+                        c_bits = (ct - c_hi).to(tl.int32, bitcast=True)
+                        a_lo = ((a_bits + 0x7FFF + ((a_bits >> 16) & 1)) & -0x10000).to(
+                            tl.float32, bitcast=True
+                        )
+                        c_lo = ((c_bits + 0x7FFF + ((c_bits >> 16) & 1)) & -0x10000).to(
+                            tl.float32, bitcast=True
+                        )
+                        acc = tl.dot(a_hi, c_lo, acc, input_precision="ieee")
+                        acc = tl.dot(a_lo, c_hi, acc, input_precision="ieee")
                 else:
-                    acc = tl.dot(a.to(tl.float32), ct.to(tl.float32), acc, input_precision="ieee")
+                    # bf16: one product of the operands rounded to bfloat16; bf16x3: each operand split into
+                    # a bfloat16 and the bfloat16 of its remainder, and the three products that matter
+                    a = a.to(tl.float32)
+                    ct = ct.to(tl.float32)
+                    a_hi = a.to(tl.bfloat16)
+                    c_hi = ct.to(tl.bfloat16)
+                    acc = tl.dot(a_hi, c_hi, acc)
+                    if PRECISION == 3:
+                        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+                        c_lo = (ct - c_hi.to(tl.float32)).to(tl.bfloat16)
+                        acc = tl.dot(a_hi, c_lo, acc)
+                        acc = tl.dot(a_lo, c_hi, acc)
             logits = acc * scale
             if LOSS == 0:
                 z = logits + bias

@@ -121,8 +121,8 @@ def joint_select(
     gives their count). ``exchange`` (instead of ``groups``): the embeddings are this holder's ``[n, D]``
     share of the candidates, and the result is global indices (see ``Exchange``). ``backend`` computes each
     chunk's update of the scores (``fused.BACKENDS``: ``torch`` tiles, or the fused Triton kernel with
-    float32, TF32 or bf16 operands); None is ``fused.default_backend`` of the embeddings' device, ``torch``
-    on the CPU. Raises ValueError for a backend that cannot run there.
+    float32, TF32, bf16 or split-bf16 operands); None is ``fused.default_backend`` of the embeddings' device
+    and the loss, ``torch`` on the CPU. Raises ValueError for a backend that cannot run there.
     """
     caller = "joint_select"
     inputs = resolve_inputs(learner, reference, scoring, loss, caller=caller)
@@ -131,7 +131,7 @@ def joint_select(
     size = exchange.check(size, inputs.usable, generator, caller)
     n_chunks = check_count(n_chunks, "n_chunks", 1, size, "size", caller)
     gain = check_gain(gain, caller)
-    state = ConditionalScores(inputs, loss, check_backend(backend, inputs.device, caller))
+    state = ConditionalScores(inputs, loss, check_backend(backend, inputs.device, caller, loss))
 
     def next_logits(chunk: Tensor | None) -> Tensor:
         if chunk is not None:

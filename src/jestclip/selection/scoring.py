@@ -133,12 +133,13 @@ class ConditionalScores:
     The candidates may be a shard of a larger super-batch: ``absorb`` takes the chosen pairs' embeddings
     wherever they came from (e.g. all-gathered across ranks), so each rank can keep the sums of the
     candidates it holds. Memory is O(B) plus one ``[B, rows]`` tile (none with a ``triton-*`` backend).
-    ``backend``: how chunks are absorbed (``fused.BACKENDS``; None: ``fused.default_backend`` of the device).
+    ``backend``: how chunks are absorbed (``fused.BACKENDS``; None: ``fused.default_backend`` of the device
+    and loss).
     """
 
     def __init__(self, inputs: ScoringInputs, loss: str, backend: str | None = None) -> None:
         self.inputs = inputs
-        self.backend = check_backend(backend, inputs.device, "ConditionalScores")
+        self.backend = check_backend(backend, inputs.device, "ConditionalScores", loss)
         self.terms: list[tuple[float, RunningTerms]] = [
             (sign, running_terms(emb, loss, self.backend)) for sign, emb in inputs.models
         ]
