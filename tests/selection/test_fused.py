@@ -1,9 +1,13 @@
 """The fused chunk update (``selection/fused.py``) on the CPU: the Triton kernel in Triton's interpreter
 against float64 oracles, the backend switch, and the agreement measure.
 
-Each kernel test sets ``TRITON_INTERPRET=1`` itself (``fused`` reads it when the kernel runs, not at import),
-so CI runs them with no GPU. Triton comes with torch's Linux wheels; where it is missing they are skipped,
-except under CI (``CI`` set), where that is a failure. The interpreter does not run the GPU's bf16 matrix
+Triton builds its language library for the interpreter or the GPU when it is first imported, as
+``TRITON_INTERPRET`` says then. So the kernel tests set ``TRITON_INTERPRET=1`` and run in this process only
+where it has no GPU and Triton is not yet imported for one; otherwise (a CI run of the whole suite, where
+open_clip imported Triton earlier, or a GPU machine) ``test_kernel_tests_in_a_fresh_process`` runs this
+file again in a fresh process with ``TRITON_INTERPRET=1`` and no visible GPU. Either way CI runs them. Triton
+comes with torch's Linux wheels; where it is missing they are skipped, except under CI (``CI`` set), where
+that is a failure. The interpreter does not run the GPU's bf16 matrix
 instruction (it would multiply bf16 bit patterns as integers): the kernel there computes the same values in
 float32, and ``tests/test_cuda.py`` checks the GPU's own path against the same oracle.
 """
@@ -42,9 +46,32 @@ needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not install
 BOUNDS = {"fp32": 1e-5, "tf32": 3e-3, "bf16": 2e-2, "bf16x3": 1e-4}
 
 
+def interpreter_here() -> bool:
+    """Whether the kernel tests can run in this process: no GPU (so Triton may stay set up for its
+    interpreter for the rest of the process) and Triton not already imported for the GPU."""
+    if torch.cuda.is_available():
+        return False
+    standard = sys.modules.get("triton.language.standard")
+    return standard is None or type(standard.sum).__name__ == "InterpretedFunction"
+
+
 @pytest.fixture
 def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not interpreter_here():
+        pytest.skip("Triton is set up for the GPU here: test_kernel_tests_in_a_fresh_process runs this test")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@needs_triton
+def test_kernel_tests_in_a_fresh_process():
+    if interpreter_here():
+        pytest.skip("the kernel tests run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT / "src")}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "1 skipped" in summary and int(summary.split(" passed")[0].split()[-1]) >= 30, summary
 
 
 def pair_inputs(n: int, c: int, dim: int, seed: int, dtype: torch.dtype = torch.float32):

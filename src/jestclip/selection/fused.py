@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 from torch import Tensor
@@ -75,6 +76,22 @@ def triton_available() -> bool:
 def _interpreting() -> bool:
     """``TRITON_INTERPRET`` as Triton reads it: the kernel runs in the interpreter (on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def _check_triton_mode(interpret: bool) -> None:
+    """Triton builds its language library for the interpreter or the GPU when first imported, by
+    ``TRITON_INTERPRET`` then: a kernel run the other way fails deep inside Triton, so say it here."""
+    standard = sys.modules["triton.language.standard"]
+    built_for_interpreter = type(standard.sum).__name__ == "InterpretedFunction"
+    if built_for_interpreter != interpret:
+        built = "its interpreter" if built_for_interpreter else "the GPU"
+        needed = (
+            "the interpreter (CPU tensors, TRITON_INTERPRET=1)" if interpret else "the GPU (CUDA tensors)"
+        )
+        raise ValueError(
+            f"chunk_terms: Triton was imported for {built} but this call needs {needed}: one process runs "
+            "Triton one way, as TRITON_INTERPRET said when triton was first imported"
+        )
 
 
 def default_backend(device: torch.device, loss: str) -> str:
@@ -271,8 +288,9 @@ def chunk_terms(
         "PRECISION": _PRECISION_CODES[precision],
         "INTERPRET": interpret,
     }
-    from jestclip.selection.fused_kernel import kernel
+    from jestclip.selection.fused_kernel import kernel  # imports triton
 
+    _check_triton_mode(interpret)
     fma = precision == "fp32"
     if blocks is not None:
         if len(blocks) != 3 or any(b < 16 or b & (b - 1) for b in blocks):
