@@ -24,8 +24,8 @@ FMA_CONFIGS = ((64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (64, 32, 32, 4, 3))
 @functools.lru_cache(maxsize=8)
 def kernel(interpret: bool, tuned: bool, fma: bool) -> Callable:
     """``chunk_terms_kernel`` interpreted, or compiled for the GPU; ``tuned``: autotuned over the block
-    shapes of ``FMA_CONFIGS`` (``fma``, the float32 precision) or ``TENSOR_CORE_CONFIGS``, per
-    (D, loss, precision)."""
+    shapes of ``FMA_CONFIGS`` (``fma``, the float32 precision) or ``TENSOR_CORE_CONFIGS``, once per
+    (B, D, loss, precision): a training run tunes once."""
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
 
@@ -37,7 +37,7 @@ def kernel(interpret: bool, tuned: bool, fma: bool) -> Callable:
         triton.Config({"BLOCK_B": b, "BLOCK_C": c, "BLOCK_D": d}, num_warps=w, num_stages=s)
         for b, c, d, w, s in (FMA_CONFIGS if fma else TENSOR_CORE_CONFIGS)
     ]
-    return triton.autotune(configs=configs, key=["D", "LOSS", "PRECISION"])(jitted)
+    return triton.autotune(configs=configs, key=["B", "D", "LOSS", "PRECISION"])(jitted)
 
 
 def chunk_terms_kernel(
