@@ -1,6 +1,6 @@
 """The GPU measurements in one command: CUDA tests, step times, where JEST's time goes, selection, agreement.
 
-    python benchmarks/gpu.py --out /tmp/gpu.md                      # ViT-B-16, b = 512: ~6 min on one H200
+    python benchmarks/gpu.py --out /tmp/gpu.md                      # ViT-B-16, b = 512: see below for time
     python benchmarks/gpu.py --device cpu --tiny --out /tmp/gpu.md  # smoke test: jest-micro, b = 8
 
 Prints (and writes to ``--out``) a markdown report, one section per ``--parts`` entry:
@@ -29,8 +29,11 @@ Prints (and writes to ``--out``) a markdown report, one section per ``--parts`` 
 A run that does not fit in memory is reported as such in its row, and the rest goes on. On the CPU the
 ``triton-*`` rows run only under ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, not a speed).
 
-The prepared device command (docs/benchmarks.md, "The fused selection kernel: prepared, not yet measured")
-carries the wheels of open_clip_torch, timm, webdataset, ftfy, wcwidth, braceexpand and regex in ``.whl``.
+Time: parts 1-4 without the fused rows took ~2.5 min on one H200 (2026-11-30); the whole command is not yet
+timed (estimated 5-7 min: compiling and autotuning the kernel, the literal's processes, the agreement runs),
+so the prepared device command (docs/benchmarks.md, "The fused selection kernel (issue 28)") stops it at
+9 minutes and ``--parts`` reruns what did not finish. It carries the wheels of open_clip_torch, timm,
+webdataset, ftfy, wcwidth, regex, braceexpand and resvg-py in ``.whl`` (the image has torch and Triton).
 """
 
 from __future__ import annotations
