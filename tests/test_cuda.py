@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from jestclip.models import create_model
-from jestclip.selection import Embeddings, batch_score, conditional_scores, fused, joint_select
+from jestclip.selection import (
+    ConditionalScores,
+    Embeddings,
+    batch_score,
+    conditional_scores,
+    fused,
+    joint_select,
+)
 from jestclip.train import MethodConfig, run_step
 from jestclip.train.methods import get_method
 from jestclip.train.steps import SuperBatchTensors
@@ -114,8 +121,6 @@ def test_cuda_fused_selection_keeps_the_float32_picks_and_is_deterministic() -> 
 def test_cuda_fused_chunk_update_stores_no_b_by_c_tile(loss: str) -> None:
     """At B = 40,960 a [B, c] float32 tile of a 512-pick chunk is 84 MB; absorbing such a chunk with the
     kernel (both models) and reading the scores stays within 16 MB of what was allocated before."""
-    from jestclip.selection import ConditionalScores
-
     n = 40960
     learner, reference = to(embeddings(n, 768, 10), CUDA), to(embeddings(n, 768, 11), CUDA)
     state = ConditionalScores.from_embeddings(

@@ -28,6 +28,7 @@ tensors (slow; what the CPU tests use).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -245,7 +246,7 @@ def chunk_terms(
 ) -> tuple[Tensor, Tensor]:
     """One model's chunk increments for all B candidates, in one Triton kernel (no ``[B, c]`` tile stored).
 
-    cand_image, cand_text: ``[B, D]``; chunk_image, chunk_text: ``[c, D]`` (c >= 1), any float dtype, on one
+    cand_image, cand_text: ``[B, D]``; chunk_image, chunk_text: ``[c, D]``, any float dtype, on one
     CUDA device (or the CPU under ``TRITON_INTERPRET=1``). With ``L_ki = scale * x_k . y_i`` (x image,
     y text; plus ``bias`` for sigmoid) returns float32 ``(row, col)``, each ``[B]``:
 
@@ -253,6 +254,8 @@ def chunk_terms(
       off-diagonal pair losses of Algorithm 2 that ``SigmoidTerms`` adds up;
     - softmax: ``row_k = LSE_i L_ki``, ``col_k = LSE_i L_ik``, Algorithm 3's terms over the chunk, which
       ``SoftmaxTerms`` merges with ``logaddexp``.
+
+    An empty chunk gives zeros (sigmoid) or ``-inf`` (softmax); a candidate with non-finite embeddings, nan.
 
     ``precision`` (``PRECISIONS``) rounds the matrix operands; accumulation is float32. ``blocks``:
     ``(BLOCK_B, BLOCK_C, BLOCK_D)``, powers of two >= 16, instead of autotuning (and of
@@ -292,14 +295,16 @@ def chunk_terms(
 
     _check_triton_mode(interpret)
     fma = precision == "fp32"
-    if blocks is not None:
-        if len(blocks) != 3 or any(b < 16 or b & (b - 1) for b in blocks):
-            raise ValueError(f"chunk_terms: blocks must be three powers of two >= 16, got {blocks}")
-        block_b, block_c, block_d = blocks
-        grid = (-(-n // block_b),)
-        kernel(interpret, False, fma)[grid](
-            *args, **constants, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d
-        )
-    else:
-        kernel(interpret, True, fma)[lambda meta: (-(-n // meta["BLOCK_B"]),)](*args, **constants)
+    if blocks is not None and (len(blocks) != 3 or any(b < 16 or b & (b - 1) for b in blocks)):
+        raise ValueError(f"chunk_terms: blocks must be three powers of two >= 16, got {blocks}")
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:  # Triton launches on the current CUDA device
+        if blocks is not None:
+            block_b, block_c, block_d = blocks
+            grid = (-(-n // block_b),)
+            kernel(interpret, False, fma)[grid](
+                *args, **constants, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d
+            )
+        else:
+            kernel(interpret, True, fma)[lambda meta: (-(-n // meta["BLOCK_B"]),)](*args, **constants)
     return row, col
