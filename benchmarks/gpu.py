@@ -1,26 +1,39 @@
-"""The GPU measurements in one command: CUDA tests, step times per method, where JEST's time goes, selection.
+"""The GPU measurements in one command: CUDA tests, step times, where JEST's time goes, selection, agreement.
 
-    python benchmarks/gpu.py --out /tmp/gpu.md                      # ViT-B-16, b = 512: ~2.5 min on one H200
+    python benchmarks/gpu.py --out /tmp/gpu.md                      # ViT-B-16, b = 512: see below for time
     python benchmarks/gpu.py --device cpu --tiny --out /tmp/gpu.md  # smoke test: jest-micro, b = 8
 
-Prints (and writes to ``--out``) a markdown report:
+Prints (and writes to ``--out``) a markdown report, one section per ``--parts`` entry:
 
-1. ``pytest -q -k cuda tests``: what it collects and how it ends.
-2. Step time (median of ``--steps`` after ``--warmup``, ``torch.cuda.synchronize`` around each) of IID,
-   JEST and Flexi-JEST: ``jestclip.train.run_step`` + backward + gradient clipping + AdamW under
+1. ``tests``: ``pytest -q -k cuda tests``, what it collects and how it ends (``tests/test_cuda.py``, the
+   fused kernel's GPU tests among them).
+2. ``steps``: step time (median of ``--steps`` after ``--warmup``, ``torch.cuda.synchronize`` around each) of
+   IID, JEST and Flexi-JEST: ``jestclip.train.run_step`` + backward + gradient clipping + AdamW under
    ``torch.autocast("cuda", bfloat16)`` (as ``jestclip.train.loop.learn``), randomly initialised model
    (nothing is downloaded), random images and tokens on the device and random normalised embeddings standing
    in for the cached reference; ms and x IID against the targets (JEST <= 2.5x, Flexi-JEST <= 1.3x).
-3. A JEST step taken apart: ``score_embeddings``, ``joint_select``, ``batch_score`` and the learning part
-   (``run_step`` of IID on the selection + backward + AdamW) timed separately, then profiled with
-   ``torch.profiler`` inside ``record_function`` ranges: each op's self CUDA time (CPU time on CPU) goes to
-   the range it started in, top ops per range.
-4. ``joint_select`` time (median) and peak memory (``torch.cuda.max_memory_allocated``, inputs included) at
-   B = 40,960 / 81,920 / 163,840, D = 768, b = B/5, 16 chunks on random normalised embeddings, in float32
-   as the library runs it (torch's default matmul precision) and with TF32 matmuls allowed, against the
-   targets (<= 150 ms, <= 4 GB at B = 163,840).
+3. ``breakdown``: a JEST step taken apart: ``score_embeddings``, ``joint_select``, ``batch_score`` and the
+   learning part timed separately, then profiled with ``torch.profiler`` inside ``record_function`` ranges.
+4. ``selection``: ``joint_select`` time (median) and peak memory (``torch.cuda.max_memory_allocated``, inputs
+   included) at B = 40,960 / 81,920 / 163,840, D = 768, b = B/5, 16 chunks on random normalised embeddings,
+   sigmoid loss, for: the literal pseudocode (``benchmarks/selection.py``'s Algorithm 1, its own process),
+   the torch path in float32 and with TF32 matmuls allowed, and the fused kernel at each operand precision
+   (``triton-fp32``, ``-tf32``, ``-bf16``, ``-bf16x3``); then the softmax loss at the largest B (no literal).
+   Targets: <= 10 ms at B = 40,960; <= 100 ms and <= 3 GB at B = 163,840.
+5. ``agreement``: ``jestclip.selection.agreement.selection_agreement`` of each fused precision against the
+   torch path in float32 (TF32 off), both losses, at ``--agreement-sizes``, on two inputs (both models at
+   logit scale 10; the reference at scale 100, a trained model's), over 3 seeds; then which backend the rule
+   of docs/selection.md picks per loss (``choose_default``, with the times of part 4). On the CPU the fused
+   precisions are measured through their torch emulation (``emulated-*``) and no backend is picked.
 
-A run that does not fit in memory is reported as such in its row, and the rest goes on.
+A run that does not fit in memory is reported as such in its row, and the rest goes on. On the CPU the
+``triton-*`` rows run only under ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, not a speed).
+
+Time: parts 1-4 without the fused rows took ~2.5 min on one H200 (2026-11-30); the whole command is not yet
+timed (estimated 5-7 min: compiling and autotuning the kernel, the literal's processes, the agreement runs),
+so the prepared device command (docs/benchmarks.md, "The fused selection kernel (issue 28)") stops it at
+9 minutes and ``--parts`` reruns what did not finish. It carries the wheels of open_clip_torch, timm,
+webdataset, ftfy, wcwidth, regex, braceexpand and resvg-py in ``.whl`` (the image has torch and Triton).
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ import argparse
 import bisect
 import contextlib
 import datetime
+import json
 import logging
 import os
 import platform
@@ -47,13 +61,21 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from jestclip.models import create_model
 from jestclip.selection import Embeddings, batch_score, joint_select
+from jestclip.selection.agreement import Agreement, choose_default, selection_agreement
+from jestclip.selection.fused import PRECISIONS, triton_available
 from jestclip.train import MethodConfig, run_step
 from jestclip.train.methods import get_method
 from jestclip.train.steps import SuperBatchTensors, score_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"jest": 2.5, "flexi-jest": 1.3}  # step time over IID
-SELECT_TARGET_MS, SELECT_TARGET_GB = 150.0, 4.0  # at the largest B
+SELECT_TARGETS_MS = {40960: 10.0, 163840: 100.0}  # issue 28, with the default backend
+SELECT_TARGET_GB = 3.0  # peak at B = 163,840, inputs included
+FUSED = tuple(f"triton-{p}" for p in PRECISIONS)
+IMPLEMENTATIONS = ("literal", "torch", "torch-tf32", *FUSED)  # what part 4 times
+PARTS = ("tests", "steps", "breakdown", "selection", "agreement")
+# part 5's inputs: (learner's, reference's) logit scale, bias -10 for both
+AGREEMENT_INPUTS = {"scale 10": (10.0, 10.0), "reference at scale 100": (10.0, 100.0)}
 PIECES = ("scoring forward", "selection", "batch score", "learning (forward, backward, AdamW)")
 
 
@@ -70,10 +92,12 @@ class Settings:
     steps: int
     warmup: int
     select_reps: int
+    agreement_sizes: tuple[int, ...]
+    seeds: int
 
 
-FULL = Settings("ViT-B-16", 512, 0.8, (40960, 81920, 163840), 768, 16, 20, 5, 5)
-TINY = Settings("jest-micro", 8, 0.8, (512, 1024, 2048), 768, 16, 3, 1, 2)
+FULL = Settings("ViT-B-16", 512, 0.8, (40960, 81920, 163840), 768, 16, 20, 5, 5, (40960, 163840), 3)
+TINY = Settings("jest-micro", 8, 0.8, (512, 1024, 2048), 768, 16, 3, 1, 2, (256,), 2)
 
 
 def sync(device: torch.device) -> None:
@@ -108,11 +132,14 @@ def pytest_cuda(path: str, timeout: float) -> str:
     return f"`pytest -q -k cuda {path}`: {summary} (exit status {done.returncode})"
 
 
-def random_embeddings(n: int, dim: int, device: torch.device, generator: torch.Generator) -> Embeddings:
-    """L2-normalised ``[n, dim]`` image and text embeddings whose pairs agree somewhat (like a model's)."""
+def random_embeddings(
+    n: int, dim: int, device: torch.device, generator: torch.Generator, scale: float = 10.0
+) -> Embeddings:
+    """L2-normalised ``[n, dim]`` image and text embeddings whose pairs agree somewhat (like a model's),
+    logit ``scale``, bias -10."""
     image = F.normalize(torch.randn(n, dim, device=device, generator=generator), dim=1)
     text = F.normalize(image + torch.randn(n, dim, device=device, generator=generator), dim=1)
-    return Embeddings(image, text, 10.0, -10.0)
+    return Embeddings(image, text, scale, -10.0)
 
 
 def make_batch(s: Settings, n: int, device: torch.device, generator: torch.Generator) -> SuperBatchTensors:
@@ -316,11 +343,15 @@ def breakdown_rows(s: Settings, model: torch.nn.Module, device: torch.device, to
     return rows
 
 
-def time_selection(n: int, s: Settings, device: torch.device, tf32: bool) -> tuple[float, int | None]:
-    """Median ms of ``joint_select`` at B = n and its peak allocated bytes over what was allocated before its
-    inputs (so the inputs count; CUDA only)."""
+def time_selection(
+    n: int, s: Settings, device: torch.device, impl: str, loss: str = "sigmoid"
+) -> tuple[float, int | None]:
+    """Median ms of ``joint_select`` at B = n with ``impl`` (``torch``, ``torch-tf32``: the torch path with
+    TF32 matmuls allowed, or a ``triton-*`` backend) and its peak allocated bytes over what was allocated
+    before its inputs (so the inputs count; CUDA only). The warm-up call compiles and autotunes the kernel."""
     before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = impl == "torch-tf32"
+    backend = "torch" if impl == "torch-tf32" else impl
     try:
         generator = torch.Generator(device).manual_seed(0)
         if device.type == "cuda":
@@ -333,7 +364,15 @@ def time_selection(n: int, s: Settings, device: torch.device, tf32: bool) -> tup
             torch.cuda.reset_peak_memory_stats(device)
 
         def select() -> None:
-            joint_select(learner, reference, size=size, n_chunks=s.n_chunks, generator=generator)
+            joint_select(
+                learner,
+                reference,
+                size=size,
+                n_chunks=s.n_chunks,
+                loss=loss,
+                generator=generator,
+                backend=backend,
+            )
 
         ms = median_ms(select, device, s.select_reps, 1)
         peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
@@ -342,30 +381,167 @@ def time_selection(n: int, s: Settings, device: torch.device, tf32: bool) -> tup
     return ms, peak
 
 
-def selection_rows(s: Settings, device: torch.device) -> list[str]:
-    """``joint_select`` time and peak memory per B, in float32 and (CUDA) with TF32 matmuls allowed."""
-    modes = [("float32", False)] + ([("TF32 allowed", True)] if device.type == "cuda" else [])
-    rows = []
-    for n in s.select_sizes:
-        for label, tf32 in modes:
-            note: list[str] = []
-            with out_of_memory(note):
-                ms, peak = time_selection(n, s, device, tf32)
-            inputs = f"{4 * n * s.dim * 4 / 1e9:.2f} GB"
-            if note:
-                rows.append(
-                    f"| {n:,} | {round(n * (1 - s.filter_ratio)):,} | {label} | {note[0]} | | {inputs} | |"
-                )
-                continue
-            memory = f"{peak / 1e9:.2f} GB" if peak is not None else "n/a (CPU)"
-            verdict = "—"
-            if n == max(s.select_sizes) and peak is not None:
-                fits = ms <= SELECT_TARGET_MS and peak <= SELECT_TARGET_GB * 1e9
-                target = f"<= {SELECT_TARGET_MS:.0f} ms and <= {SELECT_TARGET_GB:.0f} GB"
-                verdict = f"{target}: {'yes' if fits else 'NO'}"
+def time_literal(n: int, s: Settings, device: torch.device, timeout: float = 240.0) -> dict:
+    """``benchmarks/selection.py``'s literal Algorithm 1 at B = n in its own process (a B x B out-of-memory
+    kills only it): its JSON line (``time_s``, ``peak_bytes`` over its inputs, ``selected``, ``distinct``)
+    or ``{"error": last line}``."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "selection.py"), "--worker", "literal", str(n)]
+    command += ["--device", device.type, "--dim", str(s.dim), "--reps", str(s.select_reps)]
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"stopped after {timeout:.0f} s"}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        return {"error": ("out of memory" if "out of memory" in last.lower() else last)[:100]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def can_run(impl: str, device: torch.device) -> str | None:
+    """Why ``impl`` cannot run on ``device`` here, or None."""
+    if impl.startswith("triton-"):
+        if not triton_available():
+            return "Triton is not installed"
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "needs CUDA (or TRITON_INTERPRET=1)"
+    if impl == "torch-tf32" and device.type != "cuda":
+        return "CUDA only"
+    return None
+
+
+def selection_verdict(n: int, ms: float, peak: int | None, largest: int) -> str:
+    """The issue's targets at B = 40,960 (time) and B = 163,840 (time and memory); — elsewhere."""
+    target = SELECT_TARGETS_MS.get(n)
+    if target is None or peak is None:
+        return "—"
+    fits = ms <= target
+    label = f"<= {target:.0f} ms"
+    if n == largest:
+        fits = fits and peak <= SELECT_TARGET_GB * 1e9
+        label += f", <= {SELECT_TARGET_GB:.0f} GB"
+    return f"{label}: {'yes' if fits else 'NO'}"
+
+
+def selection_rows(
+    s: Settings, device: torch.device, impls: tuple[str, ...]
+) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """Part 4's table rows, and {loss: {backend: ms at the largest B}} for ``choose_default``
+    (``torch`` is the float32 torch path; TF32 and the literal are not backends)."""
+    rows: list[str] = []
+    times: dict[str, dict[str, float]] = {"sigmoid": {}, "softmax": {}}
+    largest = max(s.select_sizes)
+    for loss, sizes in (("sigmoid", s.select_sizes), ("softmax", (largest,))):
+        for n in sizes:
             size = round(n * (1 - s.filter_ratio))
-            rows.append(f"| {n:,} | {size:,} | {label} | {ms:,.1f} | {memory} | {inputs} | {verdict} |")
-    return rows
+            inputs = f"{4 * n * s.dim * 4 / 1e9:.2f} GB"
+            for impl in impls:
+                if impl == "literal" and loss == "softmax":
+                    continue
+                lead = f"| {loss} | {n:,} | {size:,} | {impl} |"
+                why = can_run(impl, device)
+                if why is not None:
+                    rows.append(f"{lead} {why} | | | {inputs} | |")
+                    continue
+                if impl == "literal":
+                    result = time_literal(n, s, device)
+                    if "error" in result:
+                        rows.append(f"{lead} {result['error']} | | | {inputs} | |")
+                        continue
+                    ms, picks = 1000 * result["time_s"], f"{result['selected']:,} ({result['distinct']:,})"
+                    peak = result["peak_bytes"] + 4 * n * s.dim * 4 if device.type == "cuda" else None
+                else:
+                    note: list[str] = []
+                    with out_of_memory(note):
+                        ms, peak = time_selection(n, s, device, impl, loss)
+                    if note:
+                        rows.append(f"{lead} {note[0]} | | | {inputs} | |")
+                        continue
+                    picks = f"{size:,} ({size:,})"
+                    if n == largest and impl != "torch-tf32":
+                        times[loss][impl] = ms
+                memory = f"{peak / 1e9:.2f} GB" if peak is not None else "n/a (CPU)"
+                verdict = selection_verdict(n, ms, peak, largest) if loss == "sigmoid" else "—"
+                rows.append(f"{lead} {ms:,.1f} | {picks} | {memory} | {inputs} | {verdict} |")
+    return rows, times
+
+
+def agreement_backends(device: torch.device) -> list[str]:
+    """The fused precisions on CUDA; on the CPU their torch emulations (fp32's is the torch path itself)."""
+    if device.type == "cuda":
+        return list(FUSED) if triton_available() else []
+    return [f"emulated-{p}" for p in PRECISIONS if p != "fp32"]
+
+
+def agreement_cells(r: Agreement) -> str:
+    """The cells of one Agreement, from the backend to whether it qualifies."""
+    return (
+        f"{r.backend} | {r.same_picks:.4f} ({r.min_same_picks:.4f}) | {r.same_chunks} of {r.n_chunks} | "
+        f"{r.noise_picks:.4f} | {r.max_error:.3g} | {r.relative_error:.2g} | {r.logit_error:.3g} | "
+        f"{'yes' if r.qualifies else 'no'}"
+    )
+
+
+def agreement_rows(s: Settings, device: torch.device) -> tuple[list[str], dict[str, list[Agreement]]]:
+    """Part 5's table rows and {loss: every Agreement measured for it}."""
+    rows: list[str] = []
+    measured: dict[str, list[Agreement]] = {"sigmoid": [], "softmax": []}
+    backends = agreement_backends(device)
+    if not backends:
+        return ["| — | — | — | no fused backend here (Triton is not installed) | | | | | | | |"], measured
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the baseline is float32
+    try:
+        for loss in ("sigmoid", "softmax"):
+            for label, (learner_scale, reference_scale) in AGREEMENT_INPUTS.items():
+                for n in s.agreement_sizes:
+                    generator = torch.Generator(device).manual_seed(n)
+                    learner = random_embeddings(n, s.dim, device, generator, learner_scale)
+                    reference = random_embeddings(n, s.dim, device, generator, reference_scale)
+                    note: list[str] = []
+                    with out_of_memory(note):
+                        found = selection_agreement(
+                            learner,
+                            reference,
+                            size=round(n * (1 - s.filter_ratio)),
+                            backends=backends,
+                            n_chunks=s.n_chunks,
+                            loss=loss,
+                            seeds=range(s.seeds),
+                        )
+                    if note:
+                        rows.append(f"| {loss} | {label} | {n:,} | {note[0]} | | | | | | | |")
+                        continue
+                    measured[loss] += found
+                    rows += [f"| {loss} | {label} | {n:,} | {agreement_cells(r)} |" for r in found]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    return rows, measured
+
+
+def decision_lines(
+    measured: dict[str, list[Agreement]],
+    times: dict[str, dict[str, float]],
+    largest: int,
+    device: torch.device,
+) -> list[str]:
+    """Per loss, the backend ``choose_default`` picks from the agreement rows and the times at B = largest."""
+    if device.type != "cuda":
+        return ["No default is picked on the CPU: it measures the precisions' emulation, not the kernel."]
+    lines = []
+    for loss in ("sigmoid", "softmax"):
+        timed = {b: ms for b, ms in times.get(loss, {}).items() if b == "torch" or b.startswith("triton-")}
+        if not measured.get(loss) or not timed:
+            lines.append(f"- {loss}: not measured in this run (parts selection and agreement both needed)")
+            continue
+        pick = choose_default(measured[loss], timed)
+        if pick is None:
+            lines.append(f"- {loss}: no timed backend qualifies; keep `torch`")
+        else:
+            lines.append(
+                f"- {loss}: the rule picks `{pick}` ({timed[pick]:,.1f} ms at B = {largest:,}): "
+                f"`CUDA_DEFAULT_BACKEND[{loss!r}]` in `src/jestclip/selection/fused.py`"
+            )
+    return lines
 
 
 class Report:
@@ -393,6 +569,10 @@ def header(s: Settings, device: torch.device, argv: list[str]) -> list[str]:
     ]
 
 
+def csv(kind: type) -> Callable[[str], tuple]:
+    return lambda text: tuple(kind(x) for x in text.split(","))
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -400,17 +580,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--tiny", action="store_true", help="jest-micro, b = 8, B <= 2,048 (smoke test)")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
+    parser.add_argument("--parts", type=csv(str), default=PARTS, help=f"any of {','.join(PARTS)} (all)")
     parser.add_argument("--steps", type=int, help="timed steps per method (median)")
     parser.add_argument("--warmup", type=int, help="untimed steps first")
     parser.add_argument(
         "--select-sizes",
-        type=lambda text: tuple(int(x) for x in text.split(",")),
+        type=csv(int),
         help="super-batch sizes B of the joint_select timing (default 40960,81920,163840; tiny: up to 2048)",
+    )
+    parser.add_argument(
+        "--implementations",
+        type=csv(str),
+        default=IMPLEMENTATIONS,
+        help=f"what the selection part times, of {','.join(IMPLEMENTATIONS)} (all)",
+    )
+    parser.add_argument(
+        "--agreement-sizes", type=csv(int), help="B of the agreement table (default 40960,163840; tiny: 256)"
+    )
+    parser.add_argument(
+        "--dim", type=int, help="embedding width D of the selection and agreement parts (768)"
     )
     parser.add_argument("--grad-checkpointing", action="store_true", help="open_clip's, to save memory")
     parser.add_argument("--pytest-path", default="tests", help="where `pytest -k cuda` looks")
-    parser.add_argument("--pytest-timeout", type=float, default=180.0)
-    return parser.parse_args(argv)
+    parser.add_argument("--pytest-timeout", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    for name, given, known in (
+        ("--parts", args.parts, PARTS),
+        ("--implementations", args.implementations, IMPLEMENTATIONS),
+    ):
+        unknown = [x for x in given if x not in known]
+        if unknown:
+            parser.error(f"{name}: unknown {unknown}; choose from {','.join(known)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -427,43 +628,78 @@ def main(argv: list[str] | None = None) -> None:
             "steps": s.steps if args.steps is None else args.steps,
             "warmup": s.warmup if args.warmup is None else args.warmup,
             "select_sizes": args.select_sizes or s.select_sizes,
+            "agreement_sizes": args.agreement_sizes or s.agreement_sizes,
+            "dim": args.dim or s.dim,
         }
     )
     if s.steps < 1 or s.warmup < 0:
         raise SystemExit(f"--steps must be >= 1 and --warmup >= 0, got {s.steps} and {s.warmup}")
+    parts = set(args.parts)
     report = Report(args.out)
     report.add(*header(s, device, argv))
-    report.add("**CUDA tests.** " + pytest_cuda(args.pytest_path, args.pytest_timeout))
-    torch.manual_seed(0)
-    model = create_model(s.model, device=device)
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    report.add(
-        f"**Step time**, median of {s.steps} after {s.warmup} warm-up (run_step + backward + clip + AdamW"
-        f"{', bf16 autocast' if device.type == 'cuda' else ''}):",
-        "",
-        "| method | images per step | ms | x IID | target |",
-        "|---|---:|---:|---:|---|",
-        *step_rows(s, model, device),
-    )
-    unit = "CUDA" if device.type == "cuda" else "CPU"
-    report.add(
-        f"**Where a JEST step's time goes**: each piece timed alone (median of {s.steps}), then profiled; "
-        f"op times are self {unit} time in ms per step.",
-        "",
-        f"| part | ms | share | profiled {unit} ms | top ops by {unit} time |",
-        "|---|---:|---:|---:|---|",
-        *breakdown_rows(s, model, device),
-    )
-    model = None
-    report.add(
-        f"**joint_select**, D = {s.dim}, b = B/5, {s.n_chunks} chunks, random normalised embeddings, median "
-        f"of {s.select_reps} after 1 warm-up; peak = max allocated, inputs (4 x B x D float32) included:",
-        "",
-        "| B | b | matmul precision | ms | peak memory | inputs | target |",
-        "|---:|---:|---|---:|---:|---:|---|",
-        *selection_rows(s, device),
-    )
+    if "tests" in parts:
+        report.add("**CUDA tests.** " + pytest_cuda(args.pytest_path, args.pytest_timeout))
+    if parts & {"steps", "breakdown"}:
+        torch.manual_seed(0)
+        model = create_model(s.model, device=device)
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        if "steps" in parts:
+            report.add(
+                f"**Step time**, median of {s.steps} after {s.warmup} warm-up (run_step + backward + clip + "
+                f"AdamW{', bf16 autocast' if device.type == 'cuda' else ''}):",
+                "",
+                "| method | images per step | ms | x IID | target |",
+                "|---|---:|---:|---:|---|",
+                *step_rows(s, model, device),
+            )
+        if "breakdown" in parts:
+            unit = "CUDA" if device.type == "cuda" else "CPU"
+            report.add(
+                f"**Where a JEST step's time goes**: each piece timed alone (median of {s.steps}), then "
+                f"profiled; op times are self {unit} time in ms per step.",
+                "",
+                f"| part | ms | share | profiled {unit} ms | top ops by {unit} time |",
+                "|---|---:|---:|---:|---|",
+                *breakdown_rows(s, model, device),
+            )
+        model = None
+    times: dict[str, dict[str, float]] = {}
+    if "selection" in parts:
+        rows, times = selection_rows(s, device, tuple(args.implementations))
+        report.add(
+            f"**joint_select**, D = {s.dim}, b = B/5, {s.n_chunks} chunks, random normalised embeddings "
+            f"(scale 10, bias -10), median of {s.select_reps} after 1 warm-up (which compiles and autotunes "
+            "the kernel); peak = max allocated, inputs (4 x B x D float32) included; literal = Algorithm 1 "
+            "as written (`benchmarks/selection.py`, its own process and inputs; picks with replacement):",
+            "",
+            "| loss | B | b | implementation | ms | picks (distinct) | peak memory | inputs | target |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---|",
+            *rows,
+        )
+    if "agreement" in parts:
+        rows, measured = agreement_rows(s, device)
+        report.add(
+            "**Agreement with float32** (`selection_agreement`, the torch path in float32 as baseline, TF32 "
+            f"off): b = B/5, {s.n_chunks} chunks, gain 100, {s.seeds} seeds (each backend shares each seed's "
+            "Gumbel noise with the baseline). Same picks: share of the float32 picks kept, mean (min) over "
+            "seeds; leading chunks: how many first chunks are identical in every seed; a redraw keeps: the "
+            "share float32 keeps of itself under another seed's noise; score errors along float32's chunks, "
+            "largest absolute, over the scores' standard deviation, and times the gain (Gumbel units). "
+            "Qualifies: changes at most a tenth of the picks a redraw changes.",
+            "",
+            "| loss | inputs | B | backend | same picks | leading chunks | a redraw keeps | max score error "
+            "| / spread | x gain | qualifies |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+            *rows,
+        )
+        largest = max(s.select_sizes)
+        report.add(
+            "**The CUDA default by the rule** (docs/selection.md): the fastest backend at the largest B "
+            "that qualifies on every agreement row of its loss:",
+            "",
+            *decision_lines(measured, times, largest, device),
+        )
 
 
 if __name__ == "__main__":

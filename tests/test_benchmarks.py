@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -14,11 +15,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+ENV.pop("TRITON_INTERPRET", None)  # the scripts' Triton rows run only where a test asks for the interpreter
 
 
-def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+def run_script(name: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, str(ROOT / "benchmarks" / name), *args]
-    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=120)
 
 
 def load_script(name: str):
@@ -88,7 +90,72 @@ def test_gpu_script_tiny_cpu_prints_and_writes_every_table(tmp_path):
     for part in ("scoring forward", "selection", "batch score", "learning (forward, backward, AdamW)"):
         row = next(r for r in parts if r[0] == part)
         assert number(row[1]) > 0 and "`aten::" in row[4]
-    assert [r[1] for r in table_rows(report, "256")] == ["51"] and table_rows(report, "512")[0][1] == "102"
+    selection = {
+        (r[0], r[1], r[3]): r
+        for r in table_rows(report, "")
+        if len(r) == 9 and r[0] in ("sigmoid", "softmax")
+    }
+    assert {(loss, n) for loss, n, _ in selection} == {
+        ("sigmoid", "256"),
+        ("sigmoid", "512"),
+        ("softmax", "512"),
+    }
+    for key in (("sigmoid", "256", "torch"), ("sigmoid", "512", "literal"), ("softmax", "512", "torch")):
+        assert number(selection[key][4]) > 0, key
+    assert (
+        selection[("sigmoid", "256", "torch")][2] == "51"
+        and selection[("sigmoid", "512", "torch")][5] == "102 (102)"
+    )
+    assert selection[("sigmoid", "512", "triton-bf16")][4] in (
+        "needs CUDA (or TRITON_INTERPRET=1)",
+        "Triton is not installed",
+    )
+    agreement = [r for r in table_rows(report, "") if len(r) == 11 and r[0] in ("sigmoid", "softmax")]
+    assert len(agreement) == 2 * 2 * 3  # losses x inputs x emulated precisions (fp32's is the torch path)
+    assert {r[3] for r in agreement} == {"emulated-tf32", "emulated-bf16", "emulated-bf16x3"}
+    assert all(0 < number(r[4]) <= 1 and r[10] in ("yes", "no") for r in agreement)
+    assert "No default is picked on the CPU" in report
+
+
+def test_gpu_script_times_the_fused_kernel(tmp_path):
+    """The kernel's timing rows run (in Triton's interpreter, with no GPU visible), both losses."""
+    gpu = load_script("gpu")
+    if not gpu.triton_available():
+        pytest.skip("Triton is not installed")
+    env = {**ENV, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    args = ["--device", "cpu", "--tiny", "--parts", "selection", "--select-sizes", "128", "--dim", "32"]
+    done = run_script("gpu.py", *args, "--implementations", "torch,triton-bf16x3", env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [r for r in table_rows(done.stdout, "") if r[0] in ("sigmoid", "softmax")]
+    assert [(r[0], r[3]) for r in rows] == [
+        (loss, impl) for loss in ("sigmoid", "softmax") for impl in ("torch", "triton-bf16x3")
+    ]
+    assert all(number(r[4]) > 0 and r[5] == "26 (26)" for r in rows)
+
+
+def test_gpu_script_picks_the_default_by_the_rule():
+    gpu = load_script("gpu")
+    learner = gpu.random_embeddings(128, 32, torch.device("cpu"), torch.Generator().manual_seed(0), 100.0)
+    other = gpu.random_embeddings(128, 32, torch.device("cpu"), torch.Generator().manual_seed(1))
+    found = gpu.selection_agreement(
+        other, learner, size=26, backends=["emulated-bf16x3", "emulated-bf16"], seeds=[0]
+    )
+    assert found[0].qualifies  # split bf16 moves no pick at this size
+    rows = [dataclasses.replace(r, backend=r.backend.replace("emulated", "triton")) for r in found]
+    times = {"torch": 9.0, "triton-bf16x3": 3.0, "triton-bf16": 1.0}
+    fast = "triton-bf16x3" if not rows[1].qualifies else "triton-bf16"
+    lines = gpu.decision_lines({"sigmoid": rows}, {"sigmoid": times}, 163840, torch.device("cuda"))
+    assert lines[0] == (
+        f"- sigmoid: the rule picks `{fast}` ({times[fast]:,.1f} ms at B = 163,840): "
+        "`CUDA_DEFAULT_BACKEND['sigmoid']` in `src/jestclip/selection/fused.py`"
+    )
+    assert lines[1] == "- softmax: not measured in this run (parts selection and agreement both needed)"
+    worse = [dataclasses.replace(r, same_picks=0.5) for r in rows]
+    none = gpu.decision_lines(
+        {"sigmoid": worse}, {"sigmoid": {"triton-bf16": 1.0}}, 163840, torch.device("cuda")
+    )
+    assert none[0] == "- sigmoid: no timed backend qualifies; keep `torch`"
+    assert gpu.decision_lines({}, {}, 1, torch.device("cpu"))[0].startswith("No default is picked on the CPU")
 
 
 def test_profile_time_goes_to_the_range_it_ran_in():

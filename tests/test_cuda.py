@@ -1,4 +1,5 @@
-"""The library on a CUDA device: selection agrees with the CPU, a step of every method trains under bf16.
+"""The library on a CUDA device: selection agrees with the CPU, the fused selection kernel computes what its
+float64 emulation computes (each operand precision), a step of every method trains under bf16.
 
 Each test's name holds ``cuda`` so that ``benchmarks/gpu.py`` (``pytest -k cuda``) runs them; without a CUDA
 device they are skipped (CI has none).
@@ -11,12 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from jestclip.models import create_model
-from jestclip.selection import Embeddings, batch_score, conditional_scores, joint_select
+from jestclip.selection import (
+    ConditionalScores,
+    Embeddings,
+    batch_score,
+    conditional_scores,
+    fused,
+    joint_select,
+)
 from jestclip.train import MethodConfig, run_step
 from jestclip.train.methods import get_method
 from jestclip.train.steps import SuperBatchTensors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_triton = pytest.mark.skipif(not fused.triton_available(), reason="needs Triton")
 CUDA = torch.device("cuda")
 
 
@@ -67,6 +76,65 @@ def test_cuda_joint_select_without_a_generator_matches_the_cpus_greedy_first_chu
     cpu = joint_select(learner, reference, size=128, n_chunks=8, gain=1e6)
     gpu = joint_select(to(learner, CUDA), to(reference, CUDA), size=128, n_chunks=8, gain=1e6)
     assert set(gpu[:16].cpu().tolist()) == set(cpu[:16].tolist())
+
+
+def worst(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest error relative to the largest magnitude."""
+    return float((got.double().cpu() - want).abs().max() / want.abs().max())
+
+
+@needs_triton
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("precision", fused.PRECISIONS)
+def test_cuda_fused_kernel_matches_its_float64_emulation(loss: str, precision: str) -> None:
+    """The GPU's own path (bf16 matrix instructions, TF32 tensor cores, fast exp/log) equals the kernel's
+    arithmetic done in float64 on the CPU up to float32 accumulation, autotuned and with fixed blocks."""
+    emb = embeddings(3000, 768, 7)
+    chunk = torch.randperm(3000, generator=torch.Generator().manual_seed(0))[:300]
+    cpu = (emb.image, emb.text, emb.image[chunk], emb.text[chunk])
+    kwargs = dict(scale=10.0, bias=-10.0, loss=loss, precision=precision)
+    oracle = fused.emulated_chunk_terms(*cpu, **kwargs, dtype=torch.float64)
+    for blocks in (None, (64, 32, 32)):
+        row, col = fused.chunk_terms(*(t.to(CUDA) for t in cpu), **kwargs, blocks=blocks)
+        assert row.device.type == "cuda" and row.dtype == torch.float32
+        assert worst(row, oracle[0]) < 1e-5 and worst(col, oracle[1]) < 1e-5, (blocks, worst(row, oracle[0]))
+
+
+@needs_triton
+def test_cuda_fused_selection_keeps_the_float32_picks_and_is_deterministic() -> None:
+    learner, reference = to(embeddings(8192, 256, 8), CUDA), to(embeddings(8192, 256, 9), CUDA)
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    def pick(backend: str) -> torch.Tensor:
+        g = torch.Generator(CUDA).manual_seed(0)
+        return joint_select(learner, reference, size=1638, n_chunks=16, generator=g, backend=backend)
+
+    exact = set(pick("torch").tolist())
+    for backend in ("triton-fp32", "triton-bf16x3"):
+        assert len(exact & set(pick(backend).tolist())) >= 0.99 * 1638, backend
+    first = pick("triton-bf16")
+    assert first.unique().numel() == 1638 and torch.equal(first, pick("triton-bf16"))
+
+
+@needs_triton
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_cuda_fused_chunk_update_stores_no_b_by_c_tile(loss: str) -> None:
+    """At B = 40,960 a [B, c] float32 tile of a 512-pick chunk is 84 MB; absorbing such a chunk with the
+    kernel (both models) and reading the scores stays within 16 MB of what was allocated before."""
+    n = 40960
+    learner, reference = to(embeddings(n, 768, 10), CUDA), to(embeddings(n, 768, 11), CUDA)
+    state = ConditionalScores.from_embeddings(
+        learner, reference, scoring="learnability", loss=loss, backend="triton-bf16"
+    )
+    chunk = torch.randperm(n, device=CUDA)[:512]
+    state.absorb_indices(chunk[:256])  # compiles and autotunes
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    state.absorb_indices(chunk[256:])
+    scores = state.conditional()
+    torch.cuda.synchronize()
+    assert scores.isfinite().all() and torch.cuda.max_memory_allocated() - base < 16 * 2**20
 
 
 @pytest.mark.parametrize("method", ["iid", "jest", "flexi-jest", "drrho"])

@@ -5,7 +5,8 @@ Public API::
     Embeddings(image, text, scale, bias)          # one model's [B, D] embeddings of a super-batch
     conditional_scores(learner, reference, selected, scoring=, loss=)  -> [B]
     batch_score(learner, reference, indices, scoring=, loss=)           -> scalar
-    joint_select(learner, reference, size=, n_chunks=, scoring=, loss=, gain=, generator=, groups=) -> [size]
+    joint_select(learner, reference, size=, n_chunks=, scoring=, loss=, gain=, generator=, groups=,
+                 backend=) -> [size]                # backend: fused.BACKENDS (torch | triton-<p> | ...)
     independent_select(learner, reference, size=, scoring=, loss=, context=, method=, gain=, generator=)
     reference_scores(fetch, n, score=, loss=, batch_size=, seed=) -> [N]   # static filter (DataComp)
     keep_mask(scores, keep) / score_threshold(scores, keep)
@@ -13,6 +14,8 @@ Public API::
     gibbs_select(...)                               # brute-force diagnostic (Figure 2)
     steered_loss(image, text, scale, bias, reference, loss)  # DRRho-style loss: learner minus reference
     dense_* / pair_score_matrix                     # O(B²) oracle for small B
+    fused.chunk_terms(...)                          # the Triton chunk update (Triton optional)
+    agreement.selection_agreement(...) / choose_default(...)  # a precision's picks vs float32's
 
 Scorings: "learnability" (learner minus reference), "easy_reference", "hard_learner".
 Losses: "sigmoid" (SigLIP pair losses), "softmax" (CLIP, Algorithm 3).

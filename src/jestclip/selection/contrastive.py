@@ -3,7 +3,8 @@
 For a candidate set C (``[B, D]`` embeddings) and a growing chosen set S, each class keeps ``[B]`` running
 sums (sigmoid) or log-sum-exps (softmax) over S. Absorbing a chunk of ``c`` chosen pairs costs two
 ``[B, c]`` tiles (all candidate images vs chosen texts, chosen images vs all candidate texts), processed
-in blocks of at most ``MAX_TILE_ELEMENTS``: no ``[B, B]`` tensor is ever built.
+in blocks of at most ``MAX_TILE_ELEMENTS``: no ``[B, B]`` tensor is ever built. With a ``triton-*``
+backend (``fused.py``) the two reductions run in one kernel that stores no ``[B, c]`` tile at all.
 
 Notation: ``L_ij = scale * x_i . y_j (+ bias for sigmoid)``, ``x`` image and ``y`` text embeddings.
 """
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from jestclip.selection.embeddings import Embeddings
+from jestclip.selection.fused import backend_chunk_terms
 
 __all__ = [
     "LOSSES",
@@ -43,10 +45,15 @@ def _row_blocks(n_rows: int, n_cols: int) -> Iterator[slice]:
 
 
 class RunningTerms:
-    """One model's running conditional terms for a fixed candidate set (base class)."""
+    """One model's running conditional terms for a fixed candidate set (base class).
 
-    def __init__(self, candidates: Embeddings) -> None:
+    ``backend`` (``fused.BACKENDS``, already checked) says how a chunk is absorbed: ``torch`` tiles or the
+    fused kernel; the self terms are computed in torch either way.
+    """
+
+    def __init__(self, candidates: Embeddings, backend: str = "torch") -> None:
         self.candidates = candidates
+        self.backend = backend
         self.dtype = candidates.compute_dtype
         self.n_absorbed = 0
         # L_kk without bias: scale * x_k . y_k, [B]
@@ -72,6 +79,14 @@ class RunningTerms:
                 tile = tile.to(self.dtype) if tile.dtype != self.dtype else tile
                 yield name, tile.mul_(cand.scale)
 
+    def _fused(self, chunk_image: Tensor, chunk_text: Tensor, loss: str) -> tuple[Tensor, Tensor]:
+        """The chunk's ``(row, col)`` reductions from the fused backend, in ``self.dtype``."""
+        cand = self.candidates
+        row, col = backend_chunk_terms(
+            self.backend, cand.image, cand.text, chunk_image, chunk_text, cand.scale, cand.bias, loss
+        )
+        return row.to(self.dtype), col.to(self.dtype)
+
     def absorb(self, chunk_image: Tensor, chunk_text: Tensor) -> None:
         """Add ``c`` chosen pairs (``[c, D]`` image and text embeddings of this model) to S."""
         raise NotImplementedError
@@ -92,14 +107,20 @@ class SigmoidTerms(RunningTerms):
     joins S.
     """
 
-    def __init__(self, candidates: Embeddings) -> None:
-        super().__init__(candidates)
+    def __init__(self, candidates: Embeddings, backend: str = "torch") -> None:
+        super().__init__(candidates, backend)
         self.self_logit = self.self_similarity + candidates.bias
         self.self_loss = F.softplus(-self.self_logit)
         self.row = torch.zeros_like(self.self_loss)  # sum_{i in S} l_ki (image k vs chosen texts)
         self.col = torch.zeros_like(self.self_loss)  # sum_{i in S} l_ik (chosen images vs text k)
 
     def absorb(self, chunk_image: Tensor, chunk_text: Tensor) -> None:
+        if self.backend != "torch":
+            row, col = self._fused(chunk_image, chunk_text, "sigmoid")
+            self.row += row
+            self.col += col
+            self.n_absorbed += chunk_image.shape[0]
+            return
         bias = self.candidates.bias
         for name, tile in self._tiles(chunk_image, chunk_text):
             target = self.row if name == "row" else self.col
@@ -121,12 +142,18 @@ class SoftmaxTerms(RunningTerms):
     while S is empty.
     """
 
-    def __init__(self, candidates: Embeddings) -> None:
-        super().__init__(candidates)
+    def __init__(self, candidates: Embeddings, backend: str = "torch") -> None:
+        super().__init__(candidates, backend)
         self.row_lse = torch.full_like(self.self_similarity, float("-inf"))  # LSE_{j in S} L_kj
         self.col_lse = torch.full_like(self.self_similarity, float("-inf"))  # LSE_{j in S} L_jk
 
     def absorb(self, chunk_image: Tensor, chunk_text: Tensor) -> None:
+        if self.backend != "torch":
+            row, col = self._fused(chunk_image, chunk_text, "softmax")
+            self.row_lse = torch.logaddexp(self.row_lse, row)
+            self.col_lse = torch.logaddexp(self.col_lse, col)
+            self.n_absorbed += chunk_image.shape[0]
+            return
         for name, tile in self._tiles(chunk_image, chunk_text):
             if name == "row":
                 self.row_lse = torch.logaddexp(self.row_lse, torch.logsumexp(tile, dim=1))
@@ -144,10 +171,11 @@ class SoftmaxTerms(RunningTerms):
         return self.conditional()
 
 
-def running_terms(candidates: Embeddings, loss: str) -> RunningTerms:
-    """The running-terms object of ``loss`` ("sigmoid" or "softmax") over ``candidates``."""
+def running_terms(candidates: Embeddings, loss: str, backend: str = "torch") -> RunningTerms:
+    """The running-terms object of ``loss`` ("sigmoid" or "softmax") over ``candidates``, absorbing chunks
+    with ``backend`` (``fused.BACKENDS``; checked by the caller, see ``fused.check_backend``)."""
     if loss == "sigmoid":
-        return SigmoidTerms(candidates)
+        return SigmoidTerms(candidates, backend)
     if loss == "softmax":
-        return SoftmaxTerms(candidates)
+        return SoftmaxTerms(candidates, backend)
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")

@@ -1,6 +1,7 @@
 """Joint example selection (JEST): chunked conditional sampling of a sub-batch from a super-batch.
 
-Memory is O(B·D) plus one bounded ``[B, rows]`` logit tile; see ``contrastive.py``.
+Memory is O(B·D) plus one bounded ``[B, rows]`` logit tile (none with a fused backend); see
+``contrastive.py`` and ``fused.py``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from jestclip.selection.checks import check_count, check_gain, check_indices, full_precision
 from jestclip.selection.embeddings import Embeddings
+from jestclip.selection.fused import check_backend
 from jestclip.selection.sampling import CandidateGroups, Exchange, as_exchange, chunk_sizes, draw_chunks
 from jestclip.selection.scoring import (
     GATHER_BLOCK,
@@ -107,6 +109,7 @@ def joint_select(
     generator: torch.Generator | None = None,
     groups: CandidateGroups | tuple[Tensor, list[int]] | None = None,
     exchange: Exchange | None = None,
+    backend: str | None = None,
 ) -> Tensor:
     """Jointly select ``size`` distinct candidates out of B; ``[size]`` long tensor in selection order.
 
@@ -116,7 +119,10 @@ def joint_select(
     conditioning on the whole selected set. Deterministic for a given ``generator`` (on the embeddings'
     device). Candidates with non-finite embeddings are never selected (a ``NonFiniteCandidatesWarning``
     gives their count). ``exchange`` (instead of ``groups``): the embeddings are this holder's ``[n, D]``
-    share of the candidates, and the result is global indices (see ``Exchange``).
+    share of the candidates, and the result is global indices (see ``Exchange``). ``backend`` computes each
+    chunk's update of the scores (``fused.BACKENDS``: ``torch`` tiles, or the fused Triton kernel with
+    float32, TF32, bf16 or split-bf16 operands); None is ``fused.default_backend`` of the embeddings' device
+    and the loss, ``torch`` on the CPU. Raises ValueError for a backend that cannot run there.
     """
     caller = "joint_select"
     inputs = resolve_inputs(learner, reference, scoring, loss, caller=caller)
@@ -125,7 +131,7 @@ def joint_select(
     size = exchange.check(size, inputs.usable, generator, caller)
     n_chunks = check_count(n_chunks, "n_chunks", 1, size, "size", caller)
     gain = check_gain(gain, caller)
-    state = ConditionalScores(inputs, loss)
+    state = ConditionalScores(inputs, loss, check_backend(backend, inputs.device, caller, loss))
 
     def next_logits(chunk: Tensor | None) -> Tensor:
         if chunk is not None:

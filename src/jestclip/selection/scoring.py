@@ -24,6 +24,7 @@ from torch import Tensor
 
 from jestclip.selection.contrastive import LOSSES, RunningTerms, running_terms
 from jestclip.selection.embeddings import Embeddings, usable_rows
+from jestclip.selection.fused import check_backend
 
 __all__ = [
     "SCORINGS",
@@ -131,21 +132,31 @@ class ConditionalScores:
 
     The candidates may be a shard of a larger super-batch: ``absorb`` takes the chosen pairs' embeddings
     wherever they came from (e.g. all-gathered across ranks), so each rank can keep the sums of the
-    candidates it holds. Memory is O(B) plus one ``[B, rows]`` tile.
+    candidates it holds. Memory is O(B) plus one ``[B, rows]`` tile (none with a ``triton-*`` backend).
+    ``backend``: how chunks are absorbed (``fused.BACKENDS``; None: ``fused.default_backend`` of the device
+    and loss).
     """
 
-    def __init__(self, inputs: ScoringInputs, loss: str) -> None:
+    def __init__(self, inputs: ScoringInputs, loss: str, backend: str | None = None) -> None:
         self.inputs = inputs
+        self.backend = check_backend(backend, inputs.device, "ConditionalScores", loss)
         self.terms: list[tuple[float, RunningTerms]] = [
-            (sign, running_terms(emb, loss)) for sign, emb in inputs.models
+            (sign, running_terms(emb, loss, self.backend)) for sign, emb in inputs.models
         ]
 
     @classmethod
     def from_embeddings(
-        cls, learner: Embeddings | None, reference: Embeddings | None, *, scoring: str, loss: str
+        cls,
+        learner: Embeddings | None,
+        reference: Embeddings | None,
+        *,
+        scoring: str,
+        loss: str,
+        backend: str | None = None,
     ) -> ConditionalScores:
         """Validate the inputs like ``joint_select`` does and start with S empty."""
-        return cls(resolve_inputs(learner, reference, scoring, loss, caller="ConditionalScores"), loss)
+        inputs = resolve_inputs(learner, reference, scoring, loss, caller="ConditionalScores")
+        return cls(inputs, loss, backend)
 
     @property
     def n_absorbed(self) -> int:
