@@ -1,12 +1,13 @@
-"""The evidence study (docs/results.md): `jest-micro` at 32 px, b = 64, 3,000 steps on data/bench/pool,
-evaluated on every eval suite every 250 steps (13 points per curve). Every run of the study is this recipe
-plus overrides, e.g.
+"""Study I, the evidence study (docs/studies/study1.md): `jest-micro` at 32 px, b = 64, 3,000 steps on
+data/bench/pool, evaluated on every eval suite every 250 steps (13 points per curve). Every run of the study
+is this recipe plus overrides, e.g.
 
     jestclip train configs/study.py run_dir=runs/study/iid-s0
     jestclip train configs/study.py method.method=jest filter_ratio=0.8 reference_cache=study-reference \
         run_dir=runs/study/jest-f08-s0
 
-The learning rate is IID's best of a sweep (docs/results.md, "Learning rate"); quick=True is a 20-step check.
+The learning rate is IID's best of a sweep (docs/studies/study1.md, "Learning rate"); quick=True is a 20-step
+check.
 """
 
 from __future__ import annotations

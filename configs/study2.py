@@ -1,10 +1,11 @@
-"""Study II (issue 17, docs/results.md): the learner and schedule every run of the study shares.
+"""Study II (docs/studies/study2.md): the learner and schedule every run of the study shares.
 
 The first study's regime (configs/study.py: `jest-micro` at 32 px, b = 64, 3,000 steps, IID's best learning
 rate, every eval suite every 250 steps) trained from memory (`data_in_memory=True`: the pool is decoded once,
 then each super-batch is an index; docs/benchmarks.md measured 1.5x (IID) to 1.7x (JEST f = 0.8) the streamed
-step rate on the 2-core machine). If the metric pre-registration (issue item 1) changes the regime (b, steps,
-resolution), it changes here, in one place. Every run of `benchmarks/study2.py` is this recipe plus overrides:
+step rate on the 2-core machine). If the metric pre-registration changed the regime (b, steps, resolution),
+it would change here, in one place. Every run of `python -m experiments.study2` (and of Study III) is this
+recipe plus overrides:
 
     jestclip train configs/study2.py data=data/bench/pool-swap50 seed=0 run_dir=runs/study2/iid-swap50-s0
 """

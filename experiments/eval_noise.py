@@ -1,4 +1,4 @@
-"""Evaluation noise and signal of candidate held-out metrics (docs/results.md: "Evaluation noise" and
+"""Evaluation noise and signal of candidate held-out metrics (docs/studies/study1.md: "Evaluation noise" and
 "Study II: the metric, chosen before the runs").
 
 Each suite is encoded once per checkpoint; then, for each draw, a random `--fraction` of every suite's samples

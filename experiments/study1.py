@@ -76,7 +76,7 @@ def cache_command() -> list[str]:
 
 
 def report_command() -> list[str]:
-    """The `jestclip report` of the whole study (docs/results.md quotes it)."""
+    """The `jestclip report` of the whole study (docs/studies/study1.md quotes it)."""
     logs = [f"results/study/{name}" for name in RUNS if name != "reference"] + ["results/study/reference"]
     return [
         "jestclip",

@@ -50,8 +50,8 @@ RECIPE = "configs/study2.py"
 MODEL = "jest-micro"  # the recipe's model: the references' architecture, named to cache their embeddings
 BENCH = "data/bench"
 RUNS_DIR, RESULTS_DIR, KEEP_DIR = "runs/study2", "results/study2", "runs/study2/keep"
-# The primary metric's key in an evaluation line, chosen before the study's runs (docs/results.md, "Study II:
-# the metric, chosen before the runs"); the paper-style average is the secondary one.
+# The primary metric's key in an evaluation line, chosen before the study's runs (docs/studies/study2.md, "The
+# metric, registered before the runs"); the paper-style average is the secondary one.
 METRIC, SECONDARY = "eval/gallery_r5", "eval/average"
 POOLS = {"natural": f"{BENCH}/pool", "swap50": f"{BENCH}/pool-swap50"}
 REFERENCES = {"weak": ["data=data/bench/curated", "seed=0"], "strong": ["data=data/bench/pool", "seed=1000"]}

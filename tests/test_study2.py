@@ -215,7 +215,7 @@ def test_summary_gives_final_metric_precision_and_lift_per_seed_group(tmp_path, 
         "1.500",
         "25.0",
     ]
-    assert study.METRIC == "eval/gallery_r5"  # the pre-registered primary metric (docs/results.md)
+    assert study.METRIC == "eval/gallery_r5"  # the pre-registered primary metric (docs/studies/study2.md)
 
 
 def test_report_commands_compare_each_pools_iid_with_each_references_runs(tmp_path, study):

@@ -2,7 +2,7 @@
 
 ``corrupt_captions(src, out, swap_captions=p, seed=s)`` reads the shard directory ``src`` (a ``pool`` from
 ``jestclip data build``, or any directory of webdataset ``.tar`` shards: a user's own, to check a reference
-on them, README "Check your reference") and writes ``out``
+on them, docs/reference.md) and writes ``out``
 with the same shard names, the same samples in the same order under the same keys and the same image
 bytes. ``k = floor(p * N + 0.5)`` of the ``N`` pairs (round half up) are drawn without replacement from
 ``random.Random(seed)``; each drawn pair takes the caption of the next drawn pair in the draw order, the

@@ -5,7 +5,7 @@ its image→text and text→image R@1 (R@5 is reported but not averaged) — the
 the paper plots. Steadier variants are reported beside it, not averaged: ``gallery:`` recall within fixed
 galleries of ``GALLERY_SIZE`` pairs, ``fewshot_mean:FIELD``, the balanced few-shot accuracy averaged over
 ``FEWSHOT_SEEDS`` split seeds, and ``gallery_r5``, the gallery R@5 of every retrieval suite averaged: the
-candidate with the largest signal over its evaluation noise (docs/results.md, "Study II: the metric, chosen
+candidate with the largest signal over its evaluation noise (docs/studies/study2.md, "The metric, registered
 before the runs").
 
 A metric a suite is too small for is left out with a warning, never reported as a value (docs/eval.md,
@@ -302,7 +302,7 @@ def gallery_r5(suites: dict[str, dict[str, float]]) -> float | None:
     directions and every suite that has retrieval (``{suite: suite_metrics}``); None when none has. Chance
     is about 5% (more with repeated concepts; a suite of fewer than 100 pairs has no gallery); an untrained
     ``jest-micro`` scores 5.6%. Study II's primary metric: 16.8 times its evaluation sd in IID's gain on the
-    benchmark, against 3.9 for ``average`` (docs/results.md).
+    benchmark, against 3.9 for ``average`` (docs/studies/study2.md).
     """
     values = [
         m[f"gallery:{d}_r@5"] for m in suites.values() for d in ("i2t", "t2i") if f"gallery:{d}_r@5" in m
