@@ -14,8 +14,9 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "data",
-        help="build the offline image-text benchmark and inspect webdataset shards",
-        description="Build the offline curation benchmark from Debian/npm packages, or inspect shards.",
+        help="the offline image-text benchmark: sources, build, inspect, corrupt (swap a share of captions)",
+        description="Check or install the Debian/npm packages the offline curation benchmark is built from, "
+        "build it, inspect shards, or derive a noisier pool with a share of its captions swapped.",
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 

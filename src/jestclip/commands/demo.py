@@ -14,12 +14,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "demo",
         help="build data, train reference, IID and JEST learners, evaluate and report",
-        description="Run the whole method on the built-in benchmark with tiny models (about 15 minutes "
-        "on a 2-core CPU; a GPU is used when present): build a benchmark subset in data/bench-demo if "
+        description="Run the whole method on the built-in benchmark with tiny models (its time on a 2-core "
+        "CPU: docs/benchmarks.md; a GPU is used when present): build a benchmark subset in data/bench-demo if "
         "absent, train a reference on curated, cache its embeddings, train IID and JEST learners on pool "
         "with periodic evaluation, and write a report. Re-running reuses what is already built.",
     )
-    parser.add_argument("--reduced", action="store_true", help="a tiny end-to-end check (about 2 minutes)")
+    parser.add_argument("--reduced", action="store_true", help="a tiny end-to-end check (what CI runs)")
     parser.add_argument("--data", help="benchmark directory (default: data/bench-demo, built if absent)")
     parser.add_argument("--out", help="directory for the runs and the report (default: runs/demo)")
     parser.add_argument("--device", type=device_arg, help="cpu, cuda, ... (default: cuda when available)")
