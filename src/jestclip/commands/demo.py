@@ -14,8 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "demo",
         help="build data, train reference, IID and JEST learners, evaluate and report",
-        description="Run the whole method on the built-in benchmark with tiny models (its time on a 2-core "
-        "CPU: docs/benchmarks.md; a GPU is used when present): build a benchmark subset in data/bench-demo if "
+        description="Run the whole method on the built-in benchmark with tiny models (its time on a "
+        "2-core CPU: docs/benchmarks.md; a GPU is used when present): build a benchmark subset in "
+        "data/bench-demo if "
         "absent, train a reference on curated, cache its embeddings, train IID and JEST learners on pool "
         "with periodic evaluation, and write a report. Re-running reuses what is already built.",
     )
