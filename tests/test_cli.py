@@ -232,6 +232,10 @@ USER_ERRORS = [
         "keep list {tmp}/oldkeep/keep.json is of format jestclip-keeplist/1, without the content digests",
     ),
     (["train", "{tmp}/missing.py"], "recipe {tmp}/missing.py does not exist"),
+    (
+        ["train", "configs/jest.py", "--quick", "run_dir={tmp}/run", "data={tmp}/bench/pool"],
+        "data={tmp}/bench/pool does not exist (relative to",  # ... build it with `jestclip data build`
+    ),
     (["train", "{tmp}/raises.py"], "recipe {tmp}/raises.py: RuntimeError: boom"),
     (["train", "{tmp}/noget.py"], "defines no get_config"),
     (["train", "configs/jest.py", *SAFE, "steps=abc"], "config: steps = 'abc' is not an int"),

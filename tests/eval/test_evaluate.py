@@ -432,3 +432,21 @@ def test_eval_refuses_a_bad_label_before_encoding_anything(tmp_path, capsys, mon
     assert (
         main(["eval", str(run_dir), "--data", str(tmp_path / "bench"), "--limit", "5", "--shots", "1"]) == 0
     )
+
+
+def test_eval_of_a_run_reads_its_own_eval_data(tmp_path, capsys):
+    """The demo's runs evaluate on data/bench-demo: `jestclip eval RUN` uses the run's eval_data, not the
+    default data/bench (which a user who only ran the demo does not have)."""
+    from jestclip.cli import main
+
+    make_suite(tmp_path / "bench-demo" / "eval", "toy")
+    run_dir = fake_run(tmp_path / "run", "sigmoid")
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "eval_data": str(tmp_path / "bench-demo")}))
+    assert main(["eval", str(run_dir), "--device", "cpu", "--limit", "8", "--shots", "1"]) == 0
+    suites = json.loads((run_dir / "eval.json").read_text())["config"]["suites"]
+    assert list(suites) == ["toy"] and str(tmp_path / "bench-demo") in suites["toy"][0]
+    elsewhere = tmp_path / "other"
+    make_suite(elsewhere / "eval", "second")
+    assert main(["eval", str(run_dir), "--data", str(elsewhere), "--device", "cpu", "--limit", "8"]) == 0
+    assert list(json.loads((run_dir / "eval.json").read_text())["config"]["suites"]) == ["second"]

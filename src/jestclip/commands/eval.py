@@ -10,6 +10,8 @@ from jestclip.commands.common import device_arg, loading_weights, resolve_device
 
 __all__ = ["add_parser", "run"]
 
+DEFAULT_DATA = "data/bench"
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -31,8 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--data",
-        default="data/bench",
-        help="a benchmark root, its eval/ directory or one suite (default: %(default)s)",
+        help="a benchmark root, its eval/ directory or one suite (default: a run directory's own eval_data, "
+        f"else {DEFAULT_DATA})",
     )
     parser.add_argument("--suite", action="append", help="evaluate only this suite (repeatable)")
     parser.add_argument(
@@ -69,6 +71,16 @@ def _out(args: argparse.Namespace) -> Path:
     return args.checkpoint / "eval.json" if args.checkpoint.is_dir() else Path(f"{args.checkpoint}.eval.json")
 
 
+def _data(args: argparse.Namespace, config) -> str:
+    """The eval suites: ``--data``, else the run's own ``eval_data`` (what it evaluated on while training),
+    else ``DEFAULT_DATA``."""
+    if args.data is not None:
+        return args.data
+    if config is not None and config.eval_data is not None:
+        return config.eval_data
+    return DEFAULT_DATA
+
+
 def run(args: argparse.Namespace) -> int:
     from jestclip.data.files import check_writable
     from jestclip.eval import check_labels, custom_suite, evaluate, find_suites, format_table
@@ -89,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             )
         ]
     else:
-        suites = find_suites(args.data, args.suite)
+        suites = find_suites(_data(args, source.config), args.suite)
     for suite in suites:  # label ids from the samples' JSON: a bad one fails now, not after encoding
         check_labels(suite, limit=args.limit)
     with loading_weights(source.weights):  # the suites are checked (templates too) before anything loads

@@ -83,6 +83,24 @@ def _late_options(items: list[str]) -> argparse.Namespace:
     return found
 
 
+def _missing_data(cfg) -> str | None:
+    """A one-line hint when the run's data or eval data is a local path that does not exist (the README's
+    recipes point at the offline benchmark in data/bench, which only `jestclip data build` makes)."""
+    from pathlib import Path
+
+    for key, value in (("data", cfg.data), ("eval_data", cfg.eval_data)):
+        if value is None or any(mark in value for mark in ("::", ":/", "pipe:", "{", "*", "?")):
+            continue  # several shards, a URL or a pattern: the loader checks those
+        if not Path(value).exists():
+            root = Path(value).parent if Path(value).name in ("pool", "curated") else Path(value)
+            return (
+                f"{key}={value} does not exist (relative to {Path.cwd()}): build the offline benchmark with "
+                f"`jestclip data build {root}` (`jestclip demo` builds a subset in data/bench-demo), or set "
+                f"{key}= to your own shards"
+            )
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.methods:
         print("\n".join(_methods()))
@@ -110,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
     if print_config:
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
+    missing = _missing_data(cfg)
+    if missing is not None:
+        raise FileNotFoundError(missing)
     import torch.distributed as dist
 
     last = train(cfg)

@@ -52,6 +52,7 @@ which rewrites them.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import mmap
@@ -158,6 +159,24 @@ def sidecar_path(shard: str | Path, name: str, cache_dir: str | Path | None = No
     return Path(f"{_base(shard, name, cache_dir)}.json")
 
 
+def cached_names(shard: str | Path, cache_dir: str | Path | None = None) -> list[str]:
+    """The names of the reference caches that have a header for ``shard`` (beside it, or in ``cache_dir``),
+    sorted; [] when none (or the shard is not local and no ``cache_dir`` is given)."""
+    try:
+        base = _base(shard, "NAME", cache_dir)
+    except ValueError:
+        return []
+    prefix = base.name.removesuffix(".NAME") + "."
+    if not base.parent.is_dir():
+        return []
+    names = {
+        p.name[len(prefix) : -len(".json")]
+        for p in base.parent.glob(f"{glob.escape(prefix)}*.json")
+        if "." not in p.name[len(prefix) : -len(".json")]
+    }
+    return sorted(n for n in names if n)
+
+
 def _array_path(shard: str | Path, name: str, kind: str, cache_dir: str | Path | None = None) -> Path:
     return Path(f"{_base(shard, name, cache_dir)}.{kind}.npy")
 
@@ -220,8 +239,14 @@ def _read_header(shard: str, name: str, cache_dir: str | Path | None = None) -> 
                 f"{_old_path(shard, name, cache_dir)} is an old-format {name!r} cache (.npz)",
                 f"{rerun} as memory-mappable files",
             )
+        others = cached_names(shard, cache_dir)
+        there = f"; caches found for it: {', '.join(repr(n) for n in others)}" if others else ""
         raise SidecarError(
-            f"no cached {name!r} embeddings for shard {shard} (expected {path})", "run cache-reference"
+            f"no cached {name!r} embeddings for shard {shard} (expected {path}{there})",
+            "name one of those (reference_cache=NAME in training, --reference-cache NAME elsewhere) or run "
+            "cache-reference"
+            if others
+            else "run cache-reference",
         )
     try:
         raw = json.loads(path.read_bytes())
