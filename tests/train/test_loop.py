@@ -156,7 +156,9 @@ def test_missing_reference_cache_fails_before_training(tmp_path, shards):
     cfg = config(tmp_path / "run", shards, "jest", reference_cache="other")
     # the message names the caches that do exist (the demo names its cache demo-reference, the recipes
     # reference: a user who ran the demo got "no cached 'reference' embeddings" and nothing more)
-    with pytest.raises(ValueError, match=r"no cached 'other' embeddings for shard .*caches found for it: 'ref"):
+    with pytest.raises(
+        ValueError, match=r"no cached 'other' embeddings for shard .*caches found for it: 'ref"
+    ):
         train(cfg, progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
