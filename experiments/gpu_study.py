@@ -87,8 +87,9 @@ class Settings:
 
 
 FULL = Settings("jest-small", 256, 16, 500, None, 1e-3, 20, 4, 60.0, ())
+# b = 4: a super-batch of 20 is served from the tiny pool's Q = 0.5 keep list of 48 pairs (the chosen form)
 TINY = Settings(
-    "jest-micro", 8, 2, 8, 100, 1e-3, 1, 0, 20.0, ("--gibbs-steps", "20", "--diagnostics-batch", "8")
+    "jest-micro", 4, 2, 8, 100, 1e-3, 1, 0, 20.0, ("--gibbs-steps", "20", "--diagnostics-batch", "4")
 )
 JEST = ["method.method=jest", "filter_ratio=0.8", f"reference_cache={CACHE}"]
 FLEXI = ["method.method=flexi-jest", "filter_ratio=0.8", "method.approx=flexi", "method.approx_fraction=0.5"]

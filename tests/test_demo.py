@@ -30,7 +30,10 @@ def test_reduced_demo_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
     assert report.splitlines()[2].startswith(
         "*The demo shows the pipeline working, not whether JEST pays: one seed"
     )
-    assert "## Gallery R@5" in report  # the steadier metric by default
+    # the steadier metric when the runs logged it; the reduced demo's eval suites are under the 100 pairs a
+    # gallery needs, so it falls back to the average, and says which
+    logged = "eval/gallery_r5" in [x for x in evals if "eval/average" in x][-1]
+    assert ("## Gallery R@5" if logged else "## Average accuracy") in report
     assert json.loads((runs / "demo.json").read_text())["build_limit"] == 40
 
     stamps = {n: (runs / n / "model.pt").stat().st_mtime_ns for n in ("reference", "iid", "jest")}

@@ -13,18 +13,20 @@ import pytest
 from PIL import Image
 
 from experiments import gpu_study
+from experiments.study3 import CHOSEN as _CHOSEN
 from jestclip.data.quality import quality_entry
 from jestclip.data.shards import Pair, png_bytes, shard_name, write_shard
 
 from .eval.test_evaluate import COLOURS, make_suite
 
 ROOT = Path(__file__).resolve().parents[1]
+CHOSEN = [_CHOSEN] if _CHOSEN else []  # Study III's chosen selection schedule, run when chosen
 RGB = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 220, 20)}
 
 
 def make_bench(root: Path, pairs: int = 96, shard_size: int = 32) -> Path:
     """A benchmark root: a labelled pool of coloured squares (every 4th caption a noisy one; JEST's tiny
-    super-batch of 40 needs 80 pairs) and one eval suite."""
+    super-batch of 20 needs 40 pairs, its keep list keeps 48) and one eval suite."""
     pool = root / "pool"
     pool.mkdir(parents=True)
     samples = []
@@ -50,7 +52,7 @@ def test_steps_resume_and_the_budget_stops_a_step(tmp_path):
     bench = make_bench(tmp_path / "bench")
     plan = study.Plan(study.TINY, bench, tmp_path / "work", tmp_path / "out", "cpu", 2)  # 2 of 3 shards
     names = [name for name, _ in plan.steps()]
-    runs = ["iid", "filter-q50", "jest-f08-iidflops", "flexi-jest-f08-iidflops"]
+    runs = ["iid", "filter-q50", "jest-f08-iidflops", "flexi-jest-f08-iidflops", *CHOSEN]
     assert names == ["corrupt", "ref-strong", "cache", "keep", *runs]
     commands = dict(plan.steps())
     noisy = [str(tmp_path / "work" / "pool-swap50" / f"0000{i}.tar") for i in range(2)]
@@ -84,7 +86,7 @@ def test_tiny_mode_trains_every_run_and_writes_logs_and_report(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    runs = ("ref-strong", "iid", "filter-q50", "jest-f08-iidflops", "flexi-jest-f08-iidflops")
+    runs = ("ref-strong", "iid", "filter-q50", "jest-f08-iidflops", "flexi-jest-f08-iidflops", *CHOSEN)
     for name in runs:
         lines = [json.loads(x) for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         config = json.loads((out / "runs" / name / "config.json").read_text())
@@ -101,7 +103,8 @@ def test_tiny_mode_trains_every_run_and_writes_logs_and_report(tmp_path):
     assert "s / step" in notes and "step time" not in done.stderr
     # a second run finds everything done and only rewrites the report
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("done before, skipped") == 8, again.stdout[-2000:]
+    skipped = again.stdout.count("done before, skipped")
+    assert again.returncode == 0 and skipped == 3 + len(runs), again.stdout[-2000:]  # + corrupt, cache, keep
 
 
 def iid_step_flops(out: Path) -> float:
