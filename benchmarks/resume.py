@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 import jestclip.train.loop as loop
-from jestclip.data import Pair, loader, png_bytes, write_shard
+from jestclip.data import Pair, loader, png_bytes, stream, write_shard
 from jestclip.train.config import MethodConfig, TrainConfig
 from jestclip.train.rundir import RunDir
 
@@ -94,7 +94,7 @@ def checkpoint_at(step: int, base: dict, urls: list[str], run_dir: Path, replay:
 def time_resume(cfg: TrainConfig) -> tuple[float, int]:
     """Seconds from calling ``train`` to its first ``learn()``, and the images decoded until then."""
     decoded, first = [0], []
-    real_decode, real_learn = loader.decode_sample, loop.learn
+    real_decode, real_learn = stream.decode_sample, loop.learn
 
     def counting(raw, **kwargs):
         decoded[0] += 1
@@ -105,12 +105,12 @@ def time_resume(cfg: TrainConfig) -> tuple[float, int]:
             first.append((time.perf_counter(), decoded[0]))
         return real_learn(*args, **kwargs)
 
-    loader.decode_sample, loop.learn = counting, learn
+    stream.decode_sample, loop.learn = counting, learn
     try:
         start = time.perf_counter()
         loop.train(cfg, progress=False)
     finally:
-        loader.decode_sample, loop.learn = real_decode, real_learn
+        stream.decode_sample, loop.learn = real_decode, real_learn
     return first[0][0] - start, first[0][1]
 
 

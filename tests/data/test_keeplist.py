@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from jestclip.data import SuperBatchStream, loader
+from jestclip.data import SuperBatchStream, decode_sample
 from jestclip.data.keeplist import DIGESTS, HEADER, KEYS, KeepList, KeptSampleChangedError, filter_shards
-from jestclip.data.loader import ResumableBatches
 from jestclip.data.refcache import CacheMeta, SidecarError, shard_content, shard_keys, write_sidecar
+from jestclip.data.stream import ResumableBatches
 from jestclip.selection import Embeddings, independent_select
 
 from .test_loader import add_members, make_shards, resumed_after
@@ -123,9 +123,10 @@ def test_the_stream_reads_only_kept_samples_and_counts_the_rest(tmp_path, pool, 
     kept = KeepList(tmp_path / "keep")
     kept.check(urls)
     decoded = []
-    real = loader.decode_sample
+    real = decode_sample
     monkeypatch.setattr(
-        loader, "decode_sample", lambda raw, **kw: decoded.append(raw["__key__"]) or real(raw, **kw)
+        "jestclip.data.stream.decode_sample",
+        lambda raw, **kw: decoded.append(raw["__key__"]) or real(raw, **kw),
     )
     batches = list(SuperBatchStream(urls, batch_size=5, shuffle_shards=False, keep=kept))
     keys = [k for b in batches for k in b.keys]
@@ -245,9 +246,10 @@ def test_a_shard_rewritten_at_the_same_size_stops_the_stream_at_its_first_kept_s
     kept = KeepList(tmp_path / "keep")
     kept.check(urls)  # the startup check reads sizes and tar headers only: it cannot tell
     decoded = []
-    real = loader.decode_sample
+    real = decode_sample
     monkeypatch.setattr(
-        loader, "decode_sample", lambda raw, **kw: decoded.append(raw["__key__"]) or real(raw, **kw)
+        "jestclip.data.stream.decode_sample",
+        lambda raw, **kw: decoded.append(raw["__key__"]) or real(raw, **kw),
     )
     stream = SuperBatchStream(urls, batch_size=100, shuffle_shards=False, keep=kept)
     with pytest.raises(KeptSampleChangedError) as info:

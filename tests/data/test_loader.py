@@ -22,13 +22,14 @@ from jestclip.data import (
     NoReadableSampleError,
     Pair,
     SuperBatchStream,
+    decode,
     decode_sample,
     expand_urls,
-    loader,
     png_bytes,
+    shardlist,
     write_shard,
 )
-from jestclip.data.loader import ResumableBatches
+from jestclip.data.stream import ResumableBatches
 
 
 def image(i: int, size: int = 8) -> bytes:
@@ -119,7 +120,7 @@ def test_captions_empty_once_the_tokenizer_cleans_them_are_skipped_as_empty_text
     assert batch.keys == ["s0_000", "s0_001", "c6", "c7", "c8"]
     assert batch.texts[2:] == kept  # kept as written: the tokenizer cleans
     assert batch.skipped == {"empty_text": 6}
-    assert all(loader.caption_is_empty(c) for c in EMPTY_ONCE_CLEANED)
+    assert all(decode.caption_is_empty(c) for c in EMPTY_ONCE_CLEANED)
 
 
 def test_ranks_and_workers_partition_an_epoch_exactly(tmp_path):
@@ -213,7 +214,7 @@ def test_a_directory_yields_every_shard_form_the_loader_reads(tmp_path):
     assert expand_urls(tmp_path) == urls and expand_urls(str(tmp_path)) == urls
     keys = [k for b in SuperBatchStream(tmp_path, batch_size=100, shuffle_shards=False) for k in b.keys]
     assert keys == [f"s{s}_{i:03d}" for s in range(4) for i in range(2)]
-    assert set(loader.SHARD_SUFFIXES) >= {".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"}
+    assert set(shardlist.SHARD_SUFFIXES) >= {".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"}
     # a form it cannot read: the whole directory is refused by name, not read in part
     (tmp_path / "00005.tar.lz4").write_bytes(b"\x04\x22\x4d\x18")
     with pytest.raises(
@@ -418,7 +419,7 @@ def test_images_over_the_pixel_limit_are_skipped_without_pil_warnings(tmp_path, 
         warnings.simplefilter("error")  # PIL's DecompressionBombWarning would fail the test
         (batch,) = list(SuperBatchStream([url], batch_size=10))
     assert batch.keys == ["ok"] and batch.skipped == {"image_too_large": 3}
-    monkeypatch.setattr(loader, "MAX_IMAGE_PIXELS", 8 * 8 - 1)
+    monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 8 * 8 - 1)
     assert decode_sample({"__key__": "k", "png": image(0, 8), "txt": b"x"}) == "image_too_large"
     assert decode_sample({"__key__": "k", "png": image(0, 7), "txt": b"x"}).text == "x"
 
@@ -450,7 +451,7 @@ def test_a_thin_image_is_skipped_before_the_transform_makes_it_huge(tmp_path):
     (batch,) = list(SuperBatchStream([url], batch_size=10, transform=transform, shuffle_shards=False))
     assert batch.keys == ["ok", "edge"] and seen == [(8, 8), (20, 1)]
     assert batch.skipped == {"aspect_ratio_too_large": 4}
-    assert loader.MAX_ASPECT_RATIO == 20
+    assert decode.MAX_ASPECT_RATIO == 20
     assert decode_sample({"__key__": "k", "png": thin_png(1, 8000), "txt": b"x"}) == "aspect_ratio_too_large"
 
 
@@ -458,7 +459,7 @@ def test_any_decoder_failure_is_a_bad_image(monkeypatch):
     def broken_decoder(*_, **__):
         raise IndexError("a decoder bug")
 
-    monkeypatch.setattr(loader.Image, "open", broken_decoder)
+    monkeypatch.setattr(decode.Image, "open", broken_decoder)
     assert decode_sample({"__key__": "k", "png": image(0), "txt": b"x"}) == "bad_image"
 
 
@@ -522,7 +523,7 @@ def test_a_resumed_stream_decodes_only_what_comes_next(tmp_path, monkeypatch):
     assert position["sample"] == 6
     decoded: list[str] = []
     counting = lambda raw, **kw: decoded.append(raw["__key__"]) or decode_sample(raw, **kw)  # noqa: E731
-    monkeypatch.setattr(loader, "decode_sample", counting)
+    monkeypatch.setattr("jestclip.data.stream.decode_sample", counting)
     resumed = ResumableBatches(SuperBatchStream(urls, **kw), 0, {"workers": [position], "next": 0})
     assert next(resumed).keys == expected[30].keys
     assert len(decoded) == 5 + 1  # the batch and the sample after it (held for its skips), nothing before
@@ -617,9 +618,9 @@ def test_a_reduced_decode_gives_nearly_the_same_model_input():
 
     transform = image_transform("ViT-B-16")  # resize the shorter side to 224, centre crop, normalise
     data = jpeg(1024, 768)
-    full = transform(loader.open_image(data))
-    reduced = transform(loader.open_image(data, decode_size=224))
-    assert loader.open_image(data, decode_size=224).size == (512, 384)
+    full = transform(decode.open_image(data))
+    reduced = transform(decode.open_image(data, decode_size=224))
+    assert decode.open_image(data, decode_size=224).size == (512, 384)
     assert full.shape == reduced.shape == (3, 224, 224)
     assert (full - reduced).abs().mean() < 0.02  # normalised units (~1/255 is 0.015)
 
@@ -633,3 +634,25 @@ def test_the_stream_decodes_at_its_decode_size(tmp_path):
     assert sizes == [(128, 128)] and batch.keys == ["a"]
     with pytest.raises(ValueError, match="decode_size must be >= 1 or None, got 0"):
         SuperBatchStream([url], batch_size=1, decode_size=0)
+
+
+# --- the modules ------------------------------------------------------------------------------------------
+
+
+def test_the_loader_module_keeps_every_name_as_the_same_object():
+    """``jestclip.data.loader`` was the whole loader; its names now live in ``decode``, ``shardlist``,
+    ``tarread`` and ``stream``, each in one of them, and ``loader`` re-exports them."""
+    from jestclip.data import loader, stream, tarread
+
+    modules = (decode, shardlist, tarread, stream)
+    for name in loader.__all__:
+        (home,) = [m for m in modules if name in m.__all__]
+        assert getattr(loader, name) is getattr(home, name), name
+
+
+def test_every_skip_reason_is_listed_once_with_the_code_that_counts_it():
+    from jestclip.data import stream, tarread
+
+    reasons = stream.SKIP_REASONS
+    assert reasons == tarread.READ_REASONS + decode.DECODE_REASONS + stream.STREAM_REASONS
+    assert len(set(reasons)) == len(reasons) and set(stream.SHARD_REASONS) <= set(reasons)

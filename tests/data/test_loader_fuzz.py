@@ -22,8 +22,8 @@ from torch import Tensor
 from torchvision.transforms.functional import pil_to_tensor
 
 from jestclip.data import NoReadableSampleError, SuperBatchStream, decode_sample
-from jestclip.data.loader import SHARD_REASONS
 from jestclip.data.shards import png_bytes
+from jestclip.data.stream import SHARD_REASONS, SKIP_REASONS
 
 from .test_loader import within
 
@@ -144,6 +144,7 @@ def stream_all(url: str, **kw) -> tuple[list, Counter[str]]:
             skipped.update(batch.skipped)
         if not samples:  # no batch to carry the skips: read them off the sample stream
             assert list(stream.samples(skipped)) == []
+    assert set(skipped) <= set(SKIP_REASONS)  # every reason counted is one listed
     return samples, skipped
 
 

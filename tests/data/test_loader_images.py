@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from jestclip.data.loader import open_image, to_rgb
+from jestclip.data.decode import open_image, to_rgb
 
 WHITE = 255.0
 

@@ -11,7 +11,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 from jestclip.data import SuperBatchStream
-from jestclip.data.loader import SHARD_REASONS, TooFewSamplesError
+from jestclip.data.stream import SHARD_REASONS, TooFewSamplesError
 
 from .test_loader import good, make_shards, total_skips, write_tar
 
@@ -105,7 +105,7 @@ def test_one_shard_under_two_names_is_one_shard(tmp_path):
     uncounted, its pairs on two ranks in one step and twice in a super-batch."""
     import os
 
-    from jestclip.data.loader import distinct_shards, expand_urls
+    from jestclip.data.shardlist import distinct_shards, expand_urls
 
     urls = make_shards(tmp_path, 6, 8)
     os.symlink(urls[0], tmp_path / "zz-link.tar")  # sorts last in the directory

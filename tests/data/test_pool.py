@@ -9,8 +9,8 @@ import torch
 
 from jestclip.data import SuperBatchStream
 from jestclip.data import pool as pool_module
-from jestclip.data.loader import ResumableBatches
 from jestclip.data.pool import MemoryPool, epoch_order, split_transform
+from jestclip.data.stream import ResumableBatches
 from jestclip.models import image_transform
 
 from .test_loader import bad_sample_shards, make_shards, total_skips

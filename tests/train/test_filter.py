@@ -53,7 +53,8 @@ def record_decoded(monkeypatch) -> list[str]:
     decoded: list[str] = []
     real = loader.decode_sample
     monkeypatch.setattr(
-        loader, "decode_sample", lambda raw, **kw: decoded.append(raw["__key__"]) or real(raw, **kw)
+        "jestclip.data.stream.decode_sample",
+        lambda raw, **kw: decoded.append(raw["__key__"]) or real(raw, **kw),
     )
     return decoded
 

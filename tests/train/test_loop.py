@@ -257,7 +257,8 @@ def test_resume_mid_shard_decodes_only_what_comes_next(tmp_path, shards, uninter
     decoded = []
     real = loader.decode_sample
     monkeypatch.setattr(
-        loader, "decode_sample", lambda raw, **kw: decoded.append(raw["__key__"]) or real(raw, **kw)
+        "jestclip.data.stream.decode_sample",
+        lambda raw, **kw: decoded.append(raw["__key__"]) or real(raw, **kw),
     )
     train(dataclasses.replace(cfg, stop_after=None), progress=False)
     assert len(decoded) == 3 * 8 + 1  # steps 3-5 (B = 8) and the sample after them; a replay decodes 16 more

@@ -151,8 +151,8 @@ def exit_status(exn: BaseException) -> tuple[int, str] | None:
         return status, one_line(exn)
     if isinstance(exn, KeyboardInterrupt):
         return 130, one_line(exn) if str(exn) else "interrupted by SIGINT; rerun the same command"
-    loader = sys.modules.get("jestclip.data.loader")  # a worker died outside a training run's own handling
-    dead = loader.dead_loader_worker(exn) if loader is not None else None
+    stream = sys.modules.get("jestclip.data.stream")  # a worker died outside a training run's own handling
+    dead = stream.dead_loader_worker(exn) if stream is not None else None
     if dead is not None:
         return 75, f"interrupted: {dead}; rerun the same command"
     if isinstance(exn, SystemExit):

@@ -1,20 +1,16 @@
 """Data: webdataset shards with sample keys kept end to end, super-batches, the reference-embedding cache.
 
-``loader`` streams keyed samples and super-batches, ``shards`` writes shards, ``refcache`` stores a frozen
-reference model's embeddings next to each shard. The benchmark that produces shards is ``jestclip.benchmark``.
+``stream`` serves keyed super-batches (``SuperBatchStream``), reading shards through ``shardlist`` (which
+shards) and ``tarread`` (one shard's samples) and decoding through ``decode``; ``loader`` re-exports their
+names. ``shards`` writes shards, ``refcache`` stores a frozen reference model's embeddings next to each shard.
+The benchmark that produces shards is ``jestclip.benchmark``.
 """
 
-from jestclip.data.loader import (
-    NoReadableSampleError,
-    Sample,
-    SuperBatch,
-    SuperBatchStream,
-    decode_sample,
-    expand_urls,
-    open_image,
-    read_shard,
-)
+from jestclip.data.decode import Sample, decode_sample, open_image
+from jestclip.data.shardlist import expand_urls
 from jestclip.data.shards import Pair, png_bytes, shard_name, write_shard
+from jestclip.data.stream import NoReadableSampleError, SuperBatch, SuperBatchStream
+from jestclip.data.tarread import read_shard
 
 __all__ = [
     "NoReadableSampleError",

@@ -48,9 +48,9 @@ import numpy as np
 import torch
 
 from jestclip.data.files import atomic_bytes, check_writable
-from jestclip.data.loader import distinct_shards, expand_urls
 from jestclip.data.progress import progress as progress_bar
 from jestclip.data.refcache import ReferenceCache, shard_content, shard_identity, shard_keys
+from jestclip.data.shardlist import distinct_shards, expand_urls
 from jestclip.selection import Embeddings
 from jestclip.selection.filter import keep_mask, reference_scores, score_threshold
 
@@ -67,7 +67,7 @@ class KeptSampleChangedError(ValueError):
 
     Raised in a DataLoader worker, torch re-raises it in the main process with "Caught ... in DataLoader
     worker process N. Original Traceback ..." as its message; only the original message is kept (as
-    ``loader.NoReadableSampleError`` does), so the error stays one line naming the shard and key.
+    ``stream.NoReadableSampleError`` does), so the error stays one line naming the shard and key.
     """
 
     def __init__(self, message: str) -> None:
@@ -317,7 +317,7 @@ class KeepList:
         return kept
 
     def __call__(self, url: str, key: str, digest: int | None = None) -> bool:
-        """Whether sample ``key`` of shard ``url`` is kept; ``digest``: its ``loader.content_digest`` as read
+        """Whether sample ``key`` of shard ``url`` is kept; ``digest``: its ``decode.content_digest`` as read
         now (the stream always passes it; None: membership only, for counting from tar headers). A kept
         sample whose digest is not the recorded one is a ``KeptSampleChangedError`` (one line, naming the
         shard and key): its score came from other image or caption bytes."""

@@ -20,7 +20,7 @@ processing, a seeded global shuffle per epoch, a slice per rank, repeat):
   that draws fewer candidates leaves the rest for the next one: no sample is dropped or repeated because the
   size changed. Straddling super-batches are handled as above with their own sizes (``straddled_order``).
   Needs N >= 2 B_max.
-- Skips: the decode's skips are counted under the loader's reasons (``data.loader``'s table) once per epoch,
+- Skips: the decode's skips are counted under the stream's reasons (``stream.SKIP_REASONS``) once per epoch,
   when they would have been read: the skips read before a sample in shard order (a shard's trailing ones:
   before the next shard's first sample; the pool's last ones: with its last sample) go into the ``skipped`` of
   the super-batch, and rank, that serves it. Summed over an epoch's batches and ranks they are the skips of
@@ -72,8 +72,9 @@ from tqdm import tqdm
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from jestclip.data.loader import IMAGE_EXTENSIONS, Sample, SuperBatch, SuperBatchStream, _collate
+from jestclip.data.decode import IMAGE_EXTENSIONS, Sample
 from jestclip.data.progress import progress as progress_bar
+from jestclip.data.stream import SuperBatch, SuperBatchStream, collate
 
 __all__ = [
     "MEMORY_FRACTION",
@@ -540,7 +541,7 @@ class MemoryPool:
 
     def take(self, epoch: int, index: int, batch: int = 0) -> SuperBatch:
         """This rank's share of super-batch ``batch``, which starts at ``index`` of epoch ``epoch``, built as
-        the stream builds its batches (``loader._collate``); its position is the next super-batch's."""
+        the stream builds its batches (``stream.collate``); its position is the next super-batch's."""
         size = self.local_size(batch)
         start = index + self.rank * size
         picks: list[int] = []
@@ -559,7 +560,7 @@ class MemoryPool:
             for i, row in zip(picks, rows, strict=True)
         ]
         after = divmod(epoch * len(self) + index + size * self.world_size, len(self))
-        served = _collate(samples, skipped, self._position(*after, batch + 1))
+        served = collate(samples, skipped, self._position(*after, batch + 1))
         served.images = self.split.finish(served.images)
         return served
 

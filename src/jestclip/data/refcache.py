@@ -73,16 +73,12 @@ from torch import Tensor
 from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
+from jestclip.data.decode import content_digest
 from jestclip.data.files import NotWritableError, atomic_bytes, check_writable
-from jestclip.data.loader import (
-    SuperBatchStream,
-    content_digest,
-    distinct_shards,
-    expand_urls,
-    file_identity,
-    read_shard,
-)
 from jestclip.data.progress import progress
+from jestclip.data.shardlist import distinct_shards, expand_urls, file_identity
+from jestclip.data.stream import SuperBatchStream
+from jestclip.data.tarread import read_shard
 from jestclip.selection import Embeddings
 
 __all__ = [
