@@ -31,6 +31,7 @@ __all__ = [
     "Terminated",
     "device_arg",
     "exit_status",
+    "join_ranks",
     "loading_weights",
     "one_line",
     "resolve_device",
@@ -191,3 +192,15 @@ def device_arg(text: str) -> str:
             f"{text!r} is not 'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1'"
         ) from None
     return text
+
+
+def join_ranks():
+    """Under torchrun (``WORLD_SIZE`` > 1), the process group of a pool-wide command (gloo: its collectives
+    are counts and records), initialised once; this process's ``data.ranks.Ranks``."""
+    import torch.distributed as dist
+
+    from jestclip.data.ranks import Ranks
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return Ranks.current()

@@ -37,7 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Score every pair of the shards once from their cached reference embeddings "
         "(`jestclip cache-reference`), keep the best fraction Q of the whole pool and write a keep list "
         "into --out (keep.json, keep.keys.npy, filter.json). `jestclip train ... keep_list=DIR` then reads "
-        "only the kept pairs (configs/filter.py).",
+        "only the kept pairs (configs/filter.py). Under torchrun every rank scores its share of the shards "
+        "(--score similarity) and no process holds more than one shard's scores.",
     )
     parser.add_argument("shards", nargs="+", help="shard paths, brace patterns or directories")
     parser.add_argument("--keep", type=_fraction, required=True, help="fraction Q of the whole pool to keep")
@@ -69,8 +70,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jestclip.commands.common import join_ranks
     from jestclip.data.keeplist import filter_shards
 
+    ranks = join_ranks()  # under torchrun: every rank scores its shards (gloo)
     header = filter_shards(
         args.shards,
         args.out,
@@ -83,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         fingerprint=args.fingerprint,
         cache_dir=args.cache_dir,
     )
-    print(json.dumps(header, indent=1))
-    print(f"keep list: {args.out}")
+    if ranks.is_main:
+        print(json.dumps(header, indent=1))
+        print(f"keep list: {args.out}")
     return 0

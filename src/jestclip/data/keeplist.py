@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,12 @@ import torch
 
 from jestclip.data.files import atomic_bytes, check_writable
 from jestclip.data.progress import progress as progress_bar
+from jestclip.data.ranks import Ranks
 from jestclip.data.refcache import ReferenceCache, shard_content, shard_identity, shard_keys
 from jestclip.data.shardlist import distinct_shards, expand_urls
+from jestclip.data.topcut import order_keys, tie_quotas, top_cut
 from jestclip.selection import Embeddings
-from jestclip.selection.filter import keep_mask, reference_scores, score_threshold
+from jestclip.selection.filter import keep_count, keep_mask, reference_scores, score_threshold
 
 __all__ = ["DIGESTS", "FORMAT", "HEADER", "KEYS", "KeepList", "KeptSampleChangedError", "filter_shards"]
 
@@ -90,6 +93,7 @@ def filter_shards(
     fingerprint: str | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    check_content: bool = True,
 ) -> dict[str, Any]:
     """Score every cached pair of ``shards`` with the reference cache ``name``, keep fraction ``keep`` of the
     whole pool, write the keep list into directory ``out``; return the header (without its shard list).
@@ -98,24 +102,97 @@ def filter_shards(
     fingerprint: the reference model the cache must hold (None: any). cache_dir: the directory of the
     reference cache's sidecars (None: beside each local shard; a shard behind a URL needs one), as
     ``refcache.sidecar_path``. Every shard is read once (not decoded): each cached row's content digest must
-    be its sample's as the shard holds it now, and is recorded for the samples kept. A ValueError (one line)
-    for a missing, stale or foreign cache (``ReferenceCache``) or a changed shard, a keep fraction that keeps
-    nothing, or an ``out`` that is a file or already holds a keep list.
+    be its sample's as the shard holds it now, and is recorded for the samples kept (``check_content=False``
+    opts out and records the cache's digests as they are: for simulated caches without shards).
+
+    ``similarity`` scores stream: under torchrun every rank scores its shards (``Ranks.part``), no process
+    holds more than one shard's rows, and the exact global cut is found by histogram passes (``topcut``); the
+    keep list is the one a single process writes, byte for byte. ``loss`` scores hold the pool in one
+    process (its batches mix the whole pool) and refuse more than one rank.
+
+    A ValueError (one line) for a missing, stale or foreign cache (``ReferenceCache``) or a changed shard, a
+    keep fraction that keeps nothing, or an ``out`` that is a file or already holds a keep list.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file, not a directory")
-    if (out / HEADER).exists():
-        raise FileExistsError(f"{out / HEADER} already holds a keep list; choose another --out or remove it")
-    check_writable(out, "keep list directory", "choose another --out")  # before the pool is read and scored
+    ranks = Ranks.current()
+
+    def check_out() -> None:
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"--out {out} is a file, not a directory")
+        if (out / HEADER).exists():
+            raise FileExistsError(
+                f"{out / HEADER} already holds a keep list; choose another --out or remove it"
+            )
+        check_writable(out, "keep list directory", "choose another --out")  # before the pool is read
+
+    ranks.run(check_out)
+    settings = {"shards": [str(s) for s in ([shards] if isinstance(shards, str | Path) else shards)]}
+    settings |= {"out": str(out), "keep": keep, "score": score, "loss": loss, "batch_size": batch_size}
+    settings |= {"seed": seed, "reference_cache": name, "fingerprint": fingerprint}
+    settings |= {"cache_dir": None if cache_dir is None else str(cache_dir)}
+    if score == "similarity":
+        stream = _Streamed(out, ranks, name=name, fingerprint=fingerprint, cache_dir=cache_dir)
+        return stream.filter(shards, keep, settings, progress=progress, check_content=check_content)
+    if ranks.world > 1:
+        raise ValueError(
+            f"--score {score} draws its batches from the whole pool: run it as one process (not torchrun), "
+            "or use --score similarity, which scores each rank's shards"
+        )
+    return _in_memory(
+        shards,
+        out,
+        keep,
+        score,
+        settings,
+        name=name,
+        fingerprint=fingerprint,
+        cache_dir=cache_dir,
+        progress=progress,
+        check_content=check_content,
+        loss=loss,
+        batch_size=batch_size,
+        seed=seed,
+    )
+
+
+def _in_memory(
+    shards: Any,
+    out: Path,
+    keep: float,
+    score: str,
+    settings: dict[str, Any],
+    *,
+    name: str,
+    fingerprint: str | None,
+    cache_dir: str | Path | None,
+    progress: bool,
+    check_content: bool,
+    loss: str,
+    batch_size: int,
+    seed: int,
+) -> dict[str, Any]:
+    """``filter_shards`` with every score of the pool in this process (the ``loss`` score's way)."""
     cache = ReferenceCache(shards, name=name, fingerprint=fingerprint, cache_dir=cache_dir)
     keys = [cache.keys(i) for i in range(len(cache.urls))]
-    digests = [_scored_digests(cache, i, shard_keys_) for i, shard_keys_ in enumerate(keys)]
+    digests = [_digests(cache, i, shard_keys_, check_content) for i, shard_keys_ in enumerate(keys)]
     kw = {"loss": loss, "batch_size": batch_size, "seed": seed} if score == "loss" else {}
     scores = _score_pool(cache, keys, digests, score, progress, loss=loss, batch_size=batch_size, seed=seed)
     mask = keep_mask(scores, keep).numpy()
-    meta = cache.meta
     header = {
+        **_header_head(name, cache.meta, score),
+        **kw,
+        "keep": keep,
+        "threshold": score_threshold(scores, keep),
+        "kept": int(mask.sum()),
+        "total": len(mask),
+    }
+    _write_keep_list(out, header, settings, cache.urls, keys, digests, mask)
+    return header
+
+
+def _header_head(name: str, meta: Any, score: str) -> dict[str, Any]:
+    """The keep list header's first fields: the format, the reference cache and the score."""
+    return {
         "format": FORMAT,
         "reference": {
             "name": name,
@@ -126,18 +203,164 @@ def filter_shards(
         },
         "score": score,
         "score_units": SCORE_UNITS[score],
-        **kw,
-        "keep": keep,
-        "threshold": score_threshold(scores, keep),
-        "kept": int(mask.sum()),
-        "total": len(mask),
     }
-    settings = {"shards": [str(s) for s in ([shards] if isinstance(shards, str | Path) else shards)]}
-    settings |= {"out": str(out), "keep": keep, "score": score, "loss": loss, "batch_size": batch_size}
-    settings |= {"seed": seed, "reference_cache": name, "fingerprint": fingerprint}
-    settings |= {"cache_dir": None if cache_dir is None else str(cache_dir)}
-    _write_keep_list(out, header, settings, cache.urls, keys, digests, mask)
-    return header
+
+
+def _digests(cache: ReferenceCache, shard: int, keys: list[str], check_content: bool) -> np.ndarray:
+    """The content digests a keep list records for ``keys`` of shard ``shard``: the shard's as read now
+    (``_scored_digests``), or with ``check_content=False`` the cache's own."""
+    if check_content:
+        return _scored_digests(cache, shard, keys)
+    return np.asarray(cache.digests(shard), np.uint64)
+
+
+class _Streamed:
+    """The similarity filter, a shard at a time on each rank (``filter_shards``): score and set aside each
+    shard's scores (``OUT/.scores/``), find the global cut (``topcut``), hand out ties in pool order, then
+    write every rank's kept rows into the one keep list at the offsets the per-shard counts give."""
+
+    def __init__(
+        self,
+        out: Path,
+        ranks: Ranks,
+        *,
+        name: str,
+        fingerprint: str | None,
+        cache_dir: str | Path | None,
+    ) -> None:
+        self.out, self.ranks, self.name, self.fingerprint, self.cache_dir = (
+            out,
+            ranks,
+            name,
+            fingerprint,
+            cache_dir,
+        )
+        self.scratch = out / ".scores"
+
+    def _scores(self, index: int) -> Path:
+        return self.scratch / f"{index:08d}.npy"
+
+    def filter(
+        self, shards: Any, keep: float, settings: dict[str, Any], *, progress: bool, check_content: bool
+    ) -> dict[str, Any]:
+        ranks = self.ranks
+        urls = distinct_shards(expand_urls(shards))[0]
+        mine = list(ranks.indices(len(urls)))
+        cache = ranks.run(
+            lambda: ReferenceCache(
+                [urls[i] for i in mine] or urls[:1],
+                name=self.name,
+                fingerprint=self.fingerprint,
+                cache_dir=self.cache_dir,
+            )
+        )
+        model = cache.meta
+        metas = ranks.gather((model.fingerprint, model.model, model.scale, model.bias, model.dim))
+        if any(m != metas[0] for m in metas):
+            raise ValueError(f"the {self.name!r} caches of different ranks' shards hold different models")
+        rows = ranks.run(lambda: self._score_shards(cache, urls, mine, progress, check_content))
+        total = int(ranks.sum(np.array([sum(rows.values())]))[0])
+        if total == 0:
+            raise ValueError(f"the {self.name!r} cache of {len(urls)} shards holds no rows: nothing to score")
+        k = keep_count(total, keep)
+        cut = top_cut(lambda: (np.load(self._scores(i), mmap_mode="r") for i in mine), k, reduce=ranks.sum)
+        tied = {i: int((order_keys(np.load(self._scores(i), mmap_mode="r")) == cut.key).sum()) for i in mine}
+        every = {i: n for part in ranks.gather(tied) for i, n in part.items()}
+        quotas = tie_quotas([every[i] for i in range(len(urls))], cut.tied_kept)
+        header = {
+            **_header_head(self.name, cache.meta, "similarity"),
+            "keep": keep,
+            "threshold": cut.threshold,
+            "kept": k,
+            "total": total,
+        }
+        ranks.run(lambda: self._write(cache, urls, mine, cut.key, quotas, header, settings))
+        return header
+
+    def _score_shards(
+        self, cache: ReferenceCache, urls: list[str], mine: list[int], progress: bool, check_content: bool
+    ) -> dict[int, int]:
+        """Score this rank's shards, one at a time, into the scratch directory; rows per shard."""
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        rows: dict[int, int] = {}
+        bar = progress_bar(
+            total=len(mine),
+            desc="filter: similarity scores",
+            unit="shard",
+            disable=not (progress and self.ranks.is_main),
+        )
+        with bar:
+            for j, i in enumerate(mine):
+                keys = cache.keys(j)
+                digests = _digests(cache, j, keys, check_content)
+                emb = cache.lookup(keys, [urls[i]] * len(keys), check_content=False)  # digests: just checked
+                scores = reference_scores(emb.take, len(keys), score="similarity") if keys else torch.zeros(0)
+                np.save(self._scores(i), scores.numpy().astype(np.float64), allow_pickle=False)
+                np.save(self.scratch / f"{i:08d}.digests.npy", digests, allow_pickle=False)
+                rows[i] = len(keys)
+                bar.update(1)
+        return rows
+
+    def _kept_rows(self, i: int, threshold: int, quota: int) -> np.ndarray:
+        """The kept rows of shard ``i``: every score above the cut, and its first ``quota`` ties."""
+        keys = order_keys(np.load(self._scores(i), mmap_mode="r"))
+        mask = keys > np.uint64(threshold)
+        mask[np.flatnonzero(keys == np.uint64(threshold))[:quota]] = True
+        return mask
+
+    def _write(
+        self,
+        cache: ReferenceCache,
+        urls: list[str],
+        mine: list[int],
+        threshold: int,
+        quotas: list[int],
+        header: dict[str, Any],
+        settings: dict[str, Any],
+    ) -> None:
+        ranks, out = self.ranks, self.out
+        local: dict[int, dict[str, Any]] = {}
+        for j, i in enumerate(mine):
+            mask = self._kept_rows(i, threshold, quotas[i])
+            keys = np.asarray(cache.keys(j), dtype=str)[mask]
+            width = int(max((len(k.encode("utf-8")) for k in keys.tolist()), default=0))
+            info = {"url": shard_identity(urls[i]), "bytes": _local_size(urls[i]), "total": len(mask)}
+            local[i] = {"info": {**info, "kept": int(mask.sum())}, "width": width}
+        every = {i: v for part in ranks.gather(local) for i, v in part.items()}
+        counts = [every[i]["info"]["kept"] for i in range(len(urls))]
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+        width = max(1, max(every[i]["width"] for i in range(len(urls))))
+        kept = int(offsets[-1])
+        keys_tmp, digests_tmp = out / f"{KEYS}.tmp", out / f"{DIGESTS}.tmp"
+        if ranks.is_main:  # the files, full size, before any rank writes its rows into them
+            np.lib.format.open_memmap(keys_tmp, mode="w+", dtype=f"S{width}", shape=(kept,)).flush()
+            np.lib.format.open_memmap(digests_tmp, mode="w+", dtype=np.uint64, shape=(kept,)).flush()
+        ranks.barrier()
+        keys_out = np.lib.format.open_memmap(keys_tmp, mode="r+")
+        digests_out = np.lib.format.open_memmap(digests_tmp, mode="r+")
+        for j, i in enumerate(mine):
+            mask = self._kept_rows(i, threshold, quotas[i])
+            start, stop = offsets[i], offsets[i + 1]
+            keys_out[start:stop] = np.char.encode(np.asarray(cache.keys(j), dtype=str)[mask], "utf-8")
+            digests_out[start:stop] = np.load(self.scratch / f"{i:08d}.digests.npy")[mask]
+        keys_out.flush()
+        digests_out.flush()
+        del keys_out, digests_out
+        ranks.barrier()
+        if ranks.is_main:
+            for tmp, final in ((keys_tmp, out / KEYS), (digests_tmp, out / DIGESTS)):
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+            header["keys_bytes"] = (out / KEYS).stat().st_size
+            header["digests_bytes"] = (out / DIGESTS).stat().st_size
+            shards_info = [every[i]["info"] for i in range(len(urls))]
+            atomic_bytes(out / HEADER, json.dumps({**header, "shards": shards_info}, indent=1).encode())
+            atomic_bytes(
+                out / RECORD, json.dumps({"settings": settings, "result": header}, indent=1).encode()
+            )
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        ranks.barrier()
 
 
 def _score_pool(

@@ -752,6 +752,10 @@ class ReferenceCache:
         """The sample keys with a row in shard ``shard`` (an index into ``urls``), sorted as stored."""
         return [key.decode("utf-8") for key in self._arrays(shard)[0].tolist()]
 
+    def digests(self, shard: int) -> np.ndarray:
+        """The content digests of shard ``shard``'s rows as cached (uint64, in ``keys`` order)."""
+        return np.asarray(self._arrays(shard)[2], dtype=np.uint64)
+
     def _arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Shard ``shard``'s memory-mapped (sorted keys, embeddings, content digests), the least recently used
         unmapped."""
