@@ -18,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Embed every sample of the shards with a frozen reference model; write sidecars "
         "SHARD.NAME.{json,keys.npy,emb.npy,digest.npy} (a header, sorted keys, float16 embeddings, content "
         "digests) beside each shard or in --cache-dir, that training joins by shard and key. Resumable; "
-        "sidecars of changed shards and corrupt or truncated ones are rewritten.",
+        "sidecars of changed shards and corrupt or truncated ones are rewritten. Under torchrun every rank "
+        "caches its share of the shards (on CUDA: bf16 autocast, decoding workers, pinned memory).",
     )
     parser.add_argument("shards", nargs="+", help="shard paths, brace patterns or directories")
     parser.add_argument("--model", required=True, help="model config name, e.g. jest-tiny or ViT-B-16")
@@ -42,13 +43,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
+        "--workers",
+        type=int,
+        help="processes that read and decode shards while the model embeds (default: 4 on CUDA, 0 on CPU)",
+    )
+    parser.add_argument(
         "--device", default="auto", type=device_arg, help="cpu, cuda, ... (auto: cuda when available)"
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from jestclip.commands.common import join_ranks
     from jestclip.train.reference import cache_reference_model
 
+    ranks = join_ranks()  # under torchrun every rank caches its share of the shards
     if args.checkpoint is None and args.pretrained is None:
         raise SystemExit(
             "cache-reference: give the reference model's weights with --checkpoint (or --pretrained)"
@@ -63,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         cache_dir=args.cache_dir,
+        num_workers=args.workers,
     )
-    print(json.dumps(summary, indent=1))
+    if ranks.is_main:
+        print(json.dumps(summary, indent=1))
     return 0

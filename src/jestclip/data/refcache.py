@@ -59,10 +59,12 @@ import mmap
 import os
 import re
 import resource
+import shutil
 import sys
 import tarfile
+import tempfile
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,14 +72,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
+from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from jestclip.data.decode import content_digest
 from jestclip.data.files import NotWritableError, atomic_bytes, check_writable
 from jestclip.data.progress import progress
+from jestclip.data.ranks import Ranks
 from jestclip.data.shardlist import distinct_shards, expand_urls, file_identity
-from jestclip.data.stream import SuperBatchStream
+from jestclip.data.stream import SuperBatch, SuperBatchStream
 from jestclip.data.tarread import read_shard
 from jestclip.selection import Embeddings
 
@@ -433,13 +438,21 @@ def _advise(emb: np.ndarray, advice: int | None, rows: tuple[int, int] | None = 
 
 
 def _compare_content(
-    shard: str, name: str, header: _Header, keys: np.ndarray, digests: np.ndarray, where: Path
+    shard: str,
+    name: str,
+    header: _Header,
+    keys: np.ndarray,
+    digests: np.ndarray,
+    where: Path,
+    *,
+    read: str | None = None,
 ) -> None:
     """SidecarError unless the sidecar's rows and skipped samples are exactly the shard's samples, with the
-    same image and caption bytes (reads the whole shard, decodes nothing)."""
+    same image and caption bytes (reads the whole shard, from ``read`` when given: a local copy of it;
+    decodes nothing)."""
     cached = dict(zip((k.decode("utf-8") for k in keys.tolist()), digests.tolist(), strict=True))
     cached.update(header.skipped)
-    in_shard = shard_content(shard)
+    in_shard = shard_content(read or shard)
     missing = sorted(in_shard.keys() - cached.keys())
     if missing:
         raise SidecarError(
@@ -476,7 +489,13 @@ def _check_rows(
 
 
 def _existing(
-    url: str, name: str, fingerprint: str, model: str, cache_dir: str | Path | None
+    url: str,
+    name: str,
+    fingerprint: str,
+    model: str,
+    cache_dir: str | Path | None,
+    *,
+    read: str | None = None,
 ) -> tuple[str, str]:
     """The state of ``url``'s sidecar for ``cache_reference``: ("ok" | "missing" | "old" | "stale" | "changed"
     | "broken", what is wrong); "ok" means complete, up to date, readable, every row finite and holding the
@@ -495,7 +514,7 @@ def _existing(
         _check_header(url, name, header, cache_dir)
         keys, emb, digests = _open_arrays(url, name, header, cache_dir)
         _check_rows(url, name, keys, emb, cache_dir)
-        _compare_content(url, name, header, keys, digests, sidecar_path(url, name, cache_dir))
+        _compare_content(url, name, header, keys, digests, sidecar_path(url, name, cache_dir), read=read)
     except SidecarError as exn:
         return ("changed" if "changed since" in exn.problem else "broken"), exn.problem
     return "ok", ""
@@ -546,6 +565,9 @@ def cache_reference(
     name: str = "reference",
     batch_size: int = 256,
     cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Embed every decodable sample of every shard with ``embed``; write one sidecar per shard.
 
@@ -554,6 +576,15 @@ def cache_reference(
     model_name, fingerprint, scale, bias: what the sidecars record about the reference model (``scale`` is
     the logit multiplier ``exp(logit_scale)``). transform: image preprocessing of the model.
     cache_dir: where the sidecars go (see ``sidecar_path``); needed for shards behind a URL.
+    num_workers: DataLoader processes that read and decode shards (whole shards each) while the model embeds;
+    pin_memory: page-locked batches for a non-blocking copy to a GPU.
+
+    Under torchrun every rank caches its share of the shards (``ranks.Ranks.part``: the shard list as
+    given, ``[rank::world]``) and every rank returns the counts summed over ranks. A shard's samples are
+    embedded in batches of ``batch_size`` in shard order whatever the rank or worker, so the sidecars are
+    those one process writes, byte for byte. A shard behind a URL is read once (downloaded to a temporary
+    file).
+
     Resumable and repairing: a shard whose sidecar is complete, holds this ``fingerprint`` and the shard's
     samples as they are now (keys, image and caption bytes: each kept shard is read again, not decoded) is
     kept; one of a shard that changed is rewritten and counted as changed; a corrupt, truncated, mis-keyed
@@ -562,77 +593,185 @@ def cache_reference(
     first, and the others counted as ``duplicate_shard``. Returns counts: sidecars written (changed and
     repaired among them) and kept, samples embedded, skips by reason.
     """
-    urls, duplicates = distinct_shards(expand_urls(shards))  # a shard under two names is cached once
-    for url in urls:
-        _base(url, name, cache_dir)  # a shard behind a URL without a cache directory: say so before any work
-    _check_sidecar_places(urls, name, fingerprint, model_name, cache_dir)
+    ranks = Ranks.current()
+    every, duplicates = distinct_shards(expand_urls(shards))  # a shard under two names is cached once
+    urls = ranks.part(every)
+
+    def check() -> None:
+        for url in urls:
+            _base(url, name, cache_dir)  # a shard behind a URL without a cache directory: say so before work
+        _check_sidecar_places(urls, name, fingerprint, model_name, cache_dir)
+
+    ranks.run(check)
     summary: dict[str, Any] = {"written": 0, "changed": 0, "repaired": 0, "kept": 0, "samples": 0}
-    summary["skipped"] = Counter({"duplicate_shard": duplicates} if duplicates else {})
+    summary["skipped"] = Counter({"duplicate_shard": duplicates} if duplicates and ranks.is_main else {})
     template = CacheMeta(fingerprint, model_name, float(scale), float(bias), 0, None)
-    for url in progress(urls, desc=f"cache {name}", unit="shard"):
-        state, problem = _existing(url, name, fingerprint, model_name, cache_dir)
-        if state == "ok":
-            summary["kept"] += 1
-            continue
-        if state in ("broken", "changed"):
-            tqdm.write(f"cache-reference: rewriting: {problem}", file=sys.stderr)
-        summary["samples"] += _cache_shard(
-            embed, url, name, template, transform, batch_size, summary["skipped"], cache_dir
+    job = _CacheJob(embed, name, template, transform, batch_size, cache_dir, summary["skipped"])
+    ranks.run(lambda: job.run(urls, summary, num_workers, pin_memory, progress and ranks.is_main))
+    total: dict[str, Any] = {
+        k: sum(part[k] for part in ranks.gather(summary)) for k in summary if k != "skipped"
+    }
+    skipped: Counter[str] = Counter()
+    for part in ranks.gather(dict(summary["skipped"])):
+        skipped.update(part)
+    return {**total, "skipped": dict(skipped)}
+
+
+class _CacheJob:
+    """One rank's caching: check each shard's sidecar, embed the shards that need it (their batches read in
+    DataLoader workers, a shard per worker at a time), write a shard's sidecar when its last batch is in."""
+
+    def __init__(
+        self,
+        embed: Embedder,
+        name: str,
+        template: CacheMeta,
+        transform: Callable,
+        batch_size: int,
+        cache_dir: str | Path | None,
+        skipped: Counter[str],
+    ) -> None:
+        self.embed, self.name, self.template, self.transform = embed, name, template, transform
+        self.batch_size, self.cache_dir, self.skipped = batch_size, cache_dir, skipped
+
+    def run(
+        self,
+        urls: Sequence[str],
+        summary: dict[str, Any],
+        num_workers: int,
+        pin_memory: bool,
+        progress_: bool,
+    ) -> None:
+        bar = progress(total=len(urls), desc=f"cache {self.name}", unit="shard", disable=not progress_)
+        with bar, tempfile.TemporaryDirectory(prefix="jestclip-cache-") as scratch:
+            todo: dict[str, tuple[str, str]] = {}  # url -> (where it is read, its sidecar's state)
+            for url in urls:
+                local = _readable_copy(url, Path(scratch))
+                state, problem = _existing(
+                    url, self.name, self.template.fingerprint, self.template.model, self.cache_dir, read=local
+                )
+                if state == "ok":
+                    summary["kept"] += 1
+                    bar.update(1)
+                    _drop_copy(url, local)
+                    continue
+                if state in ("broken", "changed"):
+                    tqdm.write(f"cache-reference: rewriting: {problem}", file=sys.stderr)
+                todo[url] = (local, state)
+            source = _ShardBatches(
+                [(url, local) for url, (local, _) in todo.items()], self.batch_size, self.transform
+            )
+            loader = DataLoader(source, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+            rows: dict[str, _Rows] = {}
+            for url, batch, content in loader:
+                part = rows.setdefault(url, _Rows())
+                if batch is not None:
+                    with torch.no_grad():
+                        image, text = self.embed(batch.images, batch.texts)
+                    _check_embeddings(image, text, batch.keys, url)
+                    part.add(batch, image, text)
+                    self.skipped.update(batch.skipped)
+                    continue
+                local, state = todo[url]
+                self._write(url, local, rows.pop(url), content)
+                summary["written"] += 1
+                summary["repaired"] += state == "broken"
+                summary["changed"] += state == "changed"
+                if state == "old":
+                    _old_path(url, self.name, self.cache_dir).unlink(missing_ok=True)
+                summary["samples"] += self.last_rows
+                _drop_copy(url, local)
+                bar.update(1)
+
+    def _write(self, url: str, local: str, part: _Rows, content: dict[str, int]) -> None:
+        size = os.path.getsize(url) if _is_local(url) else None
+        image, text = part.arrays()
+        meta = CacheMeta(
+            self.template.fingerprint,
+            self.template.model,
+            self.template.scale,
+            self.template.bias,
+            int(image.shape[1]) if len(part.keys) else 0,
+            size,
         )
-        summary["written"] += 1
-        summary["repaired"] += state == "broken"
-        summary["changed"] += state == "changed"
-        if state == "old":
-            _old_path(url, name, cache_dir).unlink(missing_ok=True)
-    summary["skipped"] = dict(summary["skipped"])
-    return summary
+        rows = set(part.keys)
+        skipped_samples = {k: d for k, d in content.items() if k not in rows}
+        write_sidecar(
+            url,
+            self.name,
+            part.keys,
+            image,
+            text,
+            meta,
+            digests=part.digests,
+            skipped=skipped_samples,
+            cache_dir=self.cache_dir,
+        )
+        self.last_rows = len(part.keys)
 
 
-def _cache_shard(
-    embed: Embedder,
-    url: str,
-    name: str,
-    template: CacheMeta,
-    transform: Callable,
-    batch_size: int,
-    skipped: Counter[str],
-    cache_dir: str | Path | None,
-) -> int:
-    """Embed the decodable samples of shard ``url`` and write its sidecar; the number embedded. The shard is
-    read twice: to embed its samples, then (no decoding) for the digests of those it skipped."""
-    size = os.path.getsize(url) if _is_local(url) else None
-    keys: list[str] = []
-    digests: list[int] = []
-    images: list[np.ndarray] = []
-    texts: list[np.ndarray] = []
-    stream = SuperBatchStream([url], batch_size=batch_size, shuffle_shards=False, transform=transform)
-    for batch in stream:
-        with torch.no_grad():
-            image, text = embed(batch.images, batch.texts)
-        _check_embeddings(image, text, batch.keys, url)
-        keys += batch.keys
-        digests += batch.digests
-        images.append(image.to("cpu", torch.float16).numpy())
-        texts.append(text.to("cpu", torch.float16).numpy())
-        skipped.update(batch.skipped)
-    dim = int(images[0].shape[1]) if images else 0
-    image_rows = np.concatenate(images) if images else np.zeros((0, 0), np.float16)
-    text_rows = np.concatenate(texts) if texts else np.zeros((0, 0), np.float16)
-    meta = CacheMeta(template.fingerprint, template.model, template.scale, template.bias, dim, size)
-    rows = set(keys)
-    skipped_samples = {k: d for k, d in shard_content(url).items() if k not in rows}
-    write_sidecar(
-        url,
-        name,
-        keys,
-        image_rows,
-        text_rows,
-        meta,
-        digests=digests,
-        skipped=skipped_samples,
-        cache_dir=cache_dir,
-    )
-    return len(keys)
+class _Rows:
+    """A shard's embedded rows as its batches come in (keys, content digests, float16 embeddings)."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.digests: list[int] = []
+        self.images: list[np.ndarray] = []
+        self.texts: list[np.ndarray] = []
+
+    def add(self, batch: SuperBatch, image: Tensor, text: Tensor) -> None:
+        self.keys += batch.keys
+        self.digests += batch.digests
+        self.images.append(image.to("cpu", torch.float16).numpy())
+        self.texts.append(text.to("cpu", torch.float16).numpy())
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.images:
+            return np.zeros((0, 0), np.float16), np.zeros((0, 0), np.float16)
+        return np.concatenate(self.images), np.concatenate(self.texts)
+
+
+class _ShardBatches(IterableDataset):
+    """``(url, batch, None)`` for each batch of each shard (in shard order; a batch never mixes shards), then
+    ``(url, None, content)`` with the shard's ``shard_content`` (every sample's digest, for the samples its
+    decoding skipped); with DataLoader workers, each worker reads whole shards."""
+
+    def __init__(self, shards: Sequence[tuple[str, str]], batch_size: int, transform: Callable) -> None:
+        super().__init__()
+        self.shards, self.batch_size, self.transform = list(shards), batch_size, transform
+
+    def __iter__(self) -> Iterator[tuple[str, SuperBatch | None, dict[str, int] | None]]:
+        info = get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
+        for url, local in mine:
+            stream = SuperBatchStream(
+                [local],
+                batch_size=self.batch_size,
+                shuffle_shards=False,
+                transform=self.transform,
+                rank=0,  # this dataset deals whole shards to the ranks and the workers
+                world_size=1,
+                split_workers=False,
+            )
+            for batch in stream:
+                yield url, batch, None
+            yield url, None, shard_content(local)
+
+
+def _readable_copy(url: str, scratch: Path) -> str:
+    """Where to read shard ``url``: itself when local, else a copy downloaded once into ``scratch`` (so that a
+    ``pipe:`` or ``http`` shard is fetched once, however many times it is read)."""
+    if _is_local(url):
+        return url
+    path = scratch / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}.tar"
+    with gopen(url, "rb") as stream, open(path, "wb") as out:
+        shutil.copyfileobj(stream, out)
+    return str(path)
+
+
+def _drop_copy(url: str, local: str) -> None:
+    if local != url:
+        Path(local).unlink(missing_ok=True)
 
 
 def _check_embeddings(image: Tensor, text: Tensor, keys: Sequence[str], url: str) -> None:

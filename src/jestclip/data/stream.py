@@ -147,6 +147,12 @@ class SuperBatch:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def pin_memory(self) -> SuperBatch:
+        """The batch with its images in page-locked memory (what ``DataLoader(pin_memory=True)`` calls), so
+        that their copy to a GPU can overlap the work there."""
+        self.images = self.images.pin_memory()
+        return self
+
 
 def _to_tensor(image: Image.Image) -> Tensor:
     return pil_to_tensor(image).float().div_(255.0)
@@ -226,6 +232,8 @@ class SuperBatchStream(IterableDataset):
     run and every loader worker: the DataLoader hands out its workers' batches round-robin, so worker ``w`` of
     ``n`` builds batches ``w, w + n, ...``), at most ``batch_size`` (a selection schedule's steps:
     ``train.schedule``). Picklable for loader workers. None: ``batch_size`` every time.
+    split_workers: deal the shards to the DataLoader workers iterating this stream (False: read them all, as
+    a stream does inside another dataset's worker, e.g. the reference cache's, which deals whole shards).
     """
 
     def __init__(
@@ -246,6 +254,7 @@ class SuperBatchStream(IterableDataset):
         decode_size: int | None = None,
         keep: Callable[..., bool] | None = None,
         batch_sizes: Callable[[int], int] | None = None,
+        split_workers: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -262,6 +271,7 @@ class SuperBatchStream(IterableDataset):
         self.decode_size = decode_size
         self.keep = keep
         self.batch_sizes = batch_sizes
+        self.split_workers = split_workers
         self.drop_last = drop_last
         self.seed = seed
         self.require_samples = (resampled or epochs is None) if require_samples is None else require_samples
@@ -283,7 +293,7 @@ class SuperBatchStream(IterableDataset):
     def _worker(self) -> tuple[int, int]:
         """This worker's index and the number of workers; a resumed stream's DataLoader worker ``i`` continues
         the recorded worker ``(next + i) % n`` (the one whose batch came next)."""
-        info = get_worker_info()
+        info = get_worker_info() if self.split_workers else None
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if self._resume is None:
             return worker, n_workers

@@ -4,6 +4,7 @@ cache directory, for shards behind a URL)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,12 @@ def cache_model_embeddings(
     device: str | torch.device = "cpu",
     batch_size: int = 256,
     cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Embed every sample of ``shards`` with the frozen ``model`` (config ``model_name``, weights of open_clip
-    tag ``pretrained`` if any) and write sidecars named ``name``; returns ``cache_reference``'s counts.
+    tag ``pretrained`` if any) and write sidecars named ``name``; returns ``cache_reference``'s counts (summed
+    over ranks under torchrun, each rank caching its share of the shards).
 
     Images and captions are preprocessed and tokenised as ``model_name`` (with ``pretrained``: as those
     weights were trained); the sidecars record the model as ``NAME`` or ``NAME@TAG``, its fingerprint and its
@@ -55,6 +59,9 @@ def cache_model_embeddings(
         name=name,
         batch_size=batch_size,
         cache_dir=cache_dir,
+        num_workers=num_workers,
+        pin_memory=torch.device(device).type == "cuda",
+        progress=progress,
     )
 
 
@@ -69,16 +76,24 @@ def cache_reference_model(
     device: str = "auto",
     batch_size: int = 256,
     cache_dir: str | Path | None = None,
+    num_workers: int | None = None,
 ) -> dict[str, Any]:
     """``cache_model_embeddings`` for reference ``model_name`` built with weights from ``checkpoint`` and/or
     open_clip tag ``pretrained``; ``loss`` None: the one ``checkpoint`` was trained with (a logit bias means
-    sigmoid), sigmoid without one. device: "auto" is cuda when available."""
+    sigmoid), sigmoid without one. device: "auto" is cuda when available (under torchrun, the GPU of
+    ``LOCAL_RANK``). num_workers: decoding processes (default: 4 on CUDA, none on the CPU, whose cores the
+    model uses)."""
     if checkpoint is None and pretrained is None:
         raise ValueError("the reference model needs weights: a checkpoint or a pretrained tag")
     if loss is None:
         loss = weights_loss(checkpoint) if checkpoint is not None else "sigmoid"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(torch.device(device))
+    if num_workers is None:
+        num_workers = 4 if torch.device(device).type == "cuda" else 0
     model = create_model(model_name, loss=loss, checkpoint=checkpoint, pretrained=pretrained, device=device)
     return cache_model_embeddings(
         model,
@@ -89,4 +104,5 @@ def cache_reference_model(
         device=device,
         batch_size=batch_size,
         cache_dir=cache_dir,
+        num_workers=num_workers,
     )
