@@ -184,7 +184,7 @@ def test_data_parallel_jest_step_equals_single_process_step(tmp_path):
 def _overlap_worker(rank: int, store: str, out: str, cfg) -> None:
     """Two updates through ``build_state`` and ``learn``, recording each gradient bucket's all-reduce."""
     from jestclip.train.loop import learn
-    from jestclip.train.setup import Placement, build_state
+    from jestclip.train.startup import Placement, build_state
 
     from .test_steps import synthetic_batch
 
