@@ -1,9 +1,11 @@
 """Data parallelism on 2 CPU processes (gloo): distributed joint selection equals one-process selection with
-per-rank groups; DDP learning with open_clip's distributed losses equals one-process learning."""
+per-rank groups (and is what the selector registry runs under torch.distributed); DDP learning with
+open_clip's distributed losses equals one-process learning."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,8 +13,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from jestclip.selection import CandidateGroups, LocalExchange, independent_select, joint_select
-from jestclip.train.distributed import distributed_independent_select, distributed_joint_select
+from jestclip.selection import (
+    SELECTORS,
+    CandidateGroups,
+    LocalExchange,
+    distributed_independent_select,
+    distributed_joint_select,
+    independent_select,
+    joint_select,
+)
 
 from ..selection.helpers import learner_and_reference
 
@@ -40,6 +49,15 @@ def _worker(rank: int, store: str, out: str, loss: str, scoring: str) -> None:
         independent = distributed_independent_select(
             *shard, generator=torch.Generator().manual_seed(11), **kwargs
         )
+        # the registry runs each selector's distributed form under torch.distributed
+        settings = SimpleNamespace(
+            n_chunks=4, independent_context="unconditional", independent_method="sample"
+        )
+        for name, expected in (("joint", local), ("independent", independent)):
+            chosen = SELECTORS[name].select(
+                *shard, settings, generator=torch.Generator().manual_seed(11), world_size=WORLD, **kwargs
+            )
+            assert torch.equal(chosen, expected), name
         torch.save({"local": local, "global": global_, "independent": independent}, f"{out}.{rank}")
 
 
