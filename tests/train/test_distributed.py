@@ -58,6 +58,10 @@ def _worker(rank: int, store: str, out: str, loss: str, scoring: str) -> None:
                 *shard, settings, generator=torch.Generator().manual_seed(11), world_size=WORLD, **kwargs
             )
             assert torch.equal(chosen, expected), name
+        explicit = distributed_joint_select(  # the chunk-update backend reaches the distributed form too
+            *shard, n_chunks=4, generator=torch.Generator().manual_seed(11), backend="torch", **kwargs
+        )
+        assert torch.equal(explicit[1], global_)
         torch.save({"local": local, "global": global_, "independent": independent}, f"{out}.{rank}")
 
 
