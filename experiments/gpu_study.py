@@ -7,7 +7,7 @@ On the swapped pool (``BENCH/pool-swap50``; derived into ``--work`` with `jestcl
 --swap-captions 0.5 --seed 0` when the benchmark has none), one seed each, every run *scheduled for IID's
 FLOPs* (docs/studies/study3.md): IID and the static filter keeping Q = 0.5 (an IID step each, the regime's
 ``steps``), JEST f = 0.8 and Flexi-JEST f = 0.8 with the steps that IID's FLOPs buy them
-(``jestclip.train.setup.scheduled_steps``), and Study III's chosen selection schedule
+(``jestclip.train.startup.scheduled_steps``), and Study III's chosen selection schedule
 (``experiments.study3.CHOSEN``, when chosen), all scoring with one strong reference — the learner's
 architecture and schedule trained IID on the clean pool (``BENCH/pool``, the swapped pool's clean counterpart;
 docs/studies/study2.md says why). In order, each a `jestclip` command printed before it runs:
@@ -150,7 +150,7 @@ class Plan:
         """Steps of a run with ``extra``: the regime's for an IID-cost method, else what IID's FLOPs over the
         regime's steps buy it (``scheduled_steps``)."""
         from jestclip.train.config import apply_overrides, load_recipe
-        from jestclip.train.setup import StepCosts, scheduled_steps
+        from jestclip.train.startup import StepCosts, scheduled_steps
 
         base = apply_overrides(load_recipe(ROOT / "configs/iid.py"), self.settings([]))
         cfg = apply_overrides(base, extra)

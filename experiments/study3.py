@@ -4,7 +4,7 @@ Every run is `configs/study2.py` (Study II's regime: `jest-micro`, 32 px, b = 64
 overrides of its step, with Study II's strong reference (its cache ``study2-strong`` and its Q = 0.5 keep
 lists, made by Study II's preparation steps, repeated here under their Study II names). A run *scheduled for
 IID's FLOPs* sets ``steps`` to the most steps whose per-step FLOPs sum to at most IID's total over 3,000 steps
-(``jestclip.train.setup.scheduled_steps``), so its learning-rate schedule completes there.
+(``jestclip.train.startup.scheduled_steps``), so its learning-rate schedule completes there.
 
     python -m experiments.study3 --list              # every step's name and exact command
     python -m experiments.study3 prep                # the reference, its caches and keep lists
@@ -76,7 +76,7 @@ BEST: str | None = None
 def budget() -> float:
     """IID's total per-step FLOPs over ``IID_STEPS`` steps of the recipe."""
     from jestclip.train.config import apply_overrides, load_recipe
-    from jestclip.train.setup import StepCosts
+    from jestclip.train.startup import StepCosts
 
     cfg = apply_overrides(load_recipe(ROOT / RECIPE), [f"steps={IID_STEPS}"])
     return IID_STEPS * StepCosts.measure(cfg).total(cfg.method.batch_size)
@@ -86,7 +86,7 @@ def budget() -> float:
 def matched_steps(overrides: tuple[str, ...]) -> int:
     """The steps of the recipe with ``overrides`` scheduled for ``budget()``."""
     from jestclip.train.config import apply_overrides, load_recipe
-    from jestclip.train.setup import scheduled_steps
+    from jestclip.train.startup import scheduled_steps
 
     cfg = apply_overrides(
         load_recipe(ROOT / RECIPE), [o for o in overrides if not o.startswith("keep_list=")]

@@ -102,7 +102,7 @@ def test_train_schedules_a_run_for_another_runs_flops(tmp_path, capsys):
     import json
 
     from jestclip.train.config import apply_overrides, load_recipe
-    from jestclip.train.setup import StepCosts
+    from jestclip.train.startup import StepCosts
 
     iid = apply_overrides(
         load_recipe("configs/iid.py", quick=True), ["model=jest-micro", "method.batch_size=8"]

@@ -167,7 +167,7 @@ def test_cuda_checkpoint_resumes_the_runs_generator(tmp_path) -> None:
     CPU to be set, and the resumed generator draws what the saved one would have."""
     from jestclip.train.config import TrainConfig
     from jestclip.train.rundir import RunDir
-    from jestclip.train.setup import build_state
+    from jestclip.train.startup import build_state
 
     cfg = TrainConfig(run_dir=str(tmp_path), model="jest-micro", device="cuda")
     state = build_state(cfg, CUDA)

@@ -127,10 +127,10 @@ def test_an_os_error_of_a_read_only_place_or_a_full_disk_is_one_line():
 
 
 def test_train_checks_its_run_directory_before_anything(tmp_path, read_only, capsys, monkeypatch):
-    from jestclip.train import loop
+    from jestclip.train import startup
 
     make_shards(tmp_path / "shards", 2, 4)
-    monkeypatch.setattr(loop, "build_state", must_not_run)
+    monkeypatch.setattr(startup, "build_state", must_not_run)
     (tmp_path / "ro").mkdir()
     read_only(tmp_path / "ro")
     argv = ["train", "configs/iid.py", "--quick", f"run_dir={tmp_path / 'ro' / 'run'}"]

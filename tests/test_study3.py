@@ -10,7 +10,7 @@ from experiments import study3
 from jestclip.report.compare import verdict
 from jestclip.train.config import apply_overrides, load_recipe
 from jestclip.train.schedule import super_batches
-from jestclip.train.setup import StepCosts
+from jestclip.train.startup import StepCosts
 
 from .test_study2 import ROOT
 

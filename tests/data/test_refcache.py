@@ -421,7 +421,7 @@ def test_lookup_joins_by_shard_and_key(tmp_path):
 
 
 def test_the_training_loop_passes_shard_urls(monkeypatch):
-    from jestclip.train import setup
+    from jestclip.train import startup
 
     seen = []
 
@@ -432,7 +432,9 @@ def test_the_training_loop_passes_shard_urls(monkeypatch):
     batch = SimpleNamespace(
         keys=["k"], urls=["u.tar"], images=torch.zeros(1, 3, 2, 2), texts=["t"], digests=[7], meta=[{}]
     )
-    setup.to_device(batch, lambda texts: torch.zeros(1, 2, dtype=torch.long), Recorder(), torch.device("cpu"))
+    startup.to_device(
+        batch, lambda texts: torch.zeros(1, 2, dtype=torch.long), Recorder(), torch.device("cpu")
+    )
     assert seen == [(["k"], ["u.tar"], [7])]  # the content digests too: a changed sample is caught
 
 
@@ -675,7 +677,7 @@ def test_local_shards_may_use_a_cache_directory_too(tmp_path):
 
 def test_training_opens_the_cache_directory_of_its_config(tmp_path):
     from jestclip.train.config import TrainConfig
-    from jestclip.train.setup import open_reference
+    from jestclip.train.startup import open_reference
 
     urls = [f"pipe:cat {u}" for u in make_shards(tmp_path, 1, 2)]
     toy_cache(urls, cache_dir=tmp_path / "cache")

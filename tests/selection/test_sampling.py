@@ -241,7 +241,7 @@ def test_groups_and_an_exchange_are_exclusive():
 
 def _thread_exchanges(world: int):
     """``world`` DistributedExchanges for threads of one process: all-gather through a shared board."""
-    from jestclip.train.distributed import DistributedExchange
+    from jestclip.selection.sampling import DistributedExchange
 
     slots: list[torch.Tensor | None] = [None] * world
     barrier = threading.Barrier(world, timeout=60)

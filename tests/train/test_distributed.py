@@ -1,9 +1,11 @@
 """Data parallelism on 2 CPU processes (gloo): distributed joint selection equals one-process selection with
-per-rank groups; DDP learning with open_clip's distributed losses equals one-process learning."""
+per-rank groups (and is what the selector registry runs under torch.distributed); DDP learning with
+open_clip's distributed losses equals one-process learning."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,8 +13,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from jestclip.selection import CandidateGroups, LocalExchange, independent_select, joint_select
-from jestclip.train.distributed import distributed_independent_select, distributed_joint_select
+from jestclip.selection import (
+    SELECTORS,
+    CandidateGroups,
+    LocalExchange,
+    distributed_independent_select,
+    distributed_joint_select,
+    independent_select,
+    joint_select,
+)
 
 from ..selection.helpers import learner_and_reference
 
@@ -40,6 +49,19 @@ def _worker(rank: int, store: str, out: str, loss: str, scoring: str) -> None:
         independent = distributed_independent_select(
             *shard, generator=torch.Generator().manual_seed(11), **kwargs
         )
+        # the registry runs each selector's distributed form under torch.distributed
+        settings = SimpleNamespace(
+            n_chunks=4, independent_context="unconditional", independent_method="sample"
+        )
+        for name, expected in (("joint", local), ("independent", independent)):
+            chosen = SELECTORS[name].select(
+                *shard, settings, generator=torch.Generator().manual_seed(11), world_size=WORLD, **kwargs
+            )
+            assert torch.equal(chosen, expected), name
+        explicit = distributed_joint_select(  # the chunk-update backend reaches the distributed form too
+            *shard, n_chunks=4, generator=torch.Generator().manual_seed(11), backend="torch", **kwargs
+        )
+        assert torch.equal(explicit[1], global_)
         torch.save({"local": local, "global": global_, "independent": independent}, f"{out}.{rank}")
 
 
@@ -184,7 +206,7 @@ def test_data_parallel_jest_step_equals_single_process_step(tmp_path):
 def _overlap_worker(rank: int, store: str, out: str, cfg) -> None:
     """Two updates through ``build_state`` and ``learn``, recording each gradient bucket's all-reduce."""
     from jestclip.train.loop import learn
-    from jestclip.train.setup import Placement, build_state
+    from jestclip.train.startup import Placement, build_state
 
     from .test_steps import synthetic_batch
 

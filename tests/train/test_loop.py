@@ -144,7 +144,7 @@ def test_a_run_saved_before_a_config_key_existed_resumes_at_its_default(tmp_path
 
 
 def test_the_stream_decodes_jpegs_for_the_learner_input_size_unless_told_not_to(shards):
-    from jestclip.train.setup import Placement, open_stream
+    from jestclip.train.startup import Placement, open_stream
 
     where = Placement(torch.device("cpu"))
     for draft, expected in ((True, 32), (False, None)):
@@ -288,7 +288,7 @@ def test_a_checkpoint_without_data_position_resumes_by_replaying(tmp_path, shard
 
 def test_resume_refuses_a_data_position_of_another_world_size(tmp_path, shards):
     from jestclip.models import image_transform
-    from jestclip.train.setup import Placement, open_stream, resume_batches
+    from jestclip.train.startup import Placement, open_stream, resume_batches
 
     cfg = config(tmp_path / "run", shards, "iid")
     stream = open_stream(cfg, shards, image_transform("jest-micro"), Placement(torch.device("cpu")))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 
 from jestclip.models import ForwardFlops
-from jestclip.selection import SCORINGS
-from jestclip.train import METHODS, MethodConfig, TrainConfig, get_method
+from jestclip.selection import SCORINGS, SELECTORS
+from jestclip.train import METHODS, Method, MethodConfig, TrainConfig, get_method
 from jestclip.train.steps import (
     contrastive_learning_loss,
     learn_batch_step,
@@ -98,3 +99,15 @@ def test_descriptions_state_what_each_method_needs():
     with pytest.raises(ValueError, match=r"method\.method = 'random' is not one of"):
         MethodConfig("random")
     assert TrainConfig(method=MethodConfig("iid", batch_size=32)).super_batch == 32
+
+
+def test_a_method_names_a_registered_selector_and_its_settings_are_method_config_fields():
+    """A selector reads its settings by name from the method's settings (``Selector.settings``): each is a
+    ``MethodConfig`` field; a method naming no registered selector is refused when described."""
+    fields = {f.name for f in dataclasses.fields(MethodConfig)}
+    for selector in SELECTORS.values():
+        assert set(selector.settings) <= fields, selector.name
+    assert {m.selector for m in METHODS.values() if m.selects} <= set(SELECTORS)
+    known = r"selector must be one of \('joint', 'independent'\) or None, got 'greedy'"
+    with pytest.raises(ValueError, match=f"method 'greedy': {known}"):
+        Method("greedy", "select greedily", select_and_learn_step, selector="greedy")

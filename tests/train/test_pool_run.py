@@ -76,7 +76,7 @@ def test_open_stream_picks_the_pool_and_a_checkpoint_without_position_starts_whe
     from jestclip.data import SuperBatchStream
     from jestclip.data.pool import MemoryPool
     from jestclip.models import image_transform
-    from jestclip.train.setup import Placement, open_stream, resume_batches
+    from jestclip.train.startup import Placement, open_stream, resume_batches
 
     cfg, where = pool_config(tmp_path / "run", shards, "jest"), Placement(torch.device("cpu"))
     transform = image_transform("jest-micro")

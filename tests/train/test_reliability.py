@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import jestclip.train.loop as loop
+import jestclip.train.startup as startup
 from jestclip.models import (
     create_model,
     model_fingerprint,
@@ -332,15 +333,16 @@ def sigterm_guard():
 
 
 def sigterm_during(monkeypatch, name: str) -> list[str]:
-    """Send this process SIGTERM when ``loop.NAME`` is called, then call it; the list says whether it ran."""
-    real, ran = getattr(loop, name), []
+    """Send this process SIGTERM when ``startup.NAME`` is called, then call it; the list says whether it
+    ran."""
+    real, ran = getattr(startup, name), []
 
     def with_sigterm(*args, **kw):
         os.kill(os.getpid(), signal.SIGTERM)
         ran.append(name)
         return real(*args, **kw)
 
-    monkeypatch.setattr(loop, name, with_sigterm)
+    monkeypatch.setattr(startup, name, with_sigterm)
     return ran
 
 
@@ -413,7 +415,7 @@ def test_a_killed_loader_worker_ends_the_run_in_one_line_naming_the_last_checkpo
 
     from jestclip.commands.common import exit_status
 
-    marker, real = tmp_path / "killed", loop.image_transform
+    marker, real = tmp_path / "killed", startup.image_transform
 
     def killing(name):
         transform, seen = real(name), []
@@ -432,7 +434,7 @@ def test_a_killed_loader_worker_ends_the_run_in_one_line_naming_the_last_checkpo
     )
     whole = dataclasses.replace(cfg, run_dir=str(tmp_path / "whole"))
     train(whole, progress=False)
-    monkeypatch.setattr(loop, "image_transform", killing)
+    monkeypatch.setattr(startup, "image_transform", killing)
     with pytest.raises(loop.Interrupted) as caught:
         train(cfg, progress=False)
     message = str(caught.value)
@@ -446,7 +448,7 @@ def test_a_killed_loader_worker_ends_the_run_in_one_line_naming_the_last_checkpo
     run = RunDir(cfg.run_dir)
     assert Path(found[2]) == run.latest_checkpoint() and int(found[3]) == run.checkpoint_step(Path(found[2]))
     assert exit_status(caught.value) == (75, message)  # "interrupted, rerun to resume", not "stopped itself"
-    monkeypatch.setattr(loop, "image_transform", real)
+    monkeypatch.setattr(startup, "image_transform", real)
     assert train(cfg, progress=False)["step"] == 12  # the rerun resumes, bitwise
     a = torch.load(Path(whole.run_dir) / "model.pt", weights_only=True)
     b = torch.load(run.model_file, weights_only=True)
@@ -593,9 +595,9 @@ def test_a_resume_restores_the_global_rng_after_startup_draws(tmp_path, shards, 
         torch.rand(3)
         return measure(*args, **kw)
 
-    measure = loop.StepCosts.measure
+    measure = startup.StepCosts.measure
     monkeypatch.setattr(loop, "learn", dropout_in_the_model)
-    monkeypatch.setattr(loop.StepCosts, "measure", staticmethod(startup_draw))
+    monkeypatch.setattr(startup.StepCosts, "measure", staticmethod(startup_draw))
     whole = config(tmp_path / "whole", shards, "iid", steps=4)
     train(whole, progress=False)
     parts = config(tmp_path / "parts", shards, "iid", steps=4, stop_after=2)

@@ -29,7 +29,7 @@ from jestclip.train.schedule import (
     super_batch_at,
     super_batches,
 )
-from jestclip.train.setup import StepCosts, scheduled_steps
+from jestclip.train.startup import StepCosts, scheduled_steps
 
 from ..data.test_loader import make_shards
 from .test_loop import cached_shards, config, same_run

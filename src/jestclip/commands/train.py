@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if budget is not None:
         import dataclasses
 
-        from jestclip.train.setup import scheduled_steps
+        from jestclip.train.startup import scheduled_steps
 
         cfg = dataclasses.replace(cfg, steps=scheduled_steps(cfg, budget))
         print(f"train: {cfg.steps} steps fit a budget of {budget:.4g} FLOPs")

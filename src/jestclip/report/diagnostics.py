@@ -162,7 +162,7 @@ def run_embeddings(
     reference its cached embeddings (None when its method needs none).
     """
     from jestclip.data.loader import expand_urls
-    from jestclip.train.setup import Placement, open_reference, open_stream, to_device
+    from jestclip.train.startup import Placement, open_reference, open_stream, to_device
     from jestclip.train.steps import score_embeddings
     from jestclip.train.trained import load_trained
 

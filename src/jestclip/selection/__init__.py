@@ -1,4 +1,5 @@
-"""Joint example selection as pure tensor math: no models, no I/O.
+"""Joint example selection as pure tensor math: no models, no I/O (the distributed forms all-gather through
+torch.distributed).
 
 Public API::
 
@@ -8,9 +9,11 @@ Public API::
     joint_select(learner, reference, size=, n_chunks=, scoring=, loss=, gain=, generator=, groups=,
                  backend=) -> [size]                # backend: fused.BACKENDS (torch | triton-<p> | ...)
     independent_select(learner, reference, size=, scoring=, loss=, context=, method=, gain=, generator=)
+    distributed_joint_select / distributed_independent_select(...)  # this rank's shard (torch.distributed)
+    SELECTORS["joint" | "independent"].select(learner, reference, settings, size=, ..., world_size=)
     reference_scores(fetch, n, score=, loss=, batch_size=, seed=) -> [N]   # static filter (DataComp)
     keep_mask(scores, keep) / score_threshold(scores, keep)
-    Exchange / LocalExchange(groups)               # where candidates live: joint_select(..., exchange=)
+    Exchange / LocalExchange(groups) / DistributedExchange(group)  # where candidates live: exchange=
     gibbs_select(...)                               # brute-force diagnostic (Figure 2)
     steered_loss(image, text, scale, bias, reference, loss)  # DRRho-style loss: learner minus reference
     dense_* / pair_score_matrix                     # O(B²) oracle for small B
@@ -40,16 +43,28 @@ from jestclip.selection.filter import (
     reference_scores,
     score_threshold,
 )
-from jestclip.selection.independent import independent_scores, independent_select
-from jestclip.selection.joint import DEFAULT_GAIN, batch_score, conditional_scores, joint_select
+from jestclip.selection.independent import (
+    distributed_independent_select,
+    independent_scores,
+    independent_select,
+)
+from jestclip.selection.joint import (
+    DEFAULT_GAIN,
+    batch_score,
+    conditional_scores,
+    distributed_joint_select,
+    joint_select,
+)
 from jestclip.selection.sampling import (
     CandidateGroups,
+    DistributedExchange,
     Exchange,
     LocalExchange,
     chunk_sizes,
     group_chunk_counts,
 )
 from jestclip.selection.scoring import SCORINGS, ConditionalScores, NonFiniteCandidatesWarning, Scoring
+from jestclip.selection.selectors import SELECTORS, Selector, get_selector
 from jestclip.selection.steering import steered_loss
 
 __all__ = [
@@ -57,8 +72,10 @@ __all__ = [
     "FILTER_SCORES",
     "LOSSES",
     "SCORINGS",
+    "SELECTORS",
     "CandidateGroups",
     "ConditionalScores",
+    "DistributedExchange",
     "Embeddings",
     "Exchange",
     "GibbsTrace",
@@ -66,6 +83,7 @@ __all__ = [
     "Loss",
     "NonFiniteCandidatesWarning",
     "Scoring",
+    "Selector",
     "batch_score",
     "chunk_sizes",
     "clip_scores",
@@ -73,6 +91,9 @@ __all__ = [
     "dense_batch_score",
     "dense_conditional_scores",
     "dense_joint_select",
+    "distributed_independent_select",
+    "distributed_joint_select",
+    "get_selector",
     "gibbs_select",
     "group_chunk_counts",
     "independent_scores",

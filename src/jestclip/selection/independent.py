@@ -1,6 +1,10 @@
-"""The paper's baseline: independent prioritisation, each example scored on its own."""
+"""The paper's baseline: independent prioritisation, each example scored on its own; the ``independent``
+selector (``selectors.SELECTORS``): ``independent_select`` on one process, ``distributed_independent_select``
+on a super-batch sharded over torch.distributed ranks."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -8,10 +12,18 @@ from torch import Tensor
 from jestclip.selection.checks import check_gain, full_precision
 from jestclip.selection.embeddings import Embeddings
 from jestclip.selection.joint import DEFAULT_GAIN
-from jestclip.selection.sampling import Exchange, LocalExchange
+from jestclip.selection.sampling import DistributedExchange, Exchange, LocalExchange
 from jestclip.selection.scoring import ConditionalScores, resolve_inputs, warn_unusable
 
-__all__ = ["CONTEXTS", "METHODS", "independent_scores", "independent_select"]
+__all__ = [
+    "CONTEXTS",
+    "INDEPENDENT",
+    "METHODS",
+    "IndependentSelector",
+    "distributed_independent_select",
+    "independent_scores",
+    "independent_select",
+]
 
 CONTEXTS: tuple[str, ...] = ("unconditional", "superbatch")
 METHODS: tuple[str, ...] = ("sample", "topk")
@@ -79,3 +91,76 @@ def independent_select(
         # mask after scaling: gain = 0 would turn -inf into nan
         scores = torch.where(inputs.usable, scores * gain + noise, float("-inf"))
     return exchange.pick(scores, [size], 0)
+
+
+def distributed_independent_select(
+    learner: Embeddings | None,
+    reference: Embeddings | None,
+    *,
+    size: int,
+    scoring: str = "learnability",
+    loss: str = "sigmoid",
+    method: str = "sample",
+    gain: float = DEFAULT_GAIN,
+    generator: torch.Generator,
+    group=None,
+) -> Tensor:
+    """Independent prioritisation on a super-batch sharded over the W ranks of the torch.distributed
+    ``group`` (default: the world): each rank takes its ``size / W`` best candidates by unconditional score
+    (perturbed by its slice of the shared Gumbel draw when ``method="sample"``; ``generator`` seeded
+    identically on every rank).
+
+    Returns this rank's ``[size / W]`` picks as indices into its own ``[B_local]`` candidates. Only the
+    unconditional context: a per-example loss against the whole super-batch would need every rank's
+    embeddings.
+    """
+    return independent_select(
+        learner,
+        reference,
+        size=size,
+        scoring=scoring,
+        loss=loss,
+        context="unconditional",
+        method=method,
+        gain=gain,
+        generator=generator,
+        exchange=DistributedExchange(group),
+    )
+
+
+class IndependentSelector:
+    """The ``independent`` selector (``selectors.Selector``); reads ``settings.independent_context``
+    (``CONTEXTS``) and ``settings.independent_method`` (``METHODS``)."""
+
+    name = "independent"
+    settings = ("independent_context", "independent_method")
+
+    def select(
+        self,
+        learner: Embeddings | None,
+        reference: Embeddings | None,
+        settings: Any,
+        *,
+        size: int,
+        scoring: str,
+        loss: str,
+        gain: float,
+        generator: torch.Generator | None,
+        world_size: int = 1,
+    ) -> Tensor:
+        """``[size / world_size]`` indices into this process's candidates: ``independent_select`` on one
+        process, ``distributed_independent_select`` under torch.distributed (a ValueError unless
+        ``independent_context`` is ``"unconditional"``)."""
+        common = dict(size=size, scoring=scoring, loss=loss, gain=gain, generator=generator)
+        method = settings.independent_method
+        if world_size > 1:
+            if settings.independent_context != "unconditional":
+                raise ValueError(
+                    "distributed independent selection needs independent_context='unconditional'"
+                )
+            return distributed_independent_select(learner, reference, method=method, **common)
+        context = settings.independent_context
+        return independent_select(learner, reference, context=context, method=method, **common)
+
+
+INDEPENDENT = IndependentSelector()

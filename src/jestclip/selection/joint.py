@@ -1,4 +1,6 @@
-"""Joint example selection (JEST): chunked conditional sampling of a sub-batch from a super-batch.
+"""Joint example selection (JEST): chunked conditional sampling of a sub-batch from a super-batch; the
+``joint`` selector (``selectors.SELECTORS``): ``joint_select`` on one process, ``distributed_joint_select`` on
+a super-batch sharded over torch.distributed ranks.
 
 Memory is O(B·D) plus one bounded ``[B, rows]`` logit tile (none with a fused backend); see
 ``contrastive.py`` and ``fused.py``.
@@ -6,13 +8,22 @@ Memory is O(B·D) plus one bounded ``[B, rows]`` logit tile (none with a fused b
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from jestclip.selection.checks import check_count, check_gain, check_indices, full_precision
 from jestclip.selection.embeddings import Embeddings
 from jestclip.selection.fused import check_backend
-from jestclip.selection.sampling import CandidateGroups, Exchange, as_exchange, chunk_sizes, draw_chunks
+from jestclip.selection.sampling import (
+    CandidateGroups,
+    DistributedExchange,
+    Exchange,
+    as_exchange,
+    chunk_sizes,
+    draw_chunks,
+)
 from jestclip.selection.scoring import (
     GATHER_BLOCK,
     ConditionalScores,
@@ -21,7 +32,15 @@ from jestclip.selection.scoring import (
     warn_unusable,
 )
 
-__all__ = ["DEFAULT_GAIN", "batch_score", "conditional_scores", "joint_select"]
+__all__ = [
+    "DEFAULT_GAIN",
+    "JOINT",
+    "JointSelector",
+    "batch_score",
+    "conditional_scores",
+    "distributed_joint_select",
+    "joint_select",
+]
 
 # Algorithm 2's `softmax_score_gain`: the inverse temperature of every sampling step.
 DEFAULT_GAIN = 100.0
@@ -146,3 +165,73 @@ def joint_select(
         generator=generator,
         exchange=exchange,
     )
+
+
+def distributed_joint_select(
+    learner: Embeddings | None,
+    reference: Embeddings | None,
+    *,
+    size: int,
+    n_chunks: int = 16,
+    scoring: str = "learnability",
+    loss: str = "sigmoid",
+    gain: float = DEFAULT_GAIN,
+    generator: torch.Generator,
+    group=None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``joint_select`` of ``size`` of the ``W·B_local`` candidates sharded over the W ranks of the
+    torch.distributed ``group`` (default: the world), through a ``DistributedExchange``.
+
+    learner, reference: this rank's ``[B_local, D]`` embeddings (the same ``B_local`` on every rank).
+    generator: seeded identically on every rank (a CPU generator is simplest). ``n_chunks`` is capped at
+    ``size``; ``backend`` as in ``joint_select``. Returns ``(local, global_)``: this rank's ``[size / W]``
+    picks as indices into its own candidates, and the whole ``[size]`` selection as global indices in
+    selection order (the same on every rank), which equals ``joint_select`` on the concatenated candidates
+    with one group per rank of quota ``size / W``.
+    """
+    exchange = DistributedExchange(group)
+    chosen = joint_select(
+        learner,
+        reference,
+        size=size,
+        n_chunks=min(n_chunks, size),
+        scoring=scoring,
+        loss=loss,
+        gain=gain,
+        generator=generator,
+        exchange=exchange,
+        backend=backend,
+    )
+    n_local = (learner if learner is not None else reference).n
+    return exchange.local(chosen, n_local), chosen
+
+
+class JointSelector:
+    """The ``joint`` selector (``selectors.Selector``); reads ``settings.n_chunks`` (capped at ``size``)."""
+
+    name = "joint"
+    settings = ("n_chunks",)
+
+    def select(
+        self,
+        learner: Embeddings | None,
+        reference: Embeddings | None,
+        settings: Any,
+        *,
+        size: int,
+        scoring: str,
+        loss: str,
+        gain: float,
+        generator: torch.Generator | None,
+        world_size: int = 1,
+    ) -> Tensor:
+        """``[size / world_size]`` indices into this process's candidates: ``joint_select``'s selection on
+        one process, this rank's picks of ``distributed_joint_select``'s under torch.distributed."""
+        common = dict(size=size, scoring=scoring, loss=loss, gain=gain, generator=generator)
+        if world_size > 1:
+            return distributed_joint_select(learner, reference, n_chunks=settings.n_chunks, **common)[0]
+        return joint_select(learner, reference, n_chunks=min(settings.n_chunks, size), **common)
+
+
+JOINT = JointSelector()

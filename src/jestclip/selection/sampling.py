@@ -5,8 +5,8 @@ sampling, i.e. Plackett-Luce) is the top-``n`` of ``logit_k + Gumbel noise``: no
 overflow, and never a duplicate.
 
 ``draw_chunks`` is the one chunked sampler. Where the candidates live is an ``Exchange``: ``LocalExchange``
-holds all of them in this process; a data-parallel trainer passes one that holds this rank's shard and
-all-gathers each chunk's picks (``jestclip.train.distributed.DistributedExchange``).
+holds all of them in this process; ``DistributedExchange`` holds one torch.distributed rank's shard and
+all-gathers each chunk's picks and rows (a data-parallel trainer's).
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from jestclip.selection.checks import check_count, check_generator
 
 __all__ = [
     "CandidateGroups",
+    "DistributedExchange",
     "Exchange",
     "LocalExchange",
     "as_exchange",
@@ -217,6 +219,84 @@ class LocalExchange:
 
     def rows(self, chunk: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
         return [x[chunk] for x in tensors]
+
+
+class DistributedExchange:
+    """The ``Exchange`` of rank r of a torch.distributed ``group`` of W ranks (default: the world), holding
+    ``n`` candidates, global indices ``[r·n, (r+1)·n)`` (the same ``n`` on every rank). In each chunk:
+
+    1. every rank draws the same ``[W·n]`` Gumbel noise from the identically seeded generator and takes its
+       slice;
+    2. each rank picks its quota for this chunk (``group_chunk_counts``) from its own candidates;
+    3. the picks' global indices and perturbed scores are all-gathered and ordered as ``LocalExchange``
+       orders them; before the next chunk, their rows are all-gathered and absorbed by every rank.
+
+    So every rank ends with the same global selection — identical to ``LocalExchange`` with one group per
+    rank on the concatenated candidates — and no image moves between ranks, only the chosen rows.
+    """
+
+    def __init__(self, group=None) -> None:
+        self.group = group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+
+    def _gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``[m, ...]`` tensor concatenated in rank order: ``[W·m, ...]``."""
+        out = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(out, tensor.contiguous(), group=self.group)
+        return torch.cat(out)
+
+    def _counts(self, sizes: Sequence[int], t: int) -> list[int]:
+        return group_chunk_counts([sum(sizes) // self.world] * self.world, sizes)[t]
+
+    def check(self, size: object, usable: Tensor, generator: torch.Generator | None, caller: str) -> int:
+        held = self._gather(torch.tensor([usable.numel(), int(usable.sum())], device=usable.device))
+        n, n_usable = held[0::2].tolist(), held[1::2].tolist()
+        if len(set(n)) != 1:
+            raise ValueError(f"{caller}: every rank must hold the same number of candidates, got {n}")
+        size = check_count(size, "size", 1, self.world * n[0], "B", caller)
+        if size % self.world:
+            raise ValueError(f"{caller}: size={size} must be divisible by the world size {self.world}")
+        short = [r for r, u in enumerate(n_usable) if u < size // self.world]
+        if short:
+            raise ValueError(
+                f"{caller}: rank(s) {short} hold fewer than {size // self.world} usable candidates"
+            )
+        return size
+
+    def noise(
+        self, n: int, *, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        if not isinstance(generator, torch.Generator):
+            raise ValueError("distributed sampling needs a torch.Generator seeded identically on every rank")
+        draw = gumbel_noise(self.world * n, generator=generator, device=generator.device, dtype=dtype)
+        return draw[self.rank * n : (self.rank + 1) * n].to(device)
+
+    def pick(self, perturbed: Tensor, sizes: Sequence[int], t: int) -> Tensor:
+        return torch.topk(perturbed, self._counts(sizes, t)[self.rank]).indices
+
+    def share(self, picks: Tensor, perturbed: Tensor, sizes: Sequence[int], t: int) -> Tensor:
+        pad = max(self._counts(sizes, t)) - picks.numel()  # all-gather needs equal shapes
+        index = self._gather(torch.cat([picks + self.rank * perturbed.numel(), picks.new_full((pad,), -1)]))
+        value = self._gather(torch.cat([perturbed[picks], perturbed.new_zeros(pad)]))
+        real = index >= 0
+        return index[real][torch.argsort(value[real], descending=True, stable=True)]
+
+    def rows(self, chunk: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
+        n = tensors[0].shape[0]
+        owner = chunk // n
+        per_rank = torch.bincount(owner, minlength=self.world)
+        width = int(per_rank.max())
+        mine = chunk[owner == self.rank] - self.rank * n
+        real = (torch.arange(width, device=chunk.device) < per_rank[:, None]).flatten()
+        back = torch.argsort(torch.argsort(owner, stable=True))  # gathered (rank-major) order -> chunk order
+        return [
+            self._gather(torch.cat([x[mine], x.new_zeros(width - mine.numel(), *x.shape[1:])]))[real][back]
+            for x in tensors
+        ]
+
+    def local(self, indices: Tensor, n: int) -> Tensor:
+        """This rank's entries of the global ``indices`` as indices into its ``n`` candidates, in order."""
+        return indices[indices // n == self.rank] - self.rank * n
 
 
 def as_exchange(

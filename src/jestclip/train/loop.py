@@ -1,5 +1,6 @@
-"""The training run: for each super-batch, one method step and one optimiser update; around it, logging,
-periodic evaluation, checkpoints and exact resume.
+"""The training run's step loop: for each super-batch, one method step and one optimiser update; around it,
+logging, periodic evaluation, checkpoints and how a run ends. What the loop starts from (the run directory
+checked, the state built or resumed, reference cache, keep list, data stream) is ``startup.start``.
 
 A run writes its directory (``rundir.RunDir``): the resolved config, a metrics line every ``log_every`` steps
 (and, with ``eval_data``, an evaluation line at step 0, every ``eval_every`` steps and at the end),
@@ -45,30 +46,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from jestclip.data.files import check_writable
-from jestclip.data.keeplist import KeepList
-from jestclip.data.loader import ResumableBatches, SuperBatch, dead_loader_worker, expand_urls
+from jestclip.data.loader import ResumableBatches, SuperBatch, dead_loader_worker
 from jestclip.data.progress import progress as progress_bar
-from jestclip.data.refcache import ReferenceCache
 from jestclip.eval import check_labels, evaluate, find_suites, flat_metrics
-from jestclip.models import StepFlops, image_transform, tokenizer
+from jestclip.models import StepFlops
 from jestclip.models.factory import logit_params
 from jestclip.signals import deliver_again, inside_import
-from jestclip.train.config import TrainConfig, to_dict, with_defaults
+from jestclip.train.config import TrainConfig
 from jestclip.train.methods import run_step
 from jestclip.train.rundir import CheckpointWriteError, NonFiniteStateError, RunDir
-from jestclip.train.setup import (
-    Counters,
-    Placement,
-    StepCosts,
-    TrainState,
-    build_state,
-    open_reference,
-    open_stream,
-    place,
-    resume_batches,
-    to_device,
-)
+from jestclip.train.startup import Counters, Placement, StepCosts, TrainState, start, to_device
 from jestclip.train.steps import StepOutput, SuperBatchTensors, score_embeddings
 
 __all__ = [
@@ -81,21 +68,6 @@ __all__ = [
     "TrainingDiverged",
     "train",
 ]
-
-# config keys that may differ between the run that wrote a checkpoint and the one resuming it
-_RESUMABLE_CHANGES = {
-    "run_dir",
-    "stop_after",
-    "num_workers",
-    "draft_decode",
-    "device",
-    "log_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "max_bad_steps",
-    "reference_fingerprint",
-    "reference_cache_dir",
-}
 
 
 class TrainingDiverged(RuntimeError):
@@ -120,85 +92,6 @@ class OutOfMemory(RuntimeError):
 class FinalEvaluationFailed(RuntimeError):
     """The run trained to ``steps`` and wrote its final checkpoint and weights, then its final evaluation
     failed; rerunning the same command evaluates again without training."""
-
-
-def _prepare_run_dir(run: RunDir, cfg: TrainConfig, where: Placement) -> bool:
-    """Remove leftover ``*.tmp`` files and write the resolved config (refusing to resume a different run);
-    whether there is a checkpoint to resume from."""
-    resuming = run.latest_checkpoint() is not None
-    if where.is_main:
-        check_writable(run.path, "run directory", "set run_dir=DIR to write the run elsewhere")
-        run.clean_tmp()
-        if resuming:
-            saved, current = with_defaults(run.read_config()), to_dict(cfg)
-            changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
-            if changed:
-                raise ValueError(
-                    f"{run.path} holds a run with a different config ({changed}); use another run_dir"
-                )
-        run.write_config(to_dict(cfg))
-    where.barrier()
-    return resuming
-
-
-def _start_state(run: RunDir, cfg: TrainConfig, where: Placement) -> TrainState:
-    """A fresh state, or the newest checkpoint that loads (newer ones that do not are set aside as
-    ``*.corrupt``); the metrics lines past its step are dropped."""
-    resuming = _prepare_run_dir(run, cfg, where)
-    state = build_state(cfg, where.device)
-    loaded = run.load_latest(where.device) if resuming else None
-    if loaded is not None:
-        state.load_state_dict(loaded[1])
-    where.barrier()  # every rank has loaded before rank 0 renames or rewrites anything
-    if where.is_main:
-        if loaded is not None:
-            run.set_aside_newer(loaded[0])
-        run.truncate_metrics(state.counters.step)
-        run.truncate_tensorboard(state.counters.step)  # every log a run keeps: each step once
-    return state
-
-
-def _model_name(record: dict[str, Any]) -> str:
-    return f"{record['model']} ({record['fingerprint'][:12]})"
-
-
-def _check_reference(run: RunDir, reference: ReferenceCache | None, where: Placement, resuming: bool) -> None:
-    """Record the reference cache's model in the run directory on a run's first start; on resume, a cache
-    that now holds another model's embeddings is a ValueError."""
-    if reference is None:
-        return
-    current = {
-        "name": reference.name,
-        "model": reference.meta.model,
-        "fingerprint": reference.meta.fingerprint,
-    }
-    recorded = run.read_reference() if resuming else None
-    if recorded is not None and recorded["fingerprint"] != current["fingerprint"]:
-        raise ValueError(
-            f"reference cache {reference.name!r} now holds model {_model_name(current)}'s embeddings but "
-            f"this run was trained with model {_model_name(recorded)}'s; re-cache with {recorded['model']} "
-            "or start a new run_dir"
-        )
-    if where.is_main and recorded != current:
-        run.write_reference(current)
-
-
-def _check_keep_list(run: RunDir, cfg: TrainConfig, where: Placement, resuming: bool) -> None:
-    """Record the keep list's identity (the SHA-256 of its ``keep.json``) in the run directory on a run's
-    first start; on resume, a keep list written anew at the same path (other pairs kept) is a ValueError."""
-    if cfg.keep_list is None:
-        return
-    keep = KeepList(cfg.keep_list)
-    current = {"path": str(keep.path), "sha256": keep.sha256, "kept": keep.kept, "keep": keep.header["keep"]}
-    recorded = run.read_keep_list() if resuming else None
-    if recorded is not None and recorded["sha256"] != current["sha256"]:
-        raise ValueError(
-            f"keep list {keep.path} was written again since this run started (keep.json sha256 "
-            f"{recorded['sha256'][:12]} then, {current['sha256'][:12]} now; {recorded['kept']} pairs kept "
-            f"then, {current['kept']} now); resume with the keep list it started with or start a new run_dir"
-        )
-    if where.is_main and recorded != current:
-        run.write_keep_list(current)
 
 
 class RunOutputs:
@@ -494,31 +387,23 @@ def interrupted_message(why: str, step: int, out: RunOutputs) -> str:
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run ``cfg`` describes; return the last metrics line. Raises ``Preempted``,
     ``Interrupted``, ``OutOfMemory``, ``TrainingDiverged``, ``CheckpointWriteError`` or
-    ``FinalEvaluationFailed`` (see the module docstring); a KeyboardInterrupt names the last checkpoint."""
+    ``FinalEvaluationFailed`` (see the module docstring), and what ``startup.start`` raises; a
+    KeyboardInterrupt names the last checkpoint."""
     run = RunDir(cfg.run_dir)
     with _Sigterm(run) as sigterm:  # first of all: a SIGTERM while starting stops the run at once
-        where = place(cfg)
-        state = _start_state(run, cfg, where)
-        rng = torch.get_rng_state()  # the checkpoint's (or seeded init's), set again after startup
-        urls = expand_urls(cfg.data)
-        reference = open_reference(cfg, urls)  # validates every sidecar before training
-        _check_reference(run, reference, where, resuming=state.counters.step > 0)
-        _check_keep_list(run, cfg, where, resuming=state.counters.step > 0)
-        costs = StepCosts.measure(cfg, state.model)
-        transform, tokenize = image_transform(cfg.model), tokenizer(cfg.model)
-        stream = open_stream(cfg, urls, transform, where, progress=progress)
-        batches = resume_batches(stream, cfg, state.counters.step, state.data)
-        evaluator = Evaluator(cfg, where, transform, tokenize)
+        started = start(run, cfg, progress=progress)
+        where, state, tokenize, reference = started.where, started.state, started.tokenize, started.reference
+        evaluator = Evaluator(cfg, where, started.transform, tokenize)
         out = RunOutputs(run, cfg, where, state.counters.step, progress)
         try:
             if state.counters.step == 0 and evaluator.due(0):
                 evaluator(state.model, state.counters, out)  # the untrained model: where every curve starts
             sigterm.defer()
-            torch.set_rng_state(rng)  # startup drew from it (loader seeds): the steps start where the run was
+            torch.set_rng_state(started.rng)  # startup drew from it (loader seeds): steps start where it was
             steps = _Steps(
-                cfg, where, state, out, evaluator, sigterm, costs, DivergenceGuard(cfg.max_bad_steps)
+                cfg, where, state, out, evaluator, sigterm, started.costs, DivergenceGuard(cfg.max_bad_steps)
             )
-            return steps.run(batches, lambda batch: to_device(batch, tokenize, reference, where.device))
+            return steps.run(started.batches, lambda b: to_device(b, tokenize, reference, where.device))
         except (torch.OutOfMemoryError, MemoryError) as exn:  # GPU or host memory, in this process
             what = f"{type(exn).__name__}: {_one_line(exn).split('. ')[0][:200]}"
             lower = "lower method.batch_size or filter_ratio (or num_workers), then rerun to resume"

@@ -1,18 +1,18 @@
 """The training methods, one description each.
 
 A ``Method`` says what a step scores candidates with (the learner, exactly or approximately, or nothing),
-which selector it uses, whether it needs reference embeddings (per scoring rule, or for its loss), what part
-of its selection it learns approximately, which loss it learns with, and so what a step costs (appendix
-A.4). The steps, the run loop, FLOP accounting, config validation and the report all read these facts from
-here; adding a method is one ``Method`` below and, if no existing step composes it, its step function in
-``steps.py``. This module names the step functions and loss functions; ``steps`` does not import it.
+which selector it uses (a key of ``selection.selectors.SELECTORS``), whether it needs reference embeddings
+(per scoring rule, or for its loss), what part of its selection it learns approximately, which loss it learns
+with, and so what a step costs (appendix A.4). The steps, the run loop, FLOP accounting, config validation
+and the report all read these facts from here; adding a method is one ``Method`` below and, if no existing
+step composes it, its step function in ``steps.py``. This module names the step functions and loss
+functions; ``steps`` does not import it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -20,12 +20,11 @@ from torch import Tensor, nn
 from jestclip.models.approx import Approximation
 from jestclip.models.flops import ForwardFlops, StepFlops, step_flops
 from jestclip.selection.scoring import scoring_uses
+from jestclip.selection.selectors import SELECTORS
 from jestclip.train import steps
 from jestclip.train.steps import StepOutput, StepSettings, SuperBatchTensors
 
-__all__ = ["METHODS", "Method", "Selector", "get_method", "run_step", "step_method"]
-
-Selector = Literal["joint", "independent"]
+__all__ = ["METHODS", "Method", "get_method", "run_step", "step_method"]
 
 
 @dataclass(frozen=True)
@@ -35,13 +34,20 @@ class Method:
     name: str
     summary: str
     step: Callable[..., StepOutput]  # step(method, model, batch, cfg, generator, world_size=, learn_module=)
-    selector: Selector | None = None  # None: learn on the batch as drawn (no scoring, super-batch = batch)
+    selector: str | None = None  # a SELECTORS key; None: learn on the batch as drawn (super-batch = batch)
     scores_approx: bool = False  # the learner scores candidates with its approximation ``cfg.approx``
     learns_approx: bool = False  # a ``cfg.approx_fraction`` share of the selection is learned approximately
     needs_keep_list: bool = False  # trains only on the pairs a static filter kept (``TrainConfig.keep_list``)
     # the loss it learns with (this rank's share): steps.contrastive_learning_loss's signature
     learning_loss: Callable[..., Tensor] = steps.contrastive_learning_loss
     reference_in_loss: bool = False  # the loss takes the reference's embeddings (whether it selects or not)
+
+    def __post_init__(self) -> None:
+        if self.selector is not None and self.selector not in SELECTORS:
+            raise ValueError(
+                f"method {self.name!r}: selector must be one of {tuple(SELECTORS)} or None, "
+                f"got {self.selector!r}"
+            )
 
     @property
     def selects(self) -> bool:

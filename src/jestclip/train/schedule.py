@@ -14,7 +14,7 @@ Every other fact follows from one function, ``super_batch_at``: step t draws B_t
 step that does not select — outside the window, between every k-th, or where the annealed f leaves B_t = b —
 is an IID step: it draws b examples, learns on all of them exactly and costs an IID step (appendix A.4). The
 data sources serve each step's B_t (``data.SuperBatchStream(batch_sizes=...)``, ``data.pool``), the loop picks
-the step function from it and charges its FLOPs (``setup.StepCosts``), and a run scheduled for a FLOP budget
+the step function from it and charges its FLOPs (``startup.StepCosts``), and a run scheduled for a FLOP budget
 takes ``steps_for_flops`` steps.
 
 This is not in the paper, whose runs select on every step at one f; it is what users of JEST implementations

@@ -3,6 +3,8 @@
 ``MethodConfig`` is the one class: a run's config holds it (``config.TrainConfig.method``), steps and method
 descriptions read it (through the ``steps.StepSettings`` protocol, so that they need not import it). It is
 checked when built (``validation.validate``: types, ranges, the method's name against ``methods.METHODS``).
+A selector's settings are flat fields here (as in a run's ``config.json``), read by the selector by name
+(``selection.selectors``: ``Selector.settings``); a selector with new settings adds its fields here.
 The imports inside ``train/`` go one way: ``config`` → ``settings`` → ``methods`` → ``steps`` →
 ``distributed`` → ``forward``.
 """
@@ -29,12 +31,12 @@ class MethodConfig:
     batch_size: int = 256  # b, the examples learned on per step
     loss: str = "sigmoid"
     scoring: str = "learnability"
-    n_chunks: int = 16
+    n_chunks: int = 16  # the joint selector's chunks per selection (capped at batch_size)
     gain: float = DEFAULT_GAIN
     approx: Approximation = "flexi"  # the approximate learner of methods that use one (flexi-jest)
     approx_fraction: float = 0.5  # flexi-jest: share of the selected batch trained approximately
-    independent_context: str = "unconditional"  # independent: "unconditional" or "superbatch"
-    independent_method: str = "sample"  # independent: "sample" or "topk"
+    independent_context: str = "unconditional"  # the independent selector's: "unconditional" or "superbatch"
+    independent_method: str = "sample"  # the independent selector's: "sample" or "topk"
     # on which steps a selecting method selects, and at what filter ratio (default: every step, at f)
     schedule: SelectionSchedule = field(default_factory=SelectionSchedule)
 

@@ -7,7 +7,8 @@ owns the optimiser, logging and I/O.
 
 - ``learn_batch_step`` (iid, drrho): learn on the whole batch (its super-batch is the batch).
 - ``select_and_learn_step`` (jest, independent, flexi-jest): score the B candidates without gradients (the
-  learner, exact or approximate, when the scoring rule uses it), pick b with the method's selector, learn on
+  learner, exact or approximate, when the scoring rule uses it), pick b with the method's selector
+  (``selection.selectors.SELECTORS``: its local form, or its distributed form under torchrun), learn on
   them; a method that learns approximately learns a random ``approx_fraction`` of the pick with
   ``cfg.approx`` and the rest at full resolution, one loss over all of it.
 
@@ -20,8 +21,8 @@ rank passes only its ``b / W`` selected examples to its method's learning loss: 
 ``steered_learning_loss`` (the DRRho-style loss of ``selection.steered_loss``).
 
 Steps read their method's description through ``StepMethod`` and its settings through ``StepSettings`` (what
-a step reads of ``settings.MethodConfig``): they import neither ``methods`` (which names them) nor the
-settings (which name the methods).
+a step reads of ``settings.MethodConfig``; a selector reads its own fields, ``Selector.settings``): they
+import neither ``methods`` (which names them) nor the settings (which name the methods).
 """
 
 from __future__ import annotations
@@ -37,13 +38,9 @@ from torch import Tensor, nn
 
 from jestclip.models.approx import Approximation
 from jestclip.models.factory import logit_params
-from jestclip.selection import Embeddings, batch_score, independent_select, joint_select, steered_loss
-from jestclip.train.distributed import (
-    distributed_independent_select,
-    distributed_joint_select,
-    gather_rows,
-    valued_at_rank_mean,
-)
+from jestclip.selection import Embeddings, batch_score, steered_loss
+from jestclip.selection.selectors import get_selector
+from jestclip.train.distributed import gather_rows, valued_at_rank_mean
 from jestclip.train.forward import LearningForward, embed
 
 __all__ = [
@@ -86,18 +83,16 @@ class StepOutput:
 
 
 class StepSettings(Protocol):
-    """What a step reads of its method's settings (``settings.MethodConfig``)."""
+    """What a step reads of its method's settings (``settings.MethodConfig``), besides what its selector
+    reads (``Selector.settings``)."""
 
     method: str
     batch_size: int
     loss: str
     scoring: str
-    n_chunks: int
     gain: float
     approx: Approximation
     approx_fraction: float
-    independent_context: str
-    independent_method: str
 
 
 class StepMethod(Protocol):
@@ -220,19 +215,16 @@ def _select(
     world_size: int,
 ) -> Tensor:
     """``[b / W]`` indices into this rank's candidates, chosen by the method's selector."""
-    common = dict(size=cfg.batch_size, scoring=cfg.scoring, loss=cfg.loss, gain=cfg.gain, generator=generator)
-    if world_size > 1:
-        if method.selector == "joint":
-            return distributed_joint_select(learner, batch.reference, n_chunks=cfg.n_chunks, **common)[0]
-        if cfg.independent_context != "unconditional":
-            raise ValueError("distributed independent selection needs independent_context='unconditional'")
-        return distributed_independent_select(
-            learner, batch.reference, method=cfg.independent_method, **common
-        )
-    if method.selector == "joint":
-        return joint_select(learner, batch.reference, n_chunks=min(cfg.n_chunks, cfg.batch_size), **common)
-    return independent_select(
-        learner, batch.reference, context=cfg.independent_context, method=cfg.independent_method, **common
+    return get_selector(method.selector).select(
+        learner,
+        batch.reference,
+        cfg,
+        size=cfg.batch_size,
+        scoring=cfg.scoring,
+        loss=cfg.loss,
+        gain=cfg.gain,
+        generator=generator,
+        world_size=world_size,
     )
 
 

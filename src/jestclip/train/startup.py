@@ -1,6 +1,13 @@
-"""What a run is built from, apart from the step loop: where it runs, its training state, its data stream,
-its reference embeddings and what a step costs. Training (``loop.py``) and the selection diagnostics
-(``report.diagnostics``) build a run through these same functions.
+"""What a run is built from and how it starts: where it runs (``place``), its training state
+(``build_state``), its data stream from where a checkpoint left it, its reference embeddings and keep list,
+and what a step costs (``StepCosts``, ``scheduled_steps``); ``start`` assembles them for the step loop
+(``loop.train``), checking the run directory first. The selection diagnostics (``report.diagnostics``)
+rebuild a run through these same functions.
+
+Starting a run whose directory has a checkpoint resumes it: the newest checkpoint that loads (newer ones that
+do not are set aside as ``*.corrupt``), metrics lines past its step dropped. A resume refuses a directory
+holding a run of another config (other than ``_RESUMABLE_CHANGES``), and a reference cache or keep list
+changed since the run started (recorded in ``reference.json`` / ``keep_list.json``).
 """
 
 from __future__ import annotations
@@ -18,16 +25,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from jestclip.data.files import check_writable
 from jestclip.data.keeplist import KeepList
-from jestclip.data.loader import ResumableBatches, SuperBatch, SuperBatchStream
+from jestclip.data.loader import ResumableBatches, SuperBatch, SuperBatchStream, expand_urls
 from jestclip.data.pool import MemoryPool, PoolBatches
 from jestclip.data.refcache import ReferenceCache
-from jestclip.models import ForwardFlops, StepFlops, create_model, forward_flops, image_size
+from jestclip.models import (
+    ForwardFlops,
+    StepFlops,
+    create_model,
+    forward_flops,
+    image_size,
+    image_transform,
+    tokenizer,
+)
 from jestclip.train.composition import Composition, batch_quality
-from jestclip.train.config import TrainConfig, to_dict
+from jestclip.train.config import TrainConfig, to_dict, with_defaults
 from jestclip.train.distributed import data_parallel
 from jestclip.train.methods import step_method
 from jestclip.train.optim import make_optimizer, make_scheduler
+from jestclip.train.rundir import RunDir
 from jestclip.train.schedule import steps_for_flops
 from jestclip.train.settings import MethodConfig
 from jestclip.train.steps import StepOutput, SuperBatchTensors
@@ -35,6 +52,7 @@ from jestclip.train.steps import StepOutput, SuperBatchTensors
 __all__ = [
     "Counters",
     "Placement",
+    "Started",
     "StepCosts",
     "TrainState",
     "build_model",
@@ -45,6 +63,7 @@ __all__ = [
     "open_stream",
     "place",
     "scheduled_steps",
+    "start",
     "to_device",
 ]
 
@@ -385,3 +404,137 @@ def to_device(
         ),
         quality=quality.to(device) if quality is not None else None,
     )
+
+
+# config keys that may differ between the run that wrote a checkpoint and the one resuming it
+_RESUMABLE_CHANGES = {
+    "run_dir",
+    "stop_after",
+    "num_workers",
+    "draft_decode",
+    "device",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "max_bad_steps",
+    "reference_fingerprint",
+    "reference_cache_dir",
+}
+
+
+def _prepare_run_dir(run: RunDir, cfg: TrainConfig, where: Placement) -> bool:
+    """Remove leftover ``*.tmp`` files and write the resolved config (refusing to resume a different run);
+    whether there is a checkpoint to resume from."""
+    resuming = run.latest_checkpoint() is not None
+    if where.is_main:
+        check_writable(run.path, "run directory", "set run_dir=DIR to write the run elsewhere")
+        run.clean_tmp()
+        if resuming:
+            saved, current = with_defaults(run.read_config()), to_dict(cfg)
+            changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
+            if changed:
+                raise ValueError(
+                    f"{run.path} holds a run with a different config ({changed}); use another run_dir"
+                )
+        run.write_config(to_dict(cfg))
+    where.barrier()
+    return resuming
+
+
+def _start_state(run: RunDir, cfg: TrainConfig, where: Placement) -> TrainState:
+    """A fresh state, or the newest checkpoint that loads (newer ones that do not are set aside as
+    ``*.corrupt``); the metrics lines past its step are dropped."""
+    resuming = _prepare_run_dir(run, cfg, where)
+    state = build_state(cfg, where.device)
+    loaded = run.load_latest(where.device) if resuming else None
+    if loaded is not None:
+        state.load_state_dict(loaded[1])
+    where.barrier()  # every rank has loaded before rank 0 renames or rewrites anything
+    if where.is_main:
+        if loaded is not None:
+            run.set_aside_newer(loaded[0])
+        run.truncate_metrics(state.counters.step)
+        run.truncate_tensorboard(state.counters.step)  # every log a run keeps: each step once
+    return state
+
+
+def _model_name(record: dict[str, Any]) -> str:
+    return f"{record['model']} ({record['fingerprint'][:12]})"
+
+
+def _check_reference(run: RunDir, reference: ReferenceCache | None, where: Placement, resuming: bool) -> None:
+    """Record the reference cache's model in the run directory on a run's first start; on resume, a cache
+    that now holds another model's embeddings is a ValueError."""
+    if reference is None:
+        return
+    current = {
+        "name": reference.name,
+        "model": reference.meta.model,
+        "fingerprint": reference.meta.fingerprint,
+    }
+    recorded = run.read_reference() if resuming else None
+    if recorded is not None and recorded["fingerprint"] != current["fingerprint"]:
+        raise ValueError(
+            f"reference cache {reference.name!r} now holds model {_model_name(current)}'s embeddings but "
+            f"this run was trained with model {_model_name(recorded)}'s; re-cache with {recorded['model']} "
+            "or start a new run_dir"
+        )
+    if where.is_main and recorded != current:
+        run.write_reference(current)
+
+
+def _check_keep_list(run: RunDir, cfg: TrainConfig, where: Placement, resuming: bool) -> None:
+    """Record the keep list's identity (the SHA-256 of its ``keep.json``) in the run directory on a run's
+    first start; on resume, a keep list written anew at the same path (other pairs kept) is a ValueError."""
+    if cfg.keep_list is None:
+        return
+    keep = KeepList(cfg.keep_list)
+    current = {"path": str(keep.path), "sha256": keep.sha256, "kept": keep.kept, "keep": keep.header["keep"]}
+    recorded = run.read_keep_list() if resuming else None
+    if recorded is not None and recorded["sha256"] != current["sha256"]:
+        raise ValueError(
+            f"keep list {keep.path} was written again since this run started (keep.json sha256 "
+            f"{recorded['sha256'][:12]} then, {current['sha256'][:12]} now; {recorded['kept']} pairs kept "
+            f"then, {current['kept']} now); resume with the keep list it started with or start a new run_dir"
+        )
+    if where.is_main and recorded != current:
+        run.write_keep_list(current)
+
+
+@dataclass
+class Started:
+    """A run ready for its first step (``start``). ``rng``: the global torch RNG state of the checkpoint (or
+    of the seeded init), to set again before the first step (startup draws from it: loader seeds)."""
+
+    where: Placement
+    state: TrainState
+    rng: torch.Tensor
+    reference: ReferenceCache | None  # None when the method needs no reference embeddings
+    costs: StepCosts
+    transform: Callable  # the learner's image preprocessing
+    tokenize: Callable[[list[str]], torch.Tensor]
+    batches: ResumableBatches | PoolBatches  # from where ``state`` left the data
+
+
+def start(run: RunDir, cfg: TrainConfig, *, progress: bool = False) -> Started:
+    """Start or resume the run ``cfg`` describes in ``run``: place this process, prepare the run directory,
+    load the newest checkpoint that loads (or build a fresh state), open the reference cache and keep list and
+    check them against what the run recorded, measure the step costs, open the data at the state's position.
+
+    Raises ValueError for a run directory holding a different run, a reference cache or keep list changed
+    since the run started, a missing or stale reference sidecar, or a data position of another world size;
+    ``data.files.NotWritableError`` for a run directory it cannot write. ``progress``: a memory pool's
+    decoding bar on rank 0.
+    """
+    where = place(cfg)
+    state = _start_state(run, cfg, where)
+    rng = torch.get_rng_state()  # the checkpoint's (or seeded init's)
+    urls = expand_urls(cfg.data)
+    reference = open_reference(cfg, urls)  # validates every sidecar before training
+    _check_reference(run, reference, where, resuming=state.counters.step > 0)
+    _check_keep_list(run, cfg, where, resuming=state.counters.step > 0)
+    costs = StepCosts.measure(cfg, state.model)
+    transform, tokenize = image_transform(cfg.model), tokenizer(cfg.model)
+    stream = open_stream(cfg, urls, transform, where, progress=progress)
+    batches = resume_batches(stream, cfg, state.counters.step, state.data)
+    return Started(where, state, rng, reference, costs, transform, tokenize, batches)
