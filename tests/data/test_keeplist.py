@@ -180,8 +180,13 @@ def test_a_kept_key_the_shard_does_not_hold_is_named(tmp_path, pool):
     keys[0] = b"s0_999"  # same width: the file keeps its size
     np.save(tmp_path / "keep" / KEYS, keys)
     assert json.loads((tmp_path / "keep" / HEADER).read_text()) == header
-    with pytest.raises(ValueError, match=rf"keeps sample key 's0_999' of shard {urls[0]} \(1 such\), which"):
-        KeepList(tmp_path / "keep").check(urls)
+    keep = KeepList(tmp_path / "keep")
+    keep.check(urls)  # startup reads no shard (a stat each): the check is where the shard is read
+    stream = SuperBatchStream(urls, batch_size=4, shuffle_shards=False, keep=keep)
+    with pytest.raises(
+        KeptSampleChangedError, match=rf"keeps sample key 's0_999' of shard {urls[0]} \(1 such"
+    ):
+        list(stream)
 
 
 def test_bad_keep_list_directories_are_named(tmp_path, pool):

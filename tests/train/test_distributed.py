@@ -5,6 +5,7 @@ open_clip's distributed losses equals one-process learning."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -278,3 +279,33 @@ def test_two_process_training_run(tmp_path, method):
     assert lines[-1]["examples_learned"] == 12 and lines[-1]["examples_scored"] == 24
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)
     assert (Path(cfg.run_dir) / "model.pt").exists()
+
+
+def _train_worker_catching(rank: int, store: str, cfg, out: str) -> None:
+    from jestclip.train.loop import train
+
+    with process_group(rank, store):
+        try:
+            train(cfg, progress=False)
+        except ValueError as exn:
+            Path(f"{out}.rank{rank}").write_text(str(exn))
+
+
+def test_each_rank_opens_only_its_own_shards_sidecars_and_a_missing_one_stops_every_rank(tmp_path):
+    """Startup reads what this rank's stream reads, not the pool (a 10^5-shard pool opened every header on
+    every rank); a sidecar missing on one rank's shards is then that rank's to find, and every rank stops."""
+    from jestclip.data.refcache import sidecar_path
+    from jestclip.train.startup import Placement, _rank_shards
+
+    from .test_loop import cached_shards, config
+
+    urls = cached_shards(tmp_path / "shards", 4, 8)
+    cfg = config(tmp_path / "run", urls, "jest", steps=2)
+    own = [_rank_shards(cfg, urls, Placement(torch.device("cpu"), rank, WORLD)) for rank in range(WORLD)]
+    assert [len(shards) for shards in own] == [2, 2] and not set(own[0]) & set(own[1])
+    sidecar_path(own[1][0], "reference").unlink()  # one of rank 1's shards lost its sidecar
+    out = tmp_path / "err"
+    mp.spawn(_train_worker_catching, args=(str(tmp_path / "store"), cfg, str(out)), nprocs=WORLD, join=True)
+    first, second = (Path(f"{out}.rank{r}").read_text() for r in range(WORLD))
+    assert second.startswith(f"no cached 'reference' embeddings for shard {own[1][0]}")
+    assert first == f"rank 1: SidecarError: {second}"  # rank 0's own shards are fine: it stops with rank 1

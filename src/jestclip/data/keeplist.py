@@ -27,10 +27,11 @@ Samples of a shard without a cached reference row (undecodable when cached) are 
 Staleness: a keep list is only as good as the embeddings it was scored from. ``filter_shards`` reads every
 shard once (not decoded) and refuses a cache row whose sample's image or caption bytes differ from those it
 was embedded from (the reference cache's content digests), so the digests it records are the shards'.
-Training checks each local shard's size and keys at startup (``check``) and each kept sample's content
-digest, computed by the loader before decoding, against the recorded one (``__call__``): a shard re-rendered
-or re-captioned since, even at the same size or behind a URL, is a ``KeptSampleChangedError`` naming the
-shard and key before the sample is used. Keep lists
+Training checks at startup that the keep list is for its shards and each local shard's size (a stat, no
+shard read: ``check``), then where each shard is read each kept sample's content digest, computed by the
+loader before decoding, against the recorded one (``__call__``), and, once a shard has been read whole, that
+it still holds every key kept of it (``shard_read``): a shard re-rendered or re-captioned since, even at the
+same size or behind a URL, is a ``KeptSampleChangedError`` naming the shard and key. Keep lists
 of format ``jestclip-keeplist/1`` (without digests) are refused with a message to run ``jestclip filter``
 again.
 """
@@ -51,7 +52,7 @@ import torch
 from jestclip.data.files import atomic_bytes, check_writable
 from jestclip.data.progress import progress as progress_bar
 from jestclip.data.ranks import Ranks
-from jestclip.data.refcache import ReferenceCache, shard_content, shard_identity, shard_keys
+from jestclip.data.refcache import ReferenceCache, shard_content, shard_identity
 from jestclip.data.shardlist import distinct_shards, expand_urls
 from jestclip.data.topcut import order_keys, tie_quotas, top_cut
 from jestclip.selection import Embeddings
@@ -554,11 +555,22 @@ class KeepList:
             )
         return True
 
-    def check(self, urls: Sequence[str]) -> None:
+    def shard_read(self, url: str, keys: set[str]) -> None:
+        """Called by the stream once it has read shard ``url`` whole, with every sample key it held: a
+        ``KeptSampleChangedError`` (one line) naming a kept key the shard no longer holds. So the keep list is
+        checked against each shard where the shard is read, not by reading every tar header at startup."""
+        absent = sorted(set(self._digests(url)) - keys)
+        if absent:
+            raise KeptSampleChangedError(
+                f"keep list {self.path} keeps sample key {absent[0]!r} of shard {url} ({len(absent)} such), "
+                "which the shard does not hold; run `jestclip cache-reference` and `jestclip filter` again"
+            )
+
+    def check(self, urls: Sequence[str], own: Sequence[str] | None = None) -> None:
         """A ValueError (one line) unless the keep list was written for exactly the shards ``urls`` (by
-        ``shard_identity``, any order), no local one changed in size since, and each local one holds every key
-        kept of it (its tar headers are read). Shards behind a URL are not read here: their kept samples'
-        content digests are checked as the stream reads them (``__call__``), as are local shards'."""
+        ``shard_identity``, any order) and no local one of ``own`` (default: all) changed in size since — a
+        stat per shard, no shard read: the kept samples' content digests are checked as the stream reads
+        them (``__call__``) and each shard's kept keys once it has read it whole (``shard_read``)."""
         here = {shard_identity(url): url for url in distinct_shards(expand_urls(list(urls)))[0]}
         there = {s["url"]: s for s in self.shards}
         missing = [url for where, url in here.items() if where not in there]
@@ -573,20 +585,14 @@ class KeepList:
                 f"keep list {self.path} was written for other shards: its shard {extra[0]} ({len(extra)} "
                 f"such) is not among the {len(here)} training shards"
             )
-        for where, url in here.items():
-            recorded, size = there[where]["bytes"], _local_size(url)
+        for url in here.values() if own is None else own:
+            recorded, size = there[shard_identity(url)]["bytes"], _local_size(url)
             if recorded is None or size is None:
                 continue
             if size != recorded:
                 raise ValueError(
                     f"shard {url} changed since keep list {self.path} was written ({recorded} bytes then, "
                     f"{size} now); run `jestclip filter` again"
-                )
-            absent = sorted(self.keys(url) - shard_keys(url))
-            if absent:
-                raise ValueError(
-                    f"keep list {self.path} keeps sample key {absent[0]!r} of shard {url} ({len(absent)} "
-                    "such), which the shard does not hold"
                 )
 
 

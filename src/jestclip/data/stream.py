@@ -311,15 +311,21 @@ class SuperBatchStream(IterableDataset):
         worker, n_workers = self._worker()
         return self._epoch_shards(0, worker, n_workers)
 
+    def rank_shards(self) -> list[str]:
+        """The shards this rank reads, over all its loader workers and epochs: the shard list shuffled by
+        ``seed`` (when shards are shuffled), ``[rank::world_size]``. What a rank needs of a reference cache or
+        a keep list at startup: its own shards', not the pool's."""
+        urls = list(self.urls)
+        if self.shuffle_shards or self.resampled:
+            random.Random(f"{self.seed}/epoch0").shuffle(urls)
+        return urls[self.rank :: self.world_size]
+
     def _epoch_shards(self, epoch: int, worker: int, n_workers: int) -> list[str]:
         """This worker's shards in epoch ``epoch``'s order. The deal is fixed (epoch 0's, the shard list
         shuffled by ``seed``, dealt to ranks then workers), so ranks and workers never share a shard; later
         epochs reorder a worker's own shards."""
-        urls = list(self.urls)
         shuffle = self.shuffle_shards or self.resampled
-        if shuffle:
-            random.Random(f"{self.seed}/epoch0").shuffle(urls)
-        mine = urls[self.rank :: self.world_size][worker::n_workers]
+        mine = self.rank_shards()[worker::n_workers]
         if shuffle and epoch > 0:
             random.Random(f"{self.seed}/{self.rank}/{worker}/epoch{epoch}").shuffle(mine)
         return mine
@@ -365,10 +371,12 @@ class SuperBatchStream(IterableDataset):
         if start is None and self.rank == 0 and worker == 0:
             for _ in range(self._duplicate_shards):
                 tally("duplicate_shard")
+        shard_read = getattr(self.keep, "shard_read", None)  # a keep list checks a shard it saw whole
         for url, order in self._shard_order(start):
-            tally.shard, good = Counter(), 0
+            tally.shard, good, seen = Counter(), 0, set()
             for index, raw in _read_from(url, tally, offset):
                 key = raw.get("__key__")
+                seen.add(key)
                 if self.keep is not None and key and not self.keep(url, key, content_digest(raw)):
                     tally("not_kept")
                     continue
@@ -376,6 +384,8 @@ class SuperBatchStream(IterableDataset):
                 if sample is not None:
                     good += 1
                     yield sample, {"worker": worker, "url": url, "sample": index, **order}
+            if shard_read is not None and offset == 0:
+                shard_read(url, seen)
             watch.shard_done(url, good, tally.shard)
             offset = 0
         watch.end()

@@ -29,6 +29,7 @@ from jestclip.data.files import check_writable
 from jestclip.data.keeplist import KeepList
 from jestclip.data.loader import ResumableBatches, SuperBatch, SuperBatchStream, expand_urls
 from jestclip.data.pool import MemoryPool, PoolBatches
+from jestclip.data.ranks import Ranks
 from jestclip.data.refcache import ReferenceCache
 from jestclip.models import (
     ForwardFlops,
@@ -230,19 +231,43 @@ def build_state(cfg: TrainConfig, device: torch.device) -> TrainState:
     return TrainState(model, optimizer, scheduler, generator, Counters(), learn_module)
 
 
-def open_reference(cfg: TrainConfig, urls: list[str]) -> ReferenceCache | None:
-    """The cached reference embeddings of the training shards when the method needs them (checked up front:
-    a ValueError names a missing or stale sidecar, or a model other than ``cfg.reference_fingerprint``),
-    else None."""
+def open_reference(
+    cfg: TrainConfig, urls: list[str], where: Placement | None = None
+) -> ReferenceCache | None:
+    """The cached reference embeddings of the training shards ``urls`` (a rank's own, for a stream) when the
+    method needs them, else None. Checked up front: a ValueError names a missing or stale sidecar, a model
+    other than ``cfg.reference_fingerprint``, or (with ``where`` of several ranks) ranks whose shards hold
+    different models' embeddings."""
     if not cfg.method.description.needs_reference(cfg.method.scoring):
         return None
     assert cfg.reference_cache is not None  # TrainConfig refuses a method that needs it without it
-    return ReferenceCache(
-        urls,
-        name=cfg.reference_cache,
-        fingerprint=cfg.reference_fingerprint,
-        cache_dir=cfg.reference_cache_dir,
+    ranks = Ranks(where.rank, where.world) if where is not None else Ranks()
+    cache = ranks.run(  # a sidecar missing on one rank's shards stops every rank, not that rank alone
+        lambda: ReferenceCache(
+            urls,
+            name=cfg.reference_cache,
+            fingerprint=cfg.reference_fingerprint,
+            cache_dir=cfg.reference_cache_dir,
+        )
     )
+    if where is not None and where.world > 1:
+        meta = cache.meta
+        facts: list[Any] = [None] * where.world
+        dist.all_gather_object(facts, (meta.fingerprint, meta.model, meta.dim, meta.scale, meta.bias))
+        if any(f != facts[0] for f in facts):
+            raise ValueError(
+                f"the {cfg.reference_cache!r} sidecars of different ranks' shards hold different models' "
+                f"embeddings ({sorted({f[1] for f in facts})}); run cache-reference again"
+            )
+    return cache
+
+
+def _rank_shards(cfg: TrainConfig, urls: list[str], where: Placement) -> list[str]:
+    """The shards this rank's stream reads (``SuperBatchStream.rank_shards``, without building it)."""
+    probe = SuperBatchStream(
+        urls, batch_size=1, resampled=True, seed=cfg.seed, rank=where.rank, world_size=where.world
+    )
+    return probe.rank_shards()
 
 
 @dataclass(frozen=True)
@@ -300,13 +325,14 @@ def scheduled_steps(cfg: TrainConfig, budget: float, model: nn.Module | None = N
     )
 
 
-def open_keep_list(cfg: TrainConfig, urls: list[str]) -> KeepList | None:
+def open_keep_list(cfg: TrainConfig, urls: list[str], own: list[str] | None = None) -> KeepList | None:
     """The keep list ``cfg.keep_list`` checked against the training shards ``urls`` (a ValueError, one line:
-    not a keep list, written for other shards, a shard changed since, a kept key the shard lacks), or None."""
+    not a keep list, written for other shards, a shard of ``own`` — default all — changed in size since), or
+    None. No shard is read here: kept samples are checked where they are read (``KeepList``)."""
     if cfg.keep_list is None:
         return None
     keep = KeepList(cfg.keep_list)
-    keep.check(urls)
+    keep.check(urls, own)
     return keep
 
 
@@ -319,10 +345,12 @@ def open_stream(
     batch_size: int | None = None,
     resampled: bool = True,
     progress: bool = False,
+    keep: KeepList | None = None,
 ) -> SuperBatchStream | MemoryPool:
     """The run's stream of super-batches (this rank's B / W of each unless ``batch_size`` says otherwise);
     with ``cfg.draft_decode`` JPEGs are decoded at the smallest scale still covering the learner's input;
-    with ``cfg.keep_list`` only the pairs it keeps are read (checked here: ``open_keep_list``).
+    with ``cfg.keep_list`` only the pairs it keeps are read (``keep``: the keep list opened already, else it
+    is opened and checked here: ``open_keep_list``).
     With ``cfg.data_in_memory`` (and ``resampled``: a training run) the shards are decoded once into a
     ``MemoryPool`` (a ValueError when it would not fit in memory); ``progress``: its decoding bar and summary
     line on rank 0."""
@@ -337,7 +365,7 @@ def open_stream(
         rank=where.rank,
         world_size=where.world,
         decode_size=image_size(cfg.model) if cfg.draft_decode else None,
-        keep=open_keep_list(cfg, urls),
+        keep=keep if keep is not None else open_keep_list(cfg, urls),
     )
     if cfg.data_in_memory and resampled:
         return MemoryPool.from_stream(stream, progress=progress and where.is_main)
@@ -530,11 +558,13 @@ def start(run: RunDir, cfg: TrainConfig, *, progress: bool = False) -> Started:
     state = _start_state(run, cfg, where)
     rng = torch.get_rng_state()  # the checkpoint's (or seeded init's)
     urls = expand_urls(cfg.data)
-    reference = open_reference(cfg, urls)  # validates every sidecar before training
+    transform, tokenize = image_transform(cfg.model), tokenizer(cfg.model)
+    own = urls if cfg.data_in_memory else _rank_shards(cfg, urls, where)  # what this rank reads
+    reference = open_reference(cfg, own, where)  # its sidecars, checked before any data is decoded
     _check_reference(run, reference, where, resuming=state.counters.step > 0)
     _check_keep_list(run, cfg, where, resuming=state.counters.step > 0)
+    keep = open_keep_list(cfg, urls, own)
     costs = StepCosts.measure(cfg, state.model)
-    transform, tokenize = image_transform(cfg.model), tokenizer(cfg.model)
-    stream = open_stream(cfg, urls, transform, where, progress=progress)
+    stream = open_stream(cfg, urls, transform, where, progress=progress, keep=keep)
     batches = resume_batches(stream, cfg, state.counters.step, state.data)
     return Started(where, state, rng, reference, costs, transform, tokenize, batches)
