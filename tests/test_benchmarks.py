@@ -172,3 +172,29 @@ def test_gpu_script_without_cuda_says_so_in_one_line():
     done = run_script("gpu.py", "--pytest-path", "tests/test_benchmarks.py")
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("--device cuda: CUDA is not available")
+
+
+def test_scale_benchmark_runs_its_filter_and_startup_modes_small(tmp_path):
+    done = run_script(
+        "scale.py",
+        "filter",
+        "--root",
+        str(tmp_path / "f"),
+        "--shards",
+        "6",
+        "--rows",
+        "50",
+        "--ranks",
+        "1",
+        "2",
+        "--in-memory",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = table_rows(done.stdout, "300")
+    assert [r[1:3] for r in rows] == [["streamed", "1"], ["streamed", "2"], ["whole pool in memory", "1"]]
+    done = run_script(
+        "scale.py", "startup", "--root", str(tmp_path / "s"), "--shards", "40", "--rows", "8", "--world", "4"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    opened = [int(r[2]) for r in table_rows(done.stdout, "40")]
+    assert opened == [10, 40]  # rank 0 of 4 opens its own shards; a memory pool opens all
