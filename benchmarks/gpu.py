@@ -63,8 +63,11 @@ from jestclip.models import create_model
 from jestclip.selection import Embeddings, batch_score, joint_select
 from jestclip.selection.agreement import Agreement, choose_default, selection_agreement
 from jestclip.selection.fused import PRECISIONS, triton_available
-from jestclip.train import MethodConfig, run_step
+from jestclip.train import MethodConfig
+from jestclip.train.config import TrainConfig
+from jestclip.train.loop import learn
 from jestclip.train.methods import get_method
+from jestclip.train.startup import Counters, Placement, TrainState
 from jestclip.train.steps import SuperBatchTensors, score_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,13 +170,16 @@ def train_step(
     cfg: MethodConfig,
     generator: torch.Generator,
 ) -> None:
-    """One step as ``loop.learn`` takes it: the method step under autocast, backward, clipping, AdamW."""
-    with autocast(batch.images.device):
-        output = run_step(model, batch, cfg, generator)
-    optimizer.zero_grad(set_to_none=True)
-    output.loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
+    """One training step as a run takes it: the library's ``loop.learn`` (the method step under autocast,
+    backward, clipping at the run's ``optim.grad_clip``, the optimiser update), on this model and
+    optimiser."""
+    device = batch.images.device
+    run = TrainConfig(model="bench", method=cfg, device=str(device))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    state = TrainState(model, optimizer, scheduler, generator, Counters())
+    learned = learn(state, batch, run, Placement(device))
+    if learned.bad is not None:
+        raise RuntimeError(f"the benchmark's {cfg.method} step was skipped: {learned.bad}")
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, steps: int, warmup: int) -> float:
