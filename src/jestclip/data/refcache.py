@@ -618,8 +618,9 @@ def cache_reference(
 
 
 class _CacheJob:
-    """One rank's caching: check each shard's sidecar, embed the shards that need it (their batches read in
-    DataLoader workers, a shard per worker at a time), write a shard's sidecar when its last batch is in."""
+    """One rank's caching: its shards are checked and, where their sidecar is not up to date, read and decoded
+    by ``_ShardWork`` (in DataLoader workers, a whole shard per worker at a time) while this process embeds
+    their batches and writes each shard's sidecar once its last batch is in."""
 
     def __init__(
         self,
@@ -642,28 +643,12 @@ class _CacheJob:
         pin_memory: bool,
         progress_: bool,
     ) -> None:
+        work = _ShardWork(urls, self.name, self.template, self.cache_dir, self.batch_size, self.transform)
+        loader = DataLoader(work, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+        rows: dict[str, _Rows] = {}
         bar = progress(total=len(urls), desc=f"cache {self.name}", unit="shard", disable=not progress_)
-        with bar, tempfile.TemporaryDirectory(prefix="jestclip-cache-") as scratch:
-            todo: dict[str, tuple[str, str]] = {}  # url -> (where it is read, its sidecar's state)
-            for url in urls:
-                local = _readable_copy(url, Path(scratch))
-                state, problem = _existing(
-                    url, self.name, self.template.fingerprint, self.template.model, self.cache_dir, read=local
-                )
-                if state == "ok":
-                    summary["kept"] += 1
-                    bar.update(1)
-                    _drop_copy(url, local)
-                    continue
-                if state in ("broken", "changed"):
-                    tqdm.write(f"cache-reference: rewriting: {problem}", file=sys.stderr)
-                todo[url] = (local, state)
-            source = _ShardBatches(
-                [(url, local) for url, (local, _) in todo.items()], self.batch_size, self.transform
-            )
-            loader = DataLoader(source, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
-            rows: dict[str, _Rows] = {}
-            for url, batch, content in loader:
+        with bar:
+            for url, batch, done in loader:
                 part = rows.setdefault(url, _Rows())
                 if batch is not None:
                     with torch.no_grad():
@@ -672,30 +657,31 @@ class _CacheJob:
                     part.add(batch, image, text)
                     self.skipped.update(batch.skipped)
                     continue
-                local, state = todo[url]
-                self._write(url, local, rows.pop(url), content)
-                summary["written"] += 1
-                summary["repaired"] += state == "broken"
-                summary["changed"] += state == "changed"
-                if state == "old":
-                    _old_path(url, self.name, self.cache_dir).unlink(missing_ok=True)
-                summary["samples"] += self.last_rows
-                _drop_copy(url, local)
+                rows.pop(url)
+                state = done["state"]
+                if state == "ok":
+                    summary["kept"] += 1
+                else:
+                    summary["samples"] += self._write(url, part, done["content"])
+                    summary["written"] += 1
+                    summary["repaired"] += state == "broken"
+                    summary["changed"] += state == "changed"
+                    if state == "old":
+                        _old_path(url, self.name, self.cache_dir).unlink(missing_ok=True)
                 bar.update(1)
 
-    def _write(self, url: str, local: str, part: _Rows, content: dict[str, int]) -> None:
-        size = os.path.getsize(url) if _is_local(url) else None
+    def _write(self, url: str, part: _Rows, content: dict[str, int]) -> int:
+        """Write shard ``url``'s sidecar from its embedded rows; the rows written."""
         image, text = part.arrays()
         meta = CacheMeta(
             self.template.fingerprint,
             self.template.model,
             self.template.scale,
             self.template.bias,
-            int(image.shape[1]) if len(part.keys) else 0,
-            size,
+            int(image.shape[1]) if part.keys else 0,
+            os.path.getsize(url) if _is_local(url) else None,
         )
         rows = set(part.keys)
-        skipped_samples = {k: d for k, d in content.items() if k not in rows}
         write_sidecar(
             url,
             self.name,
@@ -704,10 +690,10 @@ class _CacheJob:
             text,
             meta,
             digests=part.digests,
-            skipped=skipped_samples,
+            skipped={k: d for k, d in content.items() if k not in rows},  # with their digests
             cache_dir=self.cache_dir,
         )
-        self.last_rows = len(part.keys)
+        return len(part.keys)
 
 
 class _Rows:
@@ -731,47 +717,66 @@ class _Rows:
         return np.concatenate(self.images), np.concatenate(self.texts)
 
 
-class _ShardBatches(IterableDataset):
-    """``(url, batch, None)`` for each batch of each shard (in shard order; a batch never mixes shards), then
-    ``(url, None, content)`` with the shard's ``shard_content`` (every sample's digest, for the samples its
-    decoding skipped); with DataLoader workers, each worker reads whole shards."""
+class _ShardWork(IterableDataset):
+    """Each shard's sidecar state, read and decoded where it needs embedding: ``(url, batch, None)`` for each
+    batch of a shard that does (in shard order; a batch never mixes shards), then ``(url, None, done)``, with
+    ``done`` the sidecar's state (``_existing``) and, unless it is up to date, the shard's ``shard_content``
+    (every sample's digest: those its decoding skipped are recorded with theirs). With DataLoader workers
+    each worker takes whole shards; a shard behind a URL is downloaded once into a temporary file and read
+    there (one at a time per worker)."""
 
-    def __init__(self, shards: Sequence[tuple[str, str]], batch_size: int, transform: Callable) -> None:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        name: str,
+        template: CacheMeta,
+        cache_dir: str | Path | None,
+        batch_size: int,
+        transform: Callable,
+    ) -> None:
         super().__init__()
-        self.shards, self.batch_size, self.transform = list(shards), batch_size, transform
+        self.urls, self.name, self.template, self.cache_dir = list(urls), name, template, cache_dir
+        self.batch_size, self.transform = batch_size, transform
 
-    def __iter__(self) -> Iterator[tuple[str, SuperBatch | None, dict[str, int] | None]]:
+    def __iter__(self) -> Iterator[tuple[str, SuperBatch | None, dict[str, Any] | None]]:
         info = get_worker_info()
-        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
-        for url, local in mine:
-            stream = SuperBatchStream(
-                [local],
-                batch_size=self.batch_size,
-                shuffle_shards=False,
-                transform=self.transform,
-                rank=0,  # this dataset deals whole shards to the ranks and the workers
-                world_size=1,
-                split_workers=False,
-            )
-            for batch in stream:
-                yield url, batch, None
-            yield url, None, shard_content(local)
+        mine = self.urls if info is None else self.urls[info.id :: info.num_workers]
+        for url in mine:
+            with _readable(url) as local:
+                state, problem = _existing(
+                    url, self.name, self.template.fingerprint, self.template.model, self.cache_dir, read=local
+                )
+                if state == "ok":
+                    yield url, None, {"state": state}
+                    continue
+                if state in ("broken", "changed"):
+                    tqdm.write(f"cache-reference: rewriting: {problem}", file=sys.stderr)
+                stream = SuperBatchStream(
+                    [local],
+                    batch_size=self.batch_size,
+                    shuffle_shards=False,
+                    transform=self.transform,
+                    rank=0,  # this dataset deals whole shards to the ranks and the workers
+                    world_size=1,
+                    split_workers=False,
+                )
+                for batch in stream:
+                    yield url, batch, None
+                yield url, None, {"state": state, "content": shard_content(local)}
 
 
-def _readable_copy(url: str, scratch: Path) -> str:
-    """Where to read shard ``url``: itself when local, else a copy downloaded once into ``scratch`` (so that a
-    ``pipe:`` or ``http`` shard is fetched once, however many times it is read)."""
+@contextlib.contextmanager
+def _readable(url: str) -> Iterator[str]:
+    """Where to read shard ``url``: itself when local, else a copy downloaded once into a temporary file,
+    removed afterwards (so that a ``pipe:`` or ``http`` shard is fetched once, however often it is read)."""
     if _is_local(url):
-        return url
-    path = scratch / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}.tar"
-    with gopen(url, "rb") as stream, open(path, "wb") as out:
-        shutil.copyfileobj(stream, out)
-    return str(path)
-
-
-def _drop_copy(url: str, local: str) -> None:
-    if local != url:
-        Path(local).unlink(missing_ok=True)
+        yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="jestclip-shard-") as scratch:
+        path = Path(scratch) / "shard.tar"
+        with gopen(url, "rb") as stream, open(path, "wb") as out:
+            shutil.copyfileobj(stream, out)
+        yield str(path)
 
 
 def _check_embeddings(image: Tensor, text: Tensor, keys: Sequence[str], url: str) -> None:
