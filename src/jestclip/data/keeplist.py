@@ -253,6 +253,7 @@ class _Streamed:
                 name=self.name,
                 fingerprint=self.fingerprint,
                 cache_dir=self.cache_dir,
+                max_open=2,  # a shard at a time: memory flat in the pool's size
             )
         )
         model = cache.meta
