@@ -63,6 +63,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -591,7 +592,8 @@ def cache_reference(
     or damaged one (a non-finite row) is rewritten and counted as repaired; one of an earlier format is
     replaced. A shard listed under several names (a symlink, ``dir/./00000.tar``) is cached once, by its
     first, and the others counted as ``duplicate_shard``. Returns counts: sidecars written (changed and
-    repaired among them) and kept, samples embedded, skips by reason.
+    repaired among them) and kept, samples embedded, skips by reason, and ``seconds``: how long the slowest
+    rank checked, read and embedded its shards (process startup and model loading aside).
     """
     ranks = Ranks.current()
     every, duplicates = distinct_shards(expand_urls(shards))  # a shard under two names is cached once
@@ -607,14 +609,16 @@ def cache_reference(
     summary["skipped"] = Counter({"duplicate_shard": duplicates} if duplicates and ranks.is_main else {})
     template = CacheMeta(fingerprint, model_name, float(scale), float(bias), 0, None)
     job = _CacheJob(embed, name, template, transform, batch_size, cache_dir, summary["skipped"])
+    started = time.perf_counter()
     ranks.run(lambda: job.run(urls, summary, num_workers, pin_memory, progress and ranks.is_main))
-    total: dict[str, Any] = {
-        k: sum(part[k] for part in ranks.gather(summary)) for k in summary if k != "skipped"
-    }
+    summary["seconds"] = time.perf_counter() - started
+    parts = ranks.gather({**summary, "skipped": dict(summary["skipped"])})
+    total: dict[str, Any] = {k: sum(p[k] for p in parts) for k in summary if k not in ("skipped", "seconds")}
     skipped: Counter[str] = Counter()
-    for part in ranks.gather(dict(summary["skipped"])):
-        skipped.update(part)
-    return {**total, "skipped": dict(skipped)}
+    for part in parts:
+        skipped.update(part["skipped"])
+    # the slowest rank's time to check, read and embed its shards (process startup and model loading aside)
+    return {**total, "skipped": dict(skipped), "seconds": round(max(p["seconds"] for p in parts), 3)}
 
 
 class _CacheJob:
