@@ -277,6 +277,19 @@ def test_filter_refuses_a_reference_cache_older_than_its_shards(tmp_path, pool):
     ):
         filter_shards(urls, tmp_path / "keep", keep=0.5, progress=False)
     assert not (tmp_path / "keep" / HEADER).exists()
+    # told not to read the pool again (at scale it is as much reading as caching was), the filter records
+    # the cache's digests as they are, and the stream stops at the first kept sample of the changed shard
+    from jestclip.cli import main
+
+    assert (
+        main(["filter", *urls, "--keep", "1.0", "--out", str(tmp_path / "trusted"), "--skip-content-check"])
+        == 0
+    )
+    stream = SuperBatchStream(
+        urls[2:], batch_size=4, shuffle_shards=False, keep=KeepList(tmp_path / "trusted")
+    )
+    with pytest.raises(KeptSampleChangedError, match="kept sample key 's2_000' has other image or caption"):
+        list(stream)
 
 
 # -- shards behind a URL: a cache directory, identities instead of paths and sizes --------------------------

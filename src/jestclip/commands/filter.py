@@ -63,6 +63,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--fingerprint", help="the reference model the cache must hold (default: any)")
     parser.add_argument(
+        "--skip-content-check",
+        action="store_true",
+        help="do not read every shard to check that its samples are those the cache embedded (the cache's "
+        "digests are recorded as they are; training still checks each kept sample where it reads it): at "
+        "scale this check reads the whole pool once more, as caching did",
+    )
+    parser.add_argument(
         "--cache-dir",
         help="the directory of the cached reference embeddings (as `jestclip cache-reference --cache-dir`; "
         "needed for shards behind a URL such as 'pipe:curl -s ...'; default: beside each shard)",
@@ -85,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         name=args.reference_cache,
         fingerprint=args.fingerprint,
         cache_dir=args.cache_dir,
+        check_content=not args.skip_content_check,
     )
     if ranks.is_main:
         print(json.dumps(header, indent=1))
