@@ -200,7 +200,7 @@ def test_cache_reference_checks_the_sidecar_directory_before_embedding(
     tmp_path, read_only, capsys, monkeypatch
 ):
     """The issue's case: a read-only dataset mount; it embedded a shard before its first write failed."""
-    from jestclip.data import refcache
+    from jestclip.data import caching, refcache
     from jestclip.models import create_model
 
     urls = make_shards(tmp_path / "ro", 2, 3)
@@ -208,8 +208,8 @@ def test_cache_reference_checks_the_sidecar_directory_before_embedding(
     torch.save(create_model("jest-micro").state_dict(), tmp_path / "ref.pt")
     argv = ["cache-reference", tmp_path / "ro", "--model", "jest-micro", "--checkpoint", tmp_path / "ref.pt"]
     argv += ["--device", "cpu"]
-    real = refcache._CacheJob.run
-    monkeypatch.setattr(refcache._CacheJob, "run", must_not_run)
+    real = caching._CacheJob.run
+    monkeypatch.setattr(caching._CacheJob, "run", must_not_run)
     read_only(tmp_path / "ro")
     assert cli(argv, capsys)[::2] == (
         2,
@@ -219,7 +219,7 @@ def test_cache_reference_checks_the_sidecar_directory_before_embedding(
             "own (library: cache_dir=DIR; then train with reference_cache_dir=DIR)"
         ],
     )
-    monkeypatch.setattr(refcache._CacheJob, "run", real)
+    monkeypatch.setattr(caching._CacheJob, "run", real)
     status, out, _ = cli([*argv, "--cache-dir", tmp_path / "cache"], capsys)
     assert status == 0 and json.loads(out)["written"] == 2
     assert refcache.ReferenceCache(urls, cache_dir=tmp_path / "cache").lookup(["s1_002"]).image.shape == (

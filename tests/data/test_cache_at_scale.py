@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from jestclip.data.refcache import cache_reference
+from jestclip.data.caching import cache_reference
 from jestclip.models import image_transform
 
 from .test_loader import make_shards

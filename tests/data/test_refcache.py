@@ -21,11 +21,11 @@ from PIL import Image
 from torch import Tensor, nn
 
 from jestclip.data import SuperBatchStream, png_bytes, refcache
+from jestclip.data.caching import cache_reference
 from jestclip.data.refcache import (
     CacheMeta,
     ReferenceCache,
     SidecarError,
-    cache_reference,
     shard_content,
     shard_keys,
     sidecar_path,

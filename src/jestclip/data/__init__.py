@@ -2,7 +2,8 @@
 
 ``stream`` serves keyed super-batches (``SuperBatchStream``), reading shards through ``shardlist`` (which
 shards) and ``tarread`` (one shard's samples) and decoding through ``decode``; ``loader`` re-exports their
-names. ``shards`` writes shards, ``refcache`` stores a frozen reference model's embeddings next to each shard.
+names. ``shards`` writes shards; ``refcache`` is the format of a frozen reference model's embeddings stored
+next to each shard and reads them, ``caching`` writes them; ``keeplist`` filters by them.
 The benchmark that produces shards is ``jestclip.benchmark``.
 """
 

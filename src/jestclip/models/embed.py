@@ -21,7 +21,7 @@ def reference_embedder(
     *,
     bf16: bool | None = None,
 ) -> Callable[[Tensor, list[str]], tuple[Tensor, Tensor]]:
-    """An embedding function for ``jestclip.data.refcache.cache_reference`` from the frozen ``model``.
+    """An embedding function for ``jestclip.data.caching.cache_reference`` from the frozen ``model``.
 
     The model is moved to ``device`` and put in eval mode; ``embed(images [n, 3, H, W], n captions)`` returns
     L2-normalised ``(image [n, D], text [n, D])`` on ``device``, without gradients. ``bf16``: run the forward

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from jestclip.data.refcache import cache_reference
+from jestclip.data.caching import cache_reference
 from jestclip.models import (
     create_model,
     image_transform,
