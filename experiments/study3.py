@@ -37,6 +37,7 @@ STUDY2_RUNS, STUDY2_RESULTS = "runs/study2", "results/study2"
 METRIC, SECONDARY = "eval/gallery_r5", "eval/average"
 IID_STEPS = 3000  # the budget: what an IID run of the recipe spends
 MAIN_SEEDS, DECISIVE_SEEDS, PILOT_SEED = (0, 1, 2), (3, 4), 5
+ALL_SEEDS = (*MAIN_SEEDS, *DECISIVE_SEEDS)
 
 JEST = ("method.method=jest", "filter_ratio=0.8", f"reference_cache={CACHE}")
 FLEXI = (
@@ -211,10 +212,9 @@ def sets() -> dict[str, list[str]]:
 # --- the analysis: docs/studies/study3.md's tables ----------------------------------------------------------
 
 
-def group_dirs(root: Path = ROOT) -> dict[str, dict[str, list[Path]]]:
-    """pool -> group name -> the finished runs' result directories."""
+def group_dirs(root: Path = ROOT, seeds: tuple[int, ...] = MAIN_SEEDS) -> dict[str, dict[str, list[Path]]]:
+    """pool -> group name -> the finished runs' result directories among ``seeds`` (the pilots: seed 5)."""
     out: dict[str, dict[str, list[Path]]] = {}
-    seeds = (*MAIN_SEEDS, *DECISIVE_SEEDS)
     for pool in POOLS:
         groups: dict[str, list[Path]] = {}
         groups["iid"] = [root / RESULTS / f"iid-{pool}-s{s}" for s in seeds]
@@ -223,7 +223,7 @@ def group_dirs(root: Path = ROOT) -> dict[str, dict[str, list[Path]]]:
             groups[name] = [root / RESULTS / f"{name}-{pool}-s{s}" for s in seeds]
             groups[f"{name} (pilot)"] = [root / RESULTS / f"{name}-{pool}-s{PILOT_SEED}"]
         groups["flexi-jest-f08 (3,000 steps)"] = [
-            root / STUDY2_RESULTS / f"flexi-jest-f08-{pool}-strong-s{s}" for s in MAIN_SEEDS
+            root / STUDY2_RESULTS / f"flexi-jest-f08-{pool}-strong-s{s}" for s in seeds if s in MAIN_SEEDS
         ]
         finished = {k: [p for p in v if (p / "metrics.jsonl").exists()] for k, v in groups.items()}
         out[pool] = {k: v for k, v in finished.items() if v}
@@ -236,15 +236,67 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def summary(root: Path = ROOT) -> list[str]:
-    """Markdown: per pool, every finished group's final metrics (%), its verdict against the filter and
-    against IID under the pre-registered rule, its steps and FLOPs, and what it learned on."""
+def _seed(path: Path) -> str:
+    return path.name.rsplit("-s", 1)[1]
+
+
+def final_values(root: Path = ROOT, seeds: tuple[int, ...] = MAIN_SEEDS) -> dict[str, dict[str, list[float]]]:
+    """pool -> group -> the final ``METRIC`` (%) of each finished run among ``seeds``."""
+    from jestclip.report import load_run
+
+    return {
+        pool: {
+            name: [100 * float(load_run(p).final_eval[METRIC]) for p in paths]
+            for name, paths in groups.items()
+        }
+        for pool, groups in group_dirs(root, seeds).items()
+    }
+
+
+def best_candidate(root: Path = ROOT) -> tuple[str | None, dict[str, float], list[str]]:
+    """The registered choice of the decisive comparison's method: among the compute-matched methods and the
+    chosen schedule, the one with the highest mean over the two pools of its seed-0-2 means. Returns (the
+    method or None while a run is missing, each candidate's mean of pool means, the missing runs)."""
+    finals = final_values(root, MAIN_SEEDS)
+    candidates = [*MATCHED, *([CHOSEN] if CHOSEN else [])]
+    missing = [
+        f"{name}-{pool}-s{seed}"
+        for name in candidates
+        for pool in POOLS
+        for seed in MAIN_SEEDS[len(finals[pool].get(name, [])) :]
+    ]
+    means = {
+        name: statistics.fmean(statistics.fmean(finals[pool][name]) for pool in POOLS)
+        for name in candidates
+        if all(name in finals[pool] for pool in POOLS)
+    }
+    best = max(means, key=means.__getitem__) if means and not missing else None
+    return best, means, missing
+
+
+def cpu_hours(root: Path = ROOT) -> tuple[int, float]:
+    """The study's learner runs (results/study3) and their logged training wall time in hours, one thread
+    each (a run's last ``wall_s``; runs paused or restarted count the pause)."""
+    from jestclip.report import load_run
+
+    paths = [p for p in sorted((root / RESULTS).glob("*-s[0-9]")) if (p / "metrics.jsonl").exists()]
+    walls = [float(load_run(p).train[-1]["wall_s"]) for p in paths]
+    return len(paths), sum(walls) / 3600
+
+
+def summary(
+    root: Path = ROOT, seeds: tuple[int, ...] = MAIN_SEEDS, only: tuple[str, ...] | None = None
+) -> list[str]:
+    """Markdown: per pool, every finished group's (or those in ``only``) final metrics (%) over ``seeds``, its
+    verdict against the filter and against IID under the pre-registered rule, its steps and FLOPs, and what it
+    learned on."""
     from jestclip.report import composition_table, load_run
     from jestclip.report.compare import verdict
     from jestclip.report.groups import RunGroup
 
     lines = []
-    for pool, groups in group_dirs(root).items():
+    for pool, groups in group_dirs(root, seeds).items():
+        groups = {k: v for k, v in groups.items() if only is None or k in only}
         runs = {name: [load_run(p) for p in paths] for name, paths in groups.items()}
         finals = {name: [100 * float(r.final_eval[METRIC]) for r in rs] for name, rs in runs.items()}
         rows = composition_table([RunGroup(name, tuple(rs)) for name, rs in runs.items()])
@@ -274,7 +326,8 @@ def summary(root: Path = ROOT) -> list[str]:
                     "—" if swapped is None else f"{100 * swapped:.1f}",
                 ]
             lines.append(
-                f"| {name} | {len(rs)} | {steps_:,.0f} | {flops:.4g} | {_cell(finals[name])} | "
+                f"| {name} | {','.join(_seed(p) for p in groups[name])} | {steps_:,.0f} | {flops:.4g} | "
+                f"{_cell(finals[name])} | "
                 f"{against[0]} | {against[1]} | {_cell(secondary)} | " + " | ".join(cells) + " |"
             )
         lines.append("")
@@ -316,7 +369,23 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:40s} {' '.join(step.command)}")
         return
     if args.summary:
-        print("\n".join([*summary(), *at_iid_flops()]))
+        best, means, missing = best_candidate()
+        said = ", ".join(f"{n} {m:.2f}" for n, m in sorted(means.items(), key=lambda kv: -kv[1]))
+        runs, hours = cpu_hours()
+        decisive = ("iid", "filter-q50", *([BEST] if BEST else []))
+        print("\n".join(["### Seeds 0-2 (provisional verdicts)", "", *summary(), *at_iid_flops(), ""]))
+        print(f"Best compute-matched method by the registered rule (mean of pool means, seeds 0-2): {said}")
+        print(f"-> {best}" if best else f"-> not yet: {len(missing)} run(s) missing ({', '.join(missing)})")
+        print(
+            "",
+            "### Seeds 0-4 (the decisive comparison)",
+            "",
+            *summary(seeds=ALL_SEEDS, only=decisive),
+            sep="\n",
+        )
+        print(
+            f"{runs} learner runs in {RESULTS}: {hours:.1f} h of logged training wall time, one thread each"
+        )
         return
     names = [n for item in args.steps for n in sets().get(item, [item])]
     unknown = sorted(set(names) - set(steps()))

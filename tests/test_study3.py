@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -69,3 +70,38 @@ def test_the_decision_rule_is_twice_the_larger_seed_sd():
     assert verdict([17.0, 17.5, 18.0], [20.0, 21.0, 22.0]).word == "below"
     assert verdict([20.0], [17.0, 18.0]).word == "no verdict"
     assert str(verdict([20.0, 21.0, 22.0], [17.0, 17.5, 18.0])) == "above (+3.50, margin 2.00)"
+
+
+def _finished(root, name: str, final: float, wall_s: float = 600.0) -> None:
+    """results/study3/NAME with a config and the last training and evaluation lines."""
+    out = root / study3.RESULTS / name
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    lines = [
+        {"step": 100, "wall_s": wall_s},
+        {"step": 100, "eval/average": final / 2, "eval/gallery_r5": final},
+    ]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_the_decisive_method_is_the_best_mean_of_pool_means_over_seeds_0_to_2(tmp_path):
+    # natural / swapped means: JEST 0.15 / 0.15, Flexi-JEST 0.20 / 0.14, the chosen form 0.16 / 0.17
+    # -> pool means 0.150, 0.170, 0.165; seeds 3-4 and the pilot's seed 5 take no part
+    values = {"jest-f08-iidflops": (0.15, 0.15), "flexi-jest-f08-iidflops": (0.20, 0.14)}
+    values[study3.CHOSEN] = (0.16, 0.17)
+    for name, (natural, swapped) in values.items():
+        for seed in study3.MAIN_SEEDS:
+            _finished(tmp_path, f"{name}-natural-s{seed}", natural + 0.01 * (seed - 1))
+            if (name, seed) != ("jest-f08-iidflops", 2):
+                _finished(tmp_path, f"{name}-swap50-s{seed}", swapped)
+    _finished(tmp_path, "jest-f08-iidflops-swap50-s3", 0.90)  # a seed outside 0-2: not read
+    _finished(tmp_path, f"{study3.CHOSEN}-swap50-s5", 0.90)  # the pilot: not read
+    best, means, missing = study3.best_candidate(tmp_path)
+    assert best is None and missing == ["jest-f08-iidflops-swap50-s2"]
+    _finished(tmp_path, "jest-f08-iidflops-swap50-s2", 0.15)
+    best, means, missing = study3.best_candidate(tmp_path)
+    assert best == "flexi-jest-f08-iidflops" and not missing
+    assert means == pytest.approx(
+        {"jest-f08-iidflops": 15.0, "flexi-jest-f08-iidflops": 17.0, study3.CHOSEN: 16.5}
+    )
+    assert study3.cpu_hours(tmp_path) == (20, pytest.approx(20 * 600 / 3600))  # every seed counts
