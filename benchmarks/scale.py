@@ -9,14 +9,17 @@ processes (peak RSS per process from ``getrusage``), ranks as ``torch.multiproce
     python benchmarks/scale.py filter --root /tmp/scale --shards 1000 --rows 10000 --dim 8 --ranks 1 2
     python benchmarks/scale.py startup --root /tmp/scale-start --shards 100000 --rows 16 --world 64
     python benchmarks/scale.py cache --data data/bench/pool --shards 8 --processes 1 2
+    python benchmarks/scale.py cache --data data/bench/pool --shards 6 --processes 1 --device cuda \\
+        --model ViT-B-16 --workers 8                    # images/s on one GPU (a device session)
 
 ``filter``: filter_shards (similarity, Q = 0.5) on the cache, per number of ranks: wall time, peak RSS per
 rank, and, with ``--in-memory``, the whole-pool path that the loss score still takes (for comparison).
 ``startup``: what a training rank of ``--world`` does before its first step that grows with the pool — open
 the reference cache and check the keep list — for rank 0's shards (a streamed rank) and for all shards (a
 memory pool, and what every rank did before): seconds each. ``cache``: `jestclip cache-reference` with
-jest-micro on the first ``--shards`` shards of a built pool, one process and ``torchrun`` with N: images per
-second per process, beside decoding alone and the model alone, to say which bounds it.
+``--model`` (jest-micro by default, randomly initialised) on ``--device`` over the first ``--shards`` shards
+of a pool, one process and ``torchrun`` with N: images per second per process, beside decoding alone (one
+process) and the model alone (ready tensors), to say which bounds it.
 """
 
 from __future__ import annotations
@@ -255,75 +258,96 @@ def run_startup(args: argparse.Namespace) -> None:
         shutil.rmtree(keep_dir)
 
 
-def _decode_rate(shards: list[str]) -> float:
-    """Images per second the loader decodes and transforms for jest-micro, no model."""
+def _decode_rate(shards: list[str], model: str, batch_size: int) -> tuple[float, int]:
+    """Images per second the loader decodes and transforms for ``model`` in this process (no model run), and
+    how many it decoded."""
     from jestclip.data import SuperBatchStream
     from jestclip.models import image_transform
 
     stream = SuperBatchStream(
-        shards, batch_size=256, shuffle_shards=False, transform=image_transform("jest-micro")
+        shards, batch_size=batch_size, shuffle_shards=False, transform=image_transform(model)
     )
     started, n = time.perf_counter(), 0
     for batch in stream:
         n += len(batch)
-    return n / (time.perf_counter() - started)
+    return n / (time.perf_counter() - started), n
 
 
-def _model_rate(n: int = 4096) -> float:
-    """Pairs per second jest-micro embeds from ready tensors, no decoding."""
+def _model_rate(model_name: str, device: str, batch_size: int, n: int = 4096) -> float:
+    """Pairs per second ``model_name`` embeds from ready tensors on ``device`` (``reference_embedder``, as
+    ``cache-reference`` runs it: bf16 autocast on CUDA), no decoding."""
     import torch
 
-    from jestclip.models import create_model, reference_embedder, tokenizer
+    from jestclip.models import create_model, image_size, reference_embedder, tokenizer
 
-    model = create_model("jest-micro")
-    embed = reference_embedder(model, tokenizer("jest-micro"))
-    images, texts = torch.rand(256, 3, 32, 32), ["a caption of a few words"] * 256
+    model = create_model(model_name).to(device)
+    embed = reference_embedder(model, tokenizer(model_name))
+    size = image_size(model_name)
+    images, texts = torch.rand(batch_size, 3, size, size), ["a caption of a few words"] * batch_size
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     embed(images, texts)
+    sync()
     started = time.perf_counter()
-    for _ in range(n // 256):
+    for _ in range(max(1, n // batch_size)):
         embed(images, texts)
-    return n / (time.perf_counter() - started)
+    sync()
+    return max(1, n // batch_size) * batch_size / (time.perf_counter() - started)
 
 
 def run_cache(args: argparse.Namespace) -> None:
     import torch
 
-    shards = sorted(str(p) for p in Path(args.data).glob("*.tar"))[: args.shards]
+    from jestclip.data.shardlist import shard_files
+
+    shards = shard_files(args.data)[: args.shards]
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         from jestclip.models import create_model
 
-        torch.save(create_model("jest-micro").state_dict(), f"{tmp}/ref.pt")
-        images = sum(json.loads(Path(s).with_suffix(".json").read_text()).get("count", 0) for s in shards)
-        print(f"{len(shards)} shards of {args.data}, {images:,} pairs; jest-micro on the CPU, batch 256")
+        torch.save(create_model(args.model).state_dict(), f"{tmp}/ref.pt")
+        decode, images = _decode_rate(shards, args.model, args.batch_size)
+        workers = f", {args.workers} loader workers" if args.workers is not None else ""
+        print(
+            f"{len(shards)} shards of {args.data}, {images:,} pairs; {args.model} on {args.device}, "
+            f"batch {args.batch_size}{workers}"
+        )
         print("| what | processes | wall s | of it, caching s | images/s per process | images/s in all |")
         print("|---|---:|---:|---:|---:|---:|")
-        decode, model = _decode_rate(shards), _model_rate()
+        model = _model_rate(args.model, args.device, args.batch_size)
         print(f"| decoding + transform alone | 1 | — | — | {decode:,.0f} | {decode:,.0f} |")
         print(f"| model alone (ready tensors) | 1 | — | — | {model:,.0f} | {model:,.0f} |", flush=True)
         for n in args.processes:
             cache_dir = f"{tmp}/cache{n}"
             command = [
-                str(Path(sys.executable).with_name("jestclip")),
                 "cache-reference",
                 *shards,
                 "--model",
-                "jest-micro",
+                args.model,
                 "--checkpoint",
                 f"{tmp}/ref.pt",
                 "--cache-dir",
                 cache_dir,
                 "--device",
-                "cpu",
+                args.device,
+                "--batch-size",
+                str(args.batch_size),
+                *(["--workers", str(args.workers)] if args.workers is not None else []),
             ]
-            if n > 1:
-                torchrun = str(Path(sys.executable).with_name("torchrun"))
-                command = [torchrun, f"--nproc_per_node={n}", "--master_port=29561", *command]
+            if n > 1:  # torchrun's own module form, so that nothing needs an installed entry point
+                torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}"]
+                command = [*torchrun, "--master_port=29561", "-m", "jestclip", *command]
+            else:
+                command = [sys.executable, "-m", "jestclip", *command]
             env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
             started = time.perf_counter()
             done = subprocess.run(command, check=True, env=env, capture_output=True, text=True)
             wall = time.perf_counter() - started
-            work = json.loads(done.stdout[: done.stdout.rindex("}") + 1])["seconds"]  # the slowest rank's
+            summary = json.loads(done.stdout[: done.stdout.rindex("}") + 1])
+            work = summary["seconds"]  # the slowest rank's
+            if summary["samples"] != images:
+                raise SystemExit(
+                    f"cache-reference embedded {summary['samples']} pairs, decoding alone {images}"
+                )
             print(
                 f"| cache-reference | {n} | {wall:.1f} | {work:.1f} | {images / work / n:,.0f} | "
                 f"{images / work:,.0f} |",
@@ -348,6 +372,10 @@ def main() -> None:
     cache.add_argument("--data", default="data/bench/pool")
     cache.add_argument("--shards", type=int, default=8)
     cache.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    cache.add_argument("--model", default="jest-micro", help="reference model config (randomly initialised)")
+    cache.add_argument("--device", default="cpu", help="cpu, or cuda (one process per GPU under torchrun)")
+    cache.add_argument("--batch-size", type=int, default=256)
+    cache.add_argument("--workers", type=int, help="cache-reference's loader workers (its default if unset)")
     args = parser.parse_args()
     print(
         f"{platform.node()}, {os.cpu_count()} cores, {datetime.date.today()}: python benchmarks/scale.py "

@@ -198,3 +198,19 @@ def test_scale_benchmark_runs_its_filter_and_startup_modes_small(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     opened = [int(r[2]) for r in table_rows(done.stdout, "40")]
     assert opened == [10, 40]  # rank 0 of 4 opens its own shards; a memory pool opens all
+
+
+def test_scale_benchmark_measures_caching_on_any_shards_with_the_model_asked_for(tmp_path):
+    from .data.test_loader import make_shards
+
+    make_shards(tmp_path, 3, 20)  # no manifests: the pairs are counted by decoding them
+    args = ("--data", str(tmp_path), "--shards", "2", "--processes", "1", "--batch-size", "16")
+    done = run_script("scale.py", "cache", *args, "--model", "jest-tiny", "--workers", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (
+        "2 shards of" in done.stdout
+        and "40 pairs; jest-tiny on cpu, batch 16, 1 loader workers" in done.stdout
+    )
+    (row,) = table_rows(done.stdout, "cache-reference")
+    assert row[1] == "1" and number(row[4]) > 0 and number(row[4]) == number(row[5])
+    assert number(table_rows(done.stdout, "model alone")[0][4]) > 0

@@ -617,3 +617,18 @@ def test_a_sigterm_during_an_import_is_delivered_again_once_the_import_is_done(t
     assert not signals.inside_import(sys._getframe())
     with pytest.raises(common.Terminated):  # outside an import it stops the command at once
         common.terminate(os.getpid())(signal.SIGTERM, sys._getframe())
+
+
+def test_python_dash_m_jestclip_is_the_command(tmp_path):
+    """``python -m jestclip`` runs the command where no entry point is installed (a source tree on PYTHONPATH,
+    ``torchrun -m jestclip``): same parser, same one-line errors and status."""
+    done = subprocess.run(
+        [sys.executable, "-m", "jestclip", "data", "inspect", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        done.returncode == 2
+        and done.stderr.strip() == f"jestclip data: shard '{tmp_path}/missing' does not exist"
+    )
