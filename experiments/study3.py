@@ -181,10 +181,13 @@ def build_steps() -> dict[str, Step]:
         for pool in POOLS:
             for seed in MAIN_SEEDS:
                 steps[f"{CHOSEN}-{pool}-s{seed}"] = _matched(CHOSEN, PILOT[CHOSEN], pool, seed)
-    if BEST is not None:
+    # seeds 3-4 of every candidate of the decisive comparison are defined, so that the likely one may start
+    # before the last seed-0-2 run ends; BEST (chosen from seeds 0-2 alone, best_candidate) is the one that
+    # decides, and any other that ran is reported beside it
+    for name in [*MATCHED, *([CHOSEN] if CHOSEN else [])]:
         for pool in POOLS:
             for seed in DECISIVE_SEEDS:
-                steps[f"{BEST}-{pool}-s{seed}"] = _matched(BEST, {**MATCHED, **PILOT}[BEST], pool, seed)
+                steps[f"{name}-{pool}-s{seed}"] = _matched(name, {**MATCHED, **PILOT}[name], pool, seed)
     return steps
 
 
@@ -201,11 +204,15 @@ def sets() -> dict[str, list[str]]:
         "matched": [n for n in names if n.startswith(tuple(MATCHED)) and n.endswith(("-s0", "-s1", "-s2"))],
         "study2-flexi": [n for n in names if n.startswith("flexi-jest-f08-") and "-strong-" in n],
         "pilot": [n for n in names if n.endswith(f"-s{PILOT_SEED}")],
-        "chosen": [n for n in names if CHOSEN and n.startswith(CHOSEN) and not n.endswith(f"-s{PILOT_SEED}")],
+        "chosen": [n for n in names if CHOSEN and n.startswith(CHOSEN) and n.endswith(("-s0", "-s1", "-s2"))],
         "baselines": [
             n for n in names if n.startswith(("iid-", "filter-q50-")) and not n.endswith(("-s3", "-s4"))
         ],
-        "decisive": [n for n in names if n.endswith(("-s3", "-s4"))],
+        "decisive": [
+            n
+            for n in names
+            if n.endswith(("-s3", "-s4")) and n.startswith(("iid-", "filter-q50-", *([BEST] if BEST else [])))
+        ],
     }
 
 
