@@ -70,7 +70,9 @@ PILOT: dict[str, tuple[str, ...]] = {
 # 2026-12-07, 09:37 UTC, the pilot's final gallery R@5 (seed 5, swapped pool): jest-first25 15.15,
 # jest-anneal 15.73, flexi-jest-keep50 17.74 (results/study3/*-swap50-s5)
 CHOSEN: str | None = "flexi-jest-keep50"
-BEST: str | None = None
+# 2026-12-07, 13:08 UTC, best_candidate over seeds 0-2 (mean over the two pools of each pool's 3-seed mean of
+# final gallery R@5): flexi-jest-f08-iidflops 18.30, flexi-jest-keep50 16.99, jest-f08-iidflops 15.60
+BEST: str | None = "flexi-jest-f08-iidflops"
 
 
 @functools.cache
