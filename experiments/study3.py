@@ -283,6 +283,28 @@ def best_candidate(root: Path = ROOT) -> tuple[str | None, dict[str, float], lis
     return best, means, missing
 
 
+def reference_share(root: Path = ROOT) -> str:
+    """The strong reference's own cost (its training run's logged FLOPs and one forward per pair of both
+    pools) amortised over every learner run of Studies II and III that used it (the pre-registration's
+    secondary reading); IID uses none."""
+    from jestclip.report.reference import reference_cost
+
+    cost = reference_cost(root / RESULTS / "ref-strong", [root / p for p in POOLS.values()])
+    study2 = [p for p in (root / STUDY2_RESULTS).glob("*-strong-s[0-9]") if (p / "metrics.jsonl").exists()]
+    study3 = [
+        p
+        for p in (root / RESULTS).glob("*-s[0-9]")
+        if (p / "metrics.jsonl").exists() and not p.name.startswith("iid-")
+    ]
+    share = cost.total / (len(study2) + len(study3))
+    return (
+        f"The strong reference's own cost: training {cost.train_flops:.4g} FLOPs, caching both pools "
+        f"({cost.cached_samples:,} pairs) {cost.cache_flops:.4g}; amortised over the {len(study2)} Study II "
+        f"and {len(study3)} Study III learner runs that used it: {share:.3g} FLOPs a run, "
+        f"{100 * share / budget():.1f}% of IID's budget, added to every run but IID's."
+    )
+
+
 def cpu_hours(root: Path = ROOT) -> tuple[int, float]:
     """The study's learner runs (results/study3) and their logged training wall time in hours, one thread
     each (a run's last ``wall_s``; runs paused or restarted count the pause)."""
@@ -385,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(["### Seeds 0-2 (provisional verdicts)", "", *summary(), *at_iid_flops(), ""]))
         print(f"Best compute-matched method by the registered rule (mean of pool means, seeds 0-2): {said}")
         print(f"-> {best}" if best else f"-> not yet: {len(missing)} run(s) missing ({', '.join(missing)})")
+        print("", reference_share())
         print(
             "",
             "### Seeds 0-4 (the decisive comparison)",
