@@ -272,7 +272,8 @@ def best_candidate(root: Path = ROOT) -> tuple[str | None, dict[str, float], lis
         f"{name}-{pool}-s{seed}"
         for name in candidates
         for pool in POOLS
-        for seed in MAIN_SEEDS[len(finals[pool].get(name, [])) :]
+        for seed in MAIN_SEEDS
+        if not (root / RESULTS / f"{name}-{pool}-s{seed}" / "metrics.jsonl").exists()
     ]
     means = {
         name: statistics.fmean(statistics.fmean(finals[pool][name]) for pool in POOLS)
