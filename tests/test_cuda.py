@@ -179,3 +179,66 @@ def test_cuda_checkpoint_resumes_the_runs_generator(tmp_path) -> None:
     resumed = build_state(cfg, CUDA)
     resumed.load_state_dict(run.load_latest(CUDA)[1])
     assert torch.equal(torch.rand(5, device=CUDA, generator=resumed.generator), expected)
+
+
+# --- the step's speed switches (train.speed) on the device --------------------------------------------------
+
+
+def test_cuda_to_device_copies_from_pinned_memory() -> None:
+    from jestclip.data.loader import SuperBatch
+    from jestclip.train.startup import to_device
+
+    images = torch.rand(4, 3, 8, 8)
+    batch = SuperBatch(keys=list("abcd"), urls=["u"] * 4, images=images, texts=list("wxyz"), meta=[{}] * 4)
+    tokenize = lambda texts: torch.ones(len(texts), 5, dtype=torch.long)  # noqa: E731
+    tensors = to_device(batch, tokenize, None, CUDA, pin_memory=True)
+    torch.cuda.synchronize()
+    assert tensors.images.is_cuda and torch.equal(tensors.images.cpu(), images)
+    assert torch.equal(tensors.tokens.cpu(), torch.ones(4, 5, dtype=torch.long))
+    assert batch.pin_memory().images.is_pinned()  # what the loader's pin thread calls
+
+
+def speed_run(tmp_path, device: str, compile_mode: str, backend: str = "inductor") -> None:
+    """A jest run on ``device`` with bf16 scoring, pinned copies and ``compile_mode``: it trains, and stopping
+    at step 2 then resuming ends at a run of the same length and counts."""
+    import dataclasses
+
+    from jestclip.train.loop import train
+    from jestclip.train.speed import SpeedConfig
+
+    from .train.test_loop import cached_shards, config
+
+    shards = cached_shards(tmp_path / "shards", 2, 12)
+    speed = SpeedConfig(bf16_scoring=True, compile=compile_mode, compile_backend=backend)
+
+    def run(name: str, **kw) -> dict:
+        cfg = config(tmp_path / name, shards, "jest", steps=4, speed=speed, **kw)
+        return train(dataclasses.replace(cfg, device=device), progress=False)
+
+    last = run("whole")
+    assert last["examples_learned"] == 16 and last["loss"] is not None
+    run("parts", stop_after=2)
+    resumed = run("parts")
+    assert resumed["step"] == 4 and resumed["examples_scored"] == last["examples_scored"]
+
+
+@pytest.mark.parametrize("compile_mode", ["off", "default", "reduce-overhead"])
+def test_cuda_run_with_every_speed_switch_trains_and_resumes(tmp_path, compile_mode: str) -> None:
+    speed_run(tmp_path, "cuda", compile_mode)
+
+
+def test_cuda_bf16_scoring_copy_agrees_with_autocast_scoring() -> None:
+    from jestclip.train.speed import ScoringCopy, SpeedConfig
+    from jestclip.train.steps import score_embeddings
+
+    torch.manual_seed(0)
+    model = create_model("jest-micro", device=CUDA)
+    g = torch.Generator(CUDA).manual_seed(0)
+    images = torch.rand(64, 3, 32, 32, device=CUDA, generator=g)
+    tokens = torch.randint(1, 1000, (64, model.context_length), device=CUDA, generator=g)
+    batch = SuperBatchTensors(images, tokens)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        plain = score_embeddings(model, batch, None)
+        rounded = score_embeddings(model, batch, None, scorer=ScoringCopy(model, SpeedConfig()).scorer(model))
+    assert (plain.image * rounded.image).sum(1).min() > 0.99
+    assert (plain.text * rounded.text).sum(1).min() > 0.99

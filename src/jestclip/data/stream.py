@@ -575,10 +575,17 @@ class ResumableBatches(Iterator[SuperBatch]):
     The DataLoader hands out its workers' batches round-robin, so batch ``n`` after a position comes from
     worker ``(next + n) % workers``; each batch carries its worker's position after it, recorded here as the
     batch is consumed (batches the workers prefetched but nobody consumed are read again on resume).
+    ``pin_memory``: the DataLoader's pin thread puts each batch's images in page-locked memory (for a
+    non-blocking copy to a GPU; needs CUDA).
     """
 
     def __init__(
-        self, stream: SuperBatchStream, num_workers: int, position: dict[str, Any] | None = None
+        self,
+        stream: SuperBatchStream,
+        num_workers: int,
+        position: dict[str, Any] | None = None,
+        *,
+        pin_memory: bool = False,
     ) -> None:
         self.workers = max(1, num_workers)  # 0 and 1 read the same stream
         if position is not None and "workers" not in position:
@@ -600,7 +607,8 @@ class ResumableBatches(Iterator[SuperBatch]):
         if position is not None:
             self._workers, self._next = list(position["workers"]), int(position["next"]) % self.workers
         self._exact = stream.shuffle_buffer <= 1
-        self._batches = iter(DataLoader(stream, batch_size=None, num_workers=num_workers))
+        loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+        self._batches = iter(loader)
 
     def __next__(self) -> SuperBatch:
         batch = next(self._batches)

@@ -104,7 +104,9 @@ def encode_image(
     elif approx == "resolution":
         if gh % 2 or gw % 2:
             raise ValueError(f"half resolution needs an even patch grid, got {gh}x{gw}")
-        small = F.interpolate(images, scale_factor=0.5, mode="bilinear", antialias=True, align_corners=False)
+        small = F.interpolate(  # in float32: antialiased resizing has no bf16 CPU kernel
+            images.float(), scale_factor=0.5, mode="bilinear", antialias=True, align_corners=False
+        ).to(images.dtype)
         x = _tokens(visual, small, visual.conv1.weight, p, (gh // 2, gw // 2))
     else:
         if not 0 < keep <= 1:

@@ -16,11 +16,13 @@ from typing import Any
 from jestclip.train.optim import OptimConfig
 from jestclip.train.schedule import super_batch_at, super_batches
 from jestclip.train.settings import MethodConfig
+from jestclip.train.speed import SpeedConfig
 from jestclip.train.validation import ConfigError, field_types, validate
 
 __all__ = [
     "ConfigError",
     "MethodConfig",
+    "SpeedConfig",
     "TrainConfig",
     "apply_overrides",
     "from_dict",
@@ -45,6 +47,7 @@ class TrainConfig:
     filter_ratio: float = 0.8  # f: the super-batch is B = b / (1 - f); ignored by methods that do not select
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)  # precision, compilation, pinned copies
     steps: int = 1000
     log_every: int = 10
     checkpoint_every: int = 100

@@ -37,7 +37,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -52,6 +51,7 @@ from jestclip.eval import check_labels, evaluate, find_suites, flat_metrics
 from jestclip.models import StepFlops
 from jestclip.models.factory import logit_params
 from jestclip.signals import deliver_again, inside_import
+from jestclip.train import speed
 from jestclip.train.config import TrainConfig
 from jestclip.train.methods import run_step
 from jestclip.train.rundir import CheckpointWriteError, NonFiniteStateError, RunDir
@@ -234,7 +234,8 @@ def _bad_learner(model: torch.nn.Module) -> str | None:
 def learn(
     state: TrainState, batch: SuperBatchTensors, cfg: TrainConfig, where: Placement, *, select: bool = True
 ) -> Learned:
-    """One method step and optimiser update (bf16 autocast on CUDA); ``select=False``: a step the method's
+    """One method step and optimiser update (autocast per ``cfg.speed``: bf16 on CUDA by default; the bf16
+    scoring copy refreshed first when it is on); ``select=False``: a step the method's
     selection schedule does not select on (an IID step). A step whose learner is broken
     (``_bad_learner``: it is not run), whose learner embeddings are non-finite, or whose loss or gradient
     norm is non-finite, changes no parameter (the schedule still advances); every rank decides alike."""
@@ -258,7 +259,8 @@ def _step(
     select: bool = True,
 ) -> None:
     """The method step, backward and, when every number is finite, the optimiser update (into ``learned``)."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if where.device.type == "cuda" else nullcontext()
+    autocast = speed.autocast(cfg.speed, where.device)
+    scorer = state.scoring_copy.scorer(state.model) if select and state.scoring_copy is not None else None
     try:
         with autocast:
             learned.output = run_step(
@@ -269,6 +271,7 @@ def _step(
                 select=select,
                 world_size=where.world,
                 learn_module=state.learn_module,
+                scorer=scorer,
             )
     except ValueError:  # selection refuses candidates without finite scores: were they all non-finite?
         with autocast:
@@ -403,7 +406,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             steps = _Steps(
                 cfg, where, state, out, evaluator, sigterm, started.costs, DivergenceGuard(cfg.max_bad_steps)
             )
-            return steps.run(started.batches, lambda b: to_device(b, tokenize, reference, where.device))
+            pin = cfg.speed.pins(where.device)
+            on_device = lambda b: to_device(b, tokenize, reference, where.device, pin_memory=pin)  # noqa: E731
+            return steps.run(started.batches, on_device)
         except (torch.OutOfMemoryError, MemoryError) as exn:  # GPU or host memory, in this process
             what = f"{type(exn).__name__}: {_one_line(exn).split('. ')[0][:200]}"
             lower = "lower method.batch_size or filter_ratio (or num_workers), then rerun to resume"

@@ -33,7 +33,8 @@ class Method:
 
     name: str
     summary: str
-    step: Callable[..., StepOutput]  # step(method, model, batch, cfg, generator, world_size=, learn_module=)
+    # step(method, model, batch, cfg, generator, world_size=, learn_module=, scorer=)
+    step: Callable[..., StepOutput]
     selector: str | None = None  # a SELECTORS key; None: learn on the batch as drawn (super-batch = batch)
     scores_approx: bool = False  # the learner scores candidates with its approximation ``cfg.approx``
     learns_approx: bool = False  # a ``cfg.approx_fraction`` share of the selection is learned approximately
@@ -172,9 +173,11 @@ def run_step(
     select: bool = True,
     world_size: int = 1,
     learn_module: nn.Module | None = None,
+    scorer: nn.Module | None = None,
 ) -> StepOutput:
     """One training step of ``cfg.method`` on a super-batch already on the device; with ``select=False`` (a
-    step its selection schedule does not select on) an IID step on a batch of ``cfg.batch_size``.
+    step its selection schedule does not select on) an IID step on a batch of ``cfg.batch_size``. ``scorer``:
+    a bf16 copy of ``model`` with its current weights (``speed.ScoringCopy``) that runs the scoring forward.
 
     With ``world_size > 1`` (torch.distributed initialised), ``batch`` is this rank's shard of the super-batch
     and ``cfg.batch_size`` the global b; each rank learns on its b / W picks through ``learn_module``, the
@@ -183,4 +186,6 @@ def run_step(
     output are global. On one process ``learn_module`` defaults to the model itself.
     """
     method = step_method(cfg, select)
-    return method.step(method, model, batch, cfg, generator, world_size=world_size, learn_module=learn_module)
+    return method.step(
+        method, model, batch, cfg, generator, world_size=world_size, learn_module=learn_module, scorer=scorer
+    )

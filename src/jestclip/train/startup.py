@@ -48,6 +48,7 @@ from jestclip.train.optim import make_optimizer, make_scheduler
 from jestclip.train.rundir import RunDir
 from jestclip.train.schedule import steps_for_flops
 from jestclip.train.settings import MethodConfig
+from jestclip.train.speed import ScoringCopy, compile_towers
 from jestclip.train.steps import StepOutput, SuperBatchTensors
 
 __all__ = [
@@ -177,7 +178,8 @@ class TrainState:
     """Everything a checkpoint holds: learner, optimiser, schedule, selection generator, counters, the
     composition counts since the last metrics line; and, under torchrun, ``learn_module``: the DDP-wrapped
     ``LearningForward(model)`` the steps learn through (the model's own parameters; not checkpointed; None on
-    one process, where the steps use the model itself)."""
+    one process, where the steps use the model itself); with ``speed.bf16_scoring``, the learner's bf16 copy
+    that scores (``speed.ScoringCopy``, refreshed from the model each selecting step; not checkpointed)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -187,6 +189,7 @@ class TrainState:
     learn_module: nn.Module | None = None
     data: list[dict[str, Any] | None] | None = None  # every rank's data position (ResumableBatches.positions)
     composition: Composition = field(default_factory=Composition)  # since the last metrics line
+    scoring_copy: ScoringCopy | None = None  # speed.bf16_scoring: derived from the model, not checkpointed
 
     def state_dict(self, cfg: TrainConfig) -> dict[str, Any]:
         """The checkpoint; ``data`` is the data position as last set (the loop sets it before each save)."""
@@ -225,10 +228,16 @@ def build_state(cfg: TrainConfig, device: torch.device) -> TrainState:
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.steps, cfg.optim)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    scoring_copy = None
+    if cfg.speed.bf16_scoring and cfg.method.description.selects:
+        scoring_copy = ScoringCopy(model, cfg.speed)  # before compiling: a copy of the plain modules
+    compile_towers(model, cfg.speed.compile, cfg.speed.compile_backend)
     learn_module = None
     if dist.is_initialized() and dist.get_world_size() > 1:
         learn_module = data_parallel(model, device)
-    return TrainState(model, optimizer, scheduler, generator, Counters(), learn_module)
+    return TrainState(
+        model, optimizer, scheduler, generator, Counters(), learn_module, scoring_copy=scoring_copy
+    )
 
 
 def open_reference(
@@ -382,12 +391,15 @@ def resume_batches(
     cfg: TrainConfig,
     step: int,
     data: list[dict[str, Any] | None] | None = None,
+    *,
+    pin_memory: bool = False,
 ) -> ResumableBatches | PoolBatches:
     """The stream through ``cfg.num_workers`` loader workers (a ``MemoryPool``: in this process) from where
     step ``step`` left it: at this rank's entry of the checkpoint's data position ``data`` (reading nothing
     consumed before), or, for a checkpoint without one, by replaying ``step`` super-batches (a pool computes
     where they end; a warning says so). A ValueError when the position was recorded with another world size
-    or ``num_workers``, or by another kind of stream or pool."""
+    or ``num_workers``, or by another kind of stream or pool. ``pin_memory``: the stream's batches come in
+    page-locked memory (CUDA; ``speed.pin_memory``)."""
     if data is not None and len(data) != stream.world_size:
         raise ValueError(
             f"the checkpoint's data position is for {len(data)} ranks but this run has {stream.world_size}: "
@@ -397,7 +409,7 @@ def resume_batches(
     if position is not None or step == 0:
         if isinstance(stream, MemoryPool):
             return stream.batches(position)
-        return ResumableBatches(stream, cfg.num_workers, position)
+        return ResumableBatches(stream, cfg.num_workers, position, pin_memory=pin_memory)
     how = "starting the pool after" if isinstance(stream, MemoryPool) else "replaying"
     warnings.warn(
         f"the checkpoint of step {step} records no data position (written by an older jestclip, or a stream "
@@ -407,7 +419,7 @@ def resume_batches(
     )
     if isinstance(stream, MemoryPool):
         return stream.batches(stream.position_after(step))
-    batches = ResumableBatches(stream, cfg.num_workers)
+    batches = ResumableBatches(stream, cfg.num_workers, pin_memory=pin_memory)
     for _ in range(step):
         next(batches)
     return batches
@@ -418,13 +430,21 @@ def to_device(
     tokenize: Callable[[list[str]], torch.Tensor],
     reference: ReferenceCache | None,
     device: torch.device,
+    *,
+    pin_memory: bool = False,
 ) -> SuperBatchTensors:
     """A loaded super-batch on the device: images, tokenised captions, the reference's embeddings and the
-    samples' ground-truth quality labels (None when none carries them)."""
+    samples' ground-truth quality labels (None when none carries them). ``pin_memory`` (CUDA): images and
+    tokens are copied from page-locked memory without blocking (images the loader pinned stay as they are;
+    an in-memory pool's are pinned here)."""
     quality = batch_quality(batch)
+    images, tokens = batch.images, tokenize(batch.texts)
+    if pin_memory:
+        images = images if images.is_pinned() else images.pin_memory()
+        tokens = tokens.pin_memory()
     return SuperBatchTensors(
-        images=batch.images.to(device, non_blocking=True),
-        tokens=tokenize(batch.texts).to(device),
+        images=images.to(device, non_blocking=True),
+        tokens=tokens.to(device, non_blocking=pin_memory),
         reference=(
             reference.lookup(batch.keys, batch.urls, digests=batch.digests, device=device)
             if reference is not None
@@ -447,6 +467,7 @@ _RESUMABLE_CHANGES = {
     "max_bad_steps",
     "reference_fingerprint",
     "reference_cache_dir",
+    "speed",  # how steps use the device, not what they compute (precision may round otherwise)
 }
 
 
@@ -566,5 +587,6 @@ def start(run: RunDir, cfg: TrainConfig, *, progress: bool = False) -> Started:
     keep = open_keep_list(cfg, urls, own)
     costs = StepCosts.measure(cfg, state.model)
     stream = open_stream(cfg, urls, transform, where, progress=progress, keep=keep)
-    batches = resume_batches(stream, cfg, state.counters.step, state.data)
+    pin = cfg.speed.pins(where.device)
+    batches = resume_batches(stream, cfg, state.counters.step, state.data, pin_memory=pin)
     return Started(where, state, rng, reference, costs, transform, tokenize, batches)

@@ -181,15 +181,23 @@ def score_embeddings(
     batch: SuperBatchTensors,
     approx: Approximation | None,
     generator: torch.Generator | None = None,
+    scorer: nn.Module | None = None,
 ) -> Embeddings:
-    """The model's ``[B, D]`` embeddings of the super-batch in eval mode, without gradients (for scoring);
-    ``generator`` draws the patches ``"patch_drop"`` keeps (the run's own: a resume stays bitwise)."""
-    was_training = model.training
-    model.eval()
-    try:
-        image, text = embed(model, batch.images, batch.tokens, approx, generator)
-    finally:
-        model.train(was_training)
+    """The model's ``[B, D]`` float32 embeddings of the super-batch in eval mode, without gradients (for
+    scoring); ``generator`` draws the patches ``"patch_drop"`` keeps (the run's own: a resume stays bitwise).
+    ``scorer``: a bf16 copy of ``model`` (``speed.ScoringCopy``) runs the forward instead, images in bf16 and
+    autocast off; the logit scale and bias are ``model``'s either way."""
+    if scorer is not None:
+        images = batch.images.to(next(scorer.parameters()).dtype)
+        with torch.autocast(images.device.type, enabled=False):
+            image, text = embed(scorer, images, batch.tokens, approx, generator)
+    else:
+        was_training = model.training
+        model.eval()
+        try:
+            image, text = embed(model, batch.images, batch.tokens, approx, generator)
+        finally:
+            model.train(was_training)
     scale, bias = logit_params(model)
     return Embeddings(image.float(), text.float(), scale.detach(), bias.detach())
 
@@ -271,8 +279,10 @@ def learn_batch_step(
     *,
     world_size: int = 1,
     learn_module: nn.Module | None = None,
+    scorer: nn.Module | None = None,
 ) -> StepOutput:
-    """Learn on the whole batch (this rank's b / W of it) through ``learn_module`` (default: the model)."""
+    """Learn on the whole batch (this rank's b / W of it) through ``learn_module`` (default: the model);
+    ``scorer`` is not used (nothing is scored)."""
     _check_sizes(batch, cfg, world_size, exact=True)
     learn_module = _learning_module(model, learn_module, world_size)
     selected = torch.arange(len(batch), device=batch.images.device)
@@ -289,14 +299,15 @@ def select_and_learn_step(
     *,
     world_size: int = 1,
     learn_module: nn.Module | None = None,
+    scorer: nn.Module | None = None,
 ) -> StepOutput:
-    """Score the super-batch with ``model`` (no grad), select b with ``method.selector``, learn on the
-    selection through ``learn_module`` (default: the model)."""
+    """Score the super-batch with ``model`` (no grad; through ``scorer``, its bf16 copy, when given), select
+    b with ``method.selector``, learn on the selection through ``learn_module`` (default: the model)."""
     _check_sizes(batch, cfg, world_size, exact=False)
     learn_module = _learning_module(model, learn_module, world_size)
     learner = None
     if method.scores_with_learner(cfg.scoring):
-        learner = score_embeddings(model, batch, method.scoring_approx(cfg), generator)
+        learner = score_embeddings(model, batch, method.scoring_approx(cfg), generator, scorer)
     selected = _select(method, learner, batch, cfg, generator, world_size)
     approx_part = None
     if method.learns_approx:  # a random share: selection order is not random

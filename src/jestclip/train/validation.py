@@ -19,6 +19,7 @@ import torch
 from jestclip.models.approx import APPROXIMATIONS
 from jestclip.selection import LOSSES, SCORINGS, independent
 from jestclip.train.methods import METHODS
+from jestclip.train.speed import COMPILE_MODES, PRECISIONS
 
 __all__ = ["CHECKS", "ConfigError", "Range", "field_types", "one_of", "type_problem", "validate"]
 
@@ -74,6 +75,13 @@ def _device(value: str) -> str | None:
     return None
 
 
+def _compile_backend(value: str) -> str | None:
+    if value == "inductor":  # the default: no need to import dynamo to know it
+        return None
+    known = tuple(torch._dynamo.list_backends(exclude_tags=()))
+    return None if value in known else f"is not one of torch.compile's backends {known}"
+
+
 # Range and value checks by dotted key; the type of every field comes from its annotation. Keys of fields a
 # config does not have (yet) are simply unused.
 CHECKS: dict[str, Callable[[Any], str | None]] = {
@@ -110,6 +118,9 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "optim.eps": Range(0.0),
     "optim.warmup_fraction": Range(0.0, 1.0, high_open=True),
     "optim.grad_clip": Range(0.0, low_open=True),
+    "speed.precision": one_of(lambda: PRECISIONS),
+    "speed.compile": one_of(lambda: COMPILE_MODES),
+    "speed.compile_backend": _compile_backend,
 }
 
 _TYPE_NAMES = {int: "an int", float: "a finite number", str: "a string", bool: "true or false"}
