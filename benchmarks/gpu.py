@@ -26,12 +26,21 @@ Prints (and writes to ``--out``) a markdown report, one section per ``--parts`` 
    of docs/selection.md picks per loss (``choose_default``, with the times of part 4). On the CPU the fused
    precisions are measured through their torch emulation (``emulated-*``) and no backend is picked.
 
+6. ``speed``: the step's speed switches (``jestclip.train.speed``): IID, JEST and Flexi-JEST step times
+   under each of ``--variants`` (``SPEED_VARIANTS``: bf16 autocast as before; the bf16 scoring copy; that
+   and ``torch.compile`` of both transformers), a fresh model each, with the step's model FLOPs per second
+   against the card's dense bf16 peak (``BF16_PEAK_TFLOPS``); then the small model's IID steps per second
+   by compile mode (``--small-compile``; ``reduce-overhead`` is CUDA graphs). Targets: IID >= 45% of peak,
+   JEST <= 2.67x, Flexi-JEST <= 1.35x, jest-small (64 px, b = 256) >= 40 steps/s. Not part of the first
+   device call's time: run it as its own call (``--parts speed``).
+
 A run that does not fit in memory is reported as such in its row, and the rest goes on. On the CPU the
 ``triton-*`` rows run only under ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, not a speed).
 
 Time: parts 1-4 without the fused rows took ~2.5 min on one H200 (2026-11-30); the whole command is not yet
 timed (estimated 5-7 min: compiling and autotuning the kernel, the literal's processes, the agreement runs),
-so the prepared device command (docs/benchmarks.md, "The fused selection kernel (issue 28)") stops it at
+so the prepared device command (docs/benchmarks.md, "The fused selection kernel and the step's speed
+switches (issue 28)") stops it at
 9 minutes and ``--parts`` reruns what did not finish. It carries the wheels of open_clip_torch, timm,
 webdataset, ftfy, wcwidth, regex, braceexpand and resvg-py in ``.whl`` (the image has torch and Triton).
 """
@@ -41,6 +50,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -67,7 +77,8 @@ from jestclip.train import MethodConfig
 from jestclip.train.config import TrainConfig
 from jestclip.train.loop import learn
 from jestclip.train.methods import get_method
-from jestclip.train.startup import Counters, Placement, TrainState
+from jestclip.train.speed import COMPILE_MODES, ScoringCopy, SpeedConfig, compile_towers
+from jestclip.train.startup import Counters, Placement, StepCosts, TrainState
 from jestclip.train.steps import SuperBatchTensors, score_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +87,20 @@ SELECT_TARGETS_MS = {40960: 10.0, 163840: 100.0}  # issue 28, with the default b
 SELECT_TARGET_GB = 3.0  # peak at B = 163,840, inputs included
 FUSED = tuple(f"triton-{p}" for p in PRECISIONS)
 IMPLEMENTATIONS = ("literal", "torch", "torch-tf32", *FUSED)  # what part 4 times
-PARTS = ("tests", "steps", "breakdown", "selection", "agreement")
+PARTS = ("tests", "steps", "breakdown", "selection", "agreement", "speed")
+# part 6: the step's speed switches (train.speed), each on a fresh model; "before" is what runs did until them
+SPEED_VARIANTS = {
+    "before": SpeedConfig(),
+    "bf16-scoring": SpeedConfig(bf16_scoring=True),
+    "bf16-scoring+compile": SpeedConfig(bf16_scoring=True, compile="default"),
+}
+SMALL_COMPILE = ("off", "default", "reduce-overhead")  # part 6's small-model rows, bf16 autocast each
+IID_PEAK_TARGET = 0.45  # ViT-B/16 IID at >= 45% of the card's dense bf16 peak (issue 28)
+SMALL_TARGET = 40.0  # jest-small, 64 px, b = 256: IID steps per second
+SPEED_TARGETS = {"jest": 2.67, "flexi-jest": 1.35}  # x IID, issue 28
+# dense (not sparse) bf16 tensor-core peak by the NVIDIA datasheets, TFLOP/s: the first name found in the
+# device's name counts (PCIe before the SXM H100)
+BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 # part 5's inputs: (learner's, reference's) logit scale, bias -10 for both
 AGREEMENT_INPUTS = {"scale 10": (10.0, 10.0), "reference at scale 100": (10.0, 100.0)}
 PIECES = ("scoring forward", "selection", "batch score", "learning (forward, backward, AdamW)")
@@ -98,9 +122,12 @@ class Settings:
     agreement_sizes: tuple[int, ...]
     seeds: int
 
+    small_model: str = "jest-small"
+    small_batch: int = 256
+
 
 FULL = Settings("ViT-B-16", 512, 0.8, (40960, 81920, 163840), 768, 16, 20, 5, 5, (40960, 163840), 3)
-TINY = Settings("jest-micro", 8, 0.8, (512, 1024, 2048), 768, 16, 3, 1, 2, (256,), 2)
+TINY = Settings("jest-micro", 8, 0.8, (512, 1024, 2048), 768, 16, 3, 2, 2, (256,), 2, "jest-micro", 8)
 
 
 def sync(device: torch.device) -> None:
@@ -169,14 +196,16 @@ def train_step(
     batch: SuperBatchTensors,
     cfg: MethodConfig,
     generator: torch.Generator,
+    speed: SpeedConfig | None = None,
+    scoring_copy: ScoringCopy | None = None,
 ) -> None:
     """One training step as a run takes it: the library's ``loop.learn`` (the method step under autocast,
     backward, clipping at the run's ``optim.grad_clip``, the optimiser update), on this model and
-    optimiser."""
+    optimiser, with the run's ``speed`` switches (the bf16 scoring copy, when on, is ``scoring_copy``)."""
     device = batch.images.device
-    run = TrainConfig(model="bench", method=cfg, device=str(device))
+    run = TrainConfig(model="bench", method=cfg, device=str(device), speed=speed or SpeedConfig())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    state = TrainState(model, optimizer, scheduler, generator, Counters())
+    state = TrainState(model, optimizer, scheduler, generator, Counters(), scoring_copy=scoring_copy)
     learned = learn(state, batch, run, Placement(device))
     if learned.bad is not None:
         raise RuntimeError(f"the benchmark's {cfg.method} step was skipped: {learned.bad}")
@@ -225,6 +254,93 @@ def step_rows(s: Settings, model: torch.nn.Module, device: torch.device) -> list
         target = TARGETS.get(method)
         verdict = "—" if target is None else f"<= {target}x: {'yes' if ratio <= target else 'NO'}"
         rows.append(f"| {method} | {n:,} | {times[method]:,.1f} | {ratio:.2f}x | {verdict} |")
+    return rows
+
+
+def bf16_peak(device: torch.device) -> float | None:
+    """The card's dense bf16 peak in FLOP/s (``BF16_PEAK_TFLOPS``), None when unknown (or the CPU)."""
+    name = device_name(device)
+    peak = next((tf for key, tf in BF16_PEAK_TFLOPS.items() if key in name), None)
+    return None if peak is None or device.type != "cuda" else peak * 1e12
+
+
+def speed_model(
+    name: str, speed: SpeedConfig, device: torch.device
+) -> tuple[torch.nn.Module, ScoringCopy | None]:
+    """A fresh randomly initialised model with ``speed``'s scoring copy and compilation (as a run builds
+    them, ``startup.build_state``)."""
+    torch.manual_seed(0)
+    model = create_model(name, device=device)
+    copy = ScoringCopy(model, speed) if speed.bf16_scoring else None
+    return compile_towers(model, speed.compile, speed.compile_backend), copy
+
+
+def speed_rows(s: Settings, device: torch.device, variants: dict[str, SpeedConfig]) -> list[str]:
+    """Step time of IID, JEST and Flexi-JEST under each speed variant (a fresh model each; the warm-up steps
+    compile), x IID of the same variant against issue 28's targets, and the step's model FLOPs (appendix
+    A.4, ``StepCosts``) per second against the card's dense bf16 peak."""
+    peak, rows = bf16_peak(device), []
+    for variant, speed in variants.items():
+        model, copy = speed_model(s.model, speed, device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        generator = torch.Generator(device).manual_seed(0)
+        times: dict[str, float] = {}
+        for method in ("iid", "jest", "flexi-jest"):
+            cfg, n, note = method_config(s, method), super_batch(s, method), []
+            flops = StepCosts.measure(TrainConfig(model=s.model, method=cfg), model).total(n)
+            with out_of_memory(note):
+                batch = make_batch(s, n, device, generator)
+                step = lambda: train_step(model, optimizer, batch, cfg, generator, speed, copy)  # noqa: B023, E731
+                times[method] = median_ms(step, device, s.steps, s.warmup)
+            batch = None
+            if note:
+                rows.append(f"| {variant} | {method} | {n:,} | {note[0]} | | | | |")
+                continue
+            ms = times[method]
+            ratio = ms / times["iid"] if "iid" in times else float("nan")
+            rate = flops / (ms / 1000)
+            share = f"{100 * rate / peak:.1f}%" if peak else "—"
+            if method == "iid":
+                verdict = f">= {100 * IID_PEAK_TARGET:.0f}% of peak: " + (
+                    "—" if not peak else "yes" if rate >= IID_PEAK_TARGET * peak else "NO"
+                )
+            else:
+                verdict = f"<= {SPEED_TARGETS[method]}x: {'yes' if ratio <= SPEED_TARGETS[method] else 'NO'}"
+            rows.append(
+                f"| {variant} | {method} | {n:,} | {ms:,.1f} | {ratio:.2f}x | {rate / 1e12:.3g} | {share} "
+                f"| {verdict} |"
+            )
+        model = copy = optimizer = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def small_rows(
+    s: Settings, device: torch.device, modes: tuple[str, ...], backend: str = "inductor"
+) -> list[str]:
+    """IID steps per second of the small model at its own input size, b = ``s.small_batch``, under each
+    compile mode (``reduce-overhead``: CUDA graphs), against issue 28's target."""
+    small = Settings(**{**s.__dict__, "model": s.small_model, "batch": s.small_batch})
+    rows = []
+    for mode in modes:
+        speed = SpeedConfig(compile=mode, compile_backend=backend)
+        model, _ = speed_model(small.model, speed, device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        generator = torch.Generator(device).manual_seed(0)
+        note: list[str] = []
+        with out_of_memory(note):
+            batch = make_batch(small, small.batch, device, generator)
+            cfg = method_config(small, "iid")
+            step = lambda: train_step(model, optimizer, batch, cfg, generator, speed)  # noqa: B023, E731
+            ms = median_ms(step, device, small.steps, max(small.warmup, 3))  # CUDA graphs record on call 3
+        if note:
+            rows.append(f"| {mode} | {note[0]} | | |")
+            continue
+        rate = 1000 / ms
+        verdict = f">= {SMALL_TARGET:.0f}/s: {'yes' if rate >= SMALL_TARGET else 'NO'}"
+        rows.append(f"| {mode} | {ms:,.2f} | {rate:,.1f} | {verdict} |")
+        model = optimizer = batch = None
     return rows
 
 
@@ -606,6 +722,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--dim", type=int, help="embedding width D of the selection and agreement parts (768)"
     )
+    parser.add_argument(
+        "--variants",
+        type=csv(str),
+        default=tuple(SPEED_VARIANTS),
+        help=f"what the speed part times, of {','.join(SPEED_VARIANTS)} (all)",
+    )
+    parser.add_argument(
+        "--small-compile",
+        type=csv(str),
+        default=SMALL_COMPILE,
+        help=f"compile modes of the speed part's small-model rows (default {','.join(SMALL_COMPILE)})",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile's backend of the speed part's compiled rows (aot_eager: the CPU smoke test's)",
+    )
     parser.add_argument("--grad-checkpointing", action="store_true", help="open_clip's, to save memory")
     parser.add_argument("--pytest-path", default="tests", help="where `pytest -k cuda` looks")
     parser.add_argument("--pytest-timeout", type=float, default=300.0)
@@ -613,6 +746,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name, given, known in (
         ("--parts", args.parts, PARTS),
         ("--implementations", args.implementations, IMPLEMENTATIONS),
+        ("--variants", args.variants, tuple(SPEED_VARIANTS)),
+        ("--small-compile", args.small_compile, COMPILE_MODES),
     ):
         unknown = [x for x in given if x not in known]
         if unknown:
@@ -705,6 +840,31 @@ def main(argv: list[str] | None = None) -> None:
             "that qualifies on every agreement row of its loss:",
             "",
             *decision_lines(measured, times, largest, device),
+        )
+
+    if "speed" in parts:
+        variants = {
+            name: dataclasses.replace(SPEED_VARIANTS[name], compile_backend=args.compile_backend)
+            for name in args.variants
+        }
+        unit = "dense bf16 peak" if bf16_peak(device) else "peak (unknown here)"
+        report.add(
+            f"**The step's speed switches** (`train.speed`; a fresh {s.model} per variant, whose warm-up "
+            f"steps compile), median of {s.steps} after {s.warmup} warm-up: ms, x IID of the same variant, "
+            "and the step's model FLOPs (appendix A.4) per second against the card's {unit}:",
+            "",
+            "| variant | method | images per step | ms | x IID | TFLOP/s | of peak | target |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+            *speed_rows(s, device, variants),
+        )
+        report.add(
+            f"**The small model**: {s.small_model} at its own input size, b = {s.small_batch}, IID steps at "
+            "the default precision (bf16 autocast on CUDA), by compile mode (`reduce-overhead`: CUDA "
+            "graphs):",
+            "",
+            "| compile | ms | steps/s | target |",
+            "|---|---:|---:|---|",
+            *small_rows(s, device, tuple(args.small_compile), args.compile_backend),
         )
 
 

@@ -77,6 +77,7 @@ def test_gpu_script_tiny_cpu_prints_and_writes_every_table(tmp_path):
     (tests / "test_fake.py").write_text(fake + "\ndef test_other():\n    pass\n")
     out_file = tmp_path / "report" / "gpu.md"
     args = ["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "0", "--select-sizes", "256,512"]
+    args += ["--compile-backend", "aot_eager", "--small-compile", "off,reduce-overhead"]  # traced, no codegen
     done = run_script("gpu.py", *args, "--out", str(out_file), "--pytest-path", str(tests))
     assert done.returncode == 0, done.stderr[-2000:]
     report = out_file.read_text()
@@ -115,6 +116,18 @@ def test_gpu_script_tiny_cpu_prints_and_writes_every_table(tmp_path):
     assert {r[3] for r in agreement} == {"emulated-tf32", "emulated-bf16", "emulated-bf16x3"}
     assert all(0 < number(r[4]) <= 1 and r[10] in ("yes", "no") for r in agreement)
     assert "No default is picked on the CPU" in report
+    speed = [r for r in table_rows(report, "") if len(r) == 8 and r[0] in gpu_script().SPEED_VARIANTS]
+    variants, methods = ("before", "bf16-scoring", "bf16-scoring+compile"), ("iid", "jest", "flexi-jest")
+    assert [(r[0], r[1]) for r in speed] == [(v, m) for v in variants for m in methods]
+    assert all(number(r[3]) > 0 and number(r[5]) > 0 and r[6] == "—" for r in speed)  # no peak on the CPU
+    assert all(r[4] == "1.00x" for r in speed if r[1] == "iid") and "<= 1.35x" in speed[2][7]
+    small = [r for r in table_rows(report, "") if len(r) == 4 and r[0] in ("off", "reduce-overhead")]
+    assert [r[0] for r in small] == ["off", "reduce-overhead"] and all(number(r[2]) > 0 for r in small)
+    assert ">= 40/s" in small[0][3]
+
+
+def gpu_script():
+    return load_script("gpu")
 
 
 def test_gpu_script_times_the_fused_kernel(tmp_path):

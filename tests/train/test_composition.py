@@ -232,9 +232,9 @@ def record_steps(monkeypatch) -> list[tuple[list[str], list[int]]]:
     steps: list[tuple[list[str], list[int]]] = []
     to_device, run_step = loop.to_device, loop.run_step
 
-    def recording_to_device(batch, *args):
+    def recording_to_device(batch, *args, **kwargs):
         steps.append((batch.keys, []))
-        return to_device(batch, *args)
+        return to_device(batch, *args, **kwargs)
 
     def recording_run_step(*args, **kwargs):
         out = run_step(*args, **kwargs)
