@@ -143,6 +143,9 @@ def test_compiled_towers_keep_checkpoint_keys_and_values():
     model, data = micro(), batch()
     names = list(model.state_dict())
     eager = score_embeddings(model, data, None)
+    assert list(towers(model)) == [model.visual.transformer, model.transformer]
+    with pytest.raises(ValueError, match="no image tower"):
+        list(towers(torch.nn.Linear(2, 2)))
     compile_towers(model, "default", backend="aot_eager")  # traced, no code generated: the CPU test's
     assert all(tower._compiled_call_impl is not None for tower in towers(model))
     assert list(model.state_dict()) == names

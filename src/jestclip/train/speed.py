@@ -70,8 +70,12 @@ def towers(model: nn.Module) -> Iterator[nn.Module]:
     """The learner's transformers, where its time goes: the image tower's (which the approximate encoders
     call too, ``models.approx``) and the text tower's (``model.transformer``, or ``model.text``'s)."""
     visual = getattr(model, "visual", None)
-    yield getattr(visual, "transformer", visual) if visual is not None else model
-    text = getattr(model, "transformer", None) or getattr(model, "text", None)
+    if visual is None:
+        raise ValueError(f"{type(model).__name__} has no image tower (.visual): not an open_clip model")
+    yield getattr(visual, "transformer", visual)
+    text = getattr(model, "transformer", None)
+    if text is None:
+        text = getattr(model, "text", None)
     if text is not None:
         yield text
 
