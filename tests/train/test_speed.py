@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jestclip.models import create_model
+from jestclip.models import create_model, forward_flops
 from jestclip.train.config import ConfigError, TrainConfig, apply_overrides, with_defaults
 from jestclip.train.loop import train
 from jestclip.train.speed import ScoringCopy, SpeedConfig, autocast, compile_towers, towers
@@ -146,7 +146,9 @@ def test_compiled_towers_keep_checkpoint_keys_and_values():
     assert list(towers(model)) == [model.visual.transformer, model.transformer]
     with pytest.raises(ValueError, match="no image tower"):
         list(towers(torch.nn.Linear(2, 2)))
+    flops = forward_flops(model, image_size=32, context_length=16)
     compile_towers(model, "default", backend="aot_eager")  # traced, no code generated: the CPU test's
+    assert forward_flops(model, image_size=32, context_length=16) == flops  # FLOPs are counted eagerly
     assert all(tower._compiled_call_impl is not None for tower in towers(model))
     assert list(model.state_dict()) == names
     compiled = score_embeddings(model, data, None)
