@@ -234,6 +234,9 @@ def group_dirs(root: Path = ROOT, seeds: tuple[int, ...] = MAIN_SEEDS) -> dict[s
         groups["flexi-jest-f08 (3,000 steps)"] = [
             root / STUDY2_RESULTS / f"flexi-jest-f08-{pool}-strong-s{s}" for s in seeds if s in MAIN_SEEDS
         ]
+        groups["drrho, weak reference (Study II)"] = [
+            root / STUDY2_RESULTS / f"drrho-{pool}-weak-s{s}" for s in seeds if s in MAIN_SEEDS
+        ]
         finished = {k: [p for p in v if (p / "metrics.jsonl").exists()] for k, v in groups.items()}
         out[pool] = {k: v for k, v in finished.items() if v}
     return out
