@@ -13,7 +13,14 @@ import torch
 from jestclip.models import create_model, forward_flops
 from jestclip.train.config import ConfigError, TrainConfig, apply_overrides, with_defaults
 from jestclip.train.loop import train
-from jestclip.train.speed import ScoringCopy, SpeedConfig, autocast, compile_towers, towers
+from jestclip.train.speed import (
+    ScoringCopy,
+    SpeedConfig,
+    autocast,
+    check_compile,
+    compile_towers,
+    towers,
+)
 from jestclip.train.steps import SuperBatchTensors, score_embeddings
 
 from .test_loop import config, same_run, shards  # noqa: F401  (a module fixture)
@@ -183,3 +190,24 @@ def test_bf16_autocast_on_the_cpu_rounds_and_float32_is_the_cpu_default(tmp_path
     assert same_run(plain.run_dir, same.run_dir)  # "auto" on the CPU is float32
     a, b = metrics(plain.run_dir), metrics(rounded.run_dir)
     assert a[0]["loss"] != b[0]["loss"] and b[0]["loss"] == pytest.approx(a[0]["loss"], rel=0.02)
+
+
+def test_a_compilation_that_cannot_run_here_is_refused_before_the_run(tmp_path, shards, monkeypatch):  # noqa: F811
+    import shutil
+
+    import torch.utils._triton
+
+    inductor = SpeedConfig(compile="default")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler") as caught:
+        train(config(tmp_path / "run", shards, "jest", speed=inductor), progress=False)
+    assert caught.value.key == "speed.compile" and "speed.compile=off" in str(caught.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any step
+    check_compile(SpeedConfig(compile="default", compile_backend="aot_eager"), CPU)  # no code generated
+    check_compile(SpeedConfig(), CPU)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    with pytest.raises(ConfigError, match="needs Triton on CUDA"):
+        check_compile(inductor, CUDA)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    check_compile(inductor, CUDA)

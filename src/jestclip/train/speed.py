@@ -23,13 +23,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["COMPILE_MODES", "PRECISIONS", "ScoringCopy", "SpeedConfig", "autocast", "compile_towers"]
+__all__ = [
+    "COMPILE_MODES",
+    "PRECISIONS",
+    "ScoringCopy",
+    "SpeedConfig",
+    "autocast",
+    "check_compile",
+    "compile_towers",
+]
 
 PRECISIONS: tuple[str, ...] = ("auto", "bf16-autocast", "float32")
 COMPILE_MODES: tuple[str, ...] = ("off", "default", "reduce-overhead", "max-autotune")
@@ -78,6 +88,28 @@ def towers(model: nn.Module) -> Iterator[nn.Module]:
         text = getattr(model, "text", None)
     if text is not None:
         yield text
+
+
+def check_compile(cfg: SpeedConfig, device: torch.device) -> None:
+    """Refuse, before any work, a compilation that cannot run here (torch.compile fails only at the first
+    step, deep in a traceback): inductor needs Triton on CUDA and a C++ compiler on the CPU. Raises
+    ``ConfigError`` naming ``speed.compile`` and the way out."""
+    if cfg.compile == "off" or cfg.compile_backend != "inductor":
+        return
+    problem = None
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            problem = "needs Triton on CUDA (it ships with torch's CUDA wheels)"
+    elif device.type == "cpu":
+        names = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+        if not any(shutil.which(name) for name in names if name):
+            problem = "needs a C++ compiler on the CPU (g++, c++ or clang++ on PATH, or CXX)"
+    if problem is not None:
+        from jestclip.train.validation import ConfigError  # validation imports this module
+
+        raise ConfigError("speed.compile", cfg.compile, f"{problem}; set speed.compile=off")
 
 
 def compile_towers(model: nn.Module, mode: str, backend: str = "inductor") -> nn.Module:

@@ -48,7 +48,7 @@ from jestclip.train.optim import make_optimizer, make_scheduler
 from jestclip.train.rundir import RunDir
 from jestclip.train.schedule import steps_for_flops
 from jestclip.train.settings import MethodConfig
-from jestclip.train.speed import ScoringCopy, compile_towers
+from jestclip.train.speed import ScoringCopy, check_compile, compile_towers
 from jestclip.train.steps import StepOutput, SuperBatchTensors
 
 __all__ = [
@@ -228,6 +228,7 @@ def build_state(cfg: TrainConfig, device: torch.device) -> TrainState:
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.steps, cfg.optim)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    check_compile(cfg.speed, device)
     scoring_copy = None
     if cfg.speed.bf16_scoring and cfg.method.description.selects:
         scoring_copy = ScoringCopy(model, cfg.speed)  # before compiling: a copy of the plain modules
