@@ -17,7 +17,7 @@ from jestclip.train.speed import (
     ScoringCopy,
     SpeedConfig,
     autocast,
-    check_compile,
+    compile_problem,
     compile_towers,
     towers,
 )
@@ -204,10 +204,9 @@ def test_a_compilation_that_cannot_run_here_is_refused_before_the_run(tmp_path, 
         train(config(tmp_path / "run", shards, "jest", speed=inductor), progress=False)
     assert caught.value.key == "speed.compile" and "speed.compile=off" in str(caught.value)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any step
-    check_compile(SpeedConfig(compile="default", compile_backend="aot_eager"), CPU)  # no code generated
-    check_compile(SpeedConfig(), CPU)
+    assert compile_problem(SpeedConfig(compile="default", compile_backend="aot_eager"), CPU) is None
+    assert compile_problem(SpeedConfig(), CPU) is None  # nothing compiled
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
-    with pytest.raises(ConfigError, match="needs Triton on CUDA"):
-        check_compile(inductor, CUDA)
+    assert "needs Triton on CUDA" in compile_problem(inductor, CUDA)
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
-    check_compile(inductor, CUDA)
+    assert compile_problem(inductor, CUDA) is None

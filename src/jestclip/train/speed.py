@@ -37,7 +37,7 @@ __all__ = [
     "ScoringCopy",
     "SpeedConfig",
     "autocast",
-    "check_compile",
+    "compile_problem",
     "compile_towers",
 ]
 
@@ -90,26 +90,23 @@ def towers(model: nn.Module) -> Iterator[nn.Module]:
         yield text
 
 
-def check_compile(cfg: SpeedConfig, device: torch.device) -> None:
-    """Refuse, before any work, a compilation that cannot run here (torch.compile fails only at the first
-    step, deep in a traceback): inductor needs Triton on CUDA and a C++ compiler on the CPU. Raises
-    ``ConfigError`` naming ``speed.compile`` and the way out."""
+def compile_problem(cfg: SpeedConfig, device: torch.device) -> str | None:
+    """Why ``cfg``'s compilation cannot run on ``device`` (None: it can, or nothing is compiled): inductor
+    needs Triton on CUDA and a C++ compiler on the CPU. torch.compile itself fails only at the first step,
+    deep in a traceback; ``startup.build_state`` asks this first and raises a ``ConfigError``."""
     if cfg.compile == "off" or cfg.compile_backend != "inductor":
-        return
-    problem = None
+        return None
     if device.type == "cuda":
         from torch.utils._triton import has_triton
 
         if not has_triton():
-            problem = "needs Triton on CUDA (it ships with torch's CUDA wheels)"
+            return "needs Triton on CUDA (it ships with torch's CUDA wheels); set speed.compile=off"
     elif device.type == "cpu":
         names = [os.environ.get("CXX"), "g++", "c++", "clang++"]
         if not any(shutil.which(name) for name in names if name):
             problem = "needs a C++ compiler on the CPU (g++, c++ or clang++ on PATH, or CXX)"
-    if problem is not None:
-        from jestclip.train.validation import ConfigError  # validation imports this module
-
-        raise ConfigError("speed.compile", cfg.compile, f"{problem}; set speed.compile=off")
+            return f"{problem}; set speed.compile=off"
+    return None
 
 
 def compile_towers(model: nn.Module, mode: str, backend: str = "inductor") -> nn.Module:

@@ -41,14 +41,14 @@ from jestclip.models import (
     tokenizer,
 )
 from jestclip.train.composition import Composition, batch_quality
-from jestclip.train.config import TrainConfig, to_dict, with_defaults
+from jestclip.train.config import ConfigError, TrainConfig, to_dict, with_defaults
 from jestclip.train.distributed import data_parallel
 from jestclip.train.methods import step_method
 from jestclip.train.optim import make_optimizer, make_scheduler
 from jestclip.train.rundir import RunDir
 from jestclip.train.schedule import steps_for_flops
 from jestclip.train.settings import MethodConfig
-from jestclip.train.speed import ScoringCopy, check_compile, compile_towers
+from jestclip.train.speed import ScoringCopy, compile_problem, compile_towers
 from jestclip.train.steps import StepOutput, SuperBatchTensors
 
 __all__ = [
@@ -228,7 +228,8 @@ def build_state(cfg: TrainConfig, device: torch.device) -> TrainState:
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.steps, cfg.optim)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    check_compile(cfg.speed, device)
+    if problem := compile_problem(cfg.speed, device):
+        raise ConfigError("speed.compile", cfg.speed.compile, problem)
     scoring_copy = None
     if cfg.speed.bf16_scoring and cfg.method.description.selects:
         scoring_copy = ScoringCopy(model, cfg.speed)  # before compiling: a copy of the plain modules
