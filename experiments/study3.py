@@ -36,6 +36,7 @@ RUNS, RESULTS = "runs/study3", "results/study3"
 STUDY2_RUNS, STUDY2_RESULTS = "runs/study2", "results/study2"
 METRIC, SECONDARY = "eval/gallery_r5", "eval/average"
 IID_STEPS = 3000  # the budget: what an IID run of the recipe spends
+PARTWAY_STEPS = 4000  # the addendum's longer IID runs, read at IID_STEPS (docs/studies/study3.md)
 MAIN_SEEDS, DECISIVE_SEEDS, PILOT_SEED = (0, 1, 2), (3, 4), 5
 ALL_SEEDS = (*MAIN_SEEDS, *DECISIVE_SEEDS)
 
@@ -139,6 +140,10 @@ def build_steps() -> dict[str, Step]:
             steps[f"iid-{pool}-s{seed}"] = train_step(
                 RECIPE, f"iid-{pool}-s{seed}", iid, runs=RUNS, results=RESULTS
             )
+            if seed in MAIN_SEEDS:  # the addendum: IID on a longer cosine, read part-way at its budget
+                name = f"iid-{PARTWAY_STEPS}steps-{pool}-s{seed}"
+                longer = [*iid[:1], f"steps={PARTWAY_STEPS}", *iid[1:]]
+                steps[name] = train_step(RECIPE, name, longer, runs=RUNS, results=RESULTS)
             name = f"filter-q50-{pool}-s{seed}"
             overrides = [
                 f"data={path}",
@@ -208,8 +213,11 @@ def sets() -> dict[str, list[str]]:
         "pilot": [n for n in names if n.endswith(f"-s{PILOT_SEED}")],
         "chosen": [n for n in names if CHOSEN and n.startswith(CHOSEN) and n.endswith(("-s0", "-s1", "-s2"))],
         "baselines": [
-            n for n in names if n.startswith(("iid-", "filter-q50-")) and not n.endswith(("-s3", "-s4"))
+            n
+            for n in names
+            if n.startswith(("iid-natural", "iid-swap50", "filter-q50-")) and not n.endswith(("-s3", "-s4"))
         ],
+        "partway": [n for n in names if n.startswith(f"iid-{PARTWAY_STEPS}steps-")],
         "decisive": [
             n
             for n in names
@@ -371,7 +379,7 @@ def summary(
 
 def at_iid_flops(root: Path = ROOT) -> list[str]:
     """Markdown: the full-length Flexi-JEST and JEST (Study II) read at IID's FLOPs part-way down their
-    schedules (Study II's reading), beside the runs scheduled there."""
+    schedules (Study II's reading), and the addendum's longer IID runs read there too."""
     from jestclip.report import load_run
     from jestclip.report.compare import at_flops
 
@@ -380,16 +388,20 @@ def at_iid_flops(root: Path = ROOT) -> list[str]:
         "|---|---|---:|---:|---:|",
     ]
     for pool in POOLS:
-        for label, name in (("JEST f = 0.8", "jest-f08"), ("Flexi-JEST f = 0.8", "flexi-jest-f08")):
-            paths = [root / STUDY2_RESULTS / f"{name}-{pool}-strong-s{s}" for s in MAIN_SEEDS]
+        full = f"({IID_STEPS:,} steps)"
+        longer = {
+            f"JEST f = 0.8 {full}": f"{STUDY2_RESULTS}/jest-f08-{pool}-strong-s{{}}",
+            f"Flexi-JEST f = 0.8 {full}": f"{STUDY2_RESULTS}/flexi-jest-f08-{pool}-strong-s{{}}",
+            f"IID ({PARTWAY_STEPS:,} steps)": f"{RESULTS}/iid-{PARTWAY_STEPS}steps-{pool}-s{{}}",
+        }
+        for label, pattern in longer.items():
+            paths = [root / pattern.format(s) for s in MAIN_SEEDS]
             found = [at_flops(load_run(p), budget(), METRIC) for p in paths if (p / "metrics.jsonl").exists()]
             if not found or any(f is None for f in found):
                 continue
             values = [100 * f[0] for f in found]
             step = statistics.fmean(f[1] for f in found)
-            lines.append(
-                f"| {pool} | {label} (3,000 steps) | {len(values)} | {_cell(values)} | {step:,.0f} |"
-            )
+            lines.append(f"| {pool} | {label} | {len(values)} | {_cell(values)} | {step:,.0f} |")
     return lines
 
 
