@@ -150,9 +150,3 @@ class ScoringCopy:
 def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*model.named_parameters(), *model.named_buffers()]
 
-
-@contextlib.contextmanager
-def autocast_off(device: torch.device) -> Iterator[None]:
-    """Autocast disabled on ``device`` (a bf16 module computes in bf16, not in autocast's float32 ops)."""
-    with torch.autocast(device.type, enabled=False):
-        yield
