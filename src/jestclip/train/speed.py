@@ -149,4 +149,3 @@ class ScoringCopy:
 
 def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*model.named_parameters(), *model.named_buffers()]
-
