@@ -77,7 +77,7 @@ from jestclip.train import MethodConfig
 from jestclip.train.config import TrainConfig
 from jestclip.train.loop import learn
 from jestclip.train.methods import get_method
-from jestclip.train.speed import COMPILE_MODES, ScoringCopy, SpeedConfig, compile_towers
+from jestclip.train.speed import COMPILE_MODES, ScoringCopy, SpeedConfig, prepare_learner
 from jestclip.train.startup import Counters, Placement, StepCosts, TrainState
 from jestclip.train.steps import SuperBatchTensors, score_embeddings
 
@@ -267,12 +267,11 @@ def bf16_peak(device: torch.device) -> float | None:
 def speed_model(
     name: str, speed: SpeedConfig, device: torch.device
 ) -> tuple[torch.nn.Module, ScoringCopy | None]:
-    """A fresh randomly initialised model with ``speed``'s scoring copy and compilation (as a run builds
-    them, ``startup.build_state``)."""
+    """A fresh randomly initialised model with ``speed``'s scoring copy and compilation
+    (``speed.prepare_learner``, as a run builds them)."""
     torch.manual_seed(0)
     model = create_model(name, device=device)
-    copy = ScoringCopy(model, speed) if speed.bf16_scoring else None
-    return compile_towers(model, speed.compile, speed.compile_backend), copy
+    return model, prepare_learner(model, speed, selects=True)
 
 
 def speed_rows(s: Settings, device: torch.device, variants: dict[str, SpeedConfig]) -> list[str]:

@@ -161,7 +161,9 @@ def test_compiled_towers_keep_checkpoint_keys_and_values():
     compiled = score_embeddings(model, data, None)
     assert torch.allclose(compiled.image, eager.image, atol=1e-5)
     assert torch.allclose(compiled.text, eager.text, atol=1e-5)
-    assert compile_towers(micro(), "off") is not None
+    plain = micro()
+    assert compile_towers(plain, "off") is plain
+    assert all(tower._compiled_call_impl is None for tower in towers(plain))
     with pytest.raises(ValueError, match="compile mode"):
         compile_towers(micro(), "fast")
 

@@ -39,6 +39,7 @@ __all__ = [
     "autocast",
     "compile_problem",
     "compile_towers",
+    "prepare_learner",
 ]
 
 PRECISIONS: tuple[str, ...] = ("auto", "bf16-autocast", "float32")
@@ -149,3 +150,12 @@ class ScoringCopy:
 
 def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*model.named_parameters(), *model.named_buffers()]
+
+
+def prepare_learner(model: nn.Module, cfg: SpeedConfig, *, selects: bool) -> ScoringCopy | None:
+    """Apply ``cfg`` to a freshly built learner: its bf16 scoring copy (when ``cfg.bf16_scoring`` and the
+    method ``selects``), taken first so that it copies the plain modules, then ``compile_towers`` on both.
+    Returns the copy (None when off)."""
+    copy_ = ScoringCopy(model, cfg) if cfg.bf16_scoring and selects else None
+    compile_towers(model, cfg.compile, cfg.compile_backend)
+    return copy_

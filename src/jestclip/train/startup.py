@@ -48,7 +48,7 @@ from jestclip.train.optim import make_optimizer, make_scheduler
 from jestclip.train.rundir import RunDir
 from jestclip.train.schedule import steps_for_flops
 from jestclip.train.settings import MethodConfig
-from jestclip.train.speed import ScoringCopy, compile_problem, compile_towers
+from jestclip.train.speed import ScoringCopy, compile_problem, prepare_learner
 from jestclip.train.steps import StepOutput, SuperBatchTensors
 
 __all__ = [
@@ -230,10 +230,7 @@ def build_state(cfg: TrainConfig, device: torch.device) -> TrainState:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if problem := compile_problem(cfg.speed, device):
         raise ConfigError("speed.compile", cfg.speed.compile, problem)
-    scoring_copy = None
-    if cfg.speed.bf16_scoring and cfg.method.description.selects:
-        scoring_copy = ScoringCopy(model, cfg.speed)  # before compiling: a copy of the plain modules
-    compile_towers(model, cfg.speed.compile, cfg.speed.compile_backend)
+    scoring_copy = prepare_learner(model, cfg.speed, selects=cfg.method.description.selects)
     learn_module = None
     if dist.is_initialized() and dist.get_world_size() > 1:
         learn_module = data_parallel(model, device)
